@@ -1,0 +1,205 @@
+"""Pure-torch references of tinyformer's kernels: the explicit math, one function per kernel.
+
+These are what the Triton kernels are tested against, what the benchmarks compare with, and what runs where Triton
+cannot (macOS/Windows, CPU without TRITON_INTERPRET). Signatures match the kernels in `tinyformer.kernels`
+(see shared/API.md). Each function validates its arguments with the same checks the kernels use, so a wrong shape is
+a ValueError/TypeError naming the argument, never a silent broadcast.
+
+References:
+- Attention: Vaswani et al. 2017, "Attention Is All You Need" (softmax(QK^T * scale) V); grouped-query heads from
+  Ainslie et al. 2023 (GQA); bottom-right causal alignment as in FlashAttention-2 (Dao 2023).
+- int4 layout: two 4-bit codes per byte, low nibble = even column, asymmetric group-wise quantization as in GPTQ
+  (Frantar et al. 2022) / AWQ (Lin et al. 2023).
+
+Legend: B batch, Hq query heads, Hkv key/value heads, Tq query length, Tk key length, D head dim,
+M rows of activations, N output features, K input features, G group size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# argument checks shared by the references and the Triton launchers
+def _need(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(msg)
+
+
+def check_attention_args(q, k, v, key_padding_mask=None):
+    """Validate attention inputs; returns (B, Hq, Hkv, Tq, Tk, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _need(t.dim() == 4, f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        _need(t.dtype in FLOAT_DTYPES, f"{name} must be float32/float16/bfloat16, got {t.dtype}", TypeError)
+    _need(k.dtype == q.dtype and v.dtype == q.dtype,
+          f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
+    _need(k.device == q.device and v.device == q.device,
+          f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    B, Hq, Tq, D = q.shape
+    _need(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    Bk, Hkv, Tk, Dk = k.shape
+    _need(Bk == B, f"k batch {Bk} does not match q batch {B}")
+    _need(Dk == D, f"k head dim {Dk} does not match q head dim {D}")
+    _need(16 <= D <= 256, f"head dim D must be in 16..256, got {D}")
+    _need(Hkv >= 1 and Hq % Hkv == 0, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    _need(Tq >= 1 and Tk >= 1, f"sequence lengths must be >= 1, got Tq={Tq}, Tk={Tk}")
+    if key_padding_mask is not None:
+        _need(isinstance(key_padding_mask, torch.Tensor), "key_padding_mask must be a torch.Tensor", TypeError)
+        _need(key_padding_mask.dtype == torch.bool,
+              f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}", TypeError)
+        _need(tuple(key_padding_mask.shape) == (B, Tk),
+              f"key_padding_mask must have shape (B, Tk) = {(B, Tk)}, got {tuple(key_padding_mask.shape)}")
+        _need(key_padding_mask.device == q.device,
+              f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    return B, Hq, Hkv, Tq, Tk, D
+
+
+def attention_mask(Tq: int, Tk: int, causal: bool, key_padding_mask=None, device=None):
+    """Boolean mask (B or 1, 1, Tq, Tk), True = may attend. Causal is bottom-right aligned: query i sees keys
+    j <= i + (Tk - Tq), so a decode step (Tq=1) sees the whole cache. Returns None when nothing is masked."""
+    mask = None
+    if causal:
+        i = torch.arange(Tq, device=device)[:, None]
+        j = torch.arange(Tk, device=device)[None, :]
+        mask = (j <= i + (Tk - Tq))[None, None]  # (1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None,
+              upcast: bool = True):
+    """softmax(q k^T * scale + mask) v with GQA heads; a query row that may see no key gives 0.
+
+    upcast=True computes in float32 (float64 stays float64) and casts back to q's dtype; upcast=False computes in
+    q's own dtype ("plain torch at the same precision", the yardstick for kernel error)."""
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask)
+    scale = D ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    if Hq != Hkv:  # each group of Hq // Hkv query heads shares one k/v head
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D)
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
+    mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:  # rows with no visible key: softmax gives NaN; define the output as 0
+        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return (p @ v).to(dtype)  # (B, Hq, Tq, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# int8 matmul (W8A8)
+def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None):
+    """Validate int8_matmul inputs; returns (M, N, K)."""
+    for name, t in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale)):
+        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(a.dtype == torch.int8, f"a must be int8, got {a.dtype}", TypeError)
+    _need(b.dtype == torch.int8, f"b must be int8, got {b.dtype}", TypeError)
+    _need(a.dim() == 2, f"a must be 2-D (M, K), got shape {tuple(a.shape)}")
+    _need(b.dim() == 2, f"b must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(b.shape)}")
+    M, K = a.shape
+    N, Kb = b.shape
+    _need(Kb == K, f"a is (M, K) = {tuple(a.shape)} and b is (N, K) = {tuple(b.shape)}: K differs")
+    _need(a_scale.dtype == torch.float32, f"a_scale must be float32, got {a_scale.dtype}", TypeError)
+    _need(b_scale.dtype == torch.float32, f"b_scale must be float32, got {b_scale.dtype}", TypeError)
+    _need(tuple(a_scale.shape) == (M,), f"a_scale must have shape (M,) = ({M},), got {tuple(a_scale.shape)}")
+    _need(tuple(b_scale.shape) == (N,), f"b_scale must have shape (N,) = ({N},), got {tuple(b_scale.shape)}")
+    if bias is not None:
+        _need(isinstance(bias, torch.Tensor), "bias must be a torch.Tensor", TypeError)
+        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+    for name, t in (("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias)):
+        if t is not None:
+            _need(t.device == a.device, f"{name} is on {t.device}, a on {a.device}")
+    return M, N, K
+
+
+def int8_matmul_int32(a, b):
+    """Exact a @ b.T of int8 (M, K) x (N, K) as int64 (no overflow possible for any K that fits in memory)."""
+    return a.to(torch.int64) @ b.to(torch.int64).T  # (M, N)
+
+
+def int8_matmul(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32):
+    """(a @ b.T) * a_scale[:, None] * b_scale[None, :] (+ bias), int accumulation exact."""
+    check_int8_matmul_args(a, b, a_scale, b_scale, bias)
+    acc = int8_matmul_int32(a, b).to(torch.float32)  # (M, N); exact below 2**24, the int32 range rounds like fp32
+    out = acc * a_scale[:, None] * b_scale[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# int4 weight-only matmul
+def pack_int4(q):
+    """uint8 codes (N, K) in 0..15 -> uint8 (N, K // 2): byte j holds code 2j (low nibble) and 2j+1 (high nibble)."""
+    _need(isinstance(q, torch.Tensor), f"q must be a torch.Tensor, got {type(q).__name__}", TypeError)
+    _need(q.dtype == torch.uint8, f"q must be uint8, got {q.dtype}", TypeError)
+    _need(q.dim() == 2, f"q must be 2-D (N, K), got shape {tuple(q.shape)}")
+    _need(q.shape[1] % 2 == 0, f"K must be even to pack two codes per byte, got K={q.shape[1]}")
+    _need(q.numel() == 0 or int(q.max()) <= 15, f"codes must be in 0..15, got max {int(q.max()) if q.numel() else 0}")
+    return q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K // 2)
+
+
+def unpack_int4(packed):
+    """uint8 (N, K // 2) -> uint8 codes (N, K), the inverse of pack_int4."""
+    _need(isinstance(packed, torch.Tensor), f"packed must be a torch.Tensor, got {type(packed).__name__}", TypeError)
+    _need(packed.dtype == torch.uint8, f"packed must be uint8, got {packed.dtype}", TypeError)
+    _need(packed.dim() == 2, f"packed must be 2-D (N, K // 2), got shape {tuple(packed.shape)}")
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)  # (N, K//2, 2) -> (N, K)
+
+
+def check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias=None):
+    """Validate int4_matmul inputs; returns (M, N, K)."""
+    for name, t in (("x", x), ("w_packed", w_packed), ("scales", scales), ("zeros", zeros)):
+        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(x.dtype in FLOAT_DTYPES, f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
+    _need(x.dim() == 2, f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    _need(w_packed.dtype == torch.uint8, f"w_packed must be uint8, got {w_packed.dtype}", TypeError)
+    _need(w_packed.dim() == 2, f"w_packed must be 2-D (N, K // 2), got shape {tuple(w_packed.shape)}")
+    M, K = x.shape
+    N, K2 = w_packed.shape
+    _need(K2 * 2 == K, f"w_packed is (N, K // 2) = {tuple(w_packed.shape)} but x has K={K}")
+    _need(isinstance(group_size, int) and group_size > 0 and group_size % 2 == 0,
+          f"group_size must be a positive even int, got {group_size!r}")
+    _need(K % group_size == 0, f"K={K} must be a multiple of group_size={group_size}")
+    G = K // group_size
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        _need(t.dtype in FLOAT_DTYPES, f"{name} must be float, got {t.dtype}", TypeError)
+        _need(tuple(t.shape) == (N, G), f"{name} must have shape (N, K // group_size) = {(N, G)}, got {tuple(t.shape)}")
+    if bias is not None:
+        _need(isinstance(bias, torch.Tensor), "bias must be a torch.Tensor", TypeError)
+        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+    for name, t in (("w_packed", w_packed), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None:
+            _need(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+    return M, N, K
+
+
+def dequantize_int4(w_packed, scales, zeros, group_size):
+    """w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], in float32, shape (N, K)."""
+    q = unpack_int4(w_packed).to(torch.float32)  # (N, K)
+    N, K = q.shape
+    q = q.view(N, K // group_size, group_size)  # (N, K/G, G)
+    w = (q - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.reshape(N, K)  # (N, K)
+
+
+def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
+    """x @ dequant(w).T (+ bias), computed in float32, returned in x's dtype."""
+    check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
+    w = dequantize_int4(w_packed, scales, zeros, group_size)
+    out = x.to(torch.float32) @ w.T  # (M, N)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)

@@ -1,0 +1,29 @@
+"""tinyformer: a from-scratch tiny transformer framework (models on tensors, Triton kernels, training, compression).
+
+The top-level `kernels/` folder is installed as the `tinyformer.kernels` package, so kernel users can read and use it
+without the rest of tinyformer.
+"""
+from setuptools import setup
+
+setup(
+    name="tinyformer",
+    version="0.1.0",
+    description="Tiny transformers written on tensors, with Triton attention and low-bit matmul kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tinyformer", "tinyformer.kernels"],
+    package_dir={"tinyformer": "tinyformer", "tinyformer.kernels": "kernels"},
+    install_requires=[
+        "numpy",
+        "torch>=2.4",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "tqdm",
+        "triton>=3.3; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "nbmake", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["tinyformer = tinyformer.cli:main"]},
+)

@@ -1,0 +1,13 @@
+"""Test setup: with no CUDA device, Triton kernels run under the interpreter (TRITON_INTERPRET=1) on CPU tensors.
+
+The variable must be set before any module that defines @triton.jit kernels is imported (shared/TRITON_ON_CPU.md),
+so it is set here, at collection time, before the tests import tinyformer.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
