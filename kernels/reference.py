@@ -97,6 +97,21 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
     return (p @ v).to(dtype)  # (B, Hq, Tq, D)
 
 
+def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None,
+                   dropout_p: float = 0.0):
+    """The same contract as `attention`, on torch's fused F.scaled_dot_product_attention (flash kernel on CPU for
+    fp32/bf16/fp16, GQA without repeating k/v). The fast path where Triton does not run; differentiable."""
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if key_padding_mask is None and (not causal or Tq == Tk):  # no explicit mask: the flash path
+        return sdpa(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
+    mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)  # (B or 1, 1, Tq, Tk)
+    seen = mask.any(-1, keepdim=True)  # (B or 1, 1, Tq, 1): rows that see at least one key
+    # a row that sees nothing would be NaN (and poison gradients); let it see everything, then zero it
+    out = sdpa(q, k, v, attn_mask=mask | ~seen, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
+    return out.masked_fill(~seen, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # int8 matmul (W8A8)
 def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None):
