@@ -30,8 +30,12 @@ def _need(cond: bool, msg: str, exc=ValueError):
         raise exc(msg)
 
 
-def check_attention_args(q, k, v, key_padding_mask=None):
-    """Validate attention inputs; returns (B, Hq, Hkv, Tq, Tk, D)."""
+KERNEL_HEAD_DIMS = (16, 256)  # head dims the Triton kernel supports; the torch paths take any
+
+
+def check_attention_args(q, k, v, key_padding_mask=None, kernel: bool = True):
+    """Validate attention inputs; returns (B, Hq, Hkv, Tq, Tk, D). kernel=True also checks the Triton kernel's
+    head-dim range (the torch paths accept any head dim)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
         _need(t.dim() == 4, f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
@@ -45,7 +49,8 @@ def check_attention_args(q, k, v, key_padding_mask=None):
     Bk, Hkv, Tk, Dk = k.shape
     _need(Bk == B, f"k batch {Bk} does not match q batch {B}")
     _need(Dk == D, f"k head dim {Dk} does not match q head dim {D}")
-    _need(16 <= D <= 256, f"head dim D must be in 16..256, got {D}")
+    lo, hi = KERNEL_HEAD_DIMS
+    _need(not kernel or lo <= D <= hi, f"head dim D must be in {lo}..{hi}, got {D}")
     _need(Hkv >= 1 and Hq % Hkv == 0, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
     _need(Tq >= 1 and Tk >= 1, f"sequence lengths must be >= 1, got Tq={Tq}, Tk={Tk}")
     if key_padding_mask is not None:
@@ -79,7 +84,7 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
 
     upcast=True computes in float32 (float64 stays float64) and casts back to q's dtype; upcast=False computes in
     q's own dtype ("plain torch at the same precision", the yardstick for kernel error)."""
-    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask)
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, kernel=False)
     scale = D ** -0.5 if scale is None else scale
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -101,7 +106,7 @@ def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None,
                    dropout_p: float = 0.0):
     """The same contract as `attention`, on torch's fused F.scaled_dot_product_attention (flash kernel on CPU for
     fp32/bf16/fp16, GQA without repeating k/v). The fast path where Triton does not run; differentiable."""
-    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask)
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, kernel=False)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if key_padding_mask is None and (not causal or Tq == Tk):  # no explicit mask: the flash path
         return sdpa(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)

@@ -1,0 +1,129 @@
+"""Generation tests: greedy equals a no-cache argmax loop, sampling filters, EOS, left-padded batches, the sliding
+window past the context, beam search against brute force; perplexity against a direct computation."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyformer import ModelConfig, build
+from tinyformer.eval import perplexity
+from tinyformer.generate import sample_next
+
+
+def tiny(arch="decoder", **kw):
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=32, vocab_size=30, max_seq_len=24, pos="rope")
+    return build(ModelConfig(arch=arch, **{**cfg, **kw})).eval()
+
+
+def greedy_no_cache(model, ids, n):
+    for _ in range(n):
+        nxt = model(ids[:, -model.config.max_seq_len:])[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat((ids, nxt), dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_greedy_with_cache_equals_full_recompute_even_past_the_context(pos):
+    model = tiny(pos=pos)
+    ids = torch.randint(0, 30, (2, 5))
+    out = model.generate(ids, 30, temperature=0)  # 35 > max_seq_len=24: the window slides
+    assert out.shape == (2, 35)
+    assert torch.equal(out, greedy_no_cache(model, ids, 30))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=1.0, top_k=1, generator=g).tolist() == [1, 0]
+    assert sample_next(logits, temperature=1.0, top_p=0.01, generator=g).tolist() == [1, 0]
+    # top_k=2 never samples outside the two largest logits
+    draws = torch.stack([sample_next(logits[:1], 1.0, top_k=2, generator=g) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {1, 3}
+    # top_p=0.7 on probs (0.64, 0.24, 0.09, 0.03): keeps the first two only
+    p = torch.tensor([[0.64, 0.24, 0.09, 0.03]]).log()
+    draws = torch.stack([sample_next(p, 1.0, top_p=0.7, generator=g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}
+    # temperature sampling follows softmax(logits / T): a chi-square-free check on the frequent token
+    draws = torch.stack([sample_next(p, 1.0, generator=g) for _ in range(4000)])
+    assert abs((draws == 0).float().mean().item() - 0.64) < 0.03
+
+
+def test_eos_stops_rows_and_pads_with_eos():
+    model = tiny()
+    ids = torch.randint(0, 30, (3, 4))
+    free = model.generate(ids, 12, temperature=0)
+    eos = int(free[0, 6])  # the token row 0 emits third: make it the EOS
+    out = model.generate(ids, 12, temperature=0, eos_token_id=eos)
+    assert out.shape == free.shape
+    for row in range(3):
+        new = out[row, 4:].tolist()
+        if eos in new:
+            k = new.index(eos)
+            assert all(t == eos for t in new[k:])
+            assert new[:k] == free[row, 4:4 + k].tolist()
+        else:
+            assert new == free[row, 4:].tolist()
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    model = tiny()
+    a, b = torch.randint(0, 30, (1, 7)), torch.randint(0, 30, (1, 3))
+    batch = torch.cat((a, torch.cat((torch.zeros(1, 4, dtype=torch.long), b), dim=1)))
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    out = model.generate(batch, 10, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0], model.generate(a, 10, temperature=0)[0])
+    assert torch.equal(out[1, 4:], model.generate(b, 10, temperature=0)[0])
+
+
+def test_seq2seq_greedy_and_beam_search_against_brute_force():
+    model = tiny("encoder-decoder", vocab_size=5, decoder_start_token_id=0)
+    src = torch.randint(0, 5, (2, 6))
+    greedy = model.generate(src, 3, temperature=0)
+    assert greedy.shape == (2, 4) and (greedy[:, 0] == 0).all()
+
+    def logprob(seq, i):
+        logits = model(src[i:i + 1], torch.tensor([seq[:-1]]))
+        return F.log_softmax(logits.float(), -1)[0, torch.arange(len(seq) - 1), torch.tensor(seq[1:])].sum().item()
+
+    # with 5^3 = 125 beams the search is exhaustive: it must find the most probable sequence
+    beams = model.generate(src, 3, num_beams=125, length_penalty=0.0)
+    for i in range(2):
+        best = max(([0, *c] for c in itertools.product(range(5), repeat=3)), key=lambda s: logprob(s, i))
+        assert beams[i].tolist() == best
+        assert logprob(beams[i].tolist(), i) >= logprob(greedy[i].tolist(), i) - 1e-6
+    # a narrow beam still scores at least as well as greedy
+    narrow = model.generate(src, 3, num_beams=3, length_penalty=0.0)
+    for i in range(2):
+        assert logprob(narrow[i].tolist(), i) >= logprob(greedy[i].tolist(), i) - 1e-6
+
+
+def test_generate_rejects_bad_arguments():
+    model = tiny()
+    ids = torch.randint(0, 30, (1, 3))
+    for kwargs, match in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
+                          (dict(top_p=1.5), "top_p"), (dict(eos_token_id=30), "eos_token_id")]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(ids, 3, **kwargs)
+
+
+@pytest.mark.parametrize("stride", [1, 16])
+def test_perplexity_matches_a_direct_computation(stride):
+    model = tiny(max_seq_len=32)
+    ids = torch.randint(0, 30, (100,))
+    nll = []
+    for t in range(1, 100):
+        if stride == 1:  # every token sees the full window before it
+            ctx = ids[max(0, t - 16):t]
+        else:  # disjoint blocks ids[16j : 16j + 16] predict ids[16j + 1 : 16j + 17]
+            ctx = ids[(t - 1) // 16 * 16:t]
+        nll.append(-F.log_softmax(model(ctx[None])[0, -1], -1)[ids[t]].item())
+    expected = math.exp(sum(nll) / len(nll))
+    assert math.isclose(perplexity(model, ids, block_size=16, stride=stride), expected, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, ids, block_size=16, stride=17)
+    with pytest.raises(ValueError, match="block_size"):
+        perplexity(model, ids, block_size=33)

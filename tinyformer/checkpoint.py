@@ -1,0 +1,119 @@
+"""Saving and loading models: a folder with config.json + model.safetensors (+ tokenizer.json).
+
+Every file is written atomically (temporary file in the same folder, flush + fsync, rename), so a crash never leaves
+a half-written file where a good one was. Loading builds the model on the meta device and assigns the memory-mapped
+safetensors tensors (`load_state_dict(assign=True)`): no random init, no second copy. Nothing executes code from a
+file: weights are safetensors, configs are JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "tinyformer"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path, write) -> None:
+    """Call write(f) on a temporary binary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_model(model, path) -> None:
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot save to {path}: it exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    atomic_write(path / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
+    if model.tokenizer is not None:
+        atomic_write(path / "tokenizer.json", lambda f: f.write(model.tokenizer.to_str().encode()))
+    write_json(path / "config.json", meta)  # last: a folder with a config.json is complete
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no such model folder: {path}")
+    if not cfg_path.exists():
+        raise ValueError(f"{path} is not a model folder: it has no config.json")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def load(path, device="cpu"):
+    """Load a model saved by `model.save(path)`. Returns it in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tinyformer.config import ModelConfig
+    from tinyformer.model import build
+
+    path = Path(path)
+    meta = read_config(path)
+    if meta.get("format") != FORMAT:
+        kind = meta.get("model_type") or "unknown"
+        raise ValueError(f"{path}: config.json is not a tinyformer checkpoint (model_type {kind!r}); "
+                         f"Hugging Face and GGUF loading is not implemented yet")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer tinyformer (format {meta['format_version']})")
+    config = ModelConfig.from_dict(meta["model"])
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise ValueError(f"{path} has a config.json but no model.safetensors")
+    try:
+        state = load_file(weights, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is unreadable or truncated: {e}") from None
+    with torch.device("meta"):
+        model = build(config, init=False)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{weights} does not match its config.json: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{weights} does not match its config.json: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    for name, p in model.state_dict().items():
+        if p.device.type == "meta":
+            raise ValueError(f"{weights} left {name} unset")
+    with torch.device(device):
+        model.init_buffers()
+    tok = path / "tokenizer.json"
+    if tok.exists():
+        from tokenizers import Tokenizer
+        model.tokenizer = Tokenizer.from_file(str(tok))
+    return model.eval()

@@ -1,0 +1,54 @@
+"""Evaluation: perplexity of a decoder language model with a sliding window.
+
+Protocol: a window of `block_size` input tokens ids[b : b + block_size] predicts ids[b + 1 : b + block_size + 1].
+Windows start every `stride` tokens (b = 0, stride, 2 * stride, ...), and each scores only the targets no earlier
+window scored, so every token after the first is scored exactly once and, past the first window, with at least
+block_size - stride tokens of context. stride = block_size gives disjoint blocks (fast); stride = 1 gives every token
+a full window (the most context, the slowest). The first token is never scored: nothing predicts it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, ids, block_size: int, stride: Optional[int] = None, batch_size: int = 8) -> float:
+    """exp(mean negative log-likelihood) of the 1-D token ids under `model`."""
+    ids = torch.as_tensor(ids).reshape(-1).long()
+    stride = block_size if stride is None else stride
+    if block_size < 2 or block_size > model.config.max_seq_len:
+        raise ValueError(f"block_size must be in 2..max_seq_len={model.config.max_seq_len}, got {block_size}")
+    if not (1 <= stride <= block_size):
+        raise ValueError(f"stride must be in 1..block_size={block_size}, got {stride}")
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    windows = []  # (b, e, n): inputs ids[b:e], targets ids[b+1:e+1], of which the last n are scored
+    last = 0  # targets ids[1..last] are scored already
+    for b in range(0, ids.numel() - 1, stride):
+        e = min(b + block_size, ids.numel() - 1)
+        windows.append((b, e, e - max(last, b)))
+        last = e
+        if e == ids.numel() - 1:
+            break
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        width = max(e - b for b, e, _ in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # -100: not scored
+        for r, (b, e, n) in enumerate(chunk):
+            x[r, : e - b] = ids[b:e]
+            y[r, e - b - n: e - b] = ids[e - n + 1:e + 1]
+        logits = model(x.to(device)).float()  # (b, T, V); right padding is harmless under a causal mask
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100, reduction="sum")
+        nll += float(loss)
+        count += int((y != -100).sum())
+    model.train(was_training)
+    return math.exp(nll / count)

@@ -1,0 +1,97 @@
+"""The dispatch layer: every attention and matmul in a tinyformer model goes through here, to one of three backends.
+
+- "reference": the explicit math of `tinyformer.kernels.reference` (softmax(QK^T)V spelled out): for reading and
+  for checking the others.
+- "torch": torch's fused ops (F.scaled_dot_product_attention, F.linear): the fast default on CPU.
+- "triton": tinyformer's Triton kernels (`tinyformer.kernels`): the default on CUDA when Triton is installed.
+  Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears.
+
+Choose with `set_backend(name)`, the `use_backend(name)` context manager, or the TINYFORMER_BACKEND environment
+variable; "auto" (the default) picks per device. The kernels have no dropout, so attention with dropout_p > 0
+always runs on SDPA.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from tinyformer.kernels import reference
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+_backend = os.environ.get("TINYFORMER_BACKEND", "auto")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "triton" and not HAS_TRITON:
+        raise ValueError("backend 'triton' needs the triton package (Linux only); use 'torch' or 'reference'")
+    return name
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend(device: torch.device | str | None = None) -> str:
+    """The backend in force for tensors on `device` ("auto" resolved)."""
+    if _backend != "auto":
+        return _backend
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    global _backend
+    previous, _backend = _backend, _check(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: float = 0.0, scale=None):
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D). Contract of tinyformer.kernels.attention."""
+    backend = get_backend(q.device)
+    lo, hi = reference.KERNEL_HEAD_DIMS
+    if backend == "triton" and not lo <= q.shape[-1] <= hi:
+        backend = "torch"  # the kernel's head-dim range; SDPA takes any
+    if dropout_p > 0.0 or backend == "torch":
+        return reference.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p)
+    if backend == "reference":
+        return reference.attention(q, k, v, causal, scale, key_padding_mask, upcast=False)
+    from tinyformer.kernels import attention as triton_attention
+    return triton_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+
+
+def linear(x, weight, bias=None):
+    """x (..., K) @ weight (N, K)^T + bias (N,) -> (..., N)."""
+    if get_backend(x.device) == "reference":
+        y = x @ weight.T
+        return y + bias if bias is not None else y
+    return F.linear(x, weight, bias)
+
+
+def layer_norm(x, weight, bias=None, eps: float = 1e-5):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (Ba et al. 2016)."""
+    if get_backend(x.device) != "reference":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as LayerNorm defines it
+    y = (x - mean) * torch.rsqrt(var + eps) * weight
+    return y + bias if bias is not None else y
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in float32 (Zhang & Sennrich 2019)."""
+    if get_backend(x.device) != "reference":
+        return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
