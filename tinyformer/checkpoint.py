@@ -46,7 +46,8 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def save_model(model, path) -> None:
+def save_model(model, path, extra: dict | None = None) -> None:
+    """Write config.json (+ `extra` keys, e.g. the training config), model.safetensors and tokenizer.json."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -54,7 +55,7 @@ def save_model(model, path) -> None:
         raise ValueError(f"cannot save to {path}: it exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
     atomic_write(path / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
     if model.tokenizer is not None:
         atomic_write(path / "tokenizer.json", lambda f: f.write(model.tokenizer.to_str().encode()))

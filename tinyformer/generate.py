@@ -51,9 +51,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, eos_token_id: Optional[int] = None, attention_mask=None, generator=None):
+             top_p: Optional[float] = None, eos_token_id: Optional[int] = None, attention_mask=None, generator=None,
+             on_token=None):
     """Decoder-only generation: returns prompt + new tokens (B, T + n). With a left-padded batch pass
     `attention_mask` (B, T), 1 = real token. Rows that hit EOS are filled with EOS until every row is done.
+    `on_token(ids (B,))` is called with each new token as it is chosen (for streaming).
     Past the model's context (max_seq_len), the model sees the last max_seq_len tokens, as nanoGPT does."""
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
     was_training = model.training
@@ -78,6 +80,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
             nxt = nxt.masked_fill(done, eos_token_id)
             done |= nxt == eos_token_id
         out.append(nxt[:, None])
+        if on_token is not None:
+            on_token(nxt)
         full = torch.cat((full, nxt[:, None]), dim=1)
         if mask is not None:
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)

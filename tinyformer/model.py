@@ -374,10 +374,10 @@ class DecoderLM(TransformerBase):
         return self.logits(h)  # (B, T, V)
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                 attention_mask=None, generator=None):
+                 attention_mask=None, generator=None, on_token=None):
         from tinyformer.generate import generate
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                        attention_mask=attention_mask, generator=generator)
+                        attention_mask=attention_mask, generator=generator, on_token=on_token)
 
 
 class Encoder(TransformerBase):

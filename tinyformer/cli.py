@@ -1,0 +1,249 @@
+"""The `tinyformer` command line: demo | prepare | train | sample | eval | bench.
+
+`train` takes nanoGPT's option names (--batch_size, --block_size, --max_iters, --learning_rate, ...) as
+`--key value` or `--key=value`, so a nanoGPT command line carries over; model fields (--n_layer, --n_head, --d_model,
+alias --n_embd) override the preset. Errors print one line and exit with status 2; --debug shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+DEMO_DIR = "out/demo"
+
+
+def _bool(s: str) -> bool:
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _typed(default):
+    return _bool if isinstance(default, bool) else type(default) if default is not None else str
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def _train_parser(sub):
+    from tinyformer.config import ModelConfig
+    from tinyformer.train import TRAIN_PRESETS, TrainConfig
+    p = sub.add_parser("train", help="train a model (nanoGPT-style options)",
+                       description="Train a model. Options take nanoGPT's names; the preset sets the model and, "
+                                   f"for {', '.join(TRAIN_PRESETS)}, the training hyperparameters too.")
+    g = p.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        default = f.default
+        flag = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # `--resume` = `--resume true`
+        g.add_argument(f"--{f.name}", type=_typed(default), default=argparse.SUPPRESS, metavar="V",
+                       help=f"default: {default}", **flag)
+    m = p.add_argument_group("model (ModelConfig fields override the preset)")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in ("vocab_size", "dropout"):
+            continue  # vocab comes from the data; dropout is a training option
+        typ = {"n_kv_head": int, "d_ff": int, "n_decoder_layer": int, "head_dim": int, "pad_token_id": int}.get(
+            f.name, _typed(f.default))
+        m.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, metavar="V")
+    m.add_argument("--n_embd", dest="d_model", type=int, default=argparse.SUPPRESS, help="nanoGPT's name for d_model")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def _train_config(args):
+    from tinyformer.config import ModelConfig
+    from tinyformer.train import TRAIN_PRESETS, TrainConfig
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    preset = given.get("preset", TrainConfig.preset)
+    train_kw = {**TRAIN_PRESETS.get(preset, {}), **{k: v for k, v in given.items() if k in train_fields}}
+    model_kw = {k: v for k, v in given.items() if k in model_fields and k not in train_fields}
+    return TrainConfig(**train_kw, model=model_kw)
+
+
+def cmd_train(args):
+    from tinyformer.train import train
+    cfg = _train_config(args)
+    summary = train(cfg)
+    _report(summary)
+
+
+def _report(s):
+    tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "n/a"
+    val = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "n/a"
+    print(f"trained {s['params'] / 1e6:.2f}M parameters for {s['iters']} iterations in {s['seconds']:.1f} s: "
+          f"val loss {val}, {tps} tokens/s; saved in {s['out_dir']}" + (f", loss plot {s['plot']}"
+                                                                       if s.get("plot") else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def cmd_prepare(args):
+    from tinyformer.data import prepare
+    out = prepare(args.data, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    print((out / "meta.json").read_text().strip())
+
+
+def _load_model(path):
+    import tinyformer
+    model = tinyformer.load(path)
+    if model.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer.json: sample and eval need one")
+    return model
+
+
+def cmd_sample(args):
+    import torch
+    model = _load_model(args.model)
+    if model.config.arch != "decoder":
+        raise ValueError(f"sample needs a decoder model; {args.model} is an {model.config.arch}")
+    tok = model.tokenizer
+    prompt = args.prompt if args.prompt else "\n"
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    g = torch.Generator().manual_seed(args.seed)
+    for n in range(args.num_samples):
+        new: list[int] = []
+        shown = [0]
+
+        def stream(nxt):
+            new.append(int(nxt[0]))
+            text = tok.decode(new)
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+
+        sys.stdout.write(prompt)
+        model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, generator=g, on_token=stream)
+        sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
+
+
+def cmd_eval(args):
+    import numpy as np
+
+    from tinyformer.data import TokenData, encode
+    from tinyformer.eval import perplexity
+    model = _load_model(args.model)
+    path = Path(args.data)
+    if path.is_dir():
+        data = TokenData(path)
+        if data.tokenizer.to_str() != model.tokenizer.to_str():
+            raise ValueError(f"{path} was tokenized with another tokenizer than {args.model}'s")
+        ids = np.asarray(data.splits[args.split], dtype=np.int64)
+        what = f"the {args.split} split of {path}"
+    elif path.is_file():
+        ids, what = encode(model.tokenizer, path.read_text(encoding="utf-8")), str(path)
+    else:
+        raise ValueError(f"--data {args.data}: no such file or prepared dataset folder")
+    block = args.block_size or model.config.max_seq_len
+    ppl = perplexity(model, ids, block, args.stride)
+    import math
+    print(f"{what}: {len(ids):,} tokens, block {block}, stride {args.stride or block}: "
+          f"loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f}")
+
+
+def cmd_demo(args):
+    from tinyformer.train import TRAIN_PRESETS, TrainConfig, train
+    cfg = TrainConfig(**{**TRAIN_PRESETS["baby-shakespeare-char"], "max_iters": args.iters,
+                         "lr_decay_iters": args.iters, "warmup_iters": min(100, args.iters // 10)},
+                      out_dir=args.out_dir, data="shakespeare", preset="baby-shakespeare-char",
+                      eval_interval=max(1, min(250, args.iters)))
+    print(f"tinyformer demo: nanoGPT's baby GPT (4 layers, 4 heads, 128 wide, block 64) on {cfg.data} "
+          f"(8 Shakespeare plays, character-level), {cfg.max_iters} iterations on {cfg.device}")
+    summary = train(cfg)
+    _report(summary)
+    import torch
+
+    import tinyformer
+    model = tinyformer.load(cfg.out_dir)
+    g = torch.Generator().manual_seed(0)
+    prompt = model.tokenizer.encode("Romeo:\n").ids
+    t = time.perf_counter()
+    out = model.generate(torch.tensor([prompt]), 300, temperature=0.8, top_k=50, generator=g)
+    dt = time.perf_counter() - t
+    print("\n--- sample (temperature 0.8, top-k 50) ---")
+    print(model.tokenizer.decode(out[0].tolist()))
+    print(f"--- {300 / dt:,.0f} tokens/s generating with the KV cache ---")
+    print(f"model saved in {cfg.out_dir}: `tinyformer sample --model {cfg.out_dir}` for more text")
+
+
+def cmd_bench(args):
+    if args.what == "aot":
+        from tinyformer.kernels import aot
+        raise SystemExit(aot.main(args.rest))
+    raise ValueError(f"unknown benchmark {args.what!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(prog="tinyformer", description="tiny transformers written on tensors")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the main job: train nanoGPT's baby Shakespeare model, sample, save")
+    d.add_argument("--iters", type=int, default=2000, help="training iterations (default 2000, nanoGPT's)")
+    d.add_argument("--out_dir", default=DEMO_DIR)
+    d.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus or .txt file into a dataset folder")
+    pr.add_argument("--data", required=True, help="built-in corpus (shakespeare, shakespeare-all) or a .txt file")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--tokenizer", default="char", choices=["char", "bpe", "word"])
+    pr.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size")
+    pr.add_argument("--val_fraction", type=float, default=0.1)
+    pr.set_defaults(func=cmd_prepare)
+
+    _train_parser(sub)
+
+    s = sub.add_parser("sample", help="stream text from a saved decoder model")
+    s.add_argument("--model", required=True, help="a model folder (e.g. a training --out_dir)")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max_new_tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top_k", type=int, default=200)
+    s.add_argument("--top_p", type=float, default=None)
+    s.add_argument("--num_samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=1337)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="perplexity of a decoder model on a dataset folder or text file")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="a prepared dataset folder (its --split is used) or a .txt file")
+    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--block_size", type=int, default=None, help="window (default: the model's max_seq_len)")
+    e.add_argument("--stride", type=int, default=None, help="window stride (default: block_size, disjoint)")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks: `bench aot` compiles every kernel config for sm_80/sm_90")
+    b.add_argument("what", choices=["aot"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("tinyformer: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as e:
+        if args.debug:
+            raise
+        print(f"tinyformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

