@@ -218,13 +218,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model.tokenizer = data.tokenizer
     optimizer = make_optimizer(model, cfg, device.type)
     gen = torch.Generator().manual_seed(cfg.seed)  # every batch (train and eval) comes from this generator
-    it, best_val = 0, float("inf")
+    it, best_val, evaluated_at = 0, float("inf"), -1  # evaluated_at: the iteration whose evaluation is done
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
-        it, best_val = state["iter"], state["best_val_loss"]
+        it, best_val, evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
     if master:
         out.mkdir(parents=True, exist_ok=True)
     raw_model = model
@@ -265,7 +265,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if not master:
             return
         ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                "best_val_loss": best_val, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                "best_val_loss": best_val, "evaluated_at": evaluated_at, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                 "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
         atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))  # the previous ckpt.pt stays until this is whole
         save_model(raw_model, out, extra={"train": dataclasses.asdict(cfg)})
@@ -287,8 +287,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             record = {}
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and evaluated_at != it:
                 losses = evaluate()
+                evaluated_at = it
                 record.update(val_loss=losses["val"], train_loss=losses["train"])
                 if losses["val"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, losses["val"])

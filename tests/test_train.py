@@ -1,0 +1,143 @@
+"""Data and training tests: tokenizers round-trip, token files validate, a tiny run's loss falls, resume is exact,
+torchrun with 2 processes follows one process, the CLI fails with one clear line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tinyformer import data
+from tinyformer.train import TrainConfig, lr_at, train
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "tiny.txt").write_text(TEXT)
+    data.prepare(str(d / "tiny.txt"), d / "prepared", "char")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_tokenizers_round_trip(kind, tmp_path):
+    text = "Speak, speak.\nYou are all resolved rather to die than to famish?\n" * 20
+    if kind == "char":
+        tok = data.char_tokenizer(text)
+    elif kind == "word":
+        tok = data.word_tokenizer(text)
+    else:
+        (tmp_path / "t.txt").write_text(text)
+        tok = data.bpe_tokenizer([str(tmp_path / "t.txt")], vocab_size=300)
+    ids = data.encode(tok, text, chunk_chars=50)  # several chunks
+    assert len(ids) > 0
+    decoded = tok.decode(ids.tolist())
+    assert decoded == (" ".join(text.split()) if kind == "word" else text)
+
+
+def test_prepared_dataset_and_token_files(corpus, tmp_path):
+    d = data.TokenData(corpus / "prepared")
+    assert d.meta["train_tokens"] + d.meta["val_tokens"] == len(TEXT)
+    assert d.tokenizer.decode(np.asarray(d.splits["train"][:40]).tolist()) == TEXT[:40]
+    x, y = d.get_batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="fewer than one block"):
+        d.check_block_size(10_000)
+    raw = (corpus / "prepared" / "train.bin").read_bytes()
+    (tmp_path / "bad.bin").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_ids(tmp_path / "bad.bin")
+    (tmp_path / "junk.bin").write_bytes(b"not a token file at all")
+    with pytest.raises(ValueError, match="not a tinyformer token file"):
+        data.read_ids(tmp_path / "junk.bin")
+
+
+def test_play_conversion_layout():
+    md = "# Play\n\n## ACT I\n\n_Enter A_\n\n**FIRST LORD**  \nHello there,  \nfriend.\n\n_Exit B_\n\nStill me.\n"
+    assert data.play_to_text(md) == "First Lord:\nHello there,\nfriend.\nStill me.\n"
+
+
+def _cfg(corpus, out, **kw):
+    base = dict(data=str(corpus / "prepared"), out_dir=str(out), batch_size=8, block_size=32, max_iters=40,
+                lr_decay_iters=40, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=1,
+                progress=False, plot=False, model=dict(n_layer=1, n_head=2, d_model=32))
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_tiny_training_run_loss_decreases(corpus, tmp_path):
+    s = train(_cfg(corpus, tmp_path / "run", max_iters=60, lr_decay_iters=60))
+    rows = _losses(tmp_path / "run")
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert val[-1] < val[0] - 0.5, val
+    assert all(k in rows[1] for k in ("iter", "loss", "lr", "dt_ms", "tokens_per_s"))
+    assert s["iters"] == 60
+    import tinyformer
+    model = tinyformer.load(tmp_path / "run")  # the out_dir is a loadable model folder
+    assert model.tokenizer is not None and model.config.n_layer == 1
+
+
+def test_resume_ends_exactly_where_the_uninterrupted_run_ends(corpus, tmp_path):
+    full = train(_cfg(corpus, tmp_path / "full"))
+    train(_cfg(corpus, tmp_path / "part", max_iters=20))  # checkpoint at iteration 20...
+    resumed = train(_cfg(corpus, tmp_path / "part", resume=True))  # ...continued to 40
+    assert resumed["val_loss"] == full["val_loss"]
+    a = [r["loss"] for r in _losses(tmp_path / "full") if "loss" in r]
+    b = [r["loss"] for r in _losses(tmp_path / "part") if "loss" in r]
+    assert a == b
+
+
+def test_schedule_matches_nanogpt():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=2000)
+    assert lr_at(cfg, 0) == pytest.approx(1e-3 / 101)
+    assert lr_at(cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(cfg, 1050) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lr_at(cfg, 2000) == pytest.approx(1e-4) and lr_at(cfg, 5000) == 1e-4
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tinyformer", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
+    common = ["train", "--data", str(corpus / "prepared"), "--batch_size", "8", "--block_size", "32",
+              "--max_iters", "12", "--lr_decay_iters", "12", "--warmup_iters", "2", "--eval_interval", "6",
+              "--eval_iters", "2", "--log_interval", "1", "--n_layer", "1", "--n_head", "2", "--d_model", "32",
+              "--progress", "false", "--plot", "false"]
+    one = _cli(*common, "--out_dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29531", "-m", "tinyformer", *common, "--out_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [r["loss"] for r in _losses(tmp_path / "one") if "loss" in r]
+    b = [r["loss"] for r in _losses(tmp_path / "two") if "loss" in r]
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "/no/such/file.txt"], "no such file or folder"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--batch_size", "0"], "--batch_size: must be > 0"),
+    (["train", "--n_head", "3"], "d_model: 128 is not divisible by n_head=3"),
+    (["train", "--block_size", "100000", "--max_iters", "1"], "fewer than one block"),
+    (["sample", "--model", "/no/such/model"], "no such model folder"),
+    (["prepare", "--data", "EMPTY", "--out", "x"], "is empty"),
+])
+def test_cli_bad_input_one_clear_line(args, message, tmp_path):
+    (tmp_path / "EMPTY").write_text("")
+    args = [str(tmp_path / "EMPTY") if a == "EMPTY" else a for a in args]
+    r = _cli(*args, "--out_dir", str(tmp_path / "o")) if args[0] == "train" else _cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
