@@ -219,12 +219,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     optimizer = make_optimizer(model, cfg, device.type)
     gen = torch.Generator().manual_seed(cfg.seed)  # every batch (train and eval) comes from this generator
     it, best_val, evaluated_at = 0, float("inf"), -1  # evaluated_at: the iteration whose evaluation is done
+    last_eval = {}  # its losses, carried into the record of that iteration
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         it, best_val, evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
+        last_eval = state["last_eval"]
     if master:
         out.mkdir(parents=True, exist_ok=True)
     raw_model = model
@@ -265,14 +267,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if not master:
             return
         ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                "best_val_loss": best_val, "evaluated_at": evaluated_at, "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                "best_val_loss": best_val, "evaluated_at": evaluated_at, "last_eval": last_eval,
+                "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                 "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
         atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))  # the previous ckpt.pt stays until this is whole
         save_model(raw_model, out, extra={"train": dataclasses.asdict(cfg)})
 
-    metrics = open(out / "metrics.jsonl", "a") if master else None
-    if master and not state:
-        metrics.truncate(0)
+    metrics = None
+    if master:
+        _trim_metrics(out / "metrics.jsonl", it if state else 0)
+        metrics = open(out / "metrics.jsonl", "a")
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     bar = None
     if master and cfg.progress:
@@ -286,11 +290,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
             lr = lr_at(cfg, it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            record = {}
+            record = dict(last_eval) if evaluated_at == it else {}  # a resumed run keeps the losses of its eval
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and evaluated_at != it:
                 losses = evaluate()
                 evaluated_at = it
-                record.update(val_loss=losses["val"], train_loss=losses["train"])
+                last_eval = dict(val_loss=losses["val"], train_loss=losses["train"])
+                record.update(last_eval)
                 if losses["val"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, losses["val"])
                     if it > 0:
@@ -365,6 +370,22 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if world > 1:
         torch.distributed.barrier()
     return summary
+
+
+def _trim_metrics(path, before_iter: int) -> None:
+    """Keep only the complete records of iterations before `before_iter` (a killed run may have left a torn last
+    line, or records past its last checkpoint that the resumed run will write again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("iter", before_iter) < before_iter:
+            keep.append(line + "\n")
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
 def plot_losses(metrics_path, png_path):

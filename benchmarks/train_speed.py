@@ -1,0 +1,106 @@
+"""Training speed of the baby Shakespeare preset on this machine, against nanoGPT's own train.py in the same run.
+
+Measures tinyformer's ms/iter, tokens/s and final validation loss for `--iters` iterations of the
+baby-shakespeare-char preset (4 layers, 4 heads, 128 wide, block 64, batch 12), and, when `--nanogpt DIR` points at a
+checkout of karpathy/nanoGPT (not shipped with tinyformer), runs nanoGPT's train.py with the same settings on the
+same token files, so the speed is reported as a ratio against that anchor. Rows go to a CSV (--csv).
+
+Reference: karpathy/nanoGPT README, "I only have a macbook" (the baby GPT CPU command line).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def run_tinyformer(data_dir, iters, extra):
+    out = tempfile.mkdtemp(prefix="tf-speed-")
+    cmd = [sys.executable, "-m", "tinyformer", "train", "--data", str(data_dir), "--preset", "baby-shakespeare-char",
+           "--max_iters", str(iters), "--lr_decay_iters", str(iters), "--out_dir", out, "--progress", "false",
+           "--plot", "false", "--log_interval", "1", *extra]
+    subprocess.run(cmd, check=True)
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    steps = [r["dt_ms"] for r in rows if "dt_ms" in r and "val_loss" not in r][5:]  # skip warm-up and eval steps
+    val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    shutil.rmtree(out)
+    return float(np.median(steps)), val
+
+
+def run_nanogpt(nanogpt_dir, data_dir, iters):
+    """nanoGPT's baby GPT command line on our token files (raw uint16, as its prepare.py writes them)."""
+    from tinyformer.data import TokenData
+    work = Path(tempfile.mkdtemp(prefix="nanogpt-"))
+    for f in ("train.py", "model.py", "configurator.py"):
+        shutil.copy(Path(nanogpt_dir) / f, work / f)
+    (work / "config").mkdir()
+    shutil.copy(Path(nanogpt_dir) / "config" / "train_shakespeare_char.py", work / "config")
+    d = TokenData(data_dir)
+    ddir = work / "data" / "shakespeare_char"
+    ddir.mkdir(parents=True)
+    for split in ("train", "val"):
+        np.asarray(d.splits[split], dtype=np.uint16).tofile(ddir / f"{split}.bin")
+    vocab = d.tokenizer.get_vocab()
+    itos = {i: s for s, i in vocab.items()}
+    with open(ddir / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(vocab), "itos": itos, "stoi": vocab}, f)
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+           "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+           "--n_embd=128", f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--dropout=0.0",
+           "--always_save_checkpoint=False", f"--out_dir={work / 'out'}"]
+    log = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=True).stdout
+    times = [float(t) for t in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", log)][5:]
+    vals = [float(v) for v in re.findall(r"val loss ([\d.]+)", log)]
+    shutil.rmtree(work)
+    return float(np.median(times)), vals[-1] if vals else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--nanogpt", default=None, help="path to a karpathy/nanoGPT checkout to measure as the anchor")
+    p.add_argument("--csv", default="benchmarks/results/train_speed.csv")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more tinyformer train options")
+    args = p.parse_args(argv)
+    from tinyformer.data import cached_prepare, default_cache_dir
+    data_dir = cached_prepare("shakespeare", default_cache_dir(), "char")
+    tokens = 12 * 64
+    results = {}
+    if args.nanogpt:
+        results["nanogpt"] = run_nanogpt(args.nanogpt, data_dir, args.iters)
+    results["tinyformer"] = run_tinyformer(data_dir, args.iters, args.extra)
+    anchor = results.get("nanogpt", (None, None))[0]
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    new = not Path(args.csv).exists()
+    with open(args.csv, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["timestamp", "machine", "torch", "threads", "impl", "iters", "ms_per_iter", "tokens_per_s",
+                        "val_loss", "speed_vs_nanogpt", "options"])
+        for impl, (ms, val) in results.items():
+            ratio = anchor / ms if anchor else ""
+            w.writerow([datetime.datetime.now().isoformat(timespec="seconds"), platform.processor() or platform.machine(),
+                        torch.__version__, torch.get_num_threads(), impl, args.iters, f"{ms:.2f}",
+                        f"{tokens / ms * 1000:.0f}", f"{val:.4f}", f"{ratio:.3f}" if ratio else "",
+                        " ".join(args.extra)])
+            print(f"{impl:>10}: {ms:7.2f} ms/iter, {tokens / ms * 1000:8.0f} tokens/s, val loss {val:.4f}"
+                  + (f", {ratio:.2f}x nanoGPT's speed" if ratio else ""))
+    print(f"rows appended to {args.csv}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
