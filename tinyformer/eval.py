@@ -52,3 +52,48 @@ def perplexity(model, ids, block_size: int, stride: Optional[int] = None, batch_
         count += int((y != -100).sum())
     model.train(was_training)
     return math.exp(nll / count)
+
+
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two sequences (insertions, deletions, substitutions all cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def error_rates(predictions, references) -> dict:
+    """Word and phoneme error rates of predicted pronunciations (strings of space-separated phonemes) against each
+    word's list of correct pronunciations. A word is right if it matches any of them; its phoneme errors are the
+    edit distance to the closest one, divided by that one's length (summed over words, as published G2P PER is)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} words")
+    wrong, errors, length = 0, 0, 0
+    for pred, refs in zip(predictions, references):
+        p = pred.split()
+        dist, ref = min((edit_distance(p, r.split()), r.split()) for r in refs)
+        wrong += dist > 0
+        errors += dist
+        length += len(ref)
+    return {"wer": wrong / len(references), "per": errors / length, "words": len(references)}
+
+
+@torch.no_grad()
+def g2p_error_rates(model, data, split: str = "test", num_beams: int = 1, batch_size: int = 256,
+                    limit: Optional[int] = None) -> dict:
+    """Decode every word of a PairData split (greedy when num_beams == 1, else beam search) and score it."""
+    from tinyformer.data import EOS
+    words = data.words[split][:limit]
+    preds = []
+    device = next(model.parameters()).device
+    for i in range(0, len(words), batch_size):
+        chunk = words[i:i + batch_size]
+        src = data.pad([data.encode_source(w) for w, _ in chunk]).to(device)
+        mask = (src != 0).long()
+        out = model.generate(src, model.config.max_seq_len - 1, temperature=0, eos_token_id=EOS,
+                             attention_mask=mask, num_beams=num_beams)
+        preds += [data.decode_target(row.tolist()) for row in out]
+    return error_rates(preds, [prons for _, prons in words])

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
-from tinyformer.data import CORPORA, TokenData, cached_prepare, default_cache_dir
+from tinyformer.data import CORPORA, PAD, PAIR_CORPORA, PairData, TokenData, cached_prepare, default_cache_dir, \
+    prepare_g2p
 from tinyformer.model import build
 
 
@@ -51,6 +52,8 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0           # 0 disables
     dropout: float = 0.0
+    label_smoothing: float = 0.0     # encoder-decoder targets (Szegedy et al. 2016)
+    mlm_probability: float = 0.15    # encoder masked-LM: share of positions predicted (BERT's 80/10/10 rule)
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
@@ -84,6 +87,10 @@ class TrainConfig:
             bad("on_nan", f"expected stop or skip, got {self.on_nan!r}")
         if not 0 <= self.dropout < 1:
             bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.label_smoothing < 1:
+            bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.mlm_probability < 1:
+            bad("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
 
 
 TRAIN_PRESETS = {
@@ -91,6 +98,10 @@ TRAIN_PRESETS = {
     "baby-shakespeare-char": dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000,
                                   learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=0.1,
                                   grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20),
+    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py)
+    "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=12000, lr_decay_iters=12000,
+                        learning_rate=1e-3, min_lr=1e-5, warmup_iters=600, beta2=0.98, weight_decay=0.01,
+                        grad_clip=1.0, dropout=0.1, label_smoothing=0.1, eval_interval=1000, eval_iters=20),
 }
 
 
@@ -120,14 +131,33 @@ def make_optimizer(model, cfg: TrainConfig, device_type: str):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def resolve_data(cfg: TrainConfig) -> TokenData:
+def resolve_data(cfg: TrainConfig):
+    """TokenData (language modelling) or PairData (sequence to sequence) for --data."""
     path = Path(cfg.data)
     if path.is_dir():
-        return TokenData(path)
+        return PairData(path) if (path / "pairs.json").exists() else TokenData(path)
+    if cfg.data in PAIR_CORPORA:
+        folder = default_cache_dir() / cfg.data
+        if not (folder / "meta.json").exists():
+            prepare_g2p(folder)
+        return PairData(folder)
     if cfg.data not in CORPORA and not path.is_file():
         raise ValueError(f"--data {cfg.data!r}: no such file or folder, and not a built-in corpus "
-                         f"({', '.join(CORPORA)})")
+                         f"({', '.join(CORPORA + PAIR_CORPORA)})")
     return TokenData(cached_prepare(cfg.data, default_cache_dir(), cfg.tokenizer, cfg.bpe_vocab_size))
+
+
+def mlm_inputs(x, mask_id: int, vocab_size: int, p: float, generator):
+    """BERT's masking: pick each position with probability p; of those, 80% become [MASK], 10% a random token,
+    10% stay. Returns inputs and labels (-100 where not picked)."""
+    r = torch.rand(x.shape, generator=generator)
+    picked = r < p
+    labels = torch.where(picked, x, torch.full_like(x, -100))
+    inputs = x.clone()
+    inputs[picked & (r < p * 0.8)] = mask_id
+    rand = picked & (r >= p * 0.8) & (r < p * 0.9)
+    inputs[rand] = torch.randint(vocab_size, x.shape, generator=generator)[rand]
+    return inputs, labels
 
 
 def _dist():
@@ -204,18 +234,28 @@ def train(cfg: TrainConfig, log=print) -> dict:
         except Exception as e:  # a truncated or foreign file
             raise ValueError(f"--resume: {ckpt_path} is unreadable: {e}") from None
 
-    model_fields = {"dropout": cfg.dropout, "max_seq_len": cfg.block_size, **cfg.model,
-                    "vocab_size": data.vocab_size}
+    pairs = isinstance(data, PairData)
+    arch = cfg.model.get("arch") or ModelConfig.from_name(cfg.preset).arch
+    if pairs != (arch == "encoder-decoder"):
+        raise ValueError(f"--data {cfg.data} holds {'paired' if pairs else 'plain'} sequences, which a {arch} model "
+                         f"cannot train on (paired data is for encoder-decoder models)")
+    vocab = data.vocab_size + (arch == "encoder")  # an encoder's masked-LM needs a [MASK] token
+    model_fields = {"dropout": cfg.dropout, "max_seq_len": cfg.block_size, **cfg.model, "vocab_size": vocab}
+    if pairs:
+        model_fields.update(pad_token_id=PAD, decoder_start_token_id=1)
     mcfg = ModelConfig.from_dict(state["model_config"]) if state else ModelConfig.from_name(cfg.preset,
                                                                                            **model_fields)
-    if mcfg.vocab_size != data.vocab_size:
-        raise ValueError(f"the checkpoint's vocabulary ({mcfg.vocab_size}) does not match the data's "
-                         f"({data.vocab_size})")
+    if mcfg.vocab_size != vocab:
+        raise ValueError(f"the checkpoint's vocabulary ({mcfg.vocab_size}) does not match the data's ({vocab})")
     if cfg.block_size > mcfg.max_seq_len:
         raise ValueError(f"--block_size {cfg.block_size} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     torch.manual_seed(cfg.seed)
     model = build(mcfg).to(device)
     model.tokenizer = data.tokenizer
+    if arch == "encoder":
+        from tokenizers import Tokenizer
+        model.tokenizer = Tokenizer.from_str(data.tokenizer.to_str())
+        model.tokenizer.add_special_tokens(["[MASK]"])  # id data.vocab_size
     optimizer = make_optimizer(model, cfg, device.type)
     gen = torch.Generator().manual_seed(cfg.seed)  # every batch (train and eval) comes from this generator
     it, best_val, evaluated_at = 0, float("inf"), -1  # evaluated_at: the iteration whose evaluation is done
@@ -241,13 +281,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def batch(split):
-        x, y = data.get_batch(split, cfg.batch_size, cfg.block_size, gen)
-        return x[rows].to(device), y[rows].to(device)
+        tensors = data.get_batch(split, cfg.batch_size, cfg.block_size, gen)
+        if arch == "encoder":  # masked-LM: predict the picked positions of the window
+            tensors = mlm_inputs(tensors[0], data.vocab_size, data.vocab_size, cfg.mlm_probability, gen)
+        return [t[rows].to(device) for t in tensors]
 
-    def loss_of(x, y):
+    def loss_of(*b):
         with autocast:
-            logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            if arch == "decoder":  # next-token prediction
+                x, y = b
+                logits = model(x)
+            elif arch == "encoder":
+                x, y = b
+                logits = raw_model.logits(model(x))
+            else:  # teacher forcing: the decoder reads <s> + target and predicts target + </s>
+                src, src_mask, tgt_in, y = b
+                logits = model(src, tgt_in, attention_mask=src_mask)
+        ignore = PAD if pairs else -100
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=ignore,
+                               label_smoothing=cfg.label_smoothing)
 
     @torch.no_grad()
     def evaluate():
