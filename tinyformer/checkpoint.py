@@ -84,11 +84,11 @@ def load(path, device="cpu"):
     from tinyformer.model import build
 
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").exists() and \
+            read_config(path).get("format") != FORMAT:
+        from tinyformer.convert import load_foreign  # Hugging Face folders and GGUF files
+        return load_foreign(path, device=device)
     meta = read_config(path)
-    if meta.get("format") != FORMAT:
-        kind = meta.get("model_type") or "unknown"
-        raise ValueError(f"{path}: config.json is not a tinyformer checkpoint (model_type {kind!r}); "
-                         f"Hugging Face and GGUF loading is not implemented yet")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer tinyformer (format {meta['format_version']})")
     config = ModelConfig.from_dict(meta["model"])
