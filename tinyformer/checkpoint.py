@@ -55,7 +55,11 @@ def save_model(model, path, extra: dict | None = None) -> None:
         raise ValueError(f"cannot save to {path}: it exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    from tinyformer.qlinear import quantization_record
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+    quantized = quantization_record(model)
+    if quantized:
+        meta["quantization"] = quantized
     atomic_write(path / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
     if model.tokenizer is not None:
         atomic_write(path / "tokenizer.json", lambda f: f.write(model.tokenizer.to_str().encode()))
@@ -99,8 +103,14 @@ def load(path, device="cpu"):
         state = load_file(weights, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights} is unreadable or truncated: {e}") from None
+    # safetensors' memory map places tensors at any byte offset; torch's packed int8 CPU kernel (AVX-512) segfaults
+    # on weights not 64-byte aligned (seen: offset 56, M = 32), so such tensors get an aligned copy, once
+    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
     with torch.device("meta"):
         model = build(config, init=False)
+        if meta.get("quantization"):
+            from tinyformer.qlinear import swap_in_empty
+            swap_in_empty(model, meta["quantization"])
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches

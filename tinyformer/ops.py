@@ -95,3 +95,35 @@ def rms_norm(x, weight, eps: float = 1e-6):
         return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def int8_linear(x, weight, scale, bias=None, activations: bool = False):
+    """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype: weight-only (W8A16), or W8A8 with
+    x quantized per token to int8 (exact int32 accumulation). torch backend on CPU: torch's packed int8 kernel
+    (bf16 activations) / torch._int_mm."""
+    from tinyformer.kernels import int8_mm, quant
+    backend = get_backend(x.device)
+    if backend == "triton":
+        if activations:
+            q, s = int8_mm.quantize_per_token(x)
+            return int8_mm.int8_matmul(q, weight, s, scale, bias).to(x.dtype)
+        return int8_mm.int8_weight_only_matmul(x, weight, scale, bias)
+    if activations:
+        q, s = quant.quantize_per_token_int8(x)
+        mm = int8_mm.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
+        return mm(q, weight, s, scale, bias).to(x.dtype)
+    if backend == "torch" and x.device.type == "cpu":
+        return int8_mm.int8_weight_only_matmul_cpu(x, weight, scale, bias)
+    return int8_mm.int8_weight_only_matmul_reference(x, weight, scale, bias)
+
+
+def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
+    """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
+    backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight."""
+    from tinyformer.kernels import int4_mm
+    backend = get_backend(x.device)
+    if backend == "triton":
+        return int4_mm.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
+    if backend == "torch" and x.device.type == "cpu":
+        return int4_mm.int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
+    return reference.int4_matmul(x, w_packed, scales, zeros, group_size, bias)

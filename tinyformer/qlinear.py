@@ -1,0 +1,147 @@
+"""Quantized linear layers that a model's `Linear`s are swapped for: int8 weight-only (W8A16), W8A8 (int8 weights
+and dynamically quantized int8 activations), int4 weight-only (group-wise, two codes per byte).
+
+Each holds integer codes and float scales (and zero points) as buffers, so `model.save` writes them to safetensors
+and config.json records which module got which scheme; `tinyformer.load` swaps the same modules in (on the meta
+device) before assigning the saved tensors. The math is in `tinyformer.kernels` (Triton on GPU, torch's int8/int4
+CPU kernels on CPU); the codes come from the pure primitives in `tinyformer.kernels.quant`.
+
+References: Dettmers et al. 2022 (LLM.int8(): per-channel absmax int8 weights); Xiao et al. 2023 (SmoothQuant:
+W8A8 with per-token activation scales); Frantar et al. 2022 (GPTQ) and Lin et al. 2023 (AWQ): group-wise
+asymmetric int4 weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tinyformer import ops
+from tinyformer.kernels import pack_int4
+from tinyformer.kernels.quant import choose_qparams, quantize
+
+SCHEMES = ("int8", "w8a8", "int4")
+
+
+class QuantLinear(nn.Module):
+    """Base: a quantized y = x W^T + b over any leading dims. Subclasses define `matmul(x2d)`."""
+
+    scheme = ""
+
+    def __init__(self, n_out: int, n_in: int, bias: bool, dtype=torch.float32):
+        super().__init__()
+        self.n_out, self.n_in = n_out, n_in
+        self.register_buffer("bias", torch.zeros(n_out, dtype=dtype) if bias else None)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.n_in))  # (M, N), M = prod(lead)
+        return y.reshape(*lead, self.n_out)
+
+    def spec(self) -> dict:
+        return {"scheme": self.scheme}
+
+    def extra_repr(self):
+        return f"in={self.n_in}, out={self.n_out}, bias={self.bias is not None}, {self.spec()}"
+
+
+class Int8Linear(QuantLinear):
+    """Int8 weight-only (W8A16): symmetric per-output-channel int8 codes, w = q * scale."""
+
+    scheme = "int8"
+
+    def __init__(self, n_out, n_in, bias, dtype=torch.float32):
+        super().__init__(n_out, n_in, bias, dtype)
+        self.register_buffer("weight", torch.zeros(n_out, n_in, dtype=torch.int8))  # (N, K) codes
+        self.register_buffer("scale", torch.ones(n_out, dtype=torch.float32))  # (N,)
+
+    @classmethod
+    def from_weight(cls, weight, bias=None):
+        m = cls(*weight.shape, bias is not None, bias.dtype if bias is not None else torch.float32)
+        scale, zero = choose_qparams(weight.detach(), 8, group_size=-1, symmetric=True)
+        m.weight.copy_(quantize(weight.detach(), scale, zero, 8, group_size=-1))
+        m.scale.copy_(scale)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def matmul(self, x):
+        return ops.int8_linear(x, self.weight, self.scale, self.bias)
+
+
+class W8A8Linear(Int8Linear):
+    """W8A8: the int8 weights of Int8Linear times activations quantized per token at run time; int32 accumulation."""
+
+    scheme = "w8a8"
+
+    def matmul(self, x):
+        return ops.int8_linear(x, self.weight, self.scale, self.bias, activations=True)
+
+
+class Int4Linear(QuantLinear):
+    """Int4 weight-only: asymmetric codes 0..15 per group of `group_size` inputs, w = (q - zero) * scale, packed two
+    codes per byte (low nibble = even input)."""
+
+    scheme = "int4"
+
+    def __init__(self, n_out, n_in, bias, group_size: int = 128, dtype=torch.float32):
+        super().__init__(n_out, n_in, bias, dtype)
+        if n_in % group_size:
+            raise ValueError(f"int4: in-features {n_in} must be a multiple of group_size {group_size}")
+        self.group_size = group_size
+        self.register_buffer("weight_packed", torch.zeros(n_out, n_in // 2, dtype=torch.uint8))  # (N, K/2)
+        self.register_buffer("scales", torch.ones(n_out, n_in // group_size))  # (N, K/G)
+        self.register_buffer("zeros", torch.zeros(n_out, n_in // group_size))  # (N, K/G)
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, group_size, bias=None):
+        """From uint8 codes (N, K) in 0..15 and their (N, K/G) scales and zero points (RTN, GPTQ or AWQ)."""
+        m = cls(*codes.shape, bias is not None, group_size, bias.dtype if bias is not None else torch.float32)
+        m.weight_packed.copy_(pack_int4(codes))
+        m.scales.copy_(scales)
+        m.zeros.copy_(zeros)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    @classmethod
+    def from_weight(cls, weight, bias=None, group_size: int = 128):
+        scales, zeros = choose_qparams(weight.detach(), 4, group_size=group_size, symmetric=False)
+        codes = quantize(weight.detach(), scales, zeros, 4, group_size=group_size)
+        return cls.from_codes(codes, scales, zeros, group_size, bias)
+
+    def matmul(self, x):
+        return ops.int4_linear(x, self.weight_packed, self.scales, self.zeros, self.group_size, self.bias)
+
+    def spec(self):
+        return {"scheme": self.scheme, "group_size": self.group_size}
+
+
+MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
+
+
+def _set(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def empty_from_spec(spec: dict, n_out: int, n_in: int, bias: bool):
+    if spec.get("scheme") not in MODULES:
+        raise ValueError(f"unknown quantization scheme {spec.get('scheme')!r}; expected one of {', '.join(SCHEMES)}")
+    kw = {"group_size": spec["group_size"]} if spec["scheme"] == "int4" else {}
+    return MODULES[spec["scheme"]](n_out, n_in, bias, **kw)
+
+
+def swap_in_empty(model, quantization: dict) -> None:
+    """Before loading a quantized checkpoint: replace each recorded Linear by an empty quantized module of its shape."""
+    for name, spec in quantization.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint quantizes {name!r}, which this model does not have") from None
+        n_out, n_in = lin.weight.shape
+        _set(model, name, empty_from_spec(spec, n_out, n_in, lin.bias is not None))
+
+
+def quantization_record(model) -> dict:
+    """{module name: spec} of the quantized modules (saved in config.json)."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
