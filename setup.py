@@ -20,10 +20,13 @@ setup(
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "tqdm",
+        "matplotlib",  # the loss plot of every training run
+        "gguf",  # reading Llama GGUF files (tinyformer.load)
         "triton>=3.3; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "nbmake", "matplotlib"],
+        # transformers is the reference that parity tests compare against, never a runtime dependency
+        "dev": ["pytest", "hypothesis", "nbmake", "transformers"],
     },
     entry_points={"console_scripts": ["tinyformer = tinyformer.cli:main"]},
 )
