@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # transformers is the reference that parity tests compare against, never a runtime dependency
-        "dev": ["pytest", "hypothesis", "nbmake", "transformers"],
+        "dev": ["pytest", "hypothesis", "nbmake", "transformers", "accelerate"],
     },
     entry_points={"console_scripts": ["tinyformer = tinyformer.cli:main"]},
 )

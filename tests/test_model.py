@@ -143,9 +143,11 @@ def test_save_load_round_trip_is_bit_exact(arch, tmp_path):
     from tokenizers import Tokenizer, models
     model = tiny(arch, tie_embeddings=False, pos="sinusoidal")
     model.tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    model.chat_template, model.eos_token_id = "{{ messages }}", 1
     model.save(tmp_path / "m")
     loaded = tinyformer.load(tmp_path / "m")
     assert loaded.config == model.config
+    assert (loaded.chat_template, loaded.eos_token_id, loaded.bos_token_id) == ("{{ messages }}", 1, None)
     assert loaded.tokenizer.to_str() == model.tokenizer.to_str()
     sd, ld = model.state_dict(), loaded.state_dict()
     assert sd.keys() == ld.keys()

@@ -16,6 +16,7 @@ import torch
 
 FORMAT = "tinyformer"
 FORMAT_VERSION = 1
+TOKENIZER_EXTRAS = ("chat_template", "bos_token_id", "eos_token_id")  # model attributes kept in config.json
 
 
 def atomic_write(path, write) -> None:
@@ -57,6 +58,9 @@ def save_model(model, path, extra: dict | None = None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     from tinyformer.qlinear import quantization_record
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+    special = {k: getattr(model, k, None) for k in TOKENIZER_EXTRAS}
+    if any(v is not None for v in special.values()):
+        meta["tokenizer"] = special
     quantized = quantization_record(model)
     if quantized:
         meta["quantization"] = quantized
@@ -123,6 +127,9 @@ def load(path, device="cpu"):
             raise ValueError(f"{weights} left {name} unset")
     with torch.device(device):
         model.init_buffers()
+    for k, v in meta.get("tokenizer", {}).items():
+        if k in TOKENIZER_EXTRAS:
+            setattr(model, k, v)
     tok = path / "tokenizer.json"
     if tok.exists():
         from tokenizers import Tokenizer

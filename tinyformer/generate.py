@@ -71,7 +71,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)[:, -input_ids.shape[1]:]
     out = [input_ids]
     full = input_ids
-    cache = model.new_cache(B, ctx)
+    cache = model.new_cache(B, min(ctx, input_ids.shape[1] + max_new_tokens))  # no bigger than needed
     logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
@@ -87,7 +87,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        if cache.length < ctx:  # the new token fits in the cache: one cheap step
+        if cache.length < cache.max_len:  # the new token fits in the cache: one cheap step
             logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
         else:  # the context is full: slide the window and recompute it (no cache), like nanoGPT
             window = full[:, -ctx:]

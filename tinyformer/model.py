@@ -163,7 +163,8 @@ class Attention(nn.Module):
         y = ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Dh)
-        return F.dropout(self.wo(y), self.dropout, self.training)
+        y = self.wo(y)
+        return F.dropout(y, self.dropout, self.training) if self.training and self.dropout else y
 
 
 class FeedForward(nn.Module):
@@ -186,7 +187,8 @@ class FeedForward(nn.Module):
             h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
-        return F.dropout(self.w2(h), self.dropout, self.training)  # (B, T, C)
+        h = self.w2(h)  # (B, T, C)
+        return F.dropout(h, self.dropout, self.training) if self.training and self.dropout else h
 
 
 class Block(nn.Module):
@@ -261,7 +263,8 @@ class Stack(nn.Module):
             x = x + self.wtt[types]
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = F.dropout(x, cfg.dropout, self.training)
+        if self.training and cfg.dropout:
+            x = F.dropout(x, cfg.dropout, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask, rope, memory, memory_mask, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
@@ -286,6 +289,8 @@ class TransformerBase(nn.Module):
         super().__init__()
         self.config = cfg
         self.tokenizer = None  # a `tokenizers.Tokenizer` when the model has one (saved as tokenizer.json)
+        self.chat_template = None  # a Jinja chat template string (from a pretrained model), saved in config.json
+        self.bos_token_id = self.eos_token_id = None
         self.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))  # (V, C)
         head = cfg.arch != "encoder" and not cfg.tie_embeddings
         self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model)) if head else None  # (V, C)
