@@ -1,0 +1,369 @@
+"""Tests of the fused Triton attention (kernels/flash_attention.py): forward, backward and split-KV decode.
+
+Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 first).
+Accuracy rule, as in the FlashAttention-2 tests (Dao 2023): against the fp64 reference (`reference.attention` on
+.double() inputs), the kernel's max error must be at most 2x the max error of plain torch at the same precision
+(`reference.attention(..., upcast=False)` in the input dtype) plus a floor per dtype, written next to the dtype in
+DTYPES and scaled by max(1, max|reference|). Forward and the three gradients are checked the same way.
+
+Also here: the split-KV decode path (and that it really was taken), determinism of the backward, argument errors
+raised before any launch, the CPU path without the interpreter (SDPA) and without triton, the GPU autotune wrapper
+driven by a CPU timer, and an ahead-of-time compile of one forward config for sm_80 (tinyformer.kernels.aot).
+"""
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tinyformer.kernels import flash_attention as fa
+from tinyformer.kernels import reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(
+    not fa.HAS_TRITON or (DEVICE == "cpu" and not fa.INTERPRET),
+    reason="needs triton and a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)")
+
+# dtype, floor: fp16/bf16 floors are about one rounding step of the dtype at |x| ~ 1 (bf16: 2^-7; the interpreter
+# also truncates fp32 -> bf16 stores instead of rounding, shared/TRITON_ON_CPU.md). fp32: where the exact gradient
+# is 0 plain torch can be exactly 0 too, while FlashAttention's dS = P * (dP - delta) cancels two separately summed
+# fp32 values: measured 1.16e-5 in dK for Tk=1 (P = 1) with 3 x 77 query rows, so the fp32 floor is 5e-5.
+DTYPES = [
+    pytest.param(torch.float32, 5e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 8e-3, id="bf16"),
+]
+FLOOR = {p.values[0]: p.values[1] for p in DTYPES}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+def mismatch_report(name, got, want, tol, limit=5):
+    """Count and first indices of elements with |got - want| > tol, for assertion messages."""
+    err = (got.double() - want.double()).abs()
+    bad = (err > tol) | torch.isnan(got.double())
+    idx = bad.nonzero()[:limit].tolist()
+    firsts = ", ".join(f"{tuple(i)}: got {got[tuple(i)].item():.6g} want {want[tuple(i)].item():.6g}" for i in idx)
+    return (f"{name}: {int(bad.sum())} of {bad.numel()} elements off by more than {tol:.3g} "
+            f"(max error {err.max().item():.3g}); first: {firsts}")
+
+
+def assert_close_by_rule(name, got, want64, plain, floor):
+    """|got - want64| <= 2 * max|plain - want64| + floor * max(1, max|want64|), no NaN."""
+    assert not torch.isnan(got).any(), mismatch_report(name + " has NaN", got, want64, 0.0)
+    base = (plain.double() - want64).abs().max().item()
+    tol = 2 * base + floor * max(1.0, want64.abs().max().item())
+    err = (got.double() - want64).abs().max().item()
+    assert err <= tol, mismatch_report(name, got, want64, tol) + f" [plain torch error {base:.3g}]"
+
+
+def make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, layout="contiguous", seed=0, device=DEVICE):
+    """q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D). layout "bthd": views of (B, T, H, D) tensors (the layout a
+    projection gives before transposing); "cache": k and v are the first Tk positions of a longer cache."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if layout == "bthd":
+        q = rnd(B, Tq, Hq, D).transpose(1, 2)  # (B, Hq, Tq, D), strides of (B, Tq, Hq, D)
+        k = rnd(B, Tk, Hkv, D).transpose(1, 2)
+        v = rnd(B, Tk, Hkv, D).transpose(1, 2)
+    elif layout == "cache":
+        q = rnd(B, Hq, Tq, D)
+        k = rnd(B, Hkv, Tk + 13, D)[:, :, :Tk]  # (B, Hkv, Tk, D) slice of a longer cache
+        v = rnd(B, Hkv, Tk + 13, D)[:, :, :Tk]
+    else:
+        q, k, v = rnd(B, Hq, Tq, D), rnd(B, Hkv, Tk, D), rnd(B, Hkv, Tk, D)
+    return q, k, v
+
+
+def make_mask(kind, B, Tk, seed=0, device=DEVICE):
+    """None, "random" (~30% padded keys, at least one kept per row) or "empty_row" (batch 0 fully padded)."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    m = torch.rand(B, Tk, generator=g) > 0.3
+    m[:, 0] = True
+    if kind == "empty_row":
+        m[0] = False
+    return m.to(device)
+
+
+def run_fwd_bwd(B, Hq, Hkv, Tq, Tk, D, dtype, causal, mask_kind=None, layout="contiguous", seed=0, floor=None):
+    """Kernel vs fp64 reference vs plain torch in `dtype`, forward and the three gradients."""
+    floor = FLOOR[dtype] if floor is None else floor
+    q, k, v = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, layout, seed)
+    kpm = make_mask(mask_kind, B, Tk, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    do = torch.randn(B, Hq, Tq, D, generator=g).to(device=DEVICE, dtype=dtype)
+
+    def grads(fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, causal=causal, key_padding_mask=kpm)
+        out.backward(cast(do))
+        return [out] + [t.grad for t in leaves]
+
+    want = grads(ref.attention, lambda t: t.double())
+    plain = grads(lambda *a, **kw: ref.attention(*a, **kw, upcast=False), lambda t: t)
+    got = grads(fa.attention, lambda t: t)
+    for name, g_, w_, p_ in zip(("out", "dq", "dk", "dv"), got, want, plain):
+        assert g_.dtype == dtype and g_.shape == w_.shape
+        assert_close_by_rule(f"{name} [{dtype}, causal={causal}, mask={mask_kind}, {layout}]", g_, w_, p_, floor)
+    return got
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parametrized grid: ragged lengths, Tq < Tk and Tq > Tk, GQA ratios 1/2/3, head dims 16..256, strides
+SHAPES = [  # (B, Hq, Hkv, Tq, Tk, D, layout)
+    (1, 2, 2, 1, 1, 16, "contiguous"),
+    (2, 3, 1, 77, 130, 64, "contiguous"),  # MQA, Tq < Tk
+    (1, 4, 2, 130, 77, 80, "bthd"),  # GQA 2, Tq > Tk (causal: 53 rows see nothing)
+    (1, 6, 2, 33, 33, 96, "contiguous"),  # GQA 3
+    (1, 2, 1, 7, 70, 128, "cache"),
+    (1, 1, 1, 40, 17, 256, "bthd"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B, Hq, Hkv, Tq, Tk, D, layout", SHAPES, ids=[f"{s[3]}x{s[4]}d{s[5]}" for s in SHAPES])
+def test_grid_forward_backward(B, Hq, Hkv, Tq, Tk, D, layout, causal, dtype, floor):
+    mask_kind = "random" if (Tq + Tk) % 2 else None  # half of the shapes with a padding mask
+    run_fwd_bwd(B, Hq, Hkv, Tq, Tk, D, dtype, causal, mask_kind, layout, seed=Tq * 1000 + Tk, floor=floor)
+
+
+# ~0.4 s per example under the interpreter on 2 cores; TINYFORMER_PROPERTY_EXAMPLES=1000 for a long soak
+PROPERTY_EXAMPLES = int(os.environ.get("TINYFORMER_PROPERTY_EXAMPLES", "100"))
+
+
+@needs_kernels
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    Tq=st.sampled_from([1, 7, 16, 33, 77, 130]),
+    Tk=st.sampled_from([1, 7, 16, 33, 77, 130]),
+    D=st.sampled_from([16, 40, 64, 80, 96, 128]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    causal=st.booleans(),
+    mask_kind=st.sampled_from([None, "random", "empty_row"]),
+    layout=st.sampled_from(["contiguous", "bthd", "cache"]),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_property_forward_backward(B, Hkv, group, Tq, Tk, D, dtype, causal, mask_kind, layout, seed):
+    if B * Hkv * group > 6:  # keep interpreter time bounded: at most 6 (batch, head) programs per query tile
+        B = 1
+    run_fwd_bwd(B, Hkv * group, Hkv, Tq, Tk, D, dtype, causal, mask_kind, layout, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rows that see no key
+@needs_kernels
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+def test_rows_without_keys_are_zero_and_gradients_finite(dtype, floor):
+    B, Hq, Hkv, Tq, Tk, D = 2, 2, 1, 20, 9, 32
+    kpm = torch.ones(B, Tk, dtype=torch.bool, device=DEVICE)
+    kpm[1] = False  # batch 1: every key padded
+    kpm[0, 3] = False
+    q, k, v = (t.requires_grad_() for t in make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, seed=5))
+    out = fa.attention(q, k, v, causal=True, key_padding_mask=kpm)
+    out.sum().backward()
+    assert torch.all(out[1] == 0), "fully padded batch must give 0"
+    assert torch.all(out[0, :, : Tq - Tk] == 0), "causal rows i < Tq - Tk see no key and must give 0"
+    for name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+    assert torch.all(q.grad[1] == 0) and torch.all(k.grad[1] == 0) and torch.all(v.grad[1] == 0)
+    assert torch.all(k.grad[0, :, 3] == 0) and torch.all(v.grad[0, :, 3] == 0), "a padded key gets no gradient"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decode: split-KV (flash-decoding)
+@needs_kernels
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+@pytest.mark.parametrize("Tq, Hq, Hkv, causal, mask_kind", [
+    (1, 8, 2, True, None),  # one new token, GQA 4: 4 query heads packed into the rows of one program
+    (5, 3, 3, True, "random"),  # a 5-token verify step, causal inside the step
+    (16, 6, 2, False, "random"),  # G * Tq = 48 rows: the 64-row decode tile
+])
+def test_decode_split_kv(Tq, Hq, Hkv, causal, mask_kind, dtype, floor):
+    B, Tk, D = 2, 300, 64
+    q, k, v = make_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, layout="cache", seed=Tq)
+    kpm = make_mask(mask_kind, B, Tk, seed=Tq)
+    p = fa.plan(q, k, v, causal, kpm)
+    assert p.path == "decode" and p.num_splits > 1, p
+    assert p.num_splits * p.chunk >= Tk > (p.num_splits - 1) * p.chunk, p
+    before = fa.stats["decode_split_kv"]
+    with torch.no_grad():
+        out = fa.attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    assert fa.stats["decode_split_kv"] == before + 1, "the split-KV path was not taken"
+    want = ref.attention(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=kpm)
+    plain = ref.attention(q, k, v, causal=causal, key_padding_mask=kpm, upcast=False)
+    assert out.dtype == dtype
+    assert_close_by_rule(f"decode out [{dtype}]", out, want, plain, floor)
+
+
+@needs_kernels
+def test_decode_not_used_when_gradients_are_needed():
+    q, k, v = make_inputs(1, 2, 1, 1, 300, 32, torch.float32)
+    assert fa.plan(q, k, v).path == "decode"
+    assert fa.plan(q.requires_grad_(), k, v).path == "flash"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# determinism, autotune wrapper, heuristic coverage
+@needs_kernels
+def test_backward_is_deterministic():
+    """dK/dV of a kv head are reduced inside one program (no atomics): two backward passes agree bit for bit."""
+    q, k, v = make_inputs(1, 6, 2, 77, 100, 64, torch.float16, seed=3)
+    kpm = make_mask("random", 1, 100, seed=3)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(q)
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        fa.attention(*leaves, causal=True, key_padding_mask=kpm).backward(do)
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a, b), f"{name} differs between two identical backward passes"
+
+
+def _cpu_bench(fn, quantiles=None):
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms, ms, ms]
+
+
+@needs_kernels
+def test_autotune_wrapper_with_two_configs():
+    """The GPU path wraps the forward in triton.autotune over the heuristic's candidates; drive that wrapper here
+    with two configs and a CPU timer (the default timer needs a GPU)."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU timer test; the GPU uses triton's own benchmarker")
+    q, k, v = make_inputs(1, 2, 1, 70, 90, 32, torch.float32, seed=7)
+    cands = [fa.KernelConfig(32, 64, 4, 1), fa.KernelConfig(16, 32, 4, 1)]
+    out, lse = fa._flash_fwd(q, k, v, True, 32 ** -0.5, None, configs=cands, do_bench=_cpu_bench)
+    tuner = fa._autotuned_fwd(tuple(cands), _cpu_bench)
+    assert len(tuner.cache) == 1 and tuner.best_config.kwargs["BLOCK_M"] in (16, 32)
+    want = ref.attention(q.double(), k.double(), v.double(), causal=True)
+    assert (out.double() - want).abs().max().item() < 1e-5
+
+
+def test_heuristic_configs_are_all_in_the_aot_set():
+    """Whatever the launchers pick on sm_80/sm_90 for fp16/bf16 has been compiled (and spill-checked) by the AOT
+    report: same kernel, head-dim bucket and tile config."""
+    if not fa.HAS_TRITON:
+        pytest.skip("needs triton")
+    names = {s["name"] for s in fa.aot_specs()}
+    bucket_rep = {fa.block_d(d): d for d in fa.AOT_HEAD_DIMS if fa.block_d(d) == d}  # bucket -> its AOT head dim
+    for arch in (80, 90):
+        for dtype in (torch.float16, torch.bfloat16):
+            for D in (16, 24, 40, 64, 80, 96, 112, 128, 160, 256):
+                rep = bucket_rep[fa.block_d(D)]
+                for kind in ("fwd", "bwd_dkdv", "bwd_dq", "decode"):
+                    for has_kpm in ((False, True) if kind in fa.KPM_KERNELS else (False,)):
+                        for rows in ((1, 48) if kind == "decode" else (1,)):
+                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm):
+                                name = fa.aot_spec(kind, rep, dtype, arch, c, has_kpm=has_kpm)["name"]
+                                assert name in names, f"{name} (for D={D}, sm_{arch}) is not in aot_specs()"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# wrong inputs: ValueError/TypeError naming the argument, before any launch
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device) if device != "meta" else torch.empty(*shape, device="meta")
+
+
+BAD_INPUTS = [  # (id, q, k, v, kwargs, exception, text in message)
+    ("q_3d", _t(2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, ValueError, "q must be 4-D"),
+    ("k_v_shapes", _t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 9, 16), {}, ValueError, "k and v"),
+    ("head_dim_mismatch", _t(1, 2, 8, 32), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, ValueError, "head dim"),
+    ("batch_mismatch", _t(2, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, ValueError, "batch"),
+    ("hq_not_multiple", _t(1, 3, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, ValueError, "multiple"),
+    ("d8", _t(1, 2, 8, 8), _t(1, 2, 8, 8), _t(1, 2, 8, 8), {}, ValueError, "16..256"),
+    ("d300", _t(1, 1, 4, 300), _t(1, 1, 4, 300), _t(1, 1, 4, 300), {}, ValueError, "16..256"),
+    ("mixed_dtypes", _t(1, 2, 8, 16, dtype=torch.float16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, TypeError,
+     "share a dtype"),
+    ("int_dtype", torch.ones(1, 2, 8, 16, dtype=torch.int32), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, TypeError,
+     "q must be float"),
+    ("mixed_devices", _t(1, 2, 8, 16), _t(1, 2, 8, 16, device="meta"), _t(1, 2, 8, 16), {}, ValueError,
+     "one device"),
+    ("mask_shape", _t(2, 2, 8, 16), _t(2, 2, 8, 16), _t(2, 2, 8, 16),
+     {"key_padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, "key_padding_mask must have shape"),
+    ("mask_dtype", _t(2, 2, 8, 16), _t(2, 2, 8, 16), _t(2, 2, 8, 16),
+     {"key_padding_mask": torch.ones(2, 8)}, TypeError, "key_padding_mask must be bool"),
+    ("q_not_tensor", [[1.0]], _t(1, 2, 8, 16), _t(1, 2, 8, 16), {}, TypeError, "q must be a torch.Tensor"),
+    ("scale_str", _t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16), {"scale": "0.1"}, TypeError, "scale"),
+]
+
+
+@pytest.mark.parametrize("name, q, k, v, kwargs, exc, text", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_wrong_inputs_raise_before_launch(name, q, k, v, kwargs, exc, text):
+    before = dict(fa.stats)
+    with pytest.raises(exc, match=text):
+        fa.attention(q, k, v, **kwargs)
+    assert dict(fa.stats) == before, "something was launched before the arguments were rejected"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the CPU paths without the interpreter, and without triton
+_CPU_SCRIPT = r"""
+import os, sys
+if sys.argv[1] == "no_triton":
+    sys.modules["triton"] = None  # import triton -> ImportError
+import torch
+from tinyformer.kernels import flash_attention as fa, reference as ref
+assert fa.HAS_TRITON == (sys.argv[1] != "no_triton"), fa.HAS_TRITON
+g = torch.Generator().manual_seed(0)
+q = torch.randn(2, 4, 37, 40, generator=g, requires_grad=True)
+k = torch.randn(2, 2, 53, 40, generator=g, requires_grad=True)
+v = torch.randn(2, 2, 53, 40, generator=g, requires_grad=True)
+m = torch.rand(2, 53, generator=g) > 0.3
+m[1] = False
+assert fa.plan(q, k, v, True, m).backend == "sdpa"
+out = fa.attention(q, k, v, causal=True, key_padding_mask=m)
+want = ref.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=m)
+assert (out.double() - want).abs().max().item() < 1e-5, (out.double() - want).abs().max()
+out.sum().backward()
+assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+assert fa.stats["sdpa"] == 1 and fa.stats["flash_fwd"] == 0, fa.stats
+print("CPU-PATH-OK")
+"""
+
+
+@pytest.mark.parametrize("mode", ["no_interpreter", "no_triton"])
+def test_cpu_path_without_interpreter(mode, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "cpu_path.py"
+    script.write_text(_CPU_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "CPU-PATH-OK" in res.stdout, res.stdout + res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile for a real GPU target, without a GPU
+def test_aot_compiles_a_forward_config_for_sm80(tmp_path):
+    """`python -m tinyformer.kernels.aot` compiles a shipped forward config for sm_80 and reports registers,
+    spills and shared memory. TRITON_INTERPRET=1 is set in this process: the tool must re-run itself without it."""
+    if not fa.HAS_TRITON:
+        pytest.skip("needs triton")
+    out_csv = tmp_path / "aot.csv"
+    name = fa.aot_spec("fwd", 64, torch.float16, 80, fa.kernel_configs("fwd", 64, torch.float16, 80)[0])["name"]
+    res = subprocess.run([sys.executable, "-m", "tinyformer.kernels.aot", "--targets", "80", "--filter", name,
+                          "--modules", "flash_attention", "--jobs", "1", "--csv", str(out_csv)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["name"] for r in rows] == [name], rows
+    r = rows[0]
+    assert r["status"] == "ok" and r["target"] == "sm_80", r
+    assert int(r["registers"]) > 0 and int(r["shared"]) > 0, r
+    assert int(r["spill_stores"]) == 0 and int(r["spill_loads"]) == 0, r
+    assert name in res.stdout and "regs" in res.stdout
