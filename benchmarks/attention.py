@@ -37,6 +37,7 @@ if not HAS_CUDA:  # the kernels must be decorated in interpreter mode, so set it
 
 from tinyformer.kernels import flash_attention as fa  # noqa: E402
 from tinyformer.kernels import reference as ref  # noqa: E402
+from common import append_rows  # noqa: E402  (benchmarks/common.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results", "attention.csv")
@@ -86,16 +87,6 @@ def peak_tflops(name, override):
         if key in name:
             return peak
     return None
-
-
-def append_rows(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def base_row(args, provider, mode, B, Hq, Hkv, T, D, causal):
@@ -348,7 +339,7 @@ def main(argv=None):
               "(torch SDPA vs the pure-torch reference) timed with torch.utils.benchmark.")
         rows = [] if args.no_sweep else run_cpu_sweep(args)
         rows += run_cpu_timing(args)
-    append_rows(args.results, rows)
+    append_rows(args.results, FIELDS, rows)
     print(f"{len(rows)} rows appended to {args.results}")
     if not args.no_plot and rows:
         plot(args.results, args.plot or os.path.splitext(args.results)[0] + ".png")

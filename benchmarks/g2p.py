@@ -13,13 +13,10 @@ based grapheme-to-phoneme conversion"); the target here is WER <= 25%, PER <= 6%
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import platform
 import time
-from pathlib import Path
 
 import torch
+from common import append_rows, machine_name, now  # benchmarks/common.py
 
 
 def main(argv=None):
@@ -49,20 +46,15 @@ def main(argv=None):
         t = time.perf_counter()
         r = g2p_error_rates(model, data, "test", beams)
         how = "greedy" if beams == 1 else f"beam{beams}"
-        rows.append([datetime.datetime.now().isoformat(timespec="seconds"), platform.machine(), torch.__version__,
-                     torch.get_num_threads(), how, model.num_params(), summary["iters"], f"{train_s:.0f}",
-                     f"{100 * r['wer']:.2f}", f"{100 * r['per']:.2f}", r["words"], f"{time.perf_counter() - t:.0f}"])
+        rows.append(dict(timestamp=now(), machine=machine_name(), torch=torch.__version__,
+                         threads=torch.get_num_threads(), decoding=how, params=model.num_params(),
+                         iters=summary["iters"], train_s=f"{train_s:.0f}", wer_pct=f"{100 * r['wer']:.2f}",
+                         per_pct=f"{100 * r['per']:.2f}", test_words=r["words"],
+                         decode_s=f"{time.perf_counter() - t:.0f}"))
         print(f"{how:>7}: WER {100 * r['wer']:.2f}%  PER {100 * r['per']:.2f}%  on {r['words']:,} test words "
               f"(model {model.num_params() / 1e6:.2f}M params, trained {summary['iters']} iterations in "
               f"{train_s / 60:.1f} min)")
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    new = not Path(args.csv).exists()
-    with open(args.csv, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["timestamp", "machine", "torch", "threads", "decoding", "params", "iters", "train_s",
-                        "wer_pct", "per_pct", "test_words", "decode_s"])
-        w.writerows(rows)
+    append_rows(args.csv, list(rows[0]), rows)
     print(f"rows appended to {args.csv}")
 
 

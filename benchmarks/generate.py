@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
 import importlib.util
 import os
 import platform
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import tinyformer  # noqa: E402
+from common import append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT = {"int8": 8, "int4": 4}  # weight-only quantized linears, activations in --quant-dtype
@@ -60,18 +59,6 @@ PROSE = ("The printing press changed the way ideas travelled across Europe. Befo
 
 # ----------------------------------------------------------------------------------------------------------------------
 # machine
-def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cpus)"
-
-
 def versions() -> str:
     out = [f"python={platform.python_version()}", f"torch={torch.__version__}", f"tinyformer={tinyformer.__version__}"]
     try:
@@ -327,21 +314,13 @@ def main(argv=None):
         print(f"{r['impl']:13s} {r['dtype']:10s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
               f"{r['wb'] / 2**20:10.0f} {r['gbs']:6.1f} {r['gbs'] / copy_bw:7.1%} {ceiling:13.1f} {ratio:>15s}")
 
-    csv_path = Path(args.csv)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not csv_path.exists()
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new_file:
-            w.writeheader()
-        for r in results:
-            w.writerow(dict(timestamp=stamp, machine=machine, versions=vers, threads=threads, model=path.name,
+    csv_path, stamp = Path(args.csv), now()
+    append_rows(csv_path, CSV_FIELDS, [dict(timestamp=stamp, machine=machine, versions=vers, threads=threads, model=path.name,
                             impl=r["impl"], dtype=r["dtype"], batch=args.batch, prompt_tokens=args.prompt_tokens,
                             new_tokens=args.new_tokens, prefill_tok_s=f"{r['prefill']:.2f}",
                             decode_tok_s=f"{r['decode']:.2f}", decode_tok_s_best=f"{r['best']:.2f}",
                             weight_mb=f"{r['wb'] / 2**20:.1f}", gb_s=f"{r['gbs']:.2f}", mem_bw_gb_s=f"{copy_bw:.1f}",
-                            bw_share=f"{r['gbs'] / copy_bw:.3f}", repeats=args.repeats))
+                            bw_share=f"{r['gbs'] / copy_bw:.3f}", repeats=args.repeats) for r in results])
     print(f"\n# {len(results)} rows appended to {csv_path}")
 
     if args.profile:

@@ -10,12 +10,9 @@ Reference: karpathy/nanoGPT README, "I only have a macbook" (the baby GPT CPU co
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import pickle
-import platform
 import re
 import shutil
 import subprocess
@@ -25,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import append_rows, machine_name, now  # benchmarks/common.py
 
 
 def run_tinyformer(data_dir, iters, extra):
@@ -83,21 +81,16 @@ def main(argv=None):
         results["nanogpt"] = run_nanogpt(args.nanogpt, data_dir, args.iters)
     results["tinyformer"] = run_tinyformer(data_dir, args.iters, args.extra)
     anchor = results.get("nanogpt", (None, None))[0]
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    new = not Path(args.csv).exists()
-    with open(args.csv, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["timestamp", "machine", "torch", "threads", "impl", "iters", "ms_per_iter", "tokens_per_s",
-                        "val_loss", "speed_vs_nanogpt", "options"])
-        for impl, (ms, val) in results.items():
-            ratio = anchor / ms if anchor else ""
-            w.writerow([datetime.datetime.now().isoformat(timespec="seconds"), platform.processor() or platform.machine(),
-                        torch.__version__, torch.get_num_threads(), impl, args.iters, f"{ms:.2f}",
-                        f"{tokens / ms * 1000:.0f}", f"{val:.4f}", f"{ratio:.3f}" if ratio else "",
-                        " ".join(args.extra)])
-            print(f"{impl:>10}: {ms:7.2f} ms/iter, {tokens / ms * 1000:8.0f} tokens/s, val loss {val:.4f}"
-                  + (f", {ratio:.2f}x nanoGPT's speed" if ratio else ""))
+    rows = []
+    for impl, (ms, val) in results.items():
+        ratio = anchor / ms if anchor else None
+        rows.append(dict(timestamp=now(), machine=machine_name(), torch=torch.__version__,
+                         threads=torch.get_num_threads(), impl=impl, iters=args.iters, ms_per_iter=f"{ms:.2f}",
+                         tokens_per_s=f"{tokens / ms * 1000:.0f}", val_loss=f"{val:.4f}",
+                         speed_vs_nanogpt=f"{ratio:.3f}" if ratio else "", options=" ".join(args.extra)))
+        print(f"{impl:>10}: {ms:7.2f} ms/iter, {tokens / ms * 1000:8.0f} tokens/s, val loss {val:.4f}"
+              + (f", {ratio:.2f}x nanoGPT's speed" if ratio else ""))
+    append_rows(args.csv, list(rows[0]), rows)
     print(f"rows appended to {args.csv}")
 
 
