@@ -1,0 +1,298 @@
+"""Weight-only int4 matmul in Triton (asymmetric, group-wise, two codes per byte), with a fast torch path on plain CPU.
+
+`int4_matmul(x, w_packed, scales, zeros, group_size, bias=None)` (contract in shared/API.md; reference
+`tinyformer.kernels.reference.int4_matmul`): x float (M, K) @ w.T (+ bias), in x's dtype, where
+w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] and w_packed uint8 (N, K // 2) holds code k = 2j in the low
+nibble and k = 2j + 1 in the high nibble of byte j.
+
+How the kernel reads the weight: a K tile of BLOCK_K codes is BLOCK_K / 2 bytes per output column. The low nibbles
+(`packed & 0xF`) are the even columns and the high nibbles (`packed >> 4`) the odd ones; both nibbles of a byte share
+one group (G is even), so one scale/zero load serves both. Each half is dequantized, (q - zero) * scale in fp32 (the
+reference's formula), then the halves are interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute +
+reshape), rounded once to the dot dtype (fp16 / bf16 on the GPU; fp32 for fp32 activations, and for bf16 under the
+interpreter, which computes bf16 on raw bits) and fed to ONE tl.dot with the contiguous activation tile; fp32
+accumulation. Measured (python -m tinyformer.kernels.aot): the alternative that skips the interleave, two dots of
+depth BLOCK_K / 2 against the even and odd activation columns, spilled on sm_80 (128x128x64 on 8 warps: 255
+registers + 84 B of spill stores; 128x64x64 on 4 warps: 8 B) because the strided activation loads cannot be
+pipelined as copies; the interleaved single dot takes 194 and 208 registers there with no spill.
+
+Two paths, one kernel: decode (M <= 16): 16-row tiles and split-K (each program takes a range of whole groups;
+fp32 partials are summed afterwards), so a single token still spreads over the GPU instead of wasting a 64-row tile
+on a few programs; prefill (M > 16): 64/128-row tiles on the tensor cores, the whole epilogue in the kernel.
+
+CPU without the interpreter: torch's `_weight_int4pack_mm_for_cpu` (AVX512 kernel; bf16 activations) on a weight
+repacked ONCE into torch's layout (`prepack_int4_cpu`, cached per weight by `int4_matmul`): their rule is
+w = (q - 8) * scale + zero', so zero' = (8 - zero) * scale. Where that op does not apply (N not a multiple of 16,
+group size not 32/64/128/256) the reference runs.
+
+References:
+- Frantar et al. 2022, "GPTQ" and Lin et al. 2023, "AWQ": asymmetric group-wise 4-bit weights with per-group scales
+  and integer zero points, dequantized on the fly in weight-only kernels.
+- The Triton matrix multiplication tutorial (grouped ordering, pointer-arithmetic tiles, masked K loop).
+- Frantar et al. 2024, "MARLIN" (the batch-1 target: ~4x over fp16 is the bandwidth limit of 4-bit weights).
+
+Legend: M rows of activations, N output features, K input features, G group size, S number of K splits.
+"""
+from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
+
+from typing import List
+
+import torch
+
+from .int8_mm import (DECODE_MAX_M, HAS_TRITON, INTERPRET, MatmulConfig, WeightCache, _tile_ids, arch_of, backend_of,
+                      dot_flags, finish_splits, launch, matmul_configs, split_k, tl, triton)
+from .reference import (_need, check_int4_matmul_args, int4_matmul as _int4_matmul_ref, pack_int4,
+                        unpack_int4)
+
+__all__ = ["int4_matmul", "pack_int4", "unpack_int4", "prepack_int4_cpu", "Int4PackedCPU", "int4_matmul_cpu",
+           "plan", "aot_specs"]
+
+
+# ======================================================================================================================
+# Kernel
+# ======================================================================================================================
+@triton.jit
+def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+                        M, N, K,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
+                        stride_os, stride_om, stride_on,
+                        K_SPLIT,
+                        GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out tile (BLOCK_M, BLOCK_N) = x (M, K) @ dequant(w)^T over K columns [pid_k * K_SPLIT, min(.. + K_SPLIT, K)).
+    SPLIT_K == 1: + bias, stored in out's dtype; SPLIT_K > 1: fp32 partials at out + pid_k * stride_os."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile holds columns 2j (low nibble) and 2j + 1 (high)
+    rm = offs_m % M  # rows/columns past M/N wrap around: in-bounds loads, dropped by the store mask
+    rn = offs_n % N
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, K)  # even: K is even and K_SPLIT a multiple of BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        kk = k + 2 * offs_j  # (BLOCK_K / 2,) even columns; kk + 1 < k_end whenever kk < k_end
+        k_mask = kk < k_end
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k + offs_k)[None, :] * stride_xk,
+                    mask=(offs_k < k_end - k)[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_M, BLOCK_K)
+        packed = tl.load(w_ptr + (kk // 2)[:, None] * stride_wk + rn[None, :] * stride_wn,
+                         mask=k_mask[:, None], other=0)  # (BLOCK_K / 2, BLOCK_N) uint8
+        lo = (packed & 0xF).to(tl.float32)  # codes of columns 2j
+        hi = (packed >> 4).to(tl.float32)  # codes of columns 2j + 1
+        if GROUP_SIZE % BLOCK_K == 0:  # the whole tile lies in group k // G: one scale and zero per column
+            g = k // GROUP_SIZE
+            s = tl.load(scales_ptr + rn * stride_sn + g * stride_sg).to(tl.float32)[None, :]  # (1, BLOCK_N)
+            z = tl.load(zeros_ptr + rn * stride_zn + g * stride_zg).to(tl.float32)[None, :]
+        else:  # groups smaller than the tile (or not dividing it): gather per (column pair, n)
+            g = kk // GROUP_SIZE  # (BLOCK_K / 2,): 2j and 2j + 1 share a group since G is even
+            s = tl.load(scales_ptr + rn[None, :] * stride_sn + g[:, None] * stride_sg,
+                        mask=k_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_K / 2, BLOCK_N)
+            z = tl.load(zeros_ptr + rn[None, :] * stride_zn + g[:, None] * stride_zg,
+                        mask=k_mask[:, None], other=0.0).to(tl.float32)
+        # (q - zero) * scale in fp32, the reference's formula, rounded once to the dot dtype; masked rows meet x = 0
+        w = tl.join((lo - z) * s, (hi - z) * s)  # (BLOCK_K / 2, BLOCK_N, 2): [..., 0] = column 2j, [..., 1] = 2j + 1
+        w = tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N) = w^T tile
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ======================================================================================================================
+# Launcher (configs from int8_mm.matmul_configs, the one heuristic of the low-bit kernels)
+# ======================================================================================================================
+def int4_configs(M: int, group_size: int, arch) -> List[MatmulConfig]:
+    """Candidates for this call: the table's i4 / i4_decode entries with block_k capped at the group size when the
+    group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column)."""
+    cands = matmul_configs("i4_decode" if M <= DECODE_MAX_M else "i4", arch)
+    if group_size >= 32 and group_size & (group_size - 1) == 0:
+        cands = [MatmulConfig(c.block_m, c.block_n, min(c.block_k, group_size), c.num_warps, c.num_stages, c.group_m)
+                 for c in cands]
+    return list(dict.fromkeys(cands))
+
+
+def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
+    M, K = x.shape
+    N = w_packed.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
+    cands = int4_configs(M, group_size, arch_of(x.device))
+    c0 = cands[0]
+    if M <= DECODE_MAX_M:  # split ranges are whole groups when a tile fits in a group (then every tile does)
+        align = group_size if group_size % c0.block_k == 0 else 1
+        splits, k_split = split_k(M, N, K, c0, x.device, align=align)
+    else:
+        splits, k_split = 1, K
+    dot_dtype, dot_prec = dot_flags(x.dtype, x.device)
+    # interpreter: fp32 -> bf16 stores truncate there, so bf16 is stored as fp32 and rounded by torch
+    buf_dtype = torch.float32 if splits > 1 or (x.dtype == torch.bfloat16 and x.device.type == "cpu") else x.dtype
+    buf = torch.empty((splits, M, N), device=x.device, dtype=buf_dtype)  # (S, M, N): partials when S > 1
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    launch(_int4_matmul_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K"),
+           x, w_packed, scales, zeros, bias if bias is not None else scales, buf,
+           M, N, K, x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1),
+           scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+           buf.stride(0), buf.stride(1), buf.stride(2), k_split,
+           GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
+    return finish_splits(buf, bias, x.dtype)
+
+
+# ======================================================================================================================
+# CPU fast path: torch's packed int4 kernel, on a weight repacked once
+# ======================================================================================================================
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts (it raises on others)
+INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu raises "expect N to be dividable by 16" otherwise
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A zero-memory tensor with t's shape, dtype and device (a broadcast view of one element): lets the validator
+    check later calls against a weight without keeping the weight alive."""
+    return torch.empty((1,) * t.dim(), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+class Int4PackedCPU:
+    """An int4 weight (API.md layout) repacked once for torch's CPU kernel; `.matmul(x, bias=None)` equals
+    `int4_matmul(x, ...)` within bf16 rounding (the kernel computes in bf16: x, scales and zero' are rounded to
+    bf16). `.fast` says whether torch's kernel applies; where it does not, `.matmul` runs the reference (and the
+    object keeps the original tensors for it).
+
+    Torch's rule is w = (q - 8) * scale + zero' with scale_and_zero (K / G, N, 2); ours is w = (q - zero) * scale,
+    so zero' = (8 - zero) * scale. Memory: the packed copy is the size of w_packed (K / 2 bytes per row) plus
+    4 bytes per group and row for the bf16 (scale, zero') pairs."""
+
+    def __init__(self, w_packed, scales, zeros, group_size: int):
+        N, K2 = w_packed.shape if isinstance(w_packed, torch.Tensor) and w_packed.dim() == 2 else (0, 0)
+        dummy = torch.empty((0, 2 * K2), dtype=torch.float32,
+                            device=w_packed.device if isinstance(w_packed, torch.Tensor) else "cpu")
+        check_int4_matmul_args(dummy, w_packed, scales, zeros, group_size)  # ValueError/TypeError, before any work
+        _need(w_packed.device.type == "cpu", f"w_packed must be a CPU tensor, got {w_packed.device}")
+        self.N, self.K, self.group_size = N, 2 * K2, group_size
+        self.fast = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUP_SIZES
+                     and N % INT4PACK_N_MULTIPLE == 0 and N > 0 and self.K > 0)
+        if self.fast:
+            q = unpack_int4(w_packed).to(torch.int32)  # (N, K) codes 0..15
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K / 2) uint8, their order
+            s = scales.to(torch.float32)
+            zp = (8.0 - zeros.to(torch.float32)) * s  # (N, K / G): zero' so that (q - 8) * s + zero' = (q - zero) * s
+            self.scale_and_zero = torch.stack((s, zp), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            # (N, K / G, 2) -> (K / G, N, 2)
+            self._args = (_stand_in(w_packed), _stand_in(scales), _stand_in(zeros))  # shapes/dtypes for validation
+        else:
+            self._args = (w_packed, scales, zeros)  # the reference needs the real tensors
+
+    def matmul(self, x, bias=None):
+        """x (M, K) float @ w.T (+ bias), in x's dtype. Computed in bf16 on the fast path: fp32/fp16 activations
+        are cast (into this op they are 30-100x slower than bf16: 1 x 4096 @ 4096^2 G128, 2 threads: fp32 29 ms,
+        fp16 36 ms, bf16 0.45-0.9 ms, against 3.3 ms for the fp32 torch.matmul)."""
+        check_int4_matmul_args(x, *self._args, self.group_size, bias)
+        if not self.fast or x.shape[0] == 0:
+            return _int4_matmul_ref(x, *self._args, self.group_size, bias)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
+                                                         self.group_size, self.scale_and_zero)  # (M, N) bf16
+        if bias is not None:
+            out = out.float() + bias.float()
+        return out.to(x.dtype)
+
+    __call__ = matmul
+
+
+def prepack_int4_cpu(w_packed, scales, zeros, group_size: int) -> Int4PackedCPU:
+    """Repack an int4 weight once for the CPU fast path; call `.matmul(x, bias=None)` on the result per step."""
+    return Int4PackedCPU(w_packed, scales, zeros, group_size)
+
+
+# int4_matmul on plain CPU tensors keeps one repacked weight per live w_packed (int8_mm.WeightCache: no strong
+# reference to the tensors, rebuilt on an in-place update, dropped when w_packed dies). Weights torch's kernel
+# refuses are not cached (the reference runs on them directly).
+_PREPACKED = WeightCache()
+
+
+def _prepacked(w_packed, scales, zeros, group_size) -> Int4PackedCPU:
+    if (w_packed.shape[0] % INT4PACK_N_MULTIPLE or group_size not in INT4PACK_GROUP_SIZES
+            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        return Int4PackedCPU(w_packed, scales, zeros, group_size)  # .fast is False: nothing worth caching
+    return _PREPACKED.get((w_packed, scales, zeros), group_size,
+                          lambda: Int4PackedCPU(w_packed, scales, zeros, group_size))
+
+
+def int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias=None):
+    """The CPU fast path of int4_matmul (torch's packed int4 kernel, bf16 accuracy), repacking each weight once."""
+    check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
+    return _prepacked(w_packed, scales, zeros, group_size).matmul(x, bias)
+
+
+# ======================================================================================================================
+# Public API
+# ======================================================================================================================
+def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
+    """x (M, K) float @ w.T (+ bias) in x's dtype, w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] with the
+    codes q unpacked from w_packed (N, K // 2) (API.md). Triton on CUDA and under the interpreter; on plain CPU
+    torch's packed int4 kernel in bf16 (`int4_matmul_cpu`)."""
+    check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
+    if bias is not None:
+        _need(bias.is_floating_point(), f"bias must be a float tensor, got {bias.dtype}", TypeError)
+    if x.dtype == torch.float64:  # the contract covers fp32/fp16/bf16; fp64 takes the reference everywhere
+        return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
+    if backend_of(x, INTERPRET, "tinyformer.kernels.int4_mm") == "triton":
+        return _launch_int4(x, w_packed, scales, zeros, group_size, bias)
+    if x.device.type == "cpu":
+        return int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
+    return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
+
+
+def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:
+    """Which path an int4_matmul call takes: backend, kind (i4 / i4_decode / cpu), config, splits."""
+    device = torch.device(device)
+    if backend_of(torch.empty(0, device=device), INTERPRET, "tinyformer.kernels.int4_mm") != "triton":
+        return dict(backend="torch", kind="cpu", config=None, splits=1)
+    c = int4_configs(M, group_size, arch_of(device))[0]
+    splits = 1
+    if M <= DECODE_MAX_M:
+        splits = split_k(M, N, K, c, device, align=group_size if group_size % c.block_k == 0 else 1)[0]
+    return dict(backend="triton", kind="i4_decode" if M <= DECODE_MAX_M else "i4", config=c, splits=splits)
+
+
+# ======================================================================================================================
+# AOT specs
+# ======================================================================================================================
+AOT_GROUP_SIZES = (32, 128)  # block_k 32 (G = 32) and the uncapped table block_k (G >= 64 behaves like 128)
+
+
+def aot_specs() -> List[dict]:
+    """One spec per (path, candidate config, group size bucket, fp16/bf16 activations) the GPU launchers can pick on
+    sm_80/sm_90; decode specs write split-K fp32 partials, prefill specs run the full epilogue with bias. Contiguous
+    operands, as the JIT sees them (unit strides constexpr 1, the rest 16-divisible)."""
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for M, kind in ((1, "i4_decode"), (512, "i4")):
+        split = kind == "i4_decode"
+        for G in AOT_GROUP_SIZES:
+            for c in int4_configs(M, G, 80):
+                for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+                    sig = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
+                           "bias_ptr": f"*{ty}", "out_ptr": "*fp32" if split else f"*{ty}",
+                           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
+                           "stride_wn": "i32", "stride_wk": "constexpr", "stride_sn": "i32", "stride_sg": "constexpr",
+                           "stride_zn": "i32", "stride_zg": "constexpr", "stride_os": "i32", "stride_om": "i32",
+                           "stride_on": "constexpr", "K_SPLIT": "i32"}
+                    cx = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G,
+                              HAS_BIAS=not split, SPLIT_K=4 if split else 1,
+                              DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, DOT_PREC="ieee",
+                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+                    sig.update({k: "constexpr" for k in cx})
+                    tile = f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
+                    specs.append(dict(
+                        name=f"int4_mm.{kind}_{ty}_g{G}_{tile}",
+                        fn=_int4_matmul_kernel, signature=sig, constexprs=cx, num_warps=c.num_warps,
+                        num_stages=c.num_stages, shipped_forward=True, targets=[80, 90],
+                        divisible_by_16=["x_ptr", "w_ptr", "scales_ptr", "zeros_ptr", "bias_ptr", "out_ptr", "N",
+                                         "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_os",
+                                         "stride_om", "K_SPLIT"]))
+    return specs
