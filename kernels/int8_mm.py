@@ -45,6 +45,8 @@ import torch
 
 from .quant import quantize_per_token_int8
 from .reference import _need, check_int8_matmul_args, int8_matmul as _int8_matmul_ref, int8_matmul_int32 as _int32_ref
+from .reference import check_int8_weight_only_args as _check_weight_only_args
+from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
 
 try:  # triton is Linux-only; without it the module still imports and CPU tensors take the torch path
     import triton
@@ -544,7 +546,10 @@ def int8_weight_only_matmul_cpu(x, w, w_scale, bias=None):
     if M >= WO_DEQUANT_MIN_M:
         out = (xb @ w.to(torch.bfloat16).T).float() * w_scale.float()  # (M, N); int8 -> bf16 is exact
     else:
-        out = torch.ops.aten._weight_int8pack_mm(xb, w.contiguous(), w_scale.to(torch.bfloat16))  # (M, N) bf16
+        w = w.contiguous()
+        if w.data_ptr() % 64:  # the AVX-512 kernel segfaults on weights not 64-byte aligned (seen: offset 56, M=32)
+            w = w.clone()
+        out = torch.ops.aten._weight_int8pack_mm(xb, w, w_scale.to(torch.bfloat16))  # (M, N) bf16
     if bias is not None:
         out = out.float() + bias.float()
     return out.to(x.dtype)
@@ -593,40 +598,6 @@ def quantize_per_token(x):
     x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K), a view when x is contiguous
     q, s = _launch_quantize_per_token(x2)
     return q.view(x.shape), s.view(x.shape[:-1])
-
-
-def _check_weight_only_args(x, w, w_scale, bias=None):
-    """Validate int8_weight_only_matmul inputs; returns (M, N, K)."""
-    for name, t in (("x", x), ("w_int8", w), ("w_scale", w_scale)):
-        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-          f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
-    _need(x.dim() == 2, f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    _need(w.dtype == torch.int8, f"w_int8 must be int8, got {w.dtype}", TypeError)
-    _need(w.dim() == 2, f"w_int8 must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(w.shape)}")
-    M, K = x.shape
-    N, Kw = w.shape
-    _need(Kw == K, f"x is (M, K) = {tuple(x.shape)} and w_int8 is (N, K) = {tuple(w.shape)}: K differs")
-    _need(w_scale.is_floating_point(), f"w_scale must be float, got {w_scale.dtype}", TypeError)
-    _need(tuple(w_scale.shape) == (N,), f"w_scale must have shape (N,) = ({N},), got {tuple(w_scale.shape)}")
-    if bias is not None:
-        _need(isinstance(bias, torch.Tensor) and bias.is_floating_point(), "bias must be a float tensor", TypeError)
-        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
-    for name, t in (("w_int8", w), ("w_scale", w_scale), ("bias", bias)):
-        if t is not None:
-            _need(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
-    return M, N, K
-
-
-def int8_weight_only_matmul_reference(x, w_int8, w_scale, bias=None):
-    """Reference of the W8A16 matmul: x @ (w_int8 * w_scale[:, None]).T (+ bias), computed in float32, returned in
-    x's dtype. (Belongs in kernels/reference.py with the other references; it lives here until it moves.)"""
-    _check_weight_only_args(x, w_int8, w_scale, bias)
-    w = w_int8.to(torch.float32) * w_scale.to(torch.float32)[:, None]  # (N, K)
-    out = x.to(torch.float32) @ w.T  # (M, N)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(x.dtype)
 
 
 def int8_weight_only_matmul(x, w_int8, w_scale, bias=None):

@@ -160,6 +160,42 @@ def int8_matmul(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# int8 weight-only matmul (W8A16)
+def check_int8_weight_only_args(x, w, w_scale, bias=None):
+    """Validate int8_weight_only_matmul inputs; returns (M, N, K)."""
+    for name, t in (("x", x), ("w_int8", w), ("w_scale", w_scale)):
+        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+          f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
+    _need(x.dim() == 2, f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    _need(w.dtype == torch.int8, f"w_int8 must be int8, got {w.dtype}", TypeError)
+    _need(w.dim() == 2, f"w_int8 must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(w.shape)}")
+    M, K = x.shape
+    N, Kw = w.shape
+    _need(Kw == K, f"x is (M, K) = {tuple(x.shape)} and w_int8 is (N, K) = {tuple(w.shape)}: K differs")
+    _need(w_scale.is_floating_point(), f"w_scale must be float, got {w_scale.dtype}", TypeError)
+    _need(tuple(w_scale.shape) == (N,), f"w_scale must have shape (N,) = ({N},), got {tuple(w_scale.shape)}")
+    if bias is not None:
+        _need(isinstance(bias, torch.Tensor) and bias.is_floating_point(), "bias must be a float tensor", TypeError)
+        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+    for name, t in (("w_int8", w), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None:
+            _need(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+    return M, N, K
+
+
+def int8_weight_only_matmul(x, w_int8, w_scale, bias=None):
+    """Reference of the W8A16 matmul: x @ (w_int8 * w_scale[:, None]).T (+ bias), computed in float32, returned in
+    x's dtype."""
+    check_int8_weight_only_args(x, w_int8, w_scale, bias)
+    w = w_int8.to(torch.float32) * w_scale.to(torch.float32)[:, None]  # (N, K)
+    out = x.to(torch.float32) @ w.T  # (M, N)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # int4 weight-only matmul
 def pack_int4(q):
     """uint8 codes (N, K) in 0..15 -> uint8 (N, K // 2): byte j holds code 2j (low nibble) and 2j+1 (high nibble)."""
@@ -177,7 +213,7 @@ def unpack_int4(packed):
     _need(packed.dtype == torch.uint8, f"packed must be uint8, got {packed.dtype}", TypeError)
     _need(packed.dim() == 2, f"packed must be 2-D (N, K // 2), got shape {tuple(packed.shape)}")
     low, high = packed & 0xF, packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)  # (N, K//2, 2) -> (N, K)
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])  # (N, K//2, 2) -> (N, K)
 
 
 def check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias=None):

@@ -114,7 +114,7 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
         return mm(q, weight, s, scale, bias).to(x.dtype)
     if backend == "torch" and x.device.type == "cpu":
         return int8_mm.int8_weight_only_matmul_cpu(x, weight, scale, bias)
-    return int8_mm.int8_weight_only_matmul_reference(x, weight, scale, bias)
+    return reference.int8_weight_only_matmul(x, weight, scale, bias)
 
 
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
