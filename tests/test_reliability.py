@@ -47,25 +47,33 @@ def final_val(out):
     return [r["val_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in r][-1]
 
 
+def _iters_logged(out):
+    try:
+        return max((r.get("iter", 0) for r in map(json.loads, open(out / "metrics.jsonl"))), default=-1)
+    except (OSError, ValueError):  # not written yet, or a line being written
+        return -1
+
+
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(corpus, tmp_path):
-    ref = subprocess.run(CMD + train_args(corpus, tmp_path / "ref"), capture_output=True, text=True)
+    iters = 120
+    ref = subprocess.run(CMD + train_args(corpus, tmp_path / "ref", iters), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     rng = random.Random(1234)
     out, kills = tmp_path / "killed", 0
-    for attempt in range(12):
+    for target in sorted(rng.sample(range(5, iters - 5), 3)) + [None]:  # kill at 3 random iterations, then finish
         resume = ["--resume"] if (out / "ckpt.pt").exists() else []
-        p = subprocess.Popen(CMD + train_args(corpus, out) + resume, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            p.wait(timeout=rng.uniform(2.5, 6.0))  # torch's import takes ~2 s: kills land in training and saving
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            kills += 1
-            continue
-        assert p.returncode == 0, p.stderr.read().decode()[-2000:]
-        break
-    else:
-        pytest.fail("the run never finished")
+        p = subprocess.Popen(CMD + train_args(corpus, out, iters) + resume, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        if target is not None:
+            while p.poll() is None and _iters_logged(out) < target:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))  # anywhere in the step: forward, backward, checkpoint writing
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+        p.wait()
+        if target is None:
+            assert p.returncode == 0, p.stderr.read().decode()[-2000:]
     assert kills >= 2, "the test should kill the run at least twice"
     assert final_val(out) == final_val(tmp_path / "ref")
     assert step_losses(out) == step_losses(tmp_path / "ref")
@@ -228,3 +236,25 @@ def test_a_crafted_pickle_is_never_executed(corpus, tmp_path, monkeypatch):
     tinyformer.build(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=9)).save(out)
     tinyformer.load(out)
     assert not marker.exists(), "the pickle's payload ran"
+
+
+def test_a_dead_worker_stops_the_distributed_run(corpus, tmp_path):
+    """SIGKILL one of two torchrun workers mid-training: the other must not hang; the run fails with an error."""
+    out = tmp_path / "ddp"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "tinyformer"] + train_args(corpus, out, iters=100000),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or os.path.getsize(out / "metrics.jsonl") < 200:
+        assert time.time() < deadline and p.poll() is None, "the distributed run did not start"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "tinyformer"], capture_output=True, text=True)
+    pids = [int(x) for x in workers.stdout.split()]
+    assert len(pids) == 2, workers.stdout
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.time()
+    _, stderr = p.communicate(timeout=180)
+    assert p.returncode != 0
+    assert time.time() - t0 < 120, "the surviving worker hung"
+    assert "Signal 9" in stderr or "SIGKILL" in stderr or "failed" in stderr.lower(), stderr[-2000:]

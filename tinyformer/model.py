@@ -143,7 +143,8 @@ class Attention(nn.Module):
 
     def _qkv(self, x):
         """q (B, H, T, Dh), k and v (B, Hkv, T, Dh) of x. When all three are float Linears they run as one matmul
-        against the concatenated weights: fewer, wider GEMMs (a baby-GPT step went from 1.00x to 1.09x nanoGPT's speed in an interleaved A/B on 2 CPU cores)."""
+        against the concatenated weights: fewer, wider GEMMs (a baby-GPT training step went from 1.00x to 1.09x
+        nanoGPT's speed in an interleaved A/B on 2 CPU cores)."""
         proj = (self.wq, self.wk, self.wv)
         if all(type(m) is Linear for m in proj):
             w = torch.cat([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C)
