@@ -185,3 +185,10 @@ def test_encoder_and_seq2seq_objectives_train(arch, corpus, tmp_path):
 def test_arch_and_data_must_fit(corpus, tmp_path):
     with pytest.raises(ValueError, match="cannot train on"):
         train(_cfg(corpus, tmp_path / "x", preset="seq2seq-small"))
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = _cli("demo", "--iters", "20", "--out_dir", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val loss" in r.stdout and "tokens/s" in r.stdout and "--- sample" in r.stdout
+    assert (tmp_path / "demo" / "loss.png").exists() and (tmp_path / "demo" / "model.safetensors").exists()

@@ -171,9 +171,9 @@ def _eval_seq2seq(model, args):
 def cmd_demo(args):
     from tinyformer.train import TRAIN_PRESETS, TrainConfig, train
     cfg = TrainConfig(**{**TRAIN_PRESETS["baby-shakespeare-char"], "max_iters": args.iters,
-                         "lr_decay_iters": args.iters, "warmup_iters": min(100, args.iters // 10)},
-                      out_dir=args.out_dir, data="shakespeare", preset="baby-shakespeare-char",
-                      eval_interval=max(1, min(250, args.iters)))
+                         "lr_decay_iters": args.iters, "warmup_iters": min(100, args.iters // 10),
+                         "eval_interval": max(1, min(250, args.iters))},
+                      out_dir=args.out_dir, data="shakespeare", preset="baby-shakespeare-char")
     print(f"tinyformer demo: nanoGPT's baby GPT (4 layers, 4 heads, 128 wide, block 64) on {cfg.data} "
           f"(8 Shakespeare plays, character-level), {cfg.max_iters} iterations on {cfg.device}")
     summary = train(cfg)
