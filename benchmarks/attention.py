@@ -37,7 +37,7 @@ if not HAS_CUDA:  # the kernels must be decorated in interpreter mode, so set it
 
 from tinyformer.kernels import flash_attention as fa  # noqa: E402
 from tinyformer.kernels import reference as ref  # noqa: E402
-from common import append_rows  # noqa: E402  (benchmarks/common.py)
+from common import append_rows, versions  # noqa: E402  (benchmarks/common.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results", "attention.csv")
@@ -56,15 +56,6 @@ def attention_flops(B, H, Tq, Tk, D, causal, mode):
     if causal and Tq == Tk:
         f *= 0.5
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
-
-
-def versions():
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
-    return torch.__version__, tv
 
 
 def device_name():

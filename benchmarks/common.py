@@ -24,6 +24,16 @@ def machine_name() -> str:
     return f"{cpu} ({os.cpu_count()} cpus)"
 
 
+def versions() -> tuple[str, str]:
+    """(torch version, triton version or "none")."""
+    import torch
+    try:
+        import triton
+        return torch.__version__, triton.__version__
+    except ImportError:
+        return torch.__version__, "none"
+
+
 def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 

@@ -34,7 +34,6 @@ the Triton matmul tutorial (do_bench, TFLOP/s reporting); Liger-Kernel's benchma
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import platform
@@ -42,6 +41,7 @@ import sys
 from typing import Callable, List
 
 import torch
+from common import append_rows, versions  # benchmarks/common.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results", "matmul.csv")
@@ -60,15 +60,6 @@ def parse_shapes(text: str):
             raise SystemExit(f"bad shape {item!r}: expected MxKxN, e.g. 1x4096x4096")
         shapes.append(tuple(int(p) for p in parts))
     return shapes
-
-
-def versions():
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
-    return torch.__version__, tv
 
 
 # ======================================================================================================================
@@ -299,16 +290,6 @@ def run(args):
     return rows
 
 
-def append_rows(path, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def plot(rows, png_path):
     """Speedup over the anchor (log scale) for every shape (groups) and path (bars) of this run."""
     try:
@@ -370,7 +351,7 @@ def main(argv=None):
     args = parse(argv)
     rows = run(args)
     if rows:
-        append_rows(args.results, rows)
+        append_rows(args.results, FIELDS, rows)
         print(f"\n{len(rows)} rows appended to {args.results}")
         if not args.no_plot:
             plot(rows, args.plot or os.path.splitext(args.results)[0] + ".png")

@@ -36,6 +36,7 @@ from typing import List, Optional
 
 import torch
 
+from .device import cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
 from .reference import check_attention_args, sdpa_attention
 
 try:  # triton is Linux-only; without it the module still imports and CPU tensors use SDPA
@@ -613,21 +614,6 @@ def _arch(device: torch.device) -> Optional[int]:
     if INTERPRET or device.type != "cuda":
         return None
     return _cuda_arch(_cuda_index(device))
-
-
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 NONCAUSAL_PAD = 1024  # > every BLOCK_N/BLOCK_M: a non-causal call passes causal_off = Tk + this

@@ -44,6 +44,7 @@ from typing import List, Optional
 import torch
 
 from .quant import quantize_per_token_int8
+from .device import cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
 from .reference import _need, check_int8_matmul_args, int8_matmul as _int8_matmul_ref, int8_matmul_int32 as _int32_ref
 from .reference import check_int8_weight_only_args as _check_weight_only_args
 from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
@@ -293,21 +294,6 @@ def _gcd(a: int, b: int) -> int:
 # ======================================================================================================================
 # Launch helpers shared with int4_mm
 # ======================================================================================================================
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def arch_of(device: torch.device) -> Optional[int]:
     """Compute capability as an int (80, 90, ...) for CUDA tensors; None for CPU tensors (the interpreter)."""
     return _cuda_arch(_cuda_index(device)) if device.type == "cuda" else None
