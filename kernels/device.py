@@ -1,12 +1,38 @@
-"""CUDA device facts the kernel launchers need (compute capability, SM count), cached per device index.
+"""What every kernel file needs to know about the platform: whether triton is installed (it is Linux-only: without it
+the kernel files still import and CPU tensors take the torch paths), whether the interpreter is on, and CUDA device
+facts (compute capability, SM count), cached per device index.
 
-Queried at launch time only, never at import (a machine without a GPU must be able to import every kernel file).
+Devices are queried at launch time only, never at import (a machine without a GPU must import every kernel file).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    HAS_TRITON = False
+    tl = None
+
+    class _NoTriton:  # just enough for the kernel files' decorators to leave plain (never called) functions
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+    triton = _NoTriton()
+
+# The interpreter decision is taken when @triton.jit runs (import time), not at launch: remember it.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cuda_index(device: torch.device) -> int:

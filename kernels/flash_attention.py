@@ -36,27 +36,10 @@ from typing import List, Optional
 
 import torch
 
+from .device import HAS_TRITON, INTERPRET, tl, triton  # noqa: F401  (HAS_TRITON: public)
 from .device import cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
 from .reference import check_attention_args, sdpa_attention
 
-try:  # triton is Linux-only; without it the module still imports and CPU tensors use SDPA
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    HAS_TRITON = False
-    tl = None
-
-    class _NoTriton:  # just enough for the decorators below to leave plain (never called) functions
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = _NoTriton()
-
-# The interpreter decision is taken when @triton.jit runs (import time), not at launch: remember it.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 # Which path ran, counted per call: tests assert that the split-KV decode path really was taken.

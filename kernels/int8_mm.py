@@ -44,33 +44,12 @@ from typing import List, Optional
 import torch
 
 from .quant import quantize_per_token_int8
+from .device import HAS_TRITON, INTERPRET, tl, triton  # noqa: F401  (HAS_TRITON: public)
 from .device import cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
 from .reference import _need, check_int8_matmul_args, int8_matmul as _int8_matmul_ref, int8_matmul_int32 as _int32_ref
 from .reference import check_int8_weight_only_args as _check_weight_only_args
 from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
 
-try:  # triton is Linux-only; without it the module still imports and CPU tensors take the torch path
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    HAS_TRITON = False
-    tl = None
-
-    class _NoTriton:  # just enough for the decorators below to leave plain (never called) functions
-        @staticmethod
-        def jit(fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-        @staticmethod
-        def cdiv(a, b):
-            return -(-a // b)
-
-    triton = _NoTriton()
-
-# The interpreter decision is taken when @triton.jit runs (import time), not at launch: remember it.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 __all__ = ["int8_matmul", "int8_matmul_int32", "quantize_per_token", "int8_weight_only_matmul",
