@@ -132,6 +132,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, Dh
         self.causal, self.cross, self.dropout = causal, cross, cfg.dropout
         self.rope = cfg.pos == "rope" and not cross
+        self.fuse_qkv = True  # calibration turns this off so that hooks on wq/wk/wv see their inputs
         self.wq = Linear(C, H * Dh, cfg.bias, cfg.init_std)
         self.wk = Linear(C, Hkv * Dh, cfg.bias, cfg.init_std)
         self.wv = Linear(C, Hkv * Dh, cfg.bias, cfg.init_std)
@@ -146,7 +147,7 @@ class Attention(nn.Module):
         against the concatenated weights: fewer, wider GEMMs (a baby-GPT training step went from 1.00x to 1.09x
         nanoGPT's speed in an interleaved A/B on 2 CPU cores)."""
         proj = (self.wq, self.wk, self.wv)
-        if all(type(m) is Linear for m in proj):
+        if self.fuse_qkv and all(type(m) is Linear for m in proj):
             w = torch.cat([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C)
             b = torch.cat([m.bias for m in proj]) if self.wq.bias is not None else None
             sizes = [m.weight.shape[0] for m in proj]
