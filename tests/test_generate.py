@@ -127,3 +127,24 @@ def test_perplexity_matches_a_direct_computation(stride):
         perplexity(model, ids, block_size=16, stride=17)
     with pytest.raises(ValueError, match="block_size"):
         perplexity(model, ids, block_size=33)
+
+
+def test_window_perplexity_scores_each_window_on_its_own():
+    from tinyformer.eval import window_perplexity
+    model = tiny(max_seq_len=32)
+    ids = torch.randint(0, 30, (70,))  # 4 windows of 16; the last 6 tokens are left out
+    nll = [-F.log_softmax(model(ids[w * 16:t][None])[0, -1], -1)[ids[t]].item()
+           for w in range(4) for t in range(w * 16 + 1, w * 16 + 16)]
+    assert math.isclose(window_perplexity(model, ids, window=16, batch_size=3), math.exp(sum(nll) / len(nll)),
+                        rel_tol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        window_perplexity(model, ids, window=64)
+
+
+def test_sotu_protocol_holds_out_the_last_ten_speeches():
+    from tinyformer.data import corpus_text
+    from tinyformer.eval import SOTU_HELDOUT, sotu_speeches
+    train, held = sotu_speeches()
+    assert len(held) == SOTU_HELDOUT and len(train) + len(held) == 249
+    assert corpus_text("sotu").rstrip().endswith(held[-1])  # file-name order: the held-out ones come last
+    assert not set(held) & set(train)

@@ -206,6 +206,17 @@ def test_gguf_tokenizer_special_tokens_and_chat_template(smol, smol_ref):
     assert "<|im_start|>" in smol.chat_template
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]])
+def test_chat_template_renders_like_transformers(smol, smol_ref, messages):
+    from tinyformer.generate import apply_chat_template
+    expected = smol_ref[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert apply_chat_template(smol, messages) == expected
+    assert expected.endswith("<|im_start|>assistant\n")
+
+
 def test_gguf_tokenizer_isolates_digits_like_llama_cpp(smol, smol_ref):
     """tokenizer.ggml.pre = "smollm": llama.cpp (and SmolLM's own tokenizer.json) split every digit off before GPT-2's
     regex. transformers' GGUF converter has no rule for "smollm" and uses GPT-2's regex alone; the two differ only

@@ -104,7 +104,13 @@ def cmd_sample(args):
         raise ValueError(f"sample needs a decoder model; {args.model} is an {model.config.arch}")
     tok = model.tokenizer
     prompt = args.prompt if args.prompt else "\n"
-    ids = tok.encode(prompt, add_special_tokens=False).ids
+    chat = model.chat_template is not None if args.chat is None else args.chat
+    if chat:
+        from tinyformer.generate import apply_chat_template
+        text = apply_chat_template(model, [{"role": "user", "content": prompt}])
+    else:
+        text = prompt
+    ids = tok.encode(text, add_special_tokens=False).ids
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     g = torch.Generator().manual_seed(args.seed)
@@ -119,9 +125,10 @@ def cmd_sample(args):
             sys.stdout.flush()
             shown[0] = len(text)
 
-        sys.stdout.write(prompt)
+        sys.stdout.write("" if chat else prompt)
         model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, generator=g, on_token=stream)
+                       top_p=args.top_p, generator=g, on_token=stream,
+                       eos_token_id=model.eos_token_id if chat else None)
         sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
 
 
@@ -134,6 +141,8 @@ def cmd_eval(args):
     if model.config.arch == "encoder-decoder":
         return _eval_seq2seq(model, args)
     path = Path(args.data)
+    if args.data == "sotu" and not path.exists():
+        return _eval_sotu(model, args)
     if path.is_dir():
         data = TokenData(path)
         if data.tokenizer.to_str() != model.tokenizer.to_str():
@@ -149,6 +158,18 @@ def cmd_eval(args):
     import math
     print(f"{what}: {len(ids):,} tokens, block {block}, stride {args.stride or block}: "
           f"loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f}")
+
+
+def _eval_sotu(model, args):
+    import math
+
+    from tinyformer.eval import PROTOCOL, sotu_perplexity
+    window = min(512, model.config.max_seq_len)
+    t = time.perf_counter()
+    ppl = sotu_perplexity(model, window=window)
+    print(f"protocol: {PROTOCOL}" + (f" (windows of {window}: the model's context)" if window != 512 else ""))
+    print(f"{args.model}: loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f} "
+          f"({time.perf_counter() - t:.0f} s)")
 
 
 def _eval_seq2seq(model, args):
@@ -230,11 +251,17 @@ def build_parser():
     s.add_argument("--top_p", type=float, default=None)
     s.add_argument("--num_samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--chat", type=_bool, default=None, metavar="BOOL",
+                   help="wrap the prompt in the model's chat template as a user turn and stop at its end-of-sequence "
+                        "token (default: true when the model has a chat template)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; WER/PER of a G2P model")
     e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True, help="a prepared dataset folder (its --split is used) or a .txt file")
+    e.add_argument("--data", required=True,
+                   help="a prepared dataset folder (its --split is used), a .txt file, or `sotu`: the fixed held-out "
+                        "perplexity protocol (last 10 State of the Union speeches, first 16,384 tokens of the "
+                        "model's own tokenizer, 32 windows of 512)")
     e.add_argument("--split", default="val", choices=["train", "val", "test"],
                    help="language models: val by default; paired data: the held-out test split")
     e.add_argument("--num_beams", type=int, default=5, help="encoder-decoder: beam width (greedy is reported too)")

