@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "matplotlib",  # the loss plot of every training run
         "gguf",  # reading Llama GGUF files (tinyformer.load)
+        "jinja2",  # rendering pretrained chat templates (tinyformer sample)
         "triton>=3.3; platform_system == 'Linux'",
     ],
     extras_require={
