@@ -137,7 +137,7 @@ def ours_at(base, name, args):
     if name == "fp32":
         return base
     if name in DTYPES:
-        model = copy.deepcopy(base).to(DTYPES[name])
+        model = copy.deepcopy(base).to(DTYPES[name]).pack_()  # casting undoes the decode layout: lay it out again
         model.init_buffers()  # rotary tables stay fp32, as a loaded model has them
         return model
     try:
@@ -146,8 +146,7 @@ def ours_at(base, name, args):
         return None
     model = copy.deepcopy(base).to(DTYPES[args.quant_dtype])
     model.init_buffers()
-    # HOOK for the quantized linears (int8 / int4 weight-only): same call the API contract fixes
-    return quantize_(model, bits=QUANT[name], group_size=args.group_size)
+    return quantize_(model, bits=QUANT[name], group_size=args.group_size).pack_()
 
 
 def theirs_at(base, name):

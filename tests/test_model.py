@@ -224,3 +224,36 @@ def test_init_scales_residual_projections():
     std = model.decoder.blocks[0].attn.wo.weight.std().item()
     assert math.isclose(std, 0.02 / math.sqrt(16), rel_tol=0.1)
     assert math.isclose(model.decoder.blocks[0].attn.wq.weight.std().item(), 0.02, rel_tol=0.1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pack_keeps_values_and_lays_weights_out_in_by_out(arch):
+    model = tiny(arch, act="swiglu").eval()
+    ids = torch.randint(0, 50, (2, 9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = run(model, ids)
+        model.pack_()
+        out = run(model, ids)
+    weights = [m.weight for m in model.modules() if type(m) is tinyformer.model.Linear] + [model.wte]
+    assert all(w.stride() == (1, w.shape[0]) for w in weights)  # (in, out)-contiguous storage
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_packed_model_trains_like_an_unpacked_one():
+    torch.manual_seed(0)
+    a = tiny("decoder", act="swiglu")
+    b = tiny("decoder", act="swiglu")
+    b.load_state_dict(a.state_dict())
+    b.pack_()  # before the optimizer is built, as documented
+    ids = torch.randint(0, 50, (4, 12))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (a, b)]
+    for _ in range(3):
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+            opt.step()
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)

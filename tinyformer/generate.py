@@ -72,7 +72,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     out = [input_ids]
     full = input_ids
     cache = model.new_cache(B, min(ctx, input_ids.shape[1] + max_new_tokens))  # no bigger than needed
-    logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+    logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -91,7 +91,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
             logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
         else:  # the context is full: slide the window and recompute it (no cache), like nanoGPT
             window = full[:, -ctx:]
-            logits = model(window, attention_mask=mask[:, -ctx:] if mask is not None else None)[:, -1]
+            logits = model(window, attention_mask=mask[:, -ctx:] if mask is not None else None, last_only=True)[:, -1]
     model.train(was_training)
     result = torch.cat(out, dim=1)
     if result.shape[1] < input_ids.shape[1] + max_new_tokens and eos_token_id is not None:  # all rows stopped early
