@@ -64,6 +64,12 @@ def save_model(model, path, extra: dict | None = None) -> None:
     quantized = quantization_record(model)
     if quantized:
         meta["quantization"] = quantized
+    from tinyformer.compress.prune import structure_record
+    structure = structure_record(model)  # per-module shapes left by structured pruning (heads, neurons)
+    if structure:
+        meta["structure"] = structure
+    if getattr(model, "pruning", None):
+        meta["pruning"] = model.pruning  # what prune_ did, and each layer's share of zero weights
     atomic_write(path / "model.safetensors", lambda f: f.write(save(state, metadata={"format": "pt"})))
     if model.tokenizer is not None:
         atomic_write(path / "tokenizer.json", lambda f: f.write(model.tokenizer.to_str().encode()))
@@ -84,7 +90,8 @@ def read_config(path) -> dict:
 
 
 def load(path, device="cpu"):
-    """Load a model saved by `model.save(path)`. Returns it in eval mode."""
+    """Load a model saved by `model.save(path)` (or a foreign one, see convert.py). Returns it in eval mode, its float
+    weights packed for decoding (`TransformerBase.pack_`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -95,7 +102,7 @@ def load(path, device="cpu"):
     if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").exists() and \
             read_config(path).get("format") != FORMAT:
         from tinyformer.convert import load_foreign  # Hugging Face folders and GGUF files
-        return load_foreign(path, device=device)
+        return load_foreign(path, device=device).pack_()
     meta = read_config(path)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer tinyformer (format {meta['format_version']})")
@@ -112,6 +119,9 @@ def load(path, device="cpu"):
     state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
     with torch.device("meta"):
         model = build(config, init=False)
+        if meta.get("structure"):  # structurally pruned: shrink those modules first (quantized ones swap in after)
+            from tinyformer.compress.prune import apply_structure
+            apply_structure(model, meta["structure"])
         if meta.get("quantization"):
             from tinyformer.qlinear import swap_in_empty
             swap_in_empty(model, meta["quantization"])
@@ -130,8 +140,10 @@ def load(path, device="cpu"):
     for k, v in meta.get("tokenizer", {}).items():
         if k in TOKENIZER_EXTRAS:
             setattr(model, k, v)
+    if meta.get("pruning"):
+        model.pruning = meta["pruning"]
     tok = path / "tokenizer.json"
     if tok.exists():
         from tokenizers import Tokenizer
         model.tokenizer = Tokenizer.from_file(str(tok))
-    return model.eval()
+    return model.pack_().eval()  # weights laid out for fast decoding (build an optimizer after this, not before)

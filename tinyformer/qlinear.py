@@ -18,8 +18,9 @@ import torch.nn as nn
 from tinyformer import ops
 from tinyformer.kernels import pack_int4
 from tinyformer.kernels.quant import choose_qparams, quantize
+from tinyformer.model import Linear
 
-SCHEMES = ("int8", "w8a8", "int4")
+SCHEMES = ("int8", "w8a8", "int4", "lowrank")
 
 
 class QuantLinear(nn.Module):
@@ -69,12 +70,23 @@ class Int8Linear(QuantLinear):
 
 
 class W8A8Linear(Int8Linear):
-    """W8A8: the int8 weights of Int8Linear times activations quantized per token at run time; int32 accumulation."""
+    """W8A8: the int8 weights of Int8Linear times activations quantized per token at run time; int32 accumulation.
+    smooth=True adds SmoothQuant's per-input-channel divisor s (K,) where it could not be folded into a preceding
+    norm or linear: the layer computes (x / s) @ (codes * scale)^T, the codes quantizing W diag(s)."""
 
     scheme = "w8a8"
 
+    def __init__(self, n_out, n_in, bias, dtype=torch.float32, smooth: bool = False):
+        super().__init__(n_out, n_in, bias, dtype)
+        self.register_buffer("smooth", torch.ones(n_in) if smooth else None)  # (K,) or None
+
     def matmul(self, x):
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         return ops.int8_linear(x, self.weight, self.scale, self.bias, activations=True)
+
+    def spec(self):
+        return {"scheme": self.scheme, "smooth": True} if self.smooth is not None else super().spec()
 
 
 class Int4Linear(QuantLinear):
@@ -116,7 +128,45 @@ class Int4Linear(QuantLinear):
         return {"scheme": self.scheme, "group_size": self.group_size}
 
 
-MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
+class LowRankLinear(nn.Module):
+    """A weight factored into two thin float linears, y = b(a(x)): `a` (rank, in) without bias, `b` (out, rank) with
+    the original bias (tinyformer.compress.lowrank makes them). Both are ordinary `Linear`s, so quantize_ and prune_
+    can act on them afterwards; the record then holds "...wq": lowrank before "...wq.a": int8 (parent first, as
+    named_modules lists them), which is the order `swap_in_empty` needs."""
+
+    scheme = "lowrank"
+
+    def __init__(self, n_out: int, n_in: int, bias: bool, rank: int):
+        super().__init__()
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"lowrank: rank must be a positive int, got {rank!r}")
+        self.n_out, self.n_in, self.rank = n_out, n_in, rank
+        self.a = Linear(n_in, rank, bias=False)  # weight (r, in)
+        self.b = Linear(rank, n_out, bias=bias)  # weight (out, r)
+
+    @classmethod
+    def from_factors(cls, A, B, bias=None):
+        """From A (r, in) and B (out, r), so that the weight is B @ A (and the bias `bias`)."""
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"lowrank: expected A (r, in) and B (out, r), got {tuple(A.shape)} and {tuple(B.shape)}")
+        m = cls(B.shape[0], A.shape[1], bias is not None, A.shape[0])
+        m.a.weight = nn.Parameter(A.detach().clone().contiguous())
+        m.b.weight = nn.Parameter(B.detach().clone().to(A.dtype).contiguous())
+        if bias is not None:
+            m.b.bias = nn.Parameter(bias.detach().clone().to(A.dtype))
+        return m
+
+    def forward(self, x):
+        return self.b(self.a(x))  # (..., in) -> (..., r) -> (..., out)
+
+    def spec(self) -> dict:
+        return {"scheme": self.scheme, "rank": self.rank}
+
+    def extra_repr(self):
+        return f"in={self.n_in}, out={self.n_out}, rank={self.rank}"
+
+
+MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "lowrank": LowRankLinear}
 
 
 def _set(model, name, module):
@@ -128,6 +178,10 @@ def empty_from_spec(spec: dict, n_out: int, n_in: int, bias: bool):
     if spec.get("scheme") not in MODULES:
         raise ValueError(f"unknown quantization scheme {spec.get('scheme')!r}; expected one of {', '.join(SCHEMES)}")
     kw = {"group_size": spec["group_size"]} if spec["scheme"] == "int4" else {}
+    if spec["scheme"] == "lowrank":
+        kw = {"rank": spec["rank"]}
+    if spec["scheme"] == "w8a8" and spec.get("smooth"):
+        kw = {"smooth": True}
     return MODULES[spec["scheme"]](n_out, n_in, bias, **kw)
 
 
@@ -143,5 +197,5 @@ def swap_in_empty(model, quantization: dict) -> None:
 
 
 def quantization_record(model) -> dict:
-    """{module name: spec} of the quantized modules (saved in config.json)."""
-    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """{module name: spec} of the quantized and factored modules (saved in config.json), parents before children."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, (QuantLinear, LowRankLinear))}

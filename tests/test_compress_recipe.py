@@ -1,0 +1,42 @@
+"""Compression recipes (`tinyformer compress`): parsing checks every step against its verb before any slow work,
+the steps chain, fine-tuning keeps pruned weights at zero, and the report counts what each stage kept."""
+import pytest
+import torch
+
+import tinyformer
+from tinyformer.compress.recipe import RECIPES, finetune, logical_params, parse_recipe, run_recipe
+
+
+def test_parse_recipe_reads_steps_values_and_named_recipes():
+    steps = parse_recipe("distill:steps=30,temperature=1.5 -> prune:method=wanda,sparsity=0.5 -> quantize:bits=4")
+    assert steps == [("distill", {"steps": 30, "temperature": 1.5}),
+                     ("prune", {"method": "wanda", "sparsity": 0.5}), ("quantize", {"bits": 4})]
+    assert parse_recipe("int8") == [("quantize", {"bits": 8})] and "int4-gptq" in RECIPES
+
+
+@pytest.mark.parametrize("text,match", [("shrink:x=1", "unknown verb 'shrink'"), ("prune:speed=3", "'speed=3'"),
+                                        ("prune:sparsity", "not key=value"), ("quantize -> ", "empty step"),
+                                        ("prune:calib=1", "'calib=1'")])
+def test_parse_recipe_errors_name_the_step(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(text)
+
+
+def test_chain_prunes_finetunes_and_quantizes_keeping_the_zeros():
+    torch.manual_seed(0)
+    model = tinyformer.build("llama-tiny", n_layer=2, vocab_size=64, max_seq_len=32)
+    data = torch.randint(0, 64, (16, 32))
+    total, nonzero = logical_params(model)
+    assert total == nonzero == sum(p.numel() for p in model.parameters())
+    run_recipe(model, parse_recipe("prune:sparsity=0.5"), calib=data[:4], data=data, log=lambda *_: None)
+    w = model.decoder.blocks[0].mlp.w1.weight
+    zeros = w == 0
+    assert zeros.float().mean() == 0.5
+    before = w.detach().clone()
+    finetune(model, data, steps=3, lr=1e-2)
+    w = model.decoder.blocks[0].mlp.w1.weight
+    assert torch.equal(w == 0, zeros) and not torch.equal(w, before)  # trained, and the pruned ones stayed zero
+    run_recipe(model, parse_recipe("quantize:bits=8"), calib=data[:4], data=data, log=lambda *_: None)
+    total_q, nonzero_q = logical_params(model)
+    assert total_q == total  # a quantized weight still counts its full shape
+    assert nonzero_q < 0.75 * total  # ... and its zero codes are counted as zeros
