@@ -105,7 +105,7 @@ def test_schedule_matches_nanogpt():
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "tinyformer", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=900)  # generous: CI machines are shared
 
 
 def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
@@ -192,3 +192,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val loss" in r.stdout and "tokens/s" in r.stdout and "--- sample" in r.stdout
     assert (tmp_path / "demo" / "loss.png").exists() and (tmp_path / "demo" / "model.safetensors").exists()
+    # the compression step: a report row per stage, and a compressed model that loads with int8 linears at 50% zeros
+    assert "| prune -> finetune -> quantize |" in r.stdout
+    import tinyformer
+    from tinyformer.qlinear import Int8Linear
+    small = tinyformer.load(tmp_path / "demo-compressed")
+    w1 = small.decoder.blocks[0].mlp.w1
+    assert type(w1) is Int8Linear and (w1.weight == 0).float().mean() >= 0.5

