@@ -1,5 +1,7 @@
-"""What every benchmark script shares: the machine's name and one CSV writer (one row per measurement, a header
-when the file is new), so that results files from different scripts and machines read the same way."""
+"""What every benchmark script shares: the machine's name, versions and one CSV writer (one row per measurement, a
+header when the file is new, the columns widened in place when a script gains one), and the reader the suite
+(benchmarks/suite.py) builds its report with, so that results files from different scripts and machines read the
+same way."""
 from __future__ import annotations
 
 import csv
@@ -38,13 +40,56 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+def cpu_busy_fraction(interval: float = 0.3) -> float:
+    """Share of all CPUs busy over `interval` s (Linux /proc/stat), measured while this process sleeps: the load
+    other processes put on the machine. -1 where /proc/stat is missing."""
+    import time
+
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except OSError:
+        return -1.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def read_rows(path) -> tuple[list[str], list[dict]]:
+    """(header, data rows as dicts) of a CSV file; ([], []) when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        rows = list(r)
+        return list(r.fieldnames or []), rows
+
+
 def append_rows(path, fieldnames, rows) -> None:
-    """Append dict rows to a CSV, writing the header first when the file is new or empty."""
+    """Append dict rows to a CSV, writing the header first when the file is new or empty.
+
+    When the file's header differs from `fieldnames` (a script gained, lost or reordered a column), the rows are
+    written under the file's own header, widened once (the file rewritten, old rows keeping their values and leaving
+    the new columns empty) when `fieldnames` has columns the file lacks: a row never lands under the wrong header,
+    and the row numbers of old rows stay the same (the suite's index refers to rows by number)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
+    header, old = read_rows(path) if path.exists() and path.stat().st_size else ([], [])
+    if header and any(f not in header for f in fieldnames):
+        header = header + [f for f in fieldnames if f not in header]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(old)
+        os.replace(tmp, path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
-        if new:
+        w = csv.DictWriter(f, fieldnames=header or list(fieldnames), extrasaction="ignore")
+        if not header:
             w.writeheader()
         w.writerows(rows)

@@ -41,7 +41,7 @@ import sys
 from typing import Callable, List
 
 import torch
-from common import append_rows, versions  # benchmarks/common.py
+from common import append_rows, cpu_busy_fraction, versions  # benchmarks/common.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(HERE, "results", "matmul.csv")
@@ -164,25 +164,6 @@ def time_cpu(fn: Callable, threads: int, min_run_time: float):
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
         min_run_time=min_run_time)
     return [t * 1e3 for t in m.times]
-
-
-def cpu_busy_fraction(interval: float = 0.3) -> float:
-    """Share of all CPUs busy over `interval` s (Linux /proc/stat), measured while this process sleeps: the load
-    other processes put on the machine. -1 where /proc/stat is missing."""
-    import time
-
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
-
-    try:
-        t0, i0 = snap()
-        time.sleep(interval)
-        t1, i1 = snap()
-    except OSError:
-        return -1.0
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
 def wait_quiet(max_wait: float) -> bool:
