@@ -120,7 +120,7 @@ def layer_rows(name: str, model, calib, blocks=(0, -1), ratios=(0.8, 0.6), alpha
 # ----------------------------------------------------------------------------------------------------------------------
 # whole model: perplexity after lowrank_, then after a short fine-tune
 def lowrank_rows(name: str, source: Path, ratios=(0.8, 0.6), methods=("svd", "asvd", "whiten"),
-                 finetune_methods=("whiten",), finetune_steps: int = 60, finetune_block: int = 256,
+                 finetune_methods=("dense", "whiten"), finetune_steps: int = 60, finetune_block: int = 256,
                  finetune_batch: int = 4, finetune_lr: float = 1e-4, calib_windows: int = 32, dense: bool = True,
                  factor_threads: int = 1, on_row=None):
     """Rows (dicts) for the dense model, then each (ratio, method), then each fine-tuned one. `on_row(row)` is called
@@ -142,12 +142,29 @@ def lowrank_rows(name: str, source: Path, ratios=(0.8, 0.6), methods=("svd", "as
     train_ids = torch.tensor(tok.encode("\n\n".join(sotu_speeches()[0]), add_special_tokens=False).ids)
     dense_linear = linear_params(model)
     rows = []
+
+    def tune_and_eval(model, common, dense_ppl):
+        """The fine-tune, then perplexity again: one more row."""
+        t = time.perf_counter()
+        losses = finetune(model, train_ids, steps=finetune_steps, block_size=min(finetune_block, window),
+                          batch_size=finetune_batch, lr=finetune_lr, log_every=10)
+        ft_s = time.perf_counter() - t
+        tail = losses[-10:]
+        print(f"  finetune loss: first {losses[0]:.3f}, last {len(tail)} mean {sum(tail) / len(tail):.3f}")
+        t = time.perf_counter()
+        ppl = perplexity(model, eval_ids)
+        rows.append(emit(dict(common, finetune_steps=finetune_steps, ppl=ppl, ppl_vs_dense=ppl / dense_ppl,
+                              finetune_s=ft_s, eval_s=time.perf_counter() - t)))
+
     t = time.perf_counter()
     dense_ppl = perplexity(model, eval_ids)
+    common = dict(model=name, method="dense", rank_ratio=1.0, linear_params=dense_linear, linear_params_cut=0.0,
+                  params=model.num_params())
     if dense:
-        rows.append(emit(dict(model=name, method="dense", rank_ratio=1.0, finetune_steps=0, ppl=dense_ppl,
-                              ppl_vs_dense=1.0, linear_params=dense_linear, linear_params_cut=0.0,
-                              params=model.num_params(), eval_s=time.perf_counter() - t)))
+        rows.append(emit(dict(common, finetune_steps=0, ppl=dense_ppl, ppl_vs_dense=1.0,
+                              eval_s=time.perf_counter() - t)))
+    if "dense" in finetune_methods and finetune_steps:  # the control: the same fine-tune without factoring
+        tune_and_eval(model, common, dense_ppl)
     del model
     for ratio in ratios:
         for method in methods:
@@ -164,16 +181,7 @@ def lowrank_rows(name: str, source: Path, ratios=(0.8, 0.6), methods=("svd", "as
             rows.append(emit(dict(common, finetune_steps=0, ppl=ppl, ppl_vs_dense=ppl / dense_ppl,
                                   eval_s=time.perf_counter() - t)))
             if method in finetune_methods and finetune_steps:
-                t = time.perf_counter()
-                losses = finetune(model, train_ids, steps=finetune_steps, block_size=min(finetune_block, window),
-                                  batch_size=finetune_batch, lr=finetune_lr, log_every=10)
-                ft_s = time.perf_counter() - t
-                tail = losses[-10:]
-                print(f"  finetune loss: first {losses[0]:.3f}, last {len(tail)} mean {sum(tail) / len(tail):.3f}")
-                t = time.perf_counter()
-                ppl = perplexity(model, eval_ids)
-                rows.append(emit(dict(common, finetune_steps=finetune_steps, ppl=ppl, ppl_vs_dense=ppl / dense_ppl,
-                                      finetune_s=ft_s, eval_s=time.perf_counter() - t)))
+                tune_and_eval(model, common, dense_ppl)
             del model
     return rows
 
@@ -193,7 +201,9 @@ def main(argv=None):
     ap.add_argument("--sotu-model", default="out/sotu-decoder", help="folder of the self-trained sotu decoder")
     ap.add_argument("--ratios", default="0.8,0.6", help="rank_ratio values (fraction of each layer's params kept)")
     ap.add_argument("--methods", default="svd,asvd,whiten")
-    ap.add_argument("--finetune-methods", default="whiten", help="methods whose factored model is also fine-tuned")
+    ap.add_argument("--finetune-methods", default="dense,whiten",
+                    help="methods whose factored model is also fine-tuned; 'dense': the same fine-tune of the dense "
+                         "model, the control that tells recovery from plain extra training")
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
     ap.add_argument("--calib-windows", type=int, default=32)

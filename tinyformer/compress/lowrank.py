@@ -263,17 +263,18 @@ def linear_params(model) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # recovery
 def finetune(model, ids, steps: int = 200, block_size: int = 256, batch_size: int = 4, lr: float = 1e-4,
-             weight_decay: float = 0.0, warmup: int = 10, train: str = "factors", grad_clip: float = 1.0,
+             weight_decay: float = 0.0, warmup: int = 10, train: str = "linears", grad_clip: float = 1.0,
              seed: int = 0, log_every: int = 0) -> list[float]:
     """A short next-token fine-tune of a decoder after factoring: `steps` AdamW steps on random windows of the 1-D
-    token ids `ids`, learning rate warmed up over `warmup` steps then cosine-decayed to lr/10. train="factors" trains
-    only the LowRankLinear parameters (the rest is frozen, which also saves the optimizer state of the embeddings);
-    train="all" trains every float parameter. Returns the training losses; the model is left in eval mode with its
-    requires_grad flags as they were."""
+    token ids `ids`, learning rate warmed up over `warmup` steps then cosine-decayed to lr/10. train="linears" trains
+    only the float linears of the blocks (after lowrank_: the factors, plus any layer it skipped); the rest is frozen,
+    which also saves the optimizer state of the embeddings, and the same call on the dense model is the control that
+    tells recovery from plain extra training. train="all" trains every float parameter. Returns the training losses;
+    the model is left in eval mode with its requires_grad flags as they were."""
     if getattr(getattr(model, "config", None), "arch", None) != "decoder":
         raise ValueError("finetune needs a decoder language model (next-token loss)")
-    if train not in ("factors", "all"):
-        raise ValueError(f"train must be 'factors' or 'all', got {train!r}")
+    if train not in ("linears", "all"):
+        raise ValueError(f"train must be 'linears' or 'all', got {train!r}")
     for name, v in (("steps", steps), ("block_size", block_size), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -283,13 +284,14 @@ def finetune(model, ids, steps: int = 200, block_size: int = 256, batch_size: in
     if ids.numel() < block_size + 2:
         raise ValueError(f"ids must hold more than block_size + 1 = {block_size + 1} tokens, got {ids.numel()}")
     flags = {p: p.requires_grad for p in model.parameters()}
-    if train == "factors":
-        chosen = {p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    if train == "linears":
+        chosen = {p for s in _calib.stacks(model) for b in s.blocks for _, m in _calib.linears(b)
+                  for p in m.parameters()}
     else:
         chosen = set(flags)
     params = [p for p in model.parameters() if p in chosen and p.is_floating_point()]
     if not params:
-        raise ValueError("finetune found no float parameters to train (no LowRankLinear factors?)")
+        raise ValueError("finetune found no float parameters to train (are all the block linears quantized?)")
     for p in flags:
         p.requires_grad_(p in chosen)
     device = params[0].device
