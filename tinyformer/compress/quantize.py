@@ -7,14 +7,17 @@ primitives that take one weight (N, K) and what calibration knows about its inpu
 - `qparams` / `rtn`: scale and zero point per output channel (int8, symmetric, codes -127..127) or per group of
   `group_size` inputs (int4, asymmetric by default; `symmetric=True`; `float_zero=True` keeps the zero point
   unrounded, so that the grid [min, max] of each group is hit exactly: this recovers a GGUF Q4_1 grid, the
-  "zero_point_domain=FLOAT" of torchao's int4 layout). `clip` shrinks each group's range by a ratio (AWQ's clip).
+  "zero_point_domain=FLOAT" of torchao's int4 layout; SmolLM2-135M's Q4_1 weights at g32: perplexity -0.01% with
+  it, +22.5% with the integer zero point). `clip` shrinks each group's range by a ratio (AWQ's clip).
 - `gptq` (Frantar et al. 2022, Algorithm 1): quantize the columns one at a time and spread each column's rounding
   error over the columns not yet quantized through the Cholesky factor of H^-1, H = 2/n sum x x^T (the result does
   not depend on H's scale: the damping is relative). Dead inputs (H_jj = 0) get H_jj = 1 and weight 0; damping
   `percdamp * mean(diag H)`; lazy batch updates in blocks of `blocksize` columns; group parameters chosen when a group
   starts, from the already-updated weights (the paper's scheme). `act_order` quantizes columns by decreasing H_jj;
   our int4 layout keeps groups contiguous in the original column order, so with act_order the group parameters are
-  computed up front from the original weight ("static groups", as AutoGPTQ/GPTQModel's static_groups option).
+  computed up front from the original weight ("static groups", as AutoGPTQ/GPTQModel's static_groups option). On
+  SmolLM2-135M at g64 act_order matters: +25.2% perplexity without it, +14.6% with it (RTN: +27.9%), because a few
+  input channels carry most of H (benchmarks/compression.py).
 - `awq_search` (Lin et al. 2023, section 3.2): the input channels of W are scaled by s = s_x^alpha (normalised by
   sqrt(max s * min s)), alpha on a grid of `n_grid` points in [0, 1); the s whose quantized weight Q(W diag(s))
   diag(s)^-1 has the lowest output error tr(dW H dW^T) wins (alpha = 0 is s = 1, plain RTN, so the chosen s is never
@@ -133,7 +136,7 @@ def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool =
     g = w.detach().float().reshape(N, K // gs, gs)  # (N, K/G, G)
     qmin, qmax, dtype = qrange(bits)
     codes = _round(g, scale[..., None], zero[..., None], qmin, qmax, True)
-    return codes.to(dtype).reshape(N, K), scale, zero
+    return codes.to(dtype).reshape(N, K), scale, zero  # codes (N, K/G, G) -> (N, K)
 
 
 def _round(w, scale, zero, qmin, qmax, float_zero):
@@ -226,7 +229,7 @@ def _tie(v: torch.Tensor, heads, reduce: str) -> torch.Tensor:
     H, Hkv, Dh = heads
     g = v.reshape(Hkv, H // Hkv, Dh)  # (Hkv, rep, Dh): head h uses key/value head h // rep
     r = g.amax(1, keepdim=True) if reduce == "max" else g.mean(1, keepdim=True)  # (Hkv, 1, Dh)
-    return r.expand_as(g).reshape(H * Dh)
+    return r.expand_as(g).reshape(H * Dh)  # (Hkv, rep, Dh) -> (H * Dh,)
 
 
 def _check_stats(stats, k: int):
@@ -287,7 +290,7 @@ def awq_clip(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: 
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    return best_r.reshape(shape)
+    return best_r.reshape(shape)  # (N, K/G), or (N,) per channel
 
 
 def smoothquant_scale(w: torch.Tensor, absmax: torch.Tensor, alpha: float = 0.5, heads=None) -> torch.Tensor:
