@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +53,8 @@ VARIANTS = {
 }
 CSV_FIELDS = ["timestamp", "machine", "torch", "model", "variant", "method", "pattern", "sparsity", "structure",
               "params", "nonzero", "bytes", "ppl", "ppl_vs_dense", "eval_tokens", "window", "calib_windows",
-              "forward_tok_s", "decode_tok_s", "dense_forward_tok_s", "dense_decode_tok_s", "reload_max_diff",
+              "forward_tok_s", "decode_tok_s", "dense_forward_tok_s", "dense_decode_tok_s", "forward_speedup",
+              "decode_speedup", "reload_max_diff",
               "prune_s", "eval_s"]
 
 
@@ -77,20 +77,30 @@ def save_load(model) -> tuple[int, float]:
 
 
 @torch.no_grad()
-def speeds(model, window: int, repeats: int = 3) -> tuple[float, float]:
+def speeds(model, window: int, min_run_time: float = 2.0) -> tuple[float, float]:
     """(forward tokens/s of one window of `window` tokens, greedy batch-1 decode tokens/s of 32 new tokens after a
-    16-token prompt): medians over `repeats` runs (other processes share the CPU: report these as noisy)."""
+    16-token prompt), each the median of torch.utils.benchmark's blocked_autorange."""
+    from torch.utils import benchmark
     x = torch.randint(0, model.config.vocab_size, (1, window), generator=torch.Generator().manual_seed(0))
-    model(x[:, :16])  # warm up
-    fwd, dec = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        fwd.append(window / (time.perf_counter() - t))
-        t = time.perf_counter()
-        model.generate(x[:, :16], 32, temperature=0)
-        dec.append(32 / (time.perf_counter() - t))
-    return statistics.median(fwd), statistics.median(dec)
+    env = {"model": model, "x": x, "torch": torch}
+    with torch.no_grad():
+        fwd = benchmark.Timer("model(x)", globals=env).blocked_autorange(min_run_time=min_run_time).median
+        dec = benchmark.Timer("model.generate(x[:, :16], 32, temperature=0)", globals=env).blocked_autorange(
+            min_run_time=min_run_time).median
+    return window / fwd, 32 / dec
+
+
+def speeds_ab(dense, model, window: int, rounds: int = 3) -> dict:
+    """Forward / decode tokens/s of the pruned and the dense model, measured in alternation `rounds` times; the best
+    round of each (the least disturbed by other processes on a shared machine) is reported."""
+    f_d, d_d, f_p, d_p = [], [], [], []
+    for _ in range(rounds):
+        a, b = speeds(dense, window)
+        c, d = speeds(model, window)
+        f_d.append(a), d_d.append(b), f_p.append(c), d_p.append(d)
+    return dict(forward_tok_s=round(max(f_p), 1), decode_tok_s=round(max(d_p), 2),
+                dense_forward_tok_s=round(max(f_d), 1), dense_decode_tok_s=round(max(d_d), 2),
+                forward_speedup=round(max(f_p) / max(f_d), 3), decode_speedup=round(max(d_p) / max(d_d), 3))
 
 
 def structure_summary(model) -> str:
@@ -114,11 +124,11 @@ def original(name: str, sotu_dir: str):
 
 
 def run_model(name: str, variants: list[str], sotu_dir: str = "out/sotu-decoder", n_calib: int = CALIB_WINDOWS,
-              iterative_steps: int = 0, log=print, on_row=None) -> list[dict]:
+              iterative_steps: int = 0, log=print, on_row=None, ppl_too: bool = True) -> list[dict]:
     """One row per variant of one model (each a fresh copy of the original): perplexity on the held-out speeches,
     parameters (all, nonzero), bytes on disk and the reloaded model's largest logit difference; structured variants
     also forward / decode tokens/s, measured interleaved with the original's. `on_row(row)` sees each row as soon as
-    it is measured (the runs are long on a CPU)."""
+    it is measured (the runs are long on a CPU). ppl_too=False skips the perplexities (sizes and speeds only)."""
     dense = original(name, sotu_dir)
     evals, calib = protocol_data(dense, n_calib)  # (N, W) eval windows, (n_calib, W) calibration windows
     window = evals.shape[1]
@@ -132,9 +142,9 @@ def run_model(name: str, variants: list[str], sotu_dir: str = "out/sotu-decoder"
         model = dense if spec is None else prune_(copy.deepcopy(dense), spec[2], spec[0], spec[1], calib=calib)
         prune_s = time.perf_counter() - t
         t = time.perf_counter()
-        ppl = perplexity(model, evals)
+        ppl = perplexity(model, evals) if ppl_too else float("nan")
         eval_s = time.perf_counter() - t
-        dense_ppl = ppl if spec is None else dense_ppl
+        dense_ppl = ppl if spec is None and ppl_too else dense_ppl
         row = dict(timestamp=now(), machine=machine_name(), torch=torch_v, model=name, variant=v,
                    method=spec[0] if spec else "", pattern=spec[1] if spec else "",
                    sparsity=round(spec[2], 4) if spec else 0.0, structure=structure_summary(model),
@@ -144,13 +154,7 @@ def run_model(name: str, variants: list[str], sotu_dir: str = "out/sotu-decoder"
                    prune_s=round(prune_s, 1), eval_s=round(eval_s, 1))
         row["bytes"], row["reload_max_diff"] = save_load(model)
         if spec is not None and spec[1] in ("neurons", "heads"):
-            f_d, d_d, f_p, d_p = [], [], [], []
-            for _ in range(2):  # interleaved, so both see the same machine load
-                a, b = speeds(dense, window)
-                c, d = speeds(model, window)
-                f_d.append(a), d_d.append(b), f_p.append(c), d_p.append(d)
-            row.update(forward_tok_s=round(max(f_p), 1), decode_tok_s=round(max(d_p), 2),
-                       dense_forward_tok_s=round(max(f_d), 1), dense_decode_tok_s=round(max(d_d), 2))
+            row.update(speeds_ab(dense, model, window))
         log(f"{name} {v}: ppl {ppl:.3f}" + (f" ({ppl / dense_ppl:.3f}x dense)" if dense_ppl else "")
             + f", params {row['params']:,} (nonzero {row['nonzero']:,}), {row['bytes'] / 1e6:.1f} MB (reloaded: "
             f"max |dlogit| {row['reload_max_diff']:.1e}), prune {prune_s:.0f} s, eval {eval_s:.0f} s"
@@ -215,13 +219,14 @@ def main(argv=None):
     p.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS, help="Wanda's calibration windows")
     p.add_argument("--iterative-steps", type=int, default=60, help="sotu-decoder: gradual 50%% magnitude with this "
                                                                    "many fine-tune steps (0 = skip)")
+    p.add_argument("--no-ppl", action="store_true", help="sizes and speeds only (structured variants)")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "compression_prune.csv"))
     args = p.parse_args(argv)
     variants = sorted(set(args.variants), key=lambda v: (v != "dense", list(VARIANTS).index(v)))
     rows = []
     for name in args.models:
         rows += run_model(name, variants, args.sotu_decoder, args.calib_windows, args.iterative_steps,
-                          on_row=lambda r: append_rows(args.csv, CSV_FIELDS, [r]))
+                          on_row=lambda r: append_rows(args.csv, CSV_FIELDS, [r]), ppl_too=not args.no_ppl)
     print(table(rows))
 
 

@@ -4,7 +4,8 @@ and dynamically quantized int8 activations), int4 weight-only (group-wise, two c
 Each holds integer codes and float scales (and zero points) as buffers, so `model.save` writes them to safetensors
 and config.json records which module got which scheme; `tinyformer.load` swaps the same modules in (on the meta
 device) before assigning the saved tensors. The math is in `tinyformer.kernels` (Triton on GPU, torch's int8/int4
-CPU kernels on CPU); the codes come from the pure primitives in `tinyformer.kernels.quant`.
+CPU kernels on CPU); the codes come from the pure primitives in `tinyformer.kernels.quant`. `LowRankLinear` (two
+thin float linears, from tinyformer.compress.lowrank) is recorded and rebuilt the same way, with its rank.
 
 References: Dettmers et al. 2022 (LLM.int8(): per-channel absmax int8 weights); Xiao et al. 2023 (SmoothQuant:
 W8A8 with per-token activation scales); Frantar et al. 2022 (GPTQ) and Lin et al. 2023 (AWQ): group-wise
