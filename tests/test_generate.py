@@ -34,6 +34,30 @@ def test_greedy_with_cache_equals_full_recompute_even_past_the_context(pos):
     assert torch.equal(out, greedy_no_cache(model, ids, 30))
 
 
+def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
+    """generate's batch-1 decode on a packed fp32 model goes through numpy's GEMV (ops.cpu_decode) with torch on one
+    thread, gives the tokens a full recompute gives, and hands torch its threads back."""
+    from tinyformer import ops
+    torch.manual_seed(0)
+    model = tiny(act="swiglu", pos="rope", n_kv_head=1).eval().pack_()
+    ids = torch.randint(0, 30, (1, 5))
+    calls, threads = [], torch.get_num_threads()
+    real = ops._gemv_numpy
+
+    def spy(x, w, b):
+        calls.append(torch.get_num_threads())
+        return real(x, w, b)
+
+    monkeypatch.setattr(ops, "_gemv_numpy", spy)
+    out = model.generate(ids, 12, temperature=0)
+    assert torch.equal(out, greedy_no_cache(model, ids, 12))
+    assert calls and set(calls) == {1}  # numpy ran, while torch had one thread
+    assert torch.get_num_threads() == threads and not ops._numpy_gemv
+    calls.clear()
+    model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: torch's F.linear
+    assert not calls
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(0)

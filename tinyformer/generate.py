@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from tinyformer import ops
+
 
 def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -74,6 +76,29 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     cache = model.new_cache(B, min(ctx, input_ids.shape[1] + max_new_tokens))  # no bigger than needed
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    with ops.cpu_decode(B == 1 and numpy_decodes(model)):
+        _decode(model, logits, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator, on_token,
+                done, out, full, mask, cache, ctx)
+    model.train(was_training)
+    result = torch.cat(out, dim=1)
+    if result.shape[1] < input_ids.shape[1] + max_new_tokens and eos_token_id is not None:  # all rows stopped early
+        pad = result.new_full((B, input_ids.shape[1] + max_new_tokens - result.shape[1]), eos_token_id)
+        result = torch.cat((result, pad), dim=1)
+    return result
+
+
+def numpy_decodes(model) -> bool:
+    """Whether `ops.cpu_decode` serves this model: fp32 weights on CPU, every linear a float one (quantized linears
+    run torch's int8/int4 kernels, which need torch's threads), the torch backend."""
+    from tinyformer.qlinear import QuantLinear
+    p = next(model.parameters())
+    return (p.device.type == "cpu" and p.dtype == torch.float32 and ops.get_backend(p.device) == "torch"
+            and not any(isinstance(m, QuantLinear) for m in model.modules()))
+
+
+def _decode(model, logits, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator, on_token, done, out,
+            full, mask, cache, ctx):
+    """generate's token loop: appends each new token (B, 1) to `out`."""
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
@@ -92,12 +117,6 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
         else:  # the context is full: slide the window and recompute it (no cache), like nanoGPT
             window = full[:, -ctx:]
             logits = model(window, attention_mask=mask[:, -ctx:] if mask is not None else None, last_only=True)[:, -1]
-    model.train(was_training)
-    result = torch.cat(out, dim=1)
-    if result.shape[1] < input_ids.shape[1] + max_new_tokens and eos_token_id is not None:  # all rows stopped early
-        pad = result.new_full((B, input_ids.shape[1] + max_new_tokens - result.shape[1]), eos_token_id)
-        result = torch.cat((result, pad), dim=1)
-    return result
 
 
 @torch.no_grad()

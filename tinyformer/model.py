@@ -128,6 +128,34 @@ def _transposed(p: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(p.detach().T.contiguous().T, requires_grad=p.requires_grad)
 
 
+def _pack_columns(linears) -> None:
+    """Give float Linears that read the same input (q/k/v; gate/up) one shared (in, sum of outs) buffer: each weight
+    becomes a transposed view of its column slice, so `_one_buffer` can multiply by all of them at once."""
+    if any(type(m) is not Linear for m in linears):  # quantized or factored: nothing to share
+        return
+    ws = [m.weight for m in linears]
+    if _one_buffer(ws) is not None or len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
+        return
+    buf = torch.cat([w.detach() for w in ws]).T.contiguous()  # (sum N, K) -> (K, sum N)
+    start = 0
+    for m, w in zip(linears, ws):
+        m.weight = nn.Parameter(buf[:, start:start + w.shape[0]].T, requires_grad=w.requires_grad)  # (N, K) view
+        start += w.shape[0]
+
+
+def _one_buffer(ws):
+    """The (sum N, K) weight that the (N_i, K) weights `ws` form when they are consecutive column slices of one
+    (K, sum N) tensor (what `_pack_columns` builds), else None. Pure stride/pointer arithmetic: no copy."""
+    total, w0 = sum(w.shape[0] for w in ws), ws[0]
+    offset = 0
+    for w in ws:
+        if (w.dim() != 2 or w.stride() != (1, total) or w.dtype != w0.dtype or w.shape[1] != w0.shape[1]
+                or w.data_ptr() != w0.data_ptr() + offset * w0.element_size()):
+            return None
+        offset += w.shape[0]
+    return w0.detach().as_strided((total, w0.shape[1]), (1, total))
+
+
 class Attention(nn.Module):
     """Multi-head attention with H query heads and Hkv key/value heads (GQA/MQA when Hkv < H): self-attention
     (optionally causal, optionally rotary) or cross-attention to an encoder memory."""
@@ -153,12 +181,17 @@ class Attention(nn.Module):
         against the concatenated weights: fewer, wider GEMMs (a baby-GPT training step went from 1.00x to 1.09x
         nanoGPT's speed in an interleaved A/B on 2 CPU cores)."""
         proj = (self.wq, self.wk, self.wv)
-        if self.fuse_qkv and torch.is_grad_enabled() and all(type(m) is Linear for m in proj):
-            w = torch.cat([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C)
+        w = None
+        if self.fuse_qkv and all(type(m) is Linear for m in proj):
+            if torch.is_grad_enabled():
+                w = torch.cat([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C)
+            else:  # inference: one product only when no copy is needed (weights laid out by pack_)
+                w = _one_buffer([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C) or None
+        if w is not None:
             b = torch.cat([m.bias for m in proj]) if self.wq.bias is not None else None
             sizes = [m.weight.shape[0] for m in proj]
             q, k, v = ops.linear(x, w, b).split(sizes, dim=-1)  # (B, T, H*Dh), (B, T, Hkv*Dh) x 2
-        else:  # quantized or factored projections
+        else:  # quantized or factored projections, or inference on unpacked weights
             q, k, v = (m(x) for m in proj)
         return self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
 
@@ -198,15 +231,22 @@ class FeedForward(nn.Module):
         self.w2 = Linear(cfg.d_ff, cfg.d_model, cfg.bias, resid_std)
 
     def forward(self, x):
-        h = self.w1(x)  # (B, T, F)
         if self.act == "swiglu":
-            h = F.silu(h) * self.w3(x)
+            w13 = None
+            if not torch.is_grad_enabled() and type(self.w1) is Linear and type(self.w3) is Linear:
+                w13 = _one_buffer([self.w1.weight, self.w3.weight])  # (2F, C), laid out by pack_, or None
+            if w13 is not None:  # gate and up in one product
+                b = torch.cat([self.w1.bias, self.w3.bias]) if self.w1.bias is not None else None
+                gate, up = ops.linear(x, w13, b).chunk(2, dim=-1)  # (B, T, 2F) -> (B, T, F) x 2
+            else:
+                gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
+            h = F.silu(gate) * up
         elif self.act == "gelu":
-            h = F.gelu(h)
+            h = F.gelu(self.w1(x))  # (B, T, F)
         elif self.act == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(self.w1(x), approximate="tanh")
         else:
-            h = F.relu(h)
+            h = F.relu(self.w1(x))
         h = self.w2(h)  # (B, T, C)
         return F.dropout(h, self.dropout, self.training) if self.training and self.dropout else h
 
@@ -338,14 +378,22 @@ class TransformerBase(nn.Module):
     def pack_(self):
         """Lay the float weights out for fast batch-1 decoding on CPU (same values, other strides), in place.
 
-        A decode step multiplies one row by every weight: it streams the weights from memory, and torch's CPU GEMV
-        streams an (in, out)-contiguous weight (weight.T contiguous) markedly faster than the (out, in) layout that
-        checkpoints use: 5.1 vs 10.4 ms for SmolLM2's 49152x576 output head on 2 cores. So every float weight
-        becomes a transposed view of an (in, out) tensor. (Packing q/k/v into one shared buffer was tried and
-        dropped: parameters that are views into a shared buffer get wrong updates from torch's fused AdamW.)
+        A decode step multiplies one row by every weight: it streams the weights from memory. Every float weight
+        becomes a transposed view of an (in, out)-contiguous tensor, the layout that `ops.linear`'s batch-1 path
+        hands to numpy's BLAS (27 GB/s over SmolLM2's matrices on 2 cores, against 14-17 GB/s for torch's F.linear
+        in either layout; for the 49152x576 output head alone torch's GEMV takes 5.1 ms on this layout, 10.4 ms on
+        (out, in)). Projections that read the same input (q/k/v of self-attention; gate/up of SwiGLU) share one
+        (in, sum of outs) buffer, each weight a view of its column slice, so inference multiplies by them at once
+        (fewer, wider products). Training still works on such views (autograd sees separate parameters; train.py
+        turns fused AdamW off for them: its kernel assumes dense parameters).
         Parameters keep their shapes and values but are new Parameter objects: build an optimizer after this, not
         before (`tinyformer.load` calls it; call it again after casting the model, e.g. `.to(torch.bfloat16)`).
         Whatever is already laid out so is left alone."""
+        for m in list(self.modules()):
+            if isinstance(m, Attention) and not m.cross:
+                _pack_columns([m.wq, m.wk, m.wv])
+            elif isinstance(m, FeedForward) and m.w3 is not None:
+                _pack_columns([m.w1, m.w3])
         for m in list(self.modules()):
             if type(m) is Linear and m.weight.stride(0) != 1:
                 m.weight = _transposed(m.weight)
