@@ -33,6 +33,7 @@ does).
 
     python benchmarks/compression.py                                   # every row, SmolLM2
     python benchmarks/compression.py --only fp32,int8,int4-g128-gptq   # some rows
+    python benchmarks/compression.py --quick                           # fp32, int8, int4 group 32: minutes
     python benchmarks/compression.py --model sotu-decoder --sotu-model out/sotu-decoder
 """
 from __future__ import annotations
@@ -258,6 +259,9 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
+QUICK_ROWS = ("fp32", "int8", "int4-g32-rtn-fz")  # no calibration: three perplexity passes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,7 +274,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--csv", type=Path, default=CSV)
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--quick", action="store_true", help=f"only the rows {', '.join(QUICK_ROWS)} (`tinyformer bench "
+                    "--quick`): the perplexity protocol in full, minutes instead of hours")
     args = ap.parse_args(argv)
+    if args.quick and not args.only:
+        args.only = ",".join(QUICK_ROWS)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n]
