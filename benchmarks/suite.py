@@ -138,6 +138,8 @@ def _generate(ctx: Context):
     if ctx.quick:
         argv += ["--dtypes", "fp32", "--prompt-tokens", "32", "--new-tokens", "16", "--repeats", "1",
                  "--bw-mb", "128"]
+    else:  # every dtype of issue #6: fp32 / bf16 against transformers, int8 / int4 against its fp32
+        argv += ["--dtypes", "fp32,bf16,int8,int4"]
     return argv
 
 
