@@ -56,6 +56,10 @@ def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
     calls.clear()
     model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: torch's F.linear
     assert not calls
+    from tinyformer.compress import quantize_
+    quantize_(model, bits=8)  # quantized linears need torch's threads: no numpy, no thread change
+    model.generate(ids, 4, temperature=0)
+    assert not calls
 
 
 def test_sampling_filters():
