@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tinyformer  # noqa: E402
 from benchmarks.common import RESULTS, append_rows, machine_name, now, versions  # noqa: E402
-from tinyformer.compress.calib import InputStats, linears  # noqa: E402
+from tinyformer.compress.calib import InputStats, linears, unfused  # noqa: E402
 from tinyformer.compress.lowrank import (activation_scale, asvd_factor, finetune, linear_params, lowrank_,  # noqa: E402
                                          output_error, rank_from_ratio, svd_factor, whiten_factor)
 from tinyformer.eval import sotu_calibration_ids, sotu_heldout_ids, sotu_speeches, window_perplexity  # noqa: E402
@@ -90,19 +90,17 @@ def layer_rows(name: str, model, calib, blocks=(0, -1), ratios=(0.8, 0.6), alpha
     block_name = {id(b): f"blocks.{i % len(stack.blocks)}" for i, b in zip(blocks, chosen)}
     stats, handles = {}, []
     for blk in chosen:
-        blk.attn.fuse_qkv = False  # so that wq, wk, wv are called (and hooked) one by one
         for lname, lin in linears(blk):
             key = f"{block_name[id(blk)]}.{lname}"
             stats[key] = (lin, InputStats.empty(lin.weight.shape[1], True, lin.weight.device))
             handles.append(lin.register_forward_pre_hook(lambda _m, args, s=stats[key][1]: s.add(args[0])))
     try:
-        for i in range(0, calib.shape[0], 4):
-            model(calib[i:i + 4])
+        with unfused(model):  # every projection called (and hooked) on its own
+            for i in range(0, calib.shape[0], 4):
+                model(calib[i:i + 4])
     finally:
         for h in handles:
             h.remove()
-        for blk in chosen:
-            blk.attn.fuse_qkv = True
     rows = []
     for key, (lin, st) in stats.items():
         W = lin.weight.detach().double()

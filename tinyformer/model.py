@@ -166,7 +166,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, Dh
         self.causal, self.cross, self.dropout = causal, cross, cfg.dropout
         self.rope = cfg.pos == "rope" and not cross
-        self.fuse_qkv = True  # calibration turns this off so that hooks on wq/wk/wv see their inputs
+        self.fuse = True  # one product for q/k/v; calibration turns this off so hooks on wq/wk/wv see inputs
         self.wq = Linear(C, H * Dh, cfg.bias, cfg.init_std)
         self.wk = Linear(C, Hkv * Dh, cfg.bias, cfg.init_std)
         self.wv = Linear(C, Hkv * Dh, cfg.bias, cfg.init_std)
@@ -182,7 +182,7 @@ class Attention(nn.Module):
         nanoGPT's speed in an interleaved A/B on 2 CPU cores)."""
         proj = (self.wq, self.wk, self.wv)
         w = None
-        if self.fuse_qkv and all(type(m) is Linear for m in proj):
+        if self.fuse and all(type(m) is Linear for m in proj):
             if torch.is_grad_enabled():
                 w = torch.cat([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C)
             else:  # inference: one product only when no copy is needed (weights laid out by pack_)
@@ -226,6 +226,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, resid_std: float):
         super().__init__()
         self.act, self.dropout = cfg.act, cfg.dropout
+        self.fuse = True  # one product for gate/up (packed, inference); calibration turns this off (hooks on w1/w3)
         self.w1 = Linear(cfg.d_model, cfg.d_ff, cfg.bias, cfg.init_std)
         self.w3 = Linear(cfg.d_model, cfg.d_ff, cfg.bias, cfg.init_std) if cfg.act == "swiglu" else None
         self.w2 = Linear(cfg.d_ff, cfg.d_model, cfg.bias, resid_std)
@@ -233,7 +234,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.act == "swiglu":
             w13 = None
-            if not torch.is_grad_enabled() and type(self.w1) is Linear and type(self.w3) is Linear:
+            if self.fuse and not torch.is_grad_enabled() and type(self.w1) is Linear and type(self.w3) is Linear:
                 w13 = _one_buffer([self.w1.weight, self.w3.weight])  # (2F, C), laid out by pack_, or None
             if w13 is not None:  # gate and up in one product
                 b = torch.cat([self.w1.bias, self.w3.bias]) if self.w1.bias is not None else None

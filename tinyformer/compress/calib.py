@@ -18,12 +18,14 @@ encoder-decoders; it is run in batches of `batch_size` sequences.
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from tinyformer.model import Attention, Linear
+from tinyformer.model import Attention, FeedForward, Linear
 
 
 @dataclass
@@ -114,24 +116,34 @@ def _first_block_inputs(model, stack, parts, batch_size):
     return captured
 
 
+@contextlib.contextmanager
+def unfused(module):
+    """Within: every projection of `module`'s attention and feed-forward layers runs as its own module call (no
+    one-product q/k/v or gate/up), so forward hooks on each linear see its input."""
+    fused = [m for m in module.modules() if isinstance(m, (Attention, FeedForward))]
+    for m in fused:
+        m.fuse = False
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fuse = True
+
+
 @torch.no_grad()
 def block_stats(block, inputs, hessian: bool = True) -> dict[str, InputStats]:
     """Run `block` on each captured (args, kwargs) and return {linear name in the block: InputStats}."""
     stats, handles = {}, []
-    attns = [m for m in block.modules() if isinstance(m, Attention)]
-    for a in attns:
-        a.fuse_qkv = False
     for name, lin in linears(block):
         stats[name] = InputStats.empty(lin.weight.shape[1], hessian, lin.weight.device)
         handles.append(lin.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0])))
     try:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
+        with unfused(block):
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        for a in attns:
-            a.fuse_qkv = True
     return stats
 
 
