@@ -76,9 +76,26 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     cache = model.new_cache(B, min(ctx, input_ids.shape[1] + max_new_tokens))  # no bigger than needed
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    with ops.cpu_decode(B == 1 and numpy_decodes(model)):
-        _decode(model, logits, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator, on_token,
-                done, out, full, mask, cache, ctx)
+    with ops.cpu_decode(B == 1 and numpy_decodes(model)):  # numpy's GEMV for a batch-1 fp32 model on CPU
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done, eos_token_id)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
+            full = torch.cat((full, nxt[:, None]), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if cache.length < cache.max_len:  # the new token fits in the cache: one cheap step
+                logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
+            else:  # the context is full: slide the window and recompute it (no cache), like nanoGPT
+                window = full[:, -ctx:]
+                window_mask = mask[:, -ctx:] if mask is not None else None
+                logits = model(window, attention_mask=window_mask, last_only=True)[:, -1]
     model.train(was_training)
     result = torch.cat(out, dim=1)
     if result.shape[1] < input_ids.shape[1] + max_new_tokens and eos_token_id is not None:  # all rows stopped early
@@ -94,29 +111,6 @@ def numpy_decodes(model) -> bool:
     p = next(model.parameters())
     return (p.device.type == "cpu" and p.dtype == torch.float32 and ops.get_backend(p.device) == "torch"
             and not any(isinstance(m, QuantLinear) for m in model.modules()))
-
-
-def _decode(model, logits, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator, on_token, done, out,
-            full, mask, cache, ctx):
-    """generate's token loop: appends each new token (B, 1) to `out`."""
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_token_id is not None:
-            nxt = nxt.masked_fill(done, eos_token_id)
-            done |= nxt == eos_token_id
-        out.append(nxt[:, None])
-        if on_token is not None:
-            on_token(nxt)
-        full = torch.cat((full, nxt[:, None]), dim=1)
-        if mask is not None:
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        if cache.length < cache.max_len:  # the new token fits in the cache: one cheap step
-            logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
-        else:  # the context is full: slide the window and recompute it (no cache), like nanoGPT
-            window = full[:, -ctx:]
-            logits = model(window, attention_mask=mask[:, -ctx:] if mask is not None else None, last_only=True)[:, -1]
 
 
 @torch.no_grad()

@@ -136,10 +136,10 @@ def lr_at(cfg: TrainConfig, it: int, elapsed_s: float = 0.0) -> float:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if cfg.max_minutes > 0:
         ratio = min(1.0, elapsed_s / (60 * cfg.max_minutes))
-        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-    if it > cfg.lr_decay_iters:
+    elif it > cfg.lr_decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    else:
+        ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
