@@ -41,17 +41,14 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import math
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -59,7 +56,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import tinyformer  # noqa: E402
 from common import RESULTS, append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
 from tinyformer.compress import quantize_  # noqa: E402
-from tinyformer.qlinear import QuantLinear  # noqa: E402
+from tinyformer.compress.recipe import disk_bytes, logical_params  # noqa: E402
+from tinyformer.eval import window_perplexity  # noqa: E402
 
 EVAL_TOKENS = 16384
 WINDOW = 512
@@ -105,35 +103,13 @@ def protocol_data(model, n_calib: int = CALIB_WINDOWS):
     return evals, torch.stack([cal[s:s + w] for s in starts.tolist()])  # (n_calib, W)
 
 
-@torch.no_grad()
-def perplexity(model, windows, batch_size: int = 4) -> float:
-    """exp(mean NLL) of every window scored on its own (W - 1 predictions each)."""
-    nll, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
-        x = windows[i:i + batch_size]
-        logits = model(x).float()  # (b, W, V)
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
+def perplexity(model, windows) -> float:
+    """exp(mean NLL) of every window (N, W) scored on its own (W - 1 predictions each)."""
+    return window_perplexity(model, windows.reshape(-1), window=windows.shape[1])  # (N, W) -> (N * W,)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # measurements
-def n_params(model) -> int:
-    """Weights the model represents: float parameters, plus n_out x n_in (+ bias) for every quantized linear."""
-    n = sum(p.numel() for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            n += m.n_out * m.n_in + (m.n_out if m.bias is not None else 0)
-    return n
-
-
-def bytes_on_disk(model) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save(tmp)
-        return sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
-
-
 @torch.no_grad()
 def decode_rate(model, prompt, new_tokens: int = 32, repeats: int = 2) -> float:
     """Greedy decode tokens/s at batch 1: (new - 1) tokens over the time from the first to the last new token."""
@@ -236,7 +212,7 @@ def run_model(which, args, rows):
         r = dict(timestamp=now(), machine=machine_name(), versions=versions(), threads=torch.get_num_threads(),
                  model=label, row=row.name, section=row.section, description=row.description, ppl=round(ppl, 4),
                  ppl_delta_pct=round(100 * (ppl / fp32_ppl - 1), 2) if fp32_ppl else "",
-                 params=n_params(model), bytes=bytes_on_disk(model), decode_tok_s=round(decode_rate(model, prompt), 2),
+                 params=logical_params(model)[0], bytes=disk_bytes(model), decode_tok_s=round(decode_rate(model, prompt), 2),
                  compress_s=round(compress_s, 1), eval_tokens=evals.numel(), window=evals.shape[1],
                  notes=f"{len(skipped)} linears left float (in-features not a multiple of the group)"
                  if skipped else "")
