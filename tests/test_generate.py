@@ -35,31 +35,77 @@ def test_greedy_with_cache_equals_full_recompute_even_past_the_context(pos):
 
 
 def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
-    """generate's batch-1 decode on a packed fp32 model goes through numpy's GEMV (ops.cpu_decode) with torch on one
-    thread, gives the tokens a full recompute gives, and hands torch its threads back."""
+    """generate's batch-1 decode of an fp32 model takes NumpyDecodeStep with torch on one thread (ops.cpu_decode),
+    gives the tokens a full recompute gives, and hands torch its threads back; batch 2 and quantized models don't."""
+    from tinyformer import generate as gen
     from tinyformer import ops
     torch.manual_seed(0)
     model = tiny(act="swiglu", pos="rope", n_kv_head=1).eval().pack_()
     ids = torch.randint(0, 30, (1, 5))
     calls, threads = [], torch.get_num_threads()
-    real = ops._gemv_numpy
+    real = gen.NumpyDecodeStep.__call__
 
-    def spy(x, w, b):
+    def spy(self, token):
         calls.append(torch.get_num_threads())
-        return real(x, w, b)
+        return real(self, token)
 
-    monkeypatch.setattr(ops, "_gemv_numpy", spy)
+    monkeypatch.setattr(gen.NumpyDecodeStep, "__call__", spy)
     out = model.generate(ids, 12, temperature=0)
     assert torch.equal(out, greedy_no_cache(model, ids, 12))
-    assert calls and set(calls) == {1}  # numpy ran, while torch had one thread
+    assert len(calls) == 11 and set(calls) == {1}  # every step after the prefill, while torch had one thread
     assert torch.get_num_threads() == threads and not ops._numpy_gemv
     calls.clear()
-    model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: torch's F.linear
+    model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: the modules
     assert not calls
     from tinyformer.compress import quantize_
-    quantize_(model, bits=8)  # quantized linears need torch's threads: no numpy, no thread change
+    quantize_(model, bits=8)  # quantized linears need torch's threads: the modules, no thread change
     model.generate(ids, 4, temperature=0)
     assert not calls
+
+
+@pytest.mark.parametrize("pos,act,norm,norm_position,bias,pack", [
+    ("rope", "swiglu", "rmsnorm", "pre", False, True),       # Llama
+    ("rope", "swiglu", "rmsnorm", "pre", True, False),       # biases, unpacked weights
+    ("learned", "gelu", "layernorm", "pre", True, True),     # GPT-2
+    ("learned", "gelu_tanh", "layernorm", "post", False, True),
+    ("sinusoidal", "relu", "layernorm", "post", True, False),
+])
+def test_numpy_decode_step_equals_the_modules(pos, act, norm, norm_position, bias, pack):
+    """NumpyDecodeStep's logits and cache writes equal DecoderLM.forward's with a cache, step after step."""
+    from tinyformer.generate import NumpyDecodeStep
+    model = tiny(pos=pos, act=act, norm=norm, norm_position=norm_position, bias=bias)
+    if pack:
+        model.pack_()
+    _assert_numpy_steps_match(model)
+
+
+def test_numpy_decode_step_on_factored_and_head_pruned_models():
+    """Low-rank linears run their own forward inside the numpy step; structured pruning leaves layers with other head
+    counts: both still equal the modules."""
+    from tinyformer.compress import lowrank_, prune_
+    model = tiny(act="swiglu", n_layer=3, n_head=4, n_kv_head=4)
+    prune_(model, 0.5, pattern="heads")
+    assert model.decoder.blocks[0].attn.n_kv_head == 2
+    lowrank_(model, 0.5)
+    _assert_numpy_steps_match(model.pack_())
+
+
+def _assert_numpy_steps_match(model):
+    from tinyformer.generate import NumpyDecodeStep
+    ids = torch.randint(0, 30, (1, 6))
+    with torch.no_grad():
+        ref, ours = model.new_cache(1, 11), model.new_cache(1, 11)
+        model(ids, cache=ref)
+        model(ids, cache=ours)
+        step = NumpyDecodeStep(model, ours)
+        for tok in (3, 7, 1, 29, 0):
+            expect = model(torch.tensor([[tok]]), cache=ref)[:, -1]  # (1, V)
+            torch.testing.assert_close(step(tok), expect, rtol=1e-5, atol=1e-5)
+        assert ours.length == ref.length == 11
+        for a, b in zip(ours.k + ours.v, ref.k + ref.v):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="beyond the cache"):
+            step(1)
 
 
 def test_sampling_filters():

@@ -7,11 +7,15 @@ sequence is longer than the model's context).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tinyformer import ops
+from tinyformer.model import Linear
 
 
 def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id):
@@ -76,7 +80,9 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     cache = model.new_cache(B, min(ctx, input_ids.shape[1] + max_new_tokens))  # no bigger than needed
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    with ops.cpu_decode(B == 1 and numpy_decodes(model)):  # numpy's GEMV for a batch-1 fp32 model on CPU
+    fast = B == 1 and mask is None and numpy_decodes(model)
+    numpy_step = NumpyDecodeStep(model, cache) if fast else None  # batch-1 fp32 on CPU: decode steps on numpy
+    with ops.cpu_decode(fast):
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
@@ -90,7 +96,9 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            if cache.length < cache.max_len:  # the new token fits in the cache: one cheap step
+            if cache.length < cache.max_len and numpy_step is not None:
+                logits = numpy_step(int(nxt))  # (1, V)
+            elif cache.length < cache.max_len:  # the new token fits in the cache: one cheap step
                 logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
             else:  # the context is full: slide the window and recompute it (no cache), like nanoGPT
                 window = full[:, -ctx:]
@@ -105,12 +113,150 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
 
 
 def numpy_decodes(model) -> bool:
-    """Whether `ops.cpu_decode` serves this model: fp32 weights on CPU, every linear a float one (quantized linears
-    run torch's int8/int4 kernels, which need torch's threads), the torch backend."""
+    """Whether `NumpyDecodeStep` serves this model: a decoder-only model (no token types, no embedding norm), fp32
+    weights on CPU, the torch backend, no quantized linears (torch's int8/int4 kernels need torch's threads)."""
+    from tinyformer.model import DecoderLM
     from tinyformer.qlinear import QuantLinear
-    p = next(model.parameters())
-    return (p.device.type == "cpu" and p.dtype == torch.float32 and ops.get_backend(p.device) == "torch"
+    p, stack = next(model.parameters()), getattr(model, "decoder", None)
+    return (isinstance(model, DecoderLM) and stack.wtt is None and stack.embed_norm is None
+            and p.device.type == "cpu" and p.dtype == torch.float32 and ops.get_backend(p.device) == "torch"
             and not any(isinstance(m, QuantLinear) for m in model.modules()))
+
+
+class NumpyDecodeStep:
+    """One decode step of a batch-1 fp32 `DecoderLM` on numpy: the math of model.py's Stack/Block/Attention/
+    FeedForward for a single new position, on numpy views of the model's own weights and KV cache (no copies).
+
+    Why: at batch 1 a decode step is ~120 matrix-vector products plus ~60 small ops per layer, each on a vector of a
+    few hundred floats. On 2 CPU cores torch spends 3-15 us of dispatch on each small op and 10 us in F.linear's GEMV
+    for every 1 us of numpy's; for SmolLM2-135M the small ops alone took ~10 ms a token through the modules, which is
+    as long as streaming a third of the weights. Here each layer is ~40 numpy calls, and every product is OpenBLAS's
+    sgemv on the (in, out)-contiguous weights `TransformerBase.pack_` lays out (unpacked weights work too, slower).
+    A linear that is not a float `Linear` (a factored `LowRankLinear`) runs its own forward on a torch view.
+    `generate` uses it inside `ops.cpu_decode` (torch on one thread while OpenBLAS has both cores) and tests check it
+    against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`."""
+
+    def __init__(self, model, cache):
+        from tinyformer.model import _one_buffer
+        stack = model.decoder
+        cfg = model.config
+        self.cache, self.cfg = cache, cfg
+        self.wte = model.wte.detach().numpy()  # (V, C)
+        head = model.lm_head if model.lm_head is not None else model.wte
+        self.head = head.detach().T.numpy()  # (C, V)
+        self.wpe = stack.wpe.detach().numpy() if stack.wpe is not None else None
+        self.pe = stack.pe.numpy() if cfg.pos == "sinusoidal" else None
+        if cfg.pos == "rope":
+            self.cos, self.sin = stack.rope_cos.numpy(), stack.rope_sin.numpy()  # (P, Dh/2)
+        self.final_norm = self._norm(stack.final_norm) if stack.final_norm is not None else None
+        self.layers = []
+        for i, b in enumerate(stack.blocks):
+            a, f = b.attn, b.mlp
+            proj = [a.wq, a.wk, a.wv]
+            w = _one_buffer([m.weight for m in proj]) if all(type(m) is Linear for m in proj) else None
+            qkv = (self._linear_of(w, [m.bias for m in proj]) if w is not None
+                   else self._concat([self._linear(m) for m in proj]))
+            if f.w3 is not None:
+                w = (_one_buffer([f.w1.weight, f.w3.weight]) if type(f.w1) is Linear and type(f.w3) is Linear
+                     else None)
+                up = (self._linear_of(w, [f.w1.bias, f.w3.bias]) if w is not None
+                      else self._concat([self._linear(f.w1), self._linear(f.w3)]))
+            else:
+                up = self._linear(f.w1)
+            self.layers.append(dict(
+                pre=b.pre, norm1=self._norm(b.norm1), norm2=self._norm(b.norm2), qkv=qkv, wo=self._linear(a.wo),
+                up=up, down=self._linear(f.w2), act=f.act, H=a.n_head, Hkv=a.n_kv_head, D=a.head_dim, rope=a.rope,
+                K=cache.k[i].numpy()[0], V=cache.v[i].numpy()[0]))  # (Hkv, max_len, Dh) views of the cache
+
+    # -- the pieces, each a function of one row (numpy) -----------------------------------------------------------
+    @staticmethod
+    def _norm(norm):
+        w = norm.weight.detach().numpy()
+        b = norm.bias.detach().numpy() if norm.bias is not None else None
+        eps = norm.eps
+        if norm.kind == "rmsnorm":
+            return lambda x: x * (w / math.sqrt(float(x @ x) / x.size + eps))
+        def layer_norm(x):
+            x = x - x.mean()
+            y = x * (w / math.sqrt(float(x @ x) / x.size + eps))  # biased variance, as LayerNorm defines it
+            return y + b if b is not None else y
+        return layer_norm
+
+    @staticmethod
+    def _linear_of(weight, biases):
+        """x (K,) @ weight (N, K)^T + bias, weight a transposed view of an (in, out)-contiguous tensor or not."""
+        wt = weight.detach().T.numpy()  # (K, N)
+        b = None if biases[0] is None else torch.cat([t.detach() for t in biases]).numpy()
+        return (lambda x: x @ wt) if b is None else (lambda x: x @ wt + b)
+
+    @classmethod
+    def _linear(cls, m):
+        if type(m) is Linear:
+            return cls._linear_of(m.weight, [m.bias])
+        return lambda x: m(torch.from_numpy(x)[None]).numpy()[0]  # any other linear: its own forward, (1, K) -> (K,)
+
+    @staticmethod
+    def _concat(fs):
+        return lambda x: np.concatenate([f(x) for f in fs])
+
+    # -- the step ----------------------------------------------------------------------------------------------------
+    def __call__(self, token: int) -> torch.Tensor:
+        """The logits (1, V) after appending `token` at position cache.length."""
+        cache, cfg = self.cache, self.cfg
+        pos = cache.length
+        if pos >= cache.max_len or pos >= cfg.max_seq_len:
+            raise ValueError(f"position {pos} is beyond the cache ({cache.max_len}) or max_seq_len={cfg.max_seq_len}")
+        x, cos, sin = self.wte[token].copy(), None, None  # (C,)
+        if self.wpe is not None:
+            x += self.wpe[pos]
+        elif self.pe is not None:
+            x = x * math.sqrt(cfg.d_model) + self.pe[pos]
+        else:
+            cos, sin = self.cos[pos], self.sin[pos]  # (Dh/2,)
+        for L in self.layers:
+            x = self._sublayer(x, L, L["norm1"], lambda h: self._attention(h, L, pos, cos, sin))
+            x = self._sublayer(x, L, L["norm2"], lambda h: self._feed_forward(h, L))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        cache.length += 1
+        return torch.from_numpy(x @ self.head)[None]  # (C,) @ (C, V) -> (1, V)
+
+    @staticmethod
+    def _sublayer(x, L, norm, f):
+        return x + f(norm(x)) if L["pre"] else norm(x + f(x))
+
+    @staticmethod
+    def _attention(h, L, pos, cos, sin):
+        H, Hkv, D = L["H"], L["Hkv"], L["D"]
+        qkv = L["qkv"](h)  # (H*Dh + 2*Hkv*Dh,)
+        qk = qkv[:(H + Hkv) * D].reshape(H + Hkv, D)  # q heads then k heads: rotated together
+        if L["rope"]:
+            x1, x2 = qk[:, :D // 2], qk[:, D // 2:]  # (H+Hkv, Dh/2) each
+            qk = np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=1)  # (H+Hkv, Dh)
+        K, V = L["K"], L["V"]  # (Hkv, max_len, Dh)
+        K[:, pos] = qk[H:]
+        V[:, pos] = qkv[(H + Hkv) * D:].reshape(Hkv, D)
+        q = qk[:H].reshape(Hkv, H // Hkv, D)  # (Hkv, G, Dh): the G query heads that share each k/v head
+        s = q @ K[:, :pos + 1].transpose(0, 2, 1)  # (Hkv, G, Dh) @ (Hkv, Dh, S) -> (Hkv, G, S)
+        s *= D ** -0.5
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(-1, keepdims=True)
+        y = s @ V[:, :pos + 1]  # (Hkv, G, S) @ (Hkv, S, Dh) -> (Hkv, G, Dh)
+        return L["wo"](y.reshape(H * D))  # heads concatenated in q's order -> (C,)
+
+    @staticmethod
+    def _feed_forward(h, L):
+        a = L["up"](h)  # (F,), or (2F,) = gate then up for SwiGLU
+        act = L["act"]
+        if act == "swiglu":
+            gate, up = np.split(a, 2)
+            a = gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up  # silu(gate) * up; sigmoid via tanh: no overflow
+        elif act == "relu":
+            a = np.maximum(a, 0.0)
+        else:  # numpy has no erf: torch's GELU on a view
+            a = F.gelu(torch.from_numpy(a), approximate="tanh" if act == "gelu_tanh" else "none").numpy()
+        return L["down"](a)
 
 
 @torch.no_grad()

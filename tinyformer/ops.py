@@ -88,10 +88,11 @@ _numpy_gemv = False  # set by cpu_decode()
 
 @contextlib.contextmanager
 def cpu_decode(enabled: bool = True):
-    """Batch-1 decoding of an fp32 model on CPU (`generate` enters this for the decode steps): each float matrix-vector
-    product runs on numpy's BLAS (OpenBLAS sgemv, its own 2 threads) over the (in, out)-contiguous weights that
-    `TransformerBase.pack_` lays out, and torch's own ops run on one thread meanwhile. Over SmolLM2-135M's 30
-    layers of weights numpy streamed 27 GB/s on 2 cores where torch's F.linear streamed 14-17 GB/s (either
+    """Batch-1 decoding of an fp32 model on CPU (`generate` enters this around `NumpyDecodeStep`): every float
+    matrix-vector product runs on numpy's BLAS (OpenBLAS sgemv, its own 2 threads) over the (in, out)-contiguous
+    weights that `TransformerBase.pack_` lays out — in the numpy step itself and, through `linear`, in any module it
+    hands a torch view to (factored linears) — and torch's own ops run on one thread meanwhile. Over SmolLM2-135M's
+    30 layers of weights numpy streamed 27 GB/s on 2 cores where torch's F.linear streamed 14-17 GB/s (either
     layout). The one thread is not optional: OpenBLAS's and torch's OpenMP threads both spin while they wait, and
     with both pools at 2 threads on 2 cores SmolLM2's decode fell from 21 to 3.9 tokens/s."""
     global _numpy_gemv
