@@ -1,5 +1,6 @@
 """Generation tests: greedy equals a no-cache argmax loop, sampling filters, EOS, left-padded batches, the sliding
 window past the context, beam search against brute force; perplexity against a direct computation."""
+import copy
 import itertools
 import math
 
@@ -36,7 +37,7 @@ def test_greedy_with_cache_equals_full_recompute_even_past_the_context(pos):
 
 def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
     """generate's batch-1 decode of an fp32 model takes NumpyDecodeStep with torch on one thread (ops.cpu_decode),
-    gives the tokens a full recompute gives, and hands torch its threads back; batch 2 and quantized models don't."""
+    gives the tokens a full recompute gives, and hands torch its threads back; batch 2 does not take it."""
     from tinyformer import generate as gen
     from tinyformer import ops
     torch.manual_seed(0)
@@ -58,9 +59,9 @@ def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
     model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: the modules
     assert not calls
     from tinyformer.compress import quantize_
-    quantize_(model, bits=8)  # quantized linears need torch's threads: the modules, no thread change
+    quantize_(model, bits=8)  # quantized linears: the numpy step, but torch keeps its threads for its int8 kernel
     model.generate(ids, 4, temperature=0)
-    assert not calls
+    assert calls == [threads] * 3
 
 
 @pytest.mark.parametrize("pos,act,norm,norm_position,bias,pack", [
@@ -90,22 +91,53 @@ def test_numpy_decode_step_on_factored_and_head_pruned_models():
     _assert_numpy_steps_match(model.pack_())
 
 
-def _assert_numpy_steps_match(model):
+def test_numpy_decode_step_of_a_bf16_model():
+    """bf16 weights: products on oneDNN's prepacked bf16 GEMV, the rest in fp32; logits within bf16 rounding of the
+    modules' all-bf16 forward, and as close to the fp32 model's as the modules' are (up to rounding)."""
+    model = tiny(act="swiglu", d_model=64)
+    fp32 = copy.deepcopy(model)
+    model.to(torch.bfloat16).pack_()
+    _assert_numpy_steps_match(model, tol=2e-2, fp32_model=fp32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_numpy_decode_step_of_a_quantized_model(bits):
+    """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits."""
+    from tinyformer.compress import quantize_
+    from tinyformer.generate import _quantized_row
+    model = tiny(act="swiglu", d_model=64, bias=True)
+    quantize_(model, bits=bits, group_size=32)
+    assert _quantized_row(model.decoder.blocks[0].attn.wq) is not None  # the direct kernel path, not the fallback
+    _assert_numpy_steps_match(model.pack_(), tol=1e-4)
+
+
+def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None):
     from tinyformer.generate import NumpyDecodeStep
     ids = torch.randint(0, 30, (1, 6))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref, ours = model.new_cache(1, 11), model.new_cache(1, 11)
         model(ids, cache=ref)
         model(ids, cache=ours)
+        if fp32_model is not None:
+            exact = fp32_model.new_cache(1, 11)
+            fp32_model(ids, cache=exact)
         step = NumpyDecodeStep(model, ours)
         for tok in (3, 7, 1, 29, 0):
-            expect = model(torch.tensor([[tok]]), cache=ref)[:, -1]  # (1, V)
-            torch.testing.assert_close(step(tok), expect, rtol=1e-5, atol=1e-5)
+            expect = model(torch.tensor([[tok]]), cache=ref)[:, -1].float()  # (1, V)
+            got = step(tok)
+            torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
+            if fp32_model is not None:  # rounding the activations less is no worse than the modules' bf16
+                truth = fp32_model(torch.tensor([[tok]]), cache=exact)[:, -1]
+                assert (got - truth).abs().max() <= (expect - truth).abs().max() + 4e-3
         assert ours.length == ref.length == 11
-        for a, b in zip(ours.k + ours.v, ref.k + ref.v):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if model.wte.dtype == torch.float32:  # the step wrote the cache's own tensors
+            for a, b in zip(ours.k + ours.v, ref.k + ref.v):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         with pytest.raises(ValueError, match="beyond the cache"):
             step(1)
+    for k, v in model.state_dict().items():  # decoding never writes into the weights
+        assert torch.equal(v, before[k]), k
 
 
 def test_sampling_filters():

@@ -8,6 +8,7 @@ sequence is longer than the model's context).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -81,8 +82,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     fast = B == 1 and mask is None and numpy_decodes(model)
-    numpy_step = NumpyDecodeStep(model, cache) if fast else None  # batch-1 fp32 on CPU: decode steps on numpy
-    with ops.cpu_decode(fast):
+    numpy_step = NumpyDecodeStep(model, cache) if fast else None  # batch-1 fp32/bf16 on CPU: decode steps on numpy
+    with ops.cpu_decode(fast and numpy_step.sgemv):  # numpy's sgemv on both cores: torch on one thread
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
@@ -113,18 +114,68 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
 
 
 def numpy_decodes(model) -> bool:
-    """Whether `NumpyDecodeStep` serves this model: a decoder-only model (no token types, no embedding norm), fp32
-    weights on CPU, the torch backend, no quantized linears (torch's int8/int4 kernels need torch's threads)."""
+    """Whether `NumpyDecodeStep` serves this model: a decoder-only model (no token types, no embedding norm) on CPU
+    with the torch backend, its float weights all fp32 (or all bf16, where torch has oneDNN); quantized linears
+    (torch's int8/int4 kernels) are fine."""
     from tinyformer.model import DecoderLM
-    from tinyformer.qlinear import QuantLinear
     p, stack = next(model.parameters()), getattr(model, "decoder", None)
+    dtypes = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else (torch.float32,)
     return (isinstance(model, DecoderLM) and stack.wtt is None and stack.embed_norm is None
-            and p.device.type == "cpu" and p.dtype == torch.float32 and ops.get_backend(p.device) == "torch"
-            and not any(isinstance(m, QuantLinear) for m in model.modules()))
+            and p.device.type == "cpu" and p.dtype in dtypes and ops.get_backend(p.device) == "torch"
+            and all(q.dtype == p.dtype for q in model.parameters()))
+
+
+_PACKED: dict = {}  # id(Parameter) -> (weak reference to it, what it was packed from, oneDNN-packed bf16 weight)
+
+
+def _f32(t):
+    """A float32 numpy array of `t`: a view when it already is float32, else a copy."""
+    return t.detach().float().numpy()
+
+
+def _onednn_weight(weight, owner):
+    """oneDNN's prepacked (blocked) layout of a bf16 weight (N, K), cached per Parameter `owner` while it lives and its
+    storage, layout and version stay the same. F.linear's bf16 GEMV reorders the weight on every call (~6 GB/s on 2
+    cores for SmolLM2's matrices); the prepacked one streams at 18-28 GB/s. The cost: a second copy of the bf16
+    weights while the model lives, and ~0.3-0.7 s to pack SmolLM2-135M once."""
+    key, sig = id(owner), (weight.data_ptr(), tuple(weight.shape), weight.stride(), owner._version)
+    hit = _PACKED.get(key)
+    if hit is None or hit[0]() is not owner or hit[1] != sig:
+        alive = weakref.ref(owner, lambda _, key=key: _PACKED.pop(key, None))  # dropped with the Parameter
+        hit = _PACKED[key] = (alive, sig, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1))
+    return hit[2]
+
+
+def _quantized_row(m):
+    """x (K,) -> (N,) for an `Int4Linear` / `Int8Linear` straight on torch's CPU kernel (the one its forward reaches
+    through ops -> kernels, with the same bf16 rounding and bias), or None where that kernel does not apply. The
+    forward's argument checks and dispatch cost 45-65 us a call, 3-5x the kernel's own time on SmolLM2's shapes."""
+    from tinyformer.kernels import int4_mm, int8_mm
+    from tinyformer.qlinear import Int4Linear, Int8Linear
+    aten = torch.ops.aten
+    if type(m) is Int4Linear:
+        p = int4_mm._prepacked(m.weight_packed, m.scales, m.zeros, m.group_size)  # torch's layout, cached per weight
+        if not p.fast:
+            return None
+        kernel, packed, G, sz = aten._weight_int4pack_mm_for_cpu, p.packed, p.group_size, p.scale_and_zero
+        f = lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), packed, G, sz)[0].float().numpy()  # noqa: E731
+    elif type(m) is Int8Linear:
+        w = m.weight
+        if (not int8_mm._have("_weight_int8pack_mm") or m.n_in % int8_mm.INT8PACK_K_MULTIPLE
+                or not w.is_contiguous() or w.data_ptr() % 64):  # the cases int8_weight_only_matmul_cpu avoids
+            return None
+        kernel, scale = aten._weight_int8pack_mm, m.scale.to(torch.bfloat16)
+        f = lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), w, scale)[0].float().numpy()  # noqa: E731
+    else:
+        return None
+    if m.bias is None:
+        return f
+    b = m.bias.float().numpy()
+    return lambda x: f(x) + b
 
 
 class NumpyDecodeStep:
-    """One decode step of a batch-1 fp32 `DecoderLM` on numpy: the math of model.py's Stack/Block/Attention/
+    """One decode step of a batch-1 fp32 or bf16 `DecoderLM` on numpy: the math of model.py's Stack/Block/Attention/
     FeedForward for a single new position, on numpy views of the model's own weights and KV cache (no copies).
 
     Why: at batch 1 a decode step is ~120 matrix-vector products plus ~60 small ops per layer, each on a vector of a
@@ -134,45 +185,55 @@ class NumpyDecodeStep:
     sgemv on the (in, out)-contiguous weights `TransformerBase.pack_` lays out (unpacked weights work too, slower).
     A linear that is not a float `Linear` (a factored `LowRankLinear`) runs its own forward on a torch view.
     `generate` uses it inside `ops.cpu_decode` (torch on one thread while OpenBLAS has both cores) and tests check it
-    against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`."""
+    against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`.
+
+    bf16 models: the weights stay bf16 and every product is oneDNN's bf16 GEMV on a prepacked copy of the weight
+    (`_onednn_weight`; the activation is rounded to bf16 going in, fp32 accumulation), on torch's threads; the
+    residual stream, norms, rotary and attention run in fp32 (as llama.cpp runs its F16/BF16 models), so the logits
+    differ from the modules' all-bf16 forward by bf16 rounding. numpy has no bf16: the step keeps its own fp32 copy of
+    the KV cache (the cache's tensors are not updated past the prefill; `length` is)."""
 
     def __init__(self, model, cache):
         from tinyformer.model import _one_buffer
         stack = model.decoder
         cfg = model.config
-        self.cache, self.cfg = cache, cfg
-        self.wte = model.wte.detach().numpy()  # (V, C)
+        from tinyformer.qlinear import QuantLinear
+        self.cache, self.cfg, self.dtype = cache, cfg, model.wte.dtype
+        # numpy's sgemv (OpenBLAS threads; torch must then keep to one) for an all-float fp32 model; with quantized
+        # linears torch's int8/int4 kernels need torch's threads, so its F.linear does the fp32 products too
+        self.sgemv = self.dtype == torch.float32 and not any(isinstance(m, QuantLinear) for m in model.modules())
+        self.wte = model.wte.detach()  # (V, C): rows taken per token
         head = model.lm_head if model.lm_head is not None else model.wte
-        self.head = head.detach().T.numpy()  # (C, V)
-        self.wpe = stack.wpe.detach().numpy() if stack.wpe is not None else None
-        self.pe = stack.pe.numpy() if cfg.pos == "sinusoidal" else None
+        self.head = self._linear_of(head, [None], head)  # (C,) -> (V,)
+        self.wpe = _f32(stack.wpe) if stack.wpe is not None else None
+        self.pe = _f32(stack.pe) if cfg.pos == "sinusoidal" else None
         if cfg.pos == "rope":
-            self.cos, self.sin = stack.rope_cos.numpy(), stack.rope_sin.numpy()  # (P, Dh/2)
+            self.cos, self.sin = _f32(stack.rope_cos), _f32(stack.rope_sin)  # (P, Dh/2)
         self.final_norm = self._norm(stack.final_norm) if stack.final_norm is not None else None
         self.layers = []
         for i, b in enumerate(stack.blocks):
             a, f = b.attn, b.mlp
             proj = [a.wq, a.wk, a.wv]
             w = _one_buffer([m.weight for m in proj]) if all(type(m) is Linear for m in proj) else None
-            qkv = (self._linear_of(w, [m.bias for m in proj]) if w is not None
+            qkv = (self._linear_of(w, [m.bias for m in proj], a.wq.weight) if w is not None
                    else self._concat([self._linear(m) for m in proj]))
             if f.w3 is not None:
                 w = (_one_buffer([f.w1.weight, f.w3.weight]) if type(f.w1) is Linear and type(f.w3) is Linear
                      else None)
-                up = (self._linear_of(w, [f.w1.bias, f.w3.bias]) if w is not None
+                up = (self._linear_of(w, [f.w1.bias, f.w3.bias], f.w1.weight) if w is not None
                       else self._concat([self._linear(f.w1), self._linear(f.w3)]))
             else:
                 up = self._linear(f.w1)
             self.layers.append(dict(
                 pre=b.pre, norm1=self._norm(b.norm1), norm2=self._norm(b.norm2), qkv=qkv, wo=self._linear(a.wo),
                 up=up, down=self._linear(f.w2), act=f.act, H=a.n_head, Hkv=a.n_kv_head, D=a.head_dim, rope=a.rope,
-                K=cache.k[i].numpy()[0], V=cache.v[i].numpy()[0]))  # (Hkv, max_len, Dh) views of the cache
+                K=_f32(cache.k[i][0]), V=_f32(cache.v[i][0])))  # (Hkv, max_len, Dh): views of an fp32 cache
 
     # -- the pieces, each a function of one row (numpy) -----------------------------------------------------------
     @staticmethod
     def _norm(norm):
-        w = norm.weight.detach().numpy()
-        b = norm.bias.detach().numpy() if norm.bias is not None else None
+        w = _f32(norm.weight)
+        b = _f32(norm.bias) if norm.bias is not None else None
         eps = norm.eps
         if norm.kind == "rmsnorm":
             return lambda x: x * (w / math.sqrt(float(x @ x) / x.size + eps))
@@ -182,18 +243,28 @@ class NumpyDecodeStep:
             return y + b if b is not None else y
         return layer_norm
 
-    @staticmethod
-    def _linear_of(weight, biases):
-        """x (K,) @ weight (N, K)^T + bias, weight a transposed view of an (in, out)-contiguous tensor or not."""
+    def _linear_of(self, weight, biases, owner):
+        """x (K,) @ weight (N, K)^T + bias: numpy's sgemv on an fp32 weight (a transposed view of an (in, out)-
+        contiguous tensor or not), oneDNN's bf16 GEMV on a prepacked copy of a bf16 one (owner: the Parameter)."""
+        b = None if biases[0] is None else torch.cat([t.detach() for t in biases])  # (N,)
+        if weight.dtype == torch.bfloat16:
+            packed, linear = _onednn_weight(weight, owner), torch.ops.mkldnn._linear_pointwise
+            return lambda x: linear(torch.from_numpy(x)[None].bfloat16(), packed, b, "none", [], "")[0].float().numpy()
+        if not self.sgemv:
+            w = weight.detach()
+            return lambda x: F.linear(torch.from_numpy(x), w, b).numpy()
         wt = weight.detach().T.numpy()  # (K, N)
-        b = None if biases[0] is None else torch.cat([t.detach() for t in biases]).numpy()
+        b = b.numpy() if b is not None else None
         return (lambda x: x @ wt) if b is None else (lambda x: x @ wt + b)
 
-    @classmethod
-    def _linear(cls, m):
+    def _linear(self, m):
         if type(m) is Linear:
-            return cls._linear_of(m.weight, [m.bias])
-        return lambda x: m(torch.from_numpy(x)[None]).numpy()[0]  # any other linear: its own forward, (1, K) -> (K,)
+            return self._linear_of(m.weight, [m.bias], m.weight)
+        f = _quantized_row(m)
+        if f is not None:
+            return f
+        dtype = self.dtype  # any other linear: its own forward on a torch view, (K,) -> (1, K) -> (K,)
+        return lambda x: m(torch.from_numpy(x)[None].to(dtype)).float().numpy()[0]
 
     @staticmethod
     def _concat(fs):
@@ -206,7 +277,7 @@ class NumpyDecodeStep:
         pos = cache.length
         if pos >= cache.max_len or pos >= cfg.max_seq_len:
             raise ValueError(f"position {pos} is beyond the cache ({cache.max_len}) or max_seq_len={cfg.max_seq_len}")
-        x, cos, sin = self.wte[token].copy(), None, None  # (C,)
+        x, cos, sin = self.wte[token].to(torch.float32, copy=True).numpy(), None, None  # (C,): a copy, x += below
         if self.wpe is not None:
             x += self.wpe[pos]
         elif self.pe is not None:
@@ -219,7 +290,7 @@ class NumpyDecodeStep:
         if self.final_norm is not None:
             x = self.final_norm(x)
         cache.length += 1
-        return torch.from_numpy(x @ self.head)[None]  # (C,) @ (C, V) -> (1, V)
+        return torch.from_numpy(self.head(x))[None]  # (C,) -> (1, V)
 
     @staticmethod
     def _sublayer(x, L, norm, f):
