@@ -103,6 +103,37 @@ def test_schedule_matches_nanogpt():
     assert lr_at(cfg, 2000) == pytest.approx(1e-4) and lr_at(cfg, 5000) == 1e-4
 
 
+def test_auto_dtype_is_bf16_autocast_where_the_cpu_has_bf16(monkeypatch):
+    from tinyformer import train as tr
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)
+    ctx, scaler = tr._autocast(TrainConfig(), torch.device("cpu"))
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and not scaler
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)
+    ctx, _ = tr._autocast(TrainConfig(), torch.device("cpu"))
+    assert not isinstance(ctx, torch.autocast)  # fp32
+    ctx, _ = tr._autocast(TrainConfig(dtype="bfloat16"), torch.device("cpu"))  # asked for: always
+    assert isinstance(ctx, torch.autocast)
+
+
+def test_attention_under_cpu_bf16_autocast_computes_in_fp32():
+    """Training under CPU bf16 autocast, ops.attention runs SDPA in fp32 (its bf16 backward is ~4x slower): the output
+    is the fp32 result rounded to bf16 (up to ties), and the gradients are closer to fp32's than bf16's."""
+    from tinyformer import ops
+    from tinyformer.kernels import reference
+    torch.manual_seed(0)
+    q, k, v = [torch.randn(2, 4, 16, 32).bfloat16().requires_grad_() for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.attention(q, k, v, causal=True)
+    out.float().pow(2).sum().backward()
+    q32, k32, v32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(q32, k32, v32, causal=True)
+    ref.pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16
+    same = (out.float() == ref.bfloat16().float()).float().mean()  # bf16 SDPA matched only ~74% of the elements
+    assert same > 0.99  # (not 1.0: fp32 SDPA and the reference may round an element on either side of a tie)
+    assert (q.grad.float() - q32.grad).abs().max() < 0.03 * q32.grad.abs().max()
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "tinyformer", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900)  # generous: CI machines are shared
@@ -112,7 +143,8 @@ def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
     common = ["train", "--data", str(corpus / "prepared"), "--batch_size", "8", "--block_size", "32",
               "--max_iters", "12", "--lr_decay_iters", "12", "--warmup_iters", "2", "--eval_interval", "6",
               "--eval_iters", "2", "--log_interval", "1", "--n_layer", "1", "--n_head", "2", "--d_model", "32",
-              "--progress", "false", "--plot", "false"]
+              "--progress", "false", "--plot", "false",
+              "--dtype", "float32"]  # fp32: bf16 rounding (auto on CPUs with bf16) would hide what is compared
     one = _cli(*common, "--out_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
