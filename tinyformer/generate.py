@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyformer import ops
-from tinyformer.model import Linear
+from tinyformer.model import Linear, _one_buffer
+from tinyformer.qlinear import Int4Linear, Int8Linear, QuantLinear
 
 
 def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id):
@@ -151,7 +152,6 @@ def _quantized_row(m):
     through ops -> kernels, with the same bf16 rounding and bias), or None where that kernel does not apply. The
     forward's argument checks and dispatch cost 45-65 us a call, 3-5x the kernel's own time on SmolLM2's shapes."""
     from tinyformer.kernels import int4_mm, int8_mm
-    from tinyformer.qlinear import Int4Linear, Int8Linear
     aten = torch.ops.aten
     if type(m) is Int4Linear:
         p = int4_mm._prepacked(m.weight_packed, m.scales, m.zeros, m.group_size)  # torch's layout, cached per weight
@@ -181,11 +181,14 @@ class NumpyDecodeStep:
     Why: at batch 1 a decode step is ~120 matrix-vector products plus ~60 small ops per layer, each on a vector of a
     few hundred floats. On 2 CPU cores torch spends 3-15 us of dispatch on each small op and 10 us in F.linear's GEMV
     for every 1 us of numpy's; for SmolLM2-135M the small ops alone took ~10 ms a token through the modules, which is
-    as long as streaming a third of the weights. Here each layer is ~40 numpy calls, and every product is OpenBLAS's
-    sgemv on the (in, out)-contiguous weights `TransformerBase.pack_` lays out (unpacked weights work too, slower).
-    A linear that is not a float `Linear` (a factored `LowRankLinear`) runs its own forward on a torch view.
-    `generate` uses it inside `ops.cpu_decode` (torch on one thread while OpenBLAS has both cores) and tests check it
-    against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`.
+    as long as streaming a third of the weights. Here each layer is ~40 numpy calls, and the products are
+    - fp32 model: OpenBLAS's sgemv on the (in, out)-contiguous weights `TransformerBase.pack_` lays out (unpacked
+      weights work too, slower); `generate` runs it inside `ops.cpu_decode` (torch on one thread meanwhile);
+    - bf16 model: oneDNN's bf16 GEMV on torch's threads (below);
+    - `Int8Linear` / `Int4Linear`: torch's packed CPU kernels, called straight (`_quantized_row`); the float weights
+      of such a model (its head) go through F.linear, as torch's kernels need torch's threads;
+    - any other linear (a factored `LowRankLinear`): its own forward on a torch view.
+    Tests check it against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`.
 
     bf16 models: the weights stay bf16 and every product is oneDNN's bf16 GEMV on a prepacked copy of the weight
     (`_onednn_weight`; the activation is rounded to bf16 going in, fp32 accumulation), on torch's threads; the
@@ -194,10 +197,7 @@ class NumpyDecodeStep:
     the KV cache (the cache's tensors are not updated past the prefill; `length` is)."""
 
     def __init__(self, model, cache):
-        from tinyformer.model import _one_buffer
-        stack = model.decoder
-        cfg = model.config
-        from tinyformer.qlinear import QuantLinear
+        stack, cfg = model.decoder, model.config
         self.cache, self.cfg, self.dtype = cache, cfg, model.wte.dtype
         # numpy's sgemv (OpenBLAS threads; torch must then keep to one) for an all-float fp32 model; with quantized
         # linears torch's int8/int4 kernels need torch's threads, so its F.linear does the fp32 products too
@@ -306,7 +306,7 @@ class NumpyDecodeStep:
             qk = np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=1)  # (H+Hkv, Dh)
         K, V = L["K"], L["V"]  # (Hkv, max_len, Dh)
         K[:, pos] = qk[H:]
-        V[:, pos] = qkv[(H + Hkv) * D:].reshape(Hkv, D)
+        V[:, pos] = qkv[(H + Hkv) * D:].reshape(Hkv, D)  # (Hkv*Dh,) -> (Hkv, Dh)
         q = qk[:H].reshape(Hkv, H // Hkv, D)  # (Hkv, G, Dh): the G query heads that share each k/v head
         s = q @ K[:, :pos + 1].transpose(0, 2, 1)  # (Hkv, G, Dh) @ (Hkv, Dh, S) -> (Hkv, G, S)
         s *= D ** -0.5
