@@ -111,9 +111,9 @@ TRAIN_PRESETS = {
                          min_lr=2e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
                          eval_interval=500, eval_iters=8),
     # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py): a 50-minute budget on
-    # a 2-core CPU, not an iteration count (on a quiet machine with bf16 autocast a batch takes ~0.17 s: ~17k
-    # iterations, ~20 epochs, in 50 min; on a shared one, load ~11-17, it took 1.8-2.9 s: 1-2 epochs), so dropout 0.1
-    # against ~20 epochs of overfitting, a high peak lr and the cosine decay run over the wall-time budget; length
+    # a 2-core CPU, not an iteration count (on a quiet machine with bf16 autocast a batch takes ~0.19 s: ~15k
+    # iterations, ~18 epochs, in 50 min; on a shared one, load ~11-17, it took 1.8-2.9 s: 1-2 epochs), so dropout 0.1
+    # against 18 epochs of overfitting, a high peak lr and the cosine decay run over the wall-time budget; length
     # buckets cut the padding of a batch from ~49% to ~12%. Run it with 1 torch thread on a busy machine
     # (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
