@@ -36,10 +36,9 @@ def test_greedy_with_cache_equals_full_recompute_even_past_the_context(pos):
 
 
 def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
-    """generate's batch-1 decode of an fp32 model takes NumpyDecodeStep with torch on one thread (ops.cpu_decode),
+    """generate's batch-1 decode of an fp32 model takes NumpyDecodeStep with torch on one thread meanwhile,
     gives the tokens a full recompute gives, and hands torch its threads back; batch 2 does not take it."""
     from tinyformer import generate as gen
-    from tinyformer import ops
     torch.manual_seed(0)
     model = tiny(act="swiglu", pos="rope", n_kv_head=1).eval().pack_()
     ids = torch.randint(0, 30, (1, 5))
@@ -54,7 +53,7 @@ def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
     out = model.generate(ids, 12, temperature=0)
     assert torch.equal(out, greedy_no_cache(model, ids, 12))
     assert len(calls) == 11 and set(calls) == {1}  # every step after the prefill, while torch had one thread
-    assert torch.get_num_threads() == threads and not ops._numpy_gemv
+    assert torch.get_num_threads() == threads
     calls.clear()
     model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: the modules
     assert not calls
@@ -73,7 +72,6 @@ def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
 ])
 def test_numpy_decode_step_equals_the_modules(pos, act, norm, norm_position, bias, pack):
     """NumpyDecodeStep's logits and cache writes equal DecoderLM.forward's with a cache, step after step."""
-    from tinyformer.generate import NumpyDecodeStep
     model = tiny(pos=pos, act=act, norm=norm, norm_position=norm_position, bias=bias)
     if pack:
         model.pack_()
@@ -81,8 +79,8 @@ def test_numpy_decode_step_equals_the_modules(pos, act, norm, norm_position, bia
 
 
 def test_numpy_decode_step_on_factored_and_head_pruned_models():
-    """Low-rank linears run their own forward inside the numpy step; structured pruning leaves layers with other head
-    counts: both still equal the modules."""
+    """Low-rank linears run as their two thin linears inside the numpy step; structured pruning leaves layers with
+    other head counts: both still equal the modules."""
     from tinyformer.compress import lowrank_, prune_
     model = tiny(act="swiglu", n_layer=3, n_head=4, n_kv_head=4)
     prune_(model, 0.5, pattern="heads")

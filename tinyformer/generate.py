@@ -7,6 +7,7 @@ sequence is longer than the model's context).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from typing import Optional
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from tinyformer import ops
 from tinyformer.model import Linear, _one_buffer
-from tinyformer.qlinear import Int4Linear, Int8Linear, QuantLinear
+from tinyformer.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantLinear
 
 
 def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id):
@@ -84,7 +85,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     fast = B == 1 and mask is None and numpy_decodes(model)
     numpy_step = NumpyDecodeStep(model, cache) if fast else None  # batch-1 fp32/bf16 on CPU: decode steps on numpy
-    with ops.cpu_decode(fast and numpy_step.sgemv):  # numpy's sgemv on both cores: torch on one thread
+    with _one_torch_thread(fast and numpy_step.sgemv):  # numpy's sgemv has both cores
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
@@ -112,6 +113,22 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
         pad = result.new_full((B, input_ids.shape[1] + max_new_tokens - result.shape[1]), eos_token_id)
         result = torch.cat((result, pad), dim=1)
     return result
+
+
+@contextlib.contextmanager
+def _one_torch_thread(enabled: bool):
+    """Torch on one thread within (restored after): around `NumpyDecodeStep` for an fp32 model, whose products run on
+    numpy's BLAS (OpenBLAS sgemv, its own 2 threads) over the (in, out)-contiguous weights `TransformerBase.pack_`
+    lays out. Over SmolLM2-135M's 30 layers of weights numpy streamed 27 GB/s on 2 cores where torch's F.linear
+    streamed 14-17 GB/s (either layout). The one thread is not optional: OpenBLAS's and torch's OpenMP threads both
+    spin while they wait, and with both pools at 2 threads on 2 cores SmolLM2's decode fell from 21 to 3.9 tokens/s."""
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def numpy_decodes(model) -> bool:
@@ -183,11 +200,12 @@ class NumpyDecodeStep:
     for every 1 us of numpy's; for SmolLM2-135M the small ops alone took ~10 ms a token through the modules, which is
     as long as streaming a third of the weights. Here each layer is ~40 numpy calls, and the products are
     - fp32 model: OpenBLAS's sgemv on the (in, out)-contiguous weights `TransformerBase.pack_` lays out (unpacked
-      weights work too, slower); `generate` runs it inside `ops.cpu_decode` (torch on one thread meanwhile);
+      weights work too, slower); `generate` keeps torch on one thread meanwhile (`_one_torch_thread`);
     - bf16 model: oneDNN's bf16 GEMV on torch's threads (below);
     - `Int8Linear` / `Int4Linear`: torch's packed CPU kernels, called straight (`_quantized_row`); the float weights
       of such a model (its head) go through F.linear, as torch's kernels need torch's threads;
-    - any other linear (a factored `LowRankLinear`): its own forward on a torch view.
+    - a factored `LowRankLinear`: its two thin linears, one after the other, as above;
+    - any other linear: its own forward on a torch view.
     Tests check it against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`.
 
     bf16 models: the weights stay bf16 and every product is oneDNN's bf16 GEMV on a prepacked copy of the weight
@@ -260,6 +278,9 @@ class NumpyDecodeStep:
     def _linear(self, m):
         if type(m) is Linear:
             return self._linear_of(m.weight, [m.bias], m.weight)
+        if type(m) is LowRankLinear:  # b(a(x))
+            a, b = self._linear(m.a), self._linear(m.b)
+            return lambda x: b(a(x))
         f = _quantized_row(m)
         if f is not None:
             return f

@@ -380,7 +380,7 @@ class TransformerBase(nn.Module):
         """Lay the float weights out for fast batch-1 decoding on CPU (same values, other strides), in place.
 
         A decode step multiplies one row by every weight: it streams the weights from memory. Every float weight
-        becomes a transposed view of an (in, out)-contiguous tensor, the layout that `ops.linear`'s batch-1 path
+        becomes a transposed view of an (in, out)-contiguous tensor, the layout that generate's `NumpyDecodeStep`
         hands to numpy's BLAS (27 GB/s over SmolLM2's matrices on 2 cores, against 14-17 GB/s for torch's F.linear
         in either layout; for the 49152x576 output head alone torch's GEMV takes 5.1 ms on this layout, 10.4 ms on
         (out, in)). Projections that read the same input (q/k/v of self-attention; gate/up of SwiGLU) share one

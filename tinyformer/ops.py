@@ -84,44 +84,7 @@ def linear(x, weight, bias=None):
     if backend == "reference":
         y = x @ weight.T
         return y + bias if bias is not None else y
-    if (_numpy_gemv and x.dtype == torch.float32 and x.numel() == x.shape[-1] and weight.stride(0) == 1
-            and x.device.type == "cpu" and not torch.is_grad_enabled()):
-        return _gemv_numpy(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-_numpy_gemv = False  # set by cpu_decode()
-
-
-@contextlib.contextmanager
-def cpu_decode(enabled: bool = True):
-    """Batch-1 decoding of an fp32 model on CPU (`generate` enters this around `NumpyDecodeStep`): every float
-    matrix-vector product runs on numpy's BLAS (OpenBLAS sgemv, its own 2 threads) over the (in, out)-contiguous
-    weights that `TransformerBase.pack_` lays out — in the numpy step itself and, through `linear`, in any module it
-    hands a torch view to (factored linears) — and torch's own ops run on one thread meanwhile. Over SmolLM2-135M's
-    30 layers of weights numpy streamed 27 GB/s on 2 cores where torch's F.linear streamed 14-17 GB/s (either
-    layout). The one thread is not optional: OpenBLAS's and torch's OpenMP threads both spin while they wait, and
-    with both pools at 2 threads on 2 cores SmolLM2's decode fell from 21 to 3.9 tokens/s."""
-    global _numpy_gemv
-    if not enabled:
-        yield
-        return
-    threads, before = torch.get_num_threads(), _numpy_gemv
-    torch.set_num_threads(1)
-    _numpy_gemv = True
-    try:
-        yield
-    finally:
-        _numpy_gemv = before
-        torch.set_num_threads(threads)
-
-
-def _gemv_numpy(x, weight, bias):
-    """One fp32 row times an (in, out)-contiguous weight, on numpy's BLAS: (1, K) @ (K, N)."""
-    y = torch.from_numpy(x.detach().reshape(1, -1).numpy() @ weight.detach().T.numpy())  # (1, K) @ (K, N) -> (1, N)
-    if bias is not None:
-        y += bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])  # (1, N) -> (..., N)
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5):
