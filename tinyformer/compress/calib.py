@@ -120,14 +120,14 @@ def _first_block_inputs(model, stack, parts, batch_size):
 def unfused(module):
     """Within: every projection of `module`'s attention and feed-forward layers runs as its own module call (no
     one-product q/k/v or gate/up), so forward hooks on each linear see its input."""
-    fused = [m for m in module.modules() if isinstance(m, (Attention, FeedForward))]
-    for m in fused:
+    before = [(m, m.fuse) for m in module.modules() if isinstance(m, (Attention, FeedForward))]
+    for m, _ in before:
         m.fuse = False
     try:
         yield
     finally:
-        for m in fused:
-            m.fuse = True
+        for m, fuse in before:
+            m.fuse = fuse
 
 
 @torch.no_grad()
