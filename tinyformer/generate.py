@@ -83,7 +83,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     cache = model.new_cache(B, min(ctx, input_ids.shape[1] + max_new_tokens))  # no bigger than needed
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    fast = B == 1 and mask is None and numpy_decodes(model)
+    fast = B == 1 and mask is None and max_new_tokens > 1 and numpy_decodes(model)  # > 1: a decode step will run
     numpy_step = NumpyDecodeStep(model, cache) if fast else None  # batch-1 fp32/bf16 on CPU: decode steps on numpy
     with _one_torch_thread(fast and numpy_step.sgemv):  # numpy's sgemv has both cores
         for step in range(max_new_tokens):
