@@ -208,15 +208,12 @@ def run_model(which, args, rows):
         ppl = perplexity(model, evals)
         if row.name == "fp32":
             fp32_ppl = ppl
-        skipped = getattr(model, "quantization_skipped", [])
         r = dict(timestamp=now(), machine=machine_name(), versions=versions(), threads=torch.get_num_threads(),
                  model=label, row=row.name, section=row.section, description=row.description, ppl=round(ppl, 4),
                  ppl_delta_pct=round(100 * (ppl / fp32_ppl - 1), 2) if fp32_ppl else "",
                  params=logical_params(model)[0], bytes=disk_bytes(model),
                  decode_tok_s=round(decode_rate(model, prompt), 2),
-                 compress_s=round(compress_s, 1), eval_tokens=evals.numel(), window=evals.shape[1],
-                 notes=f"{len(skipped)} linears left float (in-features not a multiple of the group)"
-                 if skipped else "")
+                 compress_s=round(compress_s, 1), eval_tokens=evals.numel(), window=evals.shape[1], notes="")
         print(f"  {row.name}: ppl {ppl:.3f} ({r['ppl_delta_pct']}%), compress {compress_s:.0f} s, "
               f"eval {time.perf_counter() - t1:.0f} s", flush=True)
         if not args.no_csv:

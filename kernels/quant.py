@@ -20,8 +20,11 @@ The rules (one place, reused everywhere):
 - Granularity, for a 2-D weight (N, K) (rows = output channels, as nn.Linear stores them):
     group_size=None -> per tensor: scale and zero are 0-d tensors;
     group_size=-1   -> per channel (per row): shape (N,);
-    group_size=G>0  -> per group of G consecutive columns of a row: shape (N, K // G), K % G == 0 (API.md's int4
-                       layout).
+    group_size=G>0  -> per group of G consecutive columns of a row: shape (N, ceil(K / G)) (API.md's int4 layout
+                       when G divides K). When G does not divide K the last group of each row is shorter (K mod G
+                       columns), as in GPTQ's reference code: SmolLM2's 576 inputs at G = 128 are 4 groups of 128 and
+                       one of 64. It is computed on the row padded with copies of its last value (`group_view`),
+                       which change neither that group's min, max nor absmax; the codes of the padding are dropped.
 - quantize: q = clamp(round(w / scale) + zero, qmin, qmax), round half to even (torch.round). Every w inside the
   range comes back by dequantize within scale / 2.
 - A group whose values are all zero (absmax 0, or so small that scale underflows) gets scale 1.0: its codes are zero
@@ -37,7 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["qrange", "choose_qparams", "quantize", "dequantize", "quantize_per_token_int8", "sqnr"]
+__all__ = ["qrange", "n_groups", "group_view", "choose_qparams", "quantize", "dequantize", "quantize_per_token_int8", "sqnr"]
 
 
 def qrange(bits: int) -> Tuple[int, int, torch.dtype]:
@@ -49,36 +52,56 @@ def qrange(bits: int) -> Tuple[int, int, torch.dtype]:
     return 0, 2 ** bits - 1, torch.uint8
 
 
+def n_groups(k: int, group_size: int) -> int:
+    """Groups of `group_size` columns in a row of k: ceil(k / group_size), the last one shorter when it does not
+    divide."""
+    return -(-k // group_size)
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w (N, K) as (N, n_groups, G), the ragged last group padded with copies of the row's last value (so its min, max
+    and absmax are its own); a view when G divides K."""
+    N, K = w.shape
+    pad = n_groups(K, group_size) * group_size - K
+    if pad:
+        w = torch.cat((w, w[:, -1:].expand(N, pad)), dim=1)  # (N, K) -> (N, K + pad)
+    return w.reshape(N, -1, group_size)  # (N, K/G, G)
+
+
 def _grouped(w: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
     """View w so that the last dim is one quantization group: per tensor (1, numel), per channel (N, K),
-    per group (N, K // G, G)."""
+    per group (N, ceil(K / G), G) (padded, see group_view)."""
     if group_size is None:
         return w.reshape(1, -1)  # (1, numel)
     if w.dim() != 2:
         raise ValueError(f"per-channel / per-group quantization needs a 2-D (N, K) tensor, got shape {tuple(w.shape)}")
-    N, K = w.shape
     if group_size == -1:
         return w  # (N, K)
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be None (per tensor), -1 (per channel) or a positive int, "
                          f"got {group_size!r}")
-    if K % group_size != 0:
-        raise ValueError(f"K={K} must be a multiple of group_size={group_size}")
-    return w.reshape(N, K // group_size, group_size)  # (N, K/G, G)
+    return group_view(w, group_size)
+
+
+def _ungrouped(g: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of _grouped: the grouped values back to `shape`, the padding of a ragged last group dropped."""
+    if len(shape) == 2 and g.dim() == 3:
+        return g.reshape(shape[0], -1)[:, :shape[1]]  # (N, K/G, G) -> (N, K)
+    return g.reshape(shape)
 
 
 def _param_shape(w_shape, group_size: Optional[int]):
-    """Shape of scale / zero: () per tensor, (N,) per channel, (N, K // G) per group."""
+    """Shape of scale / zero: () per tensor, (N,) per channel, (N, ceil(K / G)) per group."""
     if group_size is None:
         return ()
     if group_size == -1:
         return (w_shape[0],)
-    return (w_shape[0], w_shape[1] // group_size)
+    return (w_shape[0], n_groups(w_shape[1], group_size))
 
 
 def choose_qparams(w: torch.Tensor, bits: int, group_size: Optional[int] = None, symmetric: bool = True):
     """Round-to-nearest scale and zero point for w. Returns (scale, zero), both float32, shaped () per tensor,
-    (N,) per channel (group_size=-1) or (N, K // G) per group. Rules in the module docstring."""
+    (N,) per channel (group_size=-1) or (N, ceil(K / G)) per group. Rules in the module docstring."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
         raise TypeError(f"w must be a float tensor, got {got}")
@@ -124,7 +147,7 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     s = _expand(scale.float(), w.shape, group_size)
     z = _expand(zero.float(), w.shape, group_size)
     q = (torch.round(g / s) + z).clamp(qmin, qmax)
-    return q.to(dtype).reshape(w.shape)
+    return _ungrouped(q.to(dtype), w.shape)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -135,7 +158,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     g = _grouped(codes.float(), group_size)
     s = _expand(scale.float(), codes.shape, group_size)
     z = _expand(zero.float(), codes.shape, group_size)
-    return ((g - z) * s).reshape(codes.shape)
+    return _ungrouped((g - z) * s, codes.shape)
 
 
 def quantize_per_token_int8(x: torch.Tensor):

@@ -98,18 +98,21 @@ def test_numpy_decode_step_of_a_bf16_model():
     _assert_numpy_steps_match(model, tol=2e-2, fp32_model=fp32)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_numpy_decode_step_of_a_quantized_model(bits):
+@pytest.mark.parametrize("bits,d_model", [(8, 64), (4, 64), (4, 96)])  # 96 at group 64: a ragged last group
+def test_numpy_decode_step_of_a_quantized_model(bits, d_model):
     """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits."""
     from tinyformer.compress import quantize_
     from tinyformer.generate import _quantized_row
-    model = tiny(act="swiglu", d_model=64, bias=True)
-    quantize_(model, bits=bits, group_size=32)
+    model = tiny(act="swiglu", d_model=d_model, bias=True)
+    quantize_(model, bits=bits, group_size=32 if d_model == 64 else 64)
     assert _quantized_row(model.decoder.blocks[0].attn.wq) is not None  # the direct kernel path, not the fallback
-    _assert_numpy_steps_match(model.pack_(), tol=1e-4)
+    # the kernels round their input to bf16: a 1e-7 fp32 difference between the step's and the modules' input (norms
+    # summed in another order) can flip one rounding by an ulp (2^-8 relative); seen: 2.4e-4 on these logits and
+    # 1.9e-3 (0.4%) on a cached key
+    _assert_numpy_steps_match(model.pack_(), tol=1e-3, cache_tol=2 ** -6)
 
 
-def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None):
+def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None, cache_tol=None):
     from tinyformer.generate import NumpyDecodeStep
     ids = torch.randint(0, 30, (1, 6))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -131,7 +134,7 @@ def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None):
         assert ours.length == ref.length == 11
         if model.wte.dtype == torch.float32:  # the step wrote the cache's own tensors
             for a, b in zip(ours.k + ours.v, ref.k + ref.v):
-                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+                torch.testing.assert_close(a, b, rtol=cache_tol or tol, atol=cache_tol or tol)
         with pytest.raises(ValueError, match="beyond the cache"):
             step(1)
     for k, v in model.state_dict().items():  # decoding never writes into the weights

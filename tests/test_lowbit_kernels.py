@@ -62,12 +62,13 @@ GRANULARITIES = [None, -1, 2, 32, 64, 128]  # per tensor, per channel, per group
 @QUICK
 @given(N=st.integers(1, 12), groups=st.integers(1, 3), bits=st.sampled_from([8, 4]),
        group_size=st.sampled_from(GRANULARITIES), symmetric=st.booleans(), shift=st.sampled_from([0.0, 2.0, -3.0]),
-       seed=st.integers(0, 2 ** 16))
-def test_quant_round_trip_within_half_a_step(N, groups, bits, group_size, symmetric, shift, seed):
-    K = groups * (group_size if group_size and group_size > 0 else 32)
+       short=st.integers(0, 127), seed=st.integers(0, 2 ** 16))
+def test_quant_round_trip_within_half_a_step(N, groups, bits, group_size, symmetric, shift, short, seed):
+    G = group_size if group_size and group_size > 0 else 32
+    K = groups * G - short % G  # short > 0: a ragged last group of G - short columns
     w = torch.randn(N, K, generator=gen(seed)) + shift  # shifted: asymmetric ranges
     scale, zero = quant.choose_qparams(w, bits, group_size, symmetric)
-    expected_shape = () if group_size is None else (N,) if group_size == -1 else (N, K // group_size)
+    expected_shape = () if group_size is None else (N,) if group_size == -1 else (N, groups)
     assert scale.shape == expected_shape and zero.shape == expected_shape
     assert (scale > 0).all() and torch.equal(zero, zero.round())  # integer zero points (0.0 is exact)
     q = quant.quantize(w, scale, zero, bits, group_size)
@@ -122,10 +123,25 @@ def test_quant_sqnr_floors(bits, group_size, symmetric, floor_db):
     assert db > floor_db
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quant_ragged_last_group_is_quantized_on_its_own_columns(symmetric):
+    w = torch.randn(6, 100) + 1.0  # groups of 64: one of 64 columns, one of 36
+    w[:, 99] = 9.0  # the row's last value: the padding copies it, which must not widen that group's range
+    scale, zero = quant.choose_qparams(w, 4, 64, symmetric)
+    assert scale.shape == (6, 2) and quant.n_groups(100, 64) == 2
+    for cols, g in ((slice(0, 64), 0), (slice(64, 100), 1)):
+        s, z = quant.choose_qparams(w[:, cols], 4, -1, symmetric)  # per row over exactly the group's columns
+        assert torch.equal(scale[:, g], s) and torch.equal(zero[:, g], z)
+    q = quant.quantize(w, scale, zero, 4, 64)
+    assert q.shape == (6, 100)
+    assert torch.equal(q[:, 64:], quant.quantize(w[:, 64:], scale[:, 1:], zero[:, 1:], 4, 36))
+    assert quant.dequantize(q, scale, zero, 64).shape == (6, 100)
+
+
 def test_quant_bad_arguments():
     w = torch.randn(4, 96)
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        quant.choose_qparams(w, 4, 64)
+    with pytest.raises(ValueError, match="group_size must be"):
+        quant.choose_qparams(w, 4, 0)
     with pytest.raises(ValueError, match="bits"):
         quant.choose_qparams(w, 9)
     with pytest.raises(TypeError):

@@ -175,7 +175,13 @@ def _quantized_row(m):
         if not p.fast:
             return None
         kernel, packed, G, sz = aten._weight_int4pack_mm_for_cpu, p.packed, p.group_size, p.scale_and_zero
-        f = lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), packed, G, sz)[0].float().numpy()  # noqa: E731
+        n, xp = m.n_in, np.zeros(m.k_pad, np.float32)  # x padded with zeros to whole groups, as Int4Linear.matmul
+
+        def f(x):
+            if xp.size != n:  # a ragged last group
+                xp[:n] = x
+                x = xp
+            return kernel(torch.from_numpy(x)[None].bfloat16(), packed, G, sz)[0].float().numpy()
     elif type(m) is Int8Linear:
         w = m.weight
         if (not int8_mm._have("_weight_int8pack_mm") or m.n_in % int8_mm.INT8PACK_K_MULTIPLE

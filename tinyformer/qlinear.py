@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tinyformer import ops
 from tinyformer.kernels import pack_int4
-from tinyformer.kernels.quant import choose_qparams, quantize
+from tinyformer.kernels.quant import choose_qparams, n_groups, quantize
 from tinyformer.model import Linear
 
 SCHEMES = ("int8", "w8a8", "int4", "lowrank")
@@ -92,23 +93,33 @@ class W8A8Linear(Int8Linear):
 
 class Int4Linear(QuantLinear):
     """Int4 weight-only: asymmetric codes 0..15 per group of `group_size` inputs, w = (q - zero) * scale, packed two
-    codes per byte (low nibble = even input)."""
+    codes per byte (low nibble = even input).
+
+    When group_size does not divide the in-features K, the last group is shorter (kernels.quant's rule) and the
+    buffers hold K_pad = n_groups * group_size columns (the padding's codes: the group's zero point, rounded) and the
+    forward pads x with zeros to K_pad, as the int4 kernels take whole groups: the padding adds nothing."""
 
     scheme = "int4"
 
     def __init__(self, n_out, n_in, bias, group_size: int = 128, dtype=torch.float32):
         super().__init__(n_out, n_in, bias, dtype)
-        if n_in % group_size:
-            raise ValueError(f"int4: in-features {n_in} must be a multiple of group_size {group_size}")
+        if not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
+            raise ValueError(f"int4: group_size must be a positive even int, got {group_size!r}")
         self.group_size = group_size
-        self.register_buffer("weight_packed", torch.zeros(n_out, n_in // 2, dtype=torch.uint8))  # (N, K/2)
-        self.register_buffer("scales", torch.ones(n_out, n_in // group_size))  # (N, K/G)
-        self.register_buffer("zeros", torch.zeros(n_out, n_in // group_size))  # (N, K/G)
+        G = n_groups(n_in, group_size)
+        self.k_pad = G * group_size
+        self.register_buffer("weight_packed", torch.zeros(n_out, self.k_pad // 2, dtype=torch.uint8))  # (N, Kp/2)
+        self.register_buffer("scales", torch.ones(n_out, G))  # (N, Kp/G)
+        self.register_buffer("zeros", torch.zeros(n_out, G))  # (N, Kp/G)
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, group_size, bias=None):
-        """From uint8 codes (N, K) in 0..15 and their (N, K/G) scales and zero points (RTN, GPTQ or AWQ)."""
+        """From uint8 codes (N, K) in 0..15 and their (N, ceil(K/G)) scales and zero points (RTN, GPTQ or AWQ)."""
         m = cls(*codes.shape, bias is not None, group_size, bias.dtype if bias is not None else torch.float32)
+        pad = m.k_pad - m.n_in
+        if pad:  # the ragged last group's padding: its zero point's code (clamped; float zeros rounded)
+            fill = zeros[:, -1:].round().clamp(0, 15).to(codes.dtype).expand(-1, pad)  # (N, pad)
+            codes = torch.cat((codes, fill), dim=1)  # (N, K) -> (N, Kp)
         m.weight_packed.copy_(pack_int4(codes))
         m.scales.copy_(scales)
         m.zeros.copy_(zeros)
@@ -123,6 +134,8 @@ class Int4Linear(QuantLinear):
         return cls.from_codes(codes, scales, zeros, group_size, bias)
 
     def matmul(self, x):
+        if self.k_pad != self.n_in:
+            x = F.pad(x, (0, self.k_pad - self.n_in))  # (M, K) -> (M, Kp)
         return ops.int4_linear(x, self.weight_packed, self.scales, self.zeros, self.group_size, self.bias)
 
     def spec(self):

@@ -42,8 +42,9 @@ primitives that take one weight (N, K) and what calibration knows about its inpu
 
 GPTQ, AWQ and SmoothQuant run block by block with `calib.blockwise`: each block's statistics are gathered on the
 outputs of the already-quantized blocks before it. What is quantized: every float `Linear` of the transformer blocks.
-Token embeddings and the output head (usually tied to them) stay in float. int4 layers whose in-features are not a
-multiple of group_size stay float; their names are left in `model.quantization_skipped`.
+Token embeddings and the output head (usually tied to them) stay in float. Where group_size does not divide a
+layer's in-features, its last group is shorter (`kernels.quant.group_view`; GPTQ's reference code does the same):
+SmolLM2-135M's 576-wide inputs at group 128 are four groups of 128 and one of 64.
 
 References: Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ" (arXiv:2210.17323) and IST-DASLab/gptq; Lin et al.
 2023, "AWQ" (arXiv:2306.00978) and mit-han-lab/llm-awq; Xiao et al. 2023, "SmoothQuant" (arXiv:2211.10438); Jacob et
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 
 from tinyformer import ops
 from tinyformer.compress.calib import InputStats, blockwise, check_calib
-from tinyformer.kernels.quant import choose_qparams, dequantize, qrange, quantize
+from tinyformer.kernels.quant import choose_qparams, dequantize, group_view, n_groups, qrange, quantize
 from tinyformer.model import Linear, Norm
 from tinyformer.qlinear import Int4Linear, Int8Linear, W8A8Linear, _set
 
@@ -89,33 +90,32 @@ def _check_weight(w, bits: int, group_size: int) -> int:
         raise ValueError(f"w must be a 2-D weight (N, K), got shape {tuple(w.shape)}")
     qrange(bits)  # bits in 2..8
     gs = _granularity(bits, group_size)
-    if gs != -1 and (not isinstance(gs, int) or gs <= 0 or w.shape[1] % gs):
-        raise ValueError(f"group_size must be a positive int dividing in-features {w.shape[1]}, got {group_size!r}")
+    if gs != -1 and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     return gs
 
 
 def qparams(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
             float_zero: bool = False, clip: Optional[torch.Tensor] = None):
-    """(scale, zero) float32 of w (N, K): (N,) for int8 (always symmetric, per channel), (N, K // G) for int4.
+    """(scale, zero) float32 of w (N, K): (N,) for int8 (always symmetric, per channel), (N, ceil(K / G)) for int4.
     `clip` (the shape of scale): the range [lo, hi] of each group is shrunk to [clip * lo, clip * hi] first.
     `float_zero`: asymmetric over [min, max] of the group with zero = -min / scale, not rounded (needs asymmetric)."""
     gs = _check_weight(w, bits, group_size)
     w = w.detach().float()
     if clip is not None:
         N, K = w.shape
-        if tuple(clip.shape) != ((N,) if gs == -1 else (N, K // gs)):
-            raise ValueError(f"clip must have the shape of the scales, {(N,) if gs == -1 else (N, K // gs)}, "
-                             f"got {tuple(clip.shape)}")
-        g = w.reshape(N, -1, K if gs == -1 else gs)  # (N, K/G, G); one group per row when per channel
+        shape = (N,) if gs == -1 else (N, n_groups(K, gs))
+        if tuple(clip.shape) != shape:
+            raise ValueError(f"clip must have the shape of the scales, {shape}, got {tuple(clip.shape)}")
+        g = group_view(w, K if gs == -1 else gs)  # (N, K/G, G); one group per row when per channel
         r = clip.float().reshape(N, -1, 1)  # (N, K/G, 1)
         lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
         if float_zero:
             lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        w = torch.minimum(torch.maximum(g, lo * r), hi * r).reshape(N, K)  # (N, K)
+        w = torch.minimum(torch.maximum(g, lo * r), hi * r).reshape(N, -1)[:, :K]  # (N, K/G, G) -> (N, K)
     if bits == 8 or not float_zero:
         return choose_qparams(w, bits, group_size=gs, symmetric=symmetric or bits == 8)
-    N, K = w.shape
-    g = w.reshape(N, K // gs, gs)  # (N, K/G, G)
+    g = group_view(w, gs)  # (N, K/G, G)
     lo, hi = g.amin(-1), g.amax(-1)  # (N, K/G)
     _, qmax, _ = qrange(bits)
     scale = (hi - lo) / qmax
@@ -127,16 +127,16 @@ def qparams(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bo
 def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False, float_zero: bool = False,
         clip: Optional[torch.Tensor] = None):
     """Round-to-nearest: (codes, scale, zero) of w (N, K); int8 codes (N, K) in -127..127 with scale (N,) and zero 0,
-    or uint8 codes 0..15 with (N, K // G) scales and zeros. dequantize(codes, scale, zero, G) gives the weight back."""
+    or uint8 codes 0..15 with (N, ceil(K / G)) scales and zeros. dequantize(codes, scale, zero, G) gives the weight back."""
     scale, zero = qparams(w, bits, group_size, symmetric, float_zero, clip)
     gs = _granularity(bits, group_size)
     if not float_zero or bits == 8:
         return quantize(w.detach().float(), scale, zero, bits, group_size=gs), scale, zero
     N, K = w.shape
-    g = w.detach().float().reshape(N, K // gs, gs)  # (N, K/G, G)
+    g = group_view(w.detach().float(), gs)  # (N, K/G, G)
     qmin, qmax, dtype = qrange(bits)
     codes = _round(g, scale[..., None], zero[..., None], qmin, qmax, True)
-    return codes.to(dtype).reshape(N, K), scale, zero  # codes (N, K/G, G) -> (N, K)
+    return codes.to(dtype).reshape(N, -1)[:, :K], scale, zero  # codes (N, K/G, G) -> (N, K)
 
 
 def _round(w, scale, zero, qmin, qmax, float_zero):
@@ -185,8 +185,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
     if gs == -1 or act_order:  # per-channel parameters, or static groups: chosen from the original weight
         scale, zero = qparams(W, bits, group_size, symmetric, float_zero)
     else:  # group parameters chosen as each group starts (below)
-        scale = torch.ones(N, K // gs, device=W.device)
-        zero = torch.zeros(N, K // gs, device=W.device)
+        scale = torch.ones(N, n_groups(K, gs), device=W.device)
+        zero = torch.zeros(N, n_groups(K, gs), device=W.device)
     scale2, zero2 = (scale[:, None], zero[:, None]) if gs == -1 else (scale, zero)  # (N, 1) or (N, K/G)
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(K, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]  # columns in quantization order
@@ -202,7 +202,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
         for i in range(i2 - i1):
             col = int(perm[i1 + i])  # the column's original index
             if gs > 0 and not act_order and col % gs == 0:  # a group starts: parameters from its current columns
-                cur = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]  # (N, G)
+                cur = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]  # (N, G), fewer for a ragged last group
                 s, z = qparams(cur, bits, gs, symmetric, float_zero)  # (N, 1) each
                 scale[:, col // gs], zero[:, col // gs] = s[:, 0], z[:, 0]
             g = 0 if gs == -1 else col // gs
@@ -268,24 +268,26 @@ def awq_clip(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: 
              float_zero: bool = False, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
     """AWQ's clip search: per (row, group) the range ratio r in 1, 1 - 1/n_grid, ... > 1 - max_shrink whose RTN weight
     has the lowest error dw_g H_gg dw_g^T (H_gg the group's diagonal block of H (K, K) or of a diagonal (K,)).
-    Returns the ratios, shaped like the scales ((N,) for int8, (N, K // G) for int4), to pass as `clip`."""
+    Returns the ratios, shaped like the scales ((N,) for int8, (N, ceil(K / G)) for int4), to pass as `clip`."""
     N, K = w.shape
     gs = _granularity(bits, group_size)
     G = K if gs == -1 else gs
+    n = n_groups(K, G)
     W = w.detach().float()
     h = hessian.to(W.device).float()
-    if h.dim() == 1:
-        Hb = torch.diag_embed(h.reshape(K // G, G))  # (K/G, G, G)
-    else:
-        Hb = torch.stack([h[j:j + G, j:j + G] for j in range(0, K, G)])  # (K/G, G, G) diagonal blocks
-    shape = (N,) if gs == -1 else (N, K // G)
-    best_err = torch.full((N, K // G), float("inf"), device=W.device)
-    best_r = torch.ones(N, K // G, device=W.device)
+    Hb = torch.zeros(n, G, G, device=W.device)  # (K/G, G, G) diagonal blocks; a ragged last one zero-padded
+    for j in range(n):
+        blk = h[j * G:(j + 1) * G]  # (g,) or (g, K), g <= G
+        g = blk.shape[0]
+        Hb[j, :g, :g] = torch.diag(blk) if h.dim() == 1 else blk[:, j * G:j * G + g]
+    shape = (N,) if gs == -1 else (N, n)
+    best_err = torch.full((N, n), float("inf"), device=W.device)
+    best_r = torch.ones(N, n, device=W.device)
     for i in range(max(1, int(round(max_shrink * n_grid)))):
         r = 1.0 - i / n_grid
         ratio = torch.full(shape, r, device=W.device)
         dw = (dequant(*rtn(W, bits, group_size, symmetric, float_zero, clip=ratio), bits, group_size) - W)
-        dw = dw.reshape(N, K // G, G)  # (N, K/G, G)
+        dw = F.pad(dw, (0, n * G - K)).reshape(N, n, G)  # (N, K) -> (N, K/G, G), a ragged last group zero-padded
         err = torch.einsum("ngi,gij,ngj->ng", dw, Hb, dw)  # (N, K/G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -469,16 +471,10 @@ class FakeQuantLinear(Linear):
 
 
 def prepare_qat_(model, bits: int = 4, group_size: int = 128, symmetric: bool = False, float_zero: bool = False):
-    """Swap every float Linear for a FakeQuantLinear (int4 layers whose in-features are not a multiple of group_size
-    stay float and are listed in model.quantization_skipped). Returns the model."""
+    """Swap every float Linear for a FakeQuantLinear. Returns the model."""
     _check_scheme(bits, group_size, symmetric, float_zero)
-    skipped = []
     for name, lin in _float_linears(model):
-        if bits == 4 and lin.weight.shape[1] % group_size:
-            skipped.append(name)
-            continue
         _set(model, name, FakeQuantLinear(lin, bits, group_size, symmetric, float_zero))
-    model.quantization_skipped = skipped
     return model
 
 
@@ -600,8 +596,6 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
     targets = _float_linears(model)
     if not targets:
         raise ValueError("the model has no float Linear layers to quantize (already quantized?)")
-    if bits == 4 and all(lin.weight.shape[1] % group_size for _, lin in targets):
-        raise ValueError(f"no layer's in-features is a multiple of group_size={group_size}")
     scheme = dict(bits=bits, group_size=group_size, symmetric=symmetric, float_zero=float_zero)
     if method == "qat":
         teacher = copy.deepcopy(model).eval() if model.config.arch == "encoder" else None
@@ -609,34 +603,21 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
         with torch.enable_grad():
             model.qat_losses = qat_finetune(model, calib, steps, lr, batch_size, seed, teacher)
         return convert_qat_(model)
-    skipped = []
-
-    def fits(block_or_model, name):
-        ok = bits == 8 or block_or_model.get_submodule(name).weight.shape[1] % group_size == 0
-        if not ok:
-            skipped.append(prefix.get(id(block_or_model), "") + name)
-        return ok
-
-    prefix = {id(m): (n + "." if n else "") for n, m in model.named_modules()}
     opts = dict(percdamp=percdamp, blocksize=blocksize, act_order=act_order, n_grid=n_grid, clip=clip, alpha=alpha,
                 activations=activations)
     if method in ("gptq", "awq", "smoothquant"):
         fn = {"gptq": _gptq_block, "awq": _awq_block, "smoothquant": _smoothquant_block}[method]
-        blockwise(model, calib, lambda block, stats: fn(block, stats, scheme, opts, fits), batch_size,
+        blockwise(model, calib, lambda block, stats: fn(block, stats, scheme, opts), batch_size,
                   hessian=method != "smoothquant", progress=progress)
     for name, lin in _float_linears(model):  # rtn, and any float linear outside the blocks
-        if fits(model, name):
-            codes, scale, zero = rtn(lin.weight, **scheme)
-            q = _module(codes, scale, zero, bits, group_size, lin.bias, activations)
-            _set(model, name, q.to(lin.weight.device))
-    model.quantization_skipped = sorted(set(skipped))
+        codes, scale, zero = rtn(lin.weight, **scheme)
+        q = _module(codes, scale, zero, bits, group_size, lin.bias, activations)
+        _set(model, name, q.to(lin.weight.device))
     return model
 
 
-def _gptq_block(block, stats, scheme, opts, fits):
+def _gptq_block(block, stats, scheme, opts):
     for group, _ in _plan(block, stats):
-        if not fits(block, group.names[0]):
-            continue
         codes, scale, zero = gptq(_stack(block, group.names), stats[group.names[0]].hessian, **scheme,
                                   percdamp=opts["percdamp"], blocksize=opts["blocksize"], act_order=opts["act_order"])
         _swap(block, group.names,
@@ -644,8 +625,8 @@ def _gptq_block(block, stats, scheme, opts, fits):
                                         lin.bias))
 
 
-def _awq_block(block, stats, scheme, opts, fits):
-    plan = [(g, f) for g, f in _plan(block, stats) if fits(block, g.names[0])]
+def _awq_block(block, stats, scheme, opts):
+    plan = _plan(block, stats)
     scales = {}
     for group, foldable in plan:  # 1. search and fold, row-folded groups first (input_groups' order)
         if foldable:
@@ -667,7 +648,7 @@ def _awq_block(block, stats, scheme, opts, fits):
                                         lin.bias))
 
 
-def _smoothquant_block(block, stats, scheme, opts, fits):
+def _smoothquant_block(block, stats, scheme, opts):
     plan = _plan(block, stats)
     smooth = {}
     for group, foldable in plan:  # fold where possible, else keep s as the module's run-time divisor
