@@ -95,14 +95,16 @@ def test_gptq_equals_rtn_when_hessian_is_identity(bits, gs, act_order):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bits,gs,act_order,sym", [(4, 32, False, False), (4, 128, False, False),
-                                                   (4, 128, True, False), (4, 32, False, True), (8, -1, False, True),
-                                                   (8, -1, True, True), (4, 96, False, False), (4, 96, True, False)])
-def test_gptq_beats_rtn_on_correlated_inputs(bits, gs, act_order, sym):
+@pytest.mark.parametrize("bits,gs,act_order,sym,clip", [
+    (4, 32, False, False, False), (4, 128, False, False, False), (4, 128, True, False, False),
+    (4, 32, False, True, False), (8, -1, False, True, False), (8, -1, True, True, False),
+    (4, 96, False, False, False), (4, 96, True, False, False),  # 256 = 96 + 96 + 64: a ragged last group
+    (4, 128, False, False, True), (4, 96, True, False, True), (8, -1, False, True, True)])  # ranges by clip search
+def test_gptq_beats_rtn_on_correlated_inputs(bits, gs, act_order, sym, clip):
     x = correlated_inputs()
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     w_rtn = dequant(*rtn(w, bits, gs, symmetric=sym), bits, gs)
-    codes, scale, zero = gptq(w, x.double().T @ x.double(), bits, gs, symmetric=sym, act_order=act_order)
+    codes, scale, zero = gptq(w, x.double().T @ x.double(), bits, gs, symmetric=sym, act_order=act_order, clip=clip)
     lo, hi = (-127, 127) if bits == 8 else (0, 15)
     assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert int(codes.min()) >= lo and int(codes.max()) <= hi

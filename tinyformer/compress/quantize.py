@@ -13,11 +13,13 @@ primitives that take one weight (N, K) and what calibration knows about its inpu
   error over the columns not yet quantized through the Cholesky factor of H^-1, H = 2/n sum x x^T (the result does
   not depend on H's scale: the damping is relative). Dead inputs (H_jj = 0) get H_jj = 1 and weight 0; damping
   `percdamp * mean(diag H)`; lazy batch updates in blocks of `blocksize` columns; group parameters chosen when a group
-  starts, from the already-updated weights (the paper's scheme). `act_order` quantizes columns by decreasing H_jj;
-  our int4 layout keeps groups contiguous in the original column order, so with act_order the group parameters are
-  computed up front from the original weight ("static groups", as AutoGPTQ/GPTQModel's static_groups option). On
-  SmolLM2-135M at g64 act_order matters: +25.2% perplexity without it, +14.6% with it (RTN: +27.9%), because a few
-  input channels carry most of H (benchmarks/compression.py).
+  starts, from the already-updated weights (the paper's scheme), their range by `awq_clip`'s search when `clip`
+  (quantize_'s default; GPTQ's reference Quantizer has the idea as its `mse` option). `act_order` quantizes columns
+  by decreasing H_jj; our int4 layout keeps groups contiguous in the original column order, so with act_order the
+  group parameters are computed up front from the original weight ("static groups", as AutoGPTQ/GPTQModel's
+  static_groups option). SmolLM2-135M (benchmarks/compression.py, all linears at group 128, RTN +32.8% perplexity):
+  min..max ranges +25.5%, with act_order +19.0% (a few input channels carry most of H); with the clip search +13.2%,
+  +13.6% with act_order as well.
 - `awq_search` (Lin et al. 2023, section 3.2): the input channels of W are scaled by s = s_x^alpha (normalised by
   sqrt(max s * min s)), alpha on a grid of `n_grid` points in [0, 1); the s whose quantized weight Q(W diag(s))
   diag(s)^-1 has the lowest output error tr(dW H dW^T) wins (alpha = 0 is s = 1, plain RTN, so the chosen s is never
@@ -166,9 +168,13 @@ def output_error(dw: torch.Tensor, hessian: torch.Tensor) -> float:
 # GPTQ
 @torch.no_grad()
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-         float_zero: bool = False, percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False):
+         float_zero: bool = False, percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
+         clip: bool = False, n_grid: int = 20):
     """GPTQ codes of w (N, K) given H = sum x x^T (K, K) of its inputs: (codes, scale, zero) as `rtn` returns them.
-    Each row is quantized independently with the same H, so linears that read the same input can be stacked."""
+    Each row is quantized independently with the same H, so linears that read the same input can be stacked.
+    `clip`: each group's range comes from `awq_clip`'s search (on the weights the group has when its parameters are
+    chosen, judged by H's diagonal block), not from its min and max (GPTQ's reference Quantizer has the same idea
+    as its `mse` option, judged there by the weights alone)."""
     gs = _check_weight(w, bits, group_size)
     N, K = w.shape
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (K, K):
@@ -183,7 +189,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
     if bits == 8:
         qmin = -qmax  # symmetric int8: -127..127, as rtn
     if gs == -1 or act_order:  # per-channel parameters, or static groups: chosen from the original weight
-        scale, zero = qparams(W, bits, group_size, symmetric, float_zero)
+        ratio = awq_clip(W, H, bits, group_size, symmetric, float_zero, n_grid) if clip else None
+        scale, zero = qparams(W, bits, group_size, symmetric, float_zero, ratio)
     else:  # group parameters chosen as each group starts (below)
         scale = torch.ones(N, n_groups(K, gs), device=W.device)
         zero = torch.zeros(N, n_groups(K, gs), device=W.device)
@@ -203,7 +210,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int 
             col = int(perm[i1 + i])  # the column's original index
             if gs > 0 and not act_order and col % gs == 0:  # a group starts: parameters from its current columns
                 cur = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :gs]  # (N, G), fewer for a ragged last group
-                s, z = qparams(cur, bits, gs, symmetric, float_zero)  # (N, 1) each
+                Hg = H[col:col + cur.shape[1], col:col + cur.shape[1]]  # (G, G): columns in original order here
+                ratio = awq_clip(cur, Hg, bits, gs, symmetric, float_zero, n_grid) if clip else None
+                s, z = qparams(cur, bits, gs, symmetric, float_zero, ratio)  # (N, 1) each
                 scale[:, col // gs], zero[:, col // gs] = s[:, 0], z[:, 0]
             g = 0 if gs == -1 else col // gs
             s, z = scale2[:, g], zero2[:, g]  # (N,)
@@ -567,9 +576,11 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
 
     bits=8: int8 per output channel (symmetric); with activations=True, W8A8 (method "rtn" or "smoothquant").
     bits=4: int4 per group of `group_size` inputs, asymmetric unless symmetric=True (float_zero: unrounded zero point).
-    method: "rtn" | "gptq" (act_order, percdamp, blocksize) | "awq" (n_grid, clip) | "smoothquant" (alpha) |
-    "qat" (steps, lr, batch_size, seed); every method but "rtn" needs calib, token ids (N, T) (a pair (src, tgt) for
-    encoder-decoders). batch_size is also the calibration batch of the block-by-block methods."""
+    method: "rtn" | "gptq" (act_order, percdamp, blocksize, clip, n_grid) | "awq" (n_grid, clip) |
+    "smoothquant" (alpha) | "qat" (steps, lr, batch_size, seed); every method but "rtn" needs calib, token ids (N, T)
+    (a pair (src, tgt) for encoder-decoders). batch_size is also the calibration batch of the block-by-block methods.
+    clip (GPTQ and AWQ): each group's range from `awq_clip`'s search instead of its min..max; on SmolLM2-135M at
+    group 128 it took GPTQ from +25.5% to +13.2% perplexity (RTN: +32.8%; benchmarks/compression.py)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_scheme(bits, group_size, symmetric, float_zero)
@@ -619,7 +630,8 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
 def _gptq_block(block, stats, scheme, opts):
     for group, _ in _plan(block, stats):
         codes, scale, zero = gptq(_stack(block, group.names), stats[group.names[0]].hessian, **scheme,
-                                  percdamp=opts["percdamp"], blocksize=opts["blocksize"], act_order=opts["act_order"])
+                                  percdamp=opts["percdamp"], blocksize=opts["blocksize"], act_order=opts["act_order"],
+                                  clip=opts["clip"], n_grid=opts["n_grid"])
         _swap(block, group.names,
               lambda rows, lin: _module(codes[rows], scale[rows], zero[rows], scheme["bits"], scheme["group_size"],
                                         lin.bias))
