@@ -35,6 +35,13 @@ does).
     python benchmarks/compression.py --only fp32,int8,int4-g128-gptq   # some rows
     python benchmarks/compression.py --quick                           # fp32, int8, int4 group 32: minutes
     python benchmarks/compression.py --model sotu-decoder --sotu-model out/sotu-decoder
+    python benchmarks/compression.py --sections all --model all       # issue #7's every figure (hours on 2 CPUs)
+
+Sections (`--sections`, default quantize): quantize (the rows here), prune, lowrank and distill, each run by its own
+script with its defaults for the chosen model(s): benchmarks/compression_prune.py (magnitude / Wanda / 2:4 /
+structured, on this protocol), compression_lowrank.py (SVD / ASVD / whitened SVD at 20% and 40% fewer parameters,
+before and after a fine-tune, on this protocol), compression_distill.py (Shakespeare half-depth student; MiniLM-L6 ->
+3 layers on BBC news); each writes its own CSV beside this one and prints its table.
 """
 from __future__ import annotations
 
@@ -215,6 +222,7 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("quantize", "prune", "lowrank", "distill")
 QUICK_ROWS = ("fp32", "int8", "int4-g32-rtn-fz")  # no calibration: three perplexity passes
 
 
@@ -230,9 +238,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--csv", type=Path, default=CSV)
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--sections", default="quantize",
+                    help="comma-separated: quantize, prune, lowrank, distill, or all (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help=f"only the rows {', '.join(QUICK_ROWS)} (`tinyformer bench "
                     "--quick`): the perplexity protocol in full, minutes instead of hours")
     args = ap.parse_args(argv)
+    sections = SECTIONS if args.sections == "all" else tuple(s for s in args.sections.split(",") if s)
+    if not sections or set(sections) - set(SECTIONS):
+        ap.error(f"--sections: expected some of {', '.join(SECTIONS)} or all, got {args.sections!r}")
     if args.quick and not args.only:
         args.only = ",".join(QUICK_ROWS)
     if args.threads:
@@ -243,11 +256,23 @@ def main(argv=None):
         ap.error(f"unknown rows {', '.join(unknown)}; rows: {', '.join(r.name for r in ROWS)}")
     rows = [r for r in ROWS if (r.name in names if names else r.default)]
     rows = [ROWS[0]] + [r for r in rows if r.name != "fp32"]  # every +% needs the fp32 perplexity of this run
-    results = []
-    for which in (["smollm2", "sotu-decoder"] if args.model == "all" else [args.model]):
-        results += run_model(which, args, rows)
-    if results:
-        print(markdown(results))
+    models = ["smollm2", "sotu-decoder"] if args.model == "all" else [args.model]
+    if "quantize" in sections:
+        results = []
+        for which in models:
+            results += run_model(which, args, rows)
+        if results:
+            print(markdown(results))
+    if "prune" in sections:
+        import compression_prune
+        compression_prune.main(["--models", *models, "--sotu-decoder", str(args.sotu_model)])
+    if "lowrank" in sections:
+        import compression_lowrank
+        for which in models:
+            compression_lowrank.main(["--model", which, "--sotu-model", str(args.sotu_model)])
+    if "distill" in sections:
+        import compression_distill
+        compression_distill.main([])
 
 
 if __name__ == "__main__":
