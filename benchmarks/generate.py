@@ -311,8 +311,8 @@ def main(argv=None):
               f"{r['wb'] / 2**20:10.0f} {r['gbs']:6.1f} {r['gbs'] / copy_bw:7.1%} {ceiling:13.1f} {ratio:>15s}")
 
     csv_path, stamp = Path(args.csv), now()
-    append_rows(csv_path, CSV_FIELDS, [dict(timestamp=stamp, machine=machine, versions=vers, threads=threads, model=path.name,
-                            impl=r["impl"], dtype=r["dtype"], batch=args.batch, prompt_tokens=args.prompt_tokens,
+    append_rows(csv_path, CSV_FIELDS, [dict(timestamp=stamp, machine=machine, versions=vers, threads=threads,
+                            model=path.name, impl=r["impl"], dtype=r["dtype"], batch=args.batch, prompt_tokens=args.prompt_tokens,
                             new_tokens=args.new_tokens, prefill_tok_s=f"{r['prefill']:.2f}",
                             decode_tok_s=f"{r['decode']:.2f}", decode_tok_s_best=f"{r['best']:.2f}",
                             weight_mb=f"{r['wb'] / 2**20:.1f}", gb_s=f"{r['gbs']:.2f}", mem_bw_gb_s=f"{copy_bw:.1f}",

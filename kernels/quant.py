@@ -40,7 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["qrange", "n_groups", "group_view", "choose_qparams", "quantize", "dequantize", "quantize_per_token_int8", "sqnr"]
+__all__ = ["qrange", "n_groups", "group_view", "choose_qparams", "quantize", "dequantize", "quantize_per_token_int8",
+           "sqnr"]
 
 
 def qrange(bits: int) -> Tuple[int, int, torch.dtype]:

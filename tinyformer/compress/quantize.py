@@ -129,7 +129,8 @@ def qparams(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bo
 def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False, float_zero: bool = False,
         clip: Optional[torch.Tensor] = None):
     """Round-to-nearest: (codes, scale, zero) of w (N, K); int8 codes (N, K) in -127..127 with scale (N,) and zero 0,
-    or uint8 codes 0..15 with (N, ceil(K / G)) scales and zeros. dequantize(codes, scale, zero, G) gives the weight back."""
+    or uint8 codes 0..15 with (N, ceil(K / G)) scales and zeros. dequantize(codes, scale, zero, G) gives the weight
+    back."""
     scale, zero = qparams(w, bits, group_size, symmetric, float_zero, clip)
     gs = _granularity(bits, group_size)
     if not float_zero or bits == 8:
