@@ -117,8 +117,8 @@ TRAIN_PRESETS = {
     # buckets cut the padding of a batch from ~49% to ~12%. Run it with 1 torch thread on a busy machine
     # (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
-                        lr_decay_iters=1_000_000, max_minutes=50, bucket_by_length=True, learning_rate=2e-3,
-                        min_lr=2e-5, warmup_iters=200, beta2=0.98, weight_decay=0.01, grad_clip=1.0, dropout=0.1,
+                        lr_decay_iters=1_000_000, max_minutes=50, bucket_by_length=True, learning_rate=1e-3,
+                        min_lr=1e-5, warmup_iters=200, beta2=0.98, weight_decay=0.01, grad_clip=1.0, dropout=0.1,
                         label_smoothing=0.1, eval_interval=250, eval_iters=10),
 }
 
