@@ -94,6 +94,10 @@ def main(argv=None):
         sampler.start()
         t0 = time.perf_counter()
         summary = train(cfg)
+        if summary.get("interrupted"):  # a signal stopped training: a checkpoint to --resume, nothing to score yet
+            sampler.stop()
+            raise SystemExit(f"training interrupted at iteration {summary['iters']}: continue with "
+                             f"`python benchmarks/g2p.py --out_dir {args.out_dir} --resume`")
         info = dict(iters=summary["iters"], train_s=round(before + time.perf_counter() - t0, 1),
                     val_loss=summary["val_loss"], threads=torch.get_num_threads(), **sampler.stop())
         record.write_text(json.dumps(info, indent=1))
