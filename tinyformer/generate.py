@@ -164,6 +164,16 @@ def _onednn_weight(weight, owner):
     return hit[2]
 
 
+def _zero_padded(f, n: int, k_pad: int):
+    """f over x (n,) written into the first n entries of a zero buffer (k_pad,) kept for every call."""
+    xp = np.zeros(k_pad, np.float32)
+
+    def padded(x):
+        xp[:n] = x
+        return f(xp)
+    return padded
+
+
 def _quantized_row(m):
     """x (K,) -> (N,) for an `Int4Linear` / `Int8Linear` straight on torch's CPU kernel (the one its forward reaches
     through ops -> kernels, with the same bf16 rounding and bias), or None where that kernel does not apply. The
@@ -175,13 +185,9 @@ def _quantized_row(m):
         if not p.fast:
             return None
         kernel, packed, G, sz = aten._weight_int4pack_mm_for_cpu, p.packed, p.group_size, p.scale_and_zero
-        n, xp = m.n_in, np.zeros(m.k_pad, np.float32)  # x padded with zeros to whole groups, as Int4Linear.matmul
-
-        def f(x):
-            if xp.size != n:  # a ragged last group
-                xp[:n] = x
-                x = xp
-            return kernel(torch.from_numpy(x)[None].bfloat16(), packed, G, sz)[0].float().numpy()
+        f = lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), packed, G, sz)[0].float().numpy()  # noqa: E731
+        if m.k_pad != m.n_in:  # a ragged last group: x padded with zeros to whole groups, as Int4Linear.matmul
+            f = _zero_padded(f, m.n_in, m.k_pad)
     elif type(m) is Int8Linear:
         w = m.weight
         if (not int8_mm._have("_weight_int8pack_mm") or m.n_in % int8_mm.INT8PACK_K_MULTIPLE
