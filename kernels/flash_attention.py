@@ -37,7 +37,7 @@ from typing import List, Optional
 import torch
 
 from .device import HAS_TRITON, INTERPRET, tl, triton  # noqa: F401  (HAS_TRITON: public)
-from .device import cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
+from .device import cdiv, cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
 from .reference import check_attention_args, sdpa_attention
 
 LOG2E = 1.4426950408889634
@@ -504,28 +504,34 @@ _GPU_TABLE = {
     ("decode", "sm90", 128, 64): [KernelConfig(64, 64, 8, 3)],
     ("decode", "sm90", 256, 64): [KernelConfig(64, 32, 8, 3)],
     # ---- backward dK/dV: BLOCK_M = query tile streamed, BLOCK_N = the K/V tile a program owns (its dK and dV
-    # accumulators live in registers). (32, 64) on 8 warps spilled 60 B at D=80 on sm_90 (252 regs at D=128);
-    # (16, 64): 211-224 regs on both.
+    # accumulators live in registers). (32, 64) on 8 warps spilled 60 B at D=80 on sm_90 (252 regs at D=128).
+    # D=128 was swept on an H100 (triton 3.6, bf16, B=4 H=16 T=4096 non-causal, 24 configs per kernel, the whole
+    # backward timed with do_bench while the other kernel kept its config): dK/dV (16, 64) on 8 warps / 2 stages
+    # 14.4 ms, (16, 128) on 8 warps / 3 stages 8.3 ms; the fastest, (64, 64) on 4 warps / 2 stages at 7.1 ms,
+    # spills 372-840 B with triton 3.9 (AOT), as every larger tile does, while (16, 128) w8 s3 does not. dQ: (64, 32)
+    # on 8 warps 14.6 ms, on 4 warps 11.1 ms (the fastest, (128, 64) w8 at 11.0, spills 32 B on sm_80). The whole
+    # forward + backward then ran at 1.04-1.09x SDPA's flash backend at T 4k/16k, causal and not (0.42-0.46x
+    # before). The sm_80 rows take the same configs, unmeasured (no A100 run).
     ("bwd_dkdv", "sm80", 16): [KernelConfig(32, 128, 4, 3)],  # 234 regs
     ("bwd_dkdv", "sm80", 32): [KernelConfig(32, 128, 8, 3)],  # 208 regs (4 warps: 252)
     ("bwd_dkdv", "sm80", 64): [KernelConfig(32, 128, 8, 3)],  # 236 regs
-    ("bwd_dkdv", "sm80", 128): [KernelConfig(16, 64, 8, 2)],  # 224 regs
+    ("bwd_dkdv", "sm80", 128): [KernelConfig(16, 128, 8, 3)],  # 255 regs
     ("bwd_dkdv", "sm80", 256): [KernelConfig(16, 32, 8, 2)],  # 220 regs
     ("bwd_dkdv", "sm90", 16): [KernelConfig(32, 128, 4, 3)],  # 234 regs
     ("bwd_dkdv", "sm90", 32): [KernelConfig(32, 128, 8, 3)],  # 194 regs
     ("bwd_dkdv", "sm90", 64): [KernelConfig(32, 128, 8, 3)],  # 219 regs
-    ("bwd_dkdv", "sm90", 128): [KernelConfig(16, 64, 8, 2)],  # 211 regs
+    ("bwd_dkdv", "sm90", 128): [KernelConfig(16, 128, 8, 3)],  # 250 regs
     ("bwd_dkdv", "sm90", 256): [KernelConfig(16, 32, 8, 2)],  # 210 regs
     # ---- backward dQ: BLOCK_M = the query tile a program owns, BLOCK_N = key tile streamed. 128-180 regs.
     ("bwd_dq", "sm80", 16): [KernelConfig(128, 32, 4, 3)],
     ("bwd_dq", "sm80", 32): [KernelConfig(128, 32, 4, 3)],
     ("bwd_dq", "sm80", 64): [KernelConfig(128, 32, 8, 3)],
-    ("bwd_dq", "sm80", 128): [KernelConfig(64, 32, 8, 2)],
+    ("bwd_dq", "sm80", 128): [KernelConfig(64, 32, 4, 2)],  # 240 regs
     ("bwd_dq", "sm80", 256): [KernelConfig(32, 32, 8, 2)],
     ("bwd_dq", "sm90", 16): [KernelConfig(128, 32, 4, 3)],
     ("bwd_dq", "sm90", 32): [KernelConfig(128, 32, 4, 3)],
     ("bwd_dq", "sm90", 64): [KernelConfig(128, 32, 8, 3)],
-    ("bwd_dq", "sm90", 128): [KernelConfig(64, 32, 8, 2)],
+    ("bwd_dq", "sm90", 128): [KernelConfig(64, 32, 4, 2)],  # 179 regs
     ("bwd_dq", "sm90", 256): [KernelConfig(32, 64, 8, 2)],  # (32, 32) spilled 8 B with the padding bias
 }
 # Under the interpreter a kernel costs ~ programs x loop iterations x a few ms of numpy: 32-row query tiles against
@@ -686,14 +692,14 @@ def plan(q, k, v, causal: bool = False, key_padding_mask=None, needs_grad: Optio
     if not needs_grad and Tq <= DECODE_MAX_TQ and Tk >= DECODE_MIN_TK:
         G = Hq // Hkv
         c = kernel_configs("decode", D, q.dtype, arch, rows=G * Tq)[0]
-        n_tiles = triton.cdiv(Tk, c.block_n)
+        n_tiles = cdiv(Tk, c.block_n)
         if q.is_cuda:  # enough splits for about two waves of programs over the SMs
-            base = B * Hkv * triton.cdiv(G * Tq, c.block_m)  # programs without splitting
-            splits = max(1, min(n_tiles, triton.cdiv(2 * _num_sms(_cuda_index(q.device)), base), DECODE_MAX_SPLITS))
+            base = B * Hkv * cdiv(G * Tq, c.block_m)  # programs without splitting
+            splits = max(1, min(n_tiles, cdiv(2 * _num_sms(_cuda_index(q.device)), base), DECODE_MAX_SPLITS))
         else:  # interpreter: the work is the same however it is split; 4 splits exercise the combine
             splits = min(n_tiles, 4)
-        chunk = triton.cdiv(n_tiles, splits) * c.block_n  # keys per split, whole tiles
-        return Plan("triton", "decode", c, triton.cdiv(Tk, chunk), chunk)
+        chunk = cdiv(n_tiles, splits) * c.block_n  # keys per split, whole tiles
+        return Plan("triton", "decode", c, cdiv(Tk, chunk), chunk)
     return Plan("triton", "flash", kernel_configs("fwd", D, q.dtype, arch, has_kpm=key_padding_mask is not None)[0])
 
 
@@ -726,11 +732,11 @@ def _flash_fwd(q, k, v, causal, scale, key_padding_mask, configs=None, do_bench=
             triton_next_pow2(Tq), triton_next_pow2(Tk), int(causal))
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_KPM=has_kpm, UPCAST=upcast, DOT_PREC=prec)
     if len(configs) > 1:
-        grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda m: (cdiv(Tq, m["BLOCK_M"]), B * Hq)  # noqa: E731
         _autotuned_fwd(tuple(configs), do_bench)[grid](*args, **meta)
     else:
         c = configs[0]
-        _attn_fwd_kernel[(triton.cdiv(Tq, c.block_m), B * Hq)](
+        _attn_fwd_kernel[(cdiv(Tq, c.block_m), B * Hq)](
             *args, **meta, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
     stats["flash_fwd"] += 1
     return o, lse
@@ -747,14 +753,14 @@ def _decode_fwd(q, k, v, causal, scale, key_padding_mask, p: Plan):
     lp = torch.empty((S, R), device=q.device, dtype=torch.float32)
     kpm, smb, smn, _ = _kpm_args(key_padding_mask, q)
     upcast, prec = _kernel_flags(q)
-    _attn_decode_kernel[(S, triton.cdiv(G * Tq, c.block_m), B * Hkv)](
+    _attn_decode_kernel[(S, cdiv(G * Tq, c.block_m), B * Hkv)](
         q, k, v, op, lp, kpm, *q.stride(), *k.stride(), *v.stride(), smb, smn,
         Hq, G, Tq, Tk, _causal_offset(causal, Tq, Tk), scale * LOG2E, p.chunk, R,
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         UPCAST=upcast, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
     o = torch.empty((B, Hq, Tq, D), device=q.device, dtype=q.dtype)  # contiguous: row r = (b * Hq + h) * Tq + i
     cc = kernel_configs("decode_combine", D, q.dtype, _arch(q.device))[0]
-    _attn_decode_combine_kernel[(triton.cdiv(R, cc.block_m),)](
+    _attn_decode_combine_kernel[(cdiv(R, cc.block_m),)](
         op, lp, o, S, R, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_S=max(2, triton_next_pow2(S)), BLOCK_R=cc.block_m,
         num_warps=cc.num_warps, num_stages=cc.num_stages)
     stats["decode_split_kv"] += 1
@@ -773,7 +779,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
 
     delta = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     c = kernel_configs("bwd_preprocess", D, q.dtype, arch)[0]
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, c.block_m), B * Hq)](
+    _attn_bwd_preprocess_kernel[(cdiv(Tq, c.block_m), B * Hq)](
         o, do, delta, *o.stride(), *do.stride(), Hq, Tq, **dims, BLOCK_M=c.block_m,
         num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -782,7 +788,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     c = kernel_configs("bwd_dkdv", D, q.dtype, arch)[0]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, c.block_n), B * Hkv)](
+    _attn_bwd_dkdv_kernel[(cdiv(Tk, c.block_n), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, kpm,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), smb, smn,
         *shape_args, **dims, **flags,
@@ -790,7 +796,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     c = kernel_configs("bwd_dq", D, q.dtype, arch)[0]
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, c.block_m), B * Hq)](
+    _attn_bwd_dq_kernel[(cdiv(Tq, c.block_m), B * Hq)](
         q, k, v, do, lse, delta, dq, kpm,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smn,
         *shape_args, **dims, **flags,
