@@ -3,7 +3,8 @@ torch's float matmul of the same shape, measured in the same run.
 
 On a CUDA GPU: the Triton kernels (`int8_matmul` with fp16 output, `quantize_per_token` + `int8_matmul`,
 `int8_weight_only_matmul` and `int4_matmul` with fp16 activations) against torch.matmul fp16 (cuBLAS, the anchor) and
-bf16, and torch._int_mm, timed with triton.testing.do_bench (median, 20th and 80th percentiles); TFLOP/s (TOPS for
+bf16, and torch._int_mm, timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph: the GPU work alone;
+`--timer launch`: do_bench, the Python launch path included) (median, 20th and 80th percentiles); TFLOP/s (TOPS for
 int8) = 2 M N K / t and GB/s = bytes of weight + activations + output / t. Default shapes: decode M = 1, 4, 16 and
 prefill M = 512, 1024, 4096 for (K, N) in (1024, 1024), (4096, 4096), (4096, 11008), (8192, 8192).
 On CPU (no interpreter: torch's own kernels, see kernels/int8_mm.py and kernels/int4_mm.py): each path with the
@@ -186,10 +187,14 @@ def summarize(times, stat):
     return (times[0] if stat == "min" else q(0.5)), q(0.2), q(0.8)
 
 
-def time_gpu(fn: Callable):
+def time_gpu(fn: Callable, timer: str):
+    """(median, p20, p80) ms. "graph": the calls replayed from a CUDA graph (do_bench_cudagraph), which times the
+    GPU work alone, as a decode loop captured in a graph runs it; "launch": triton's do_bench, which also counts
+    the Python launch path (its ~20-400 us per call dominates every small shape on a fast GPU)."""
     import triton.testing
-    ms, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return ms, p20, p80
+    if timer == "graph":
+        return tuple(triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8]))
+    return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
 
 
 ACT_BYTES = {"int8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
@@ -235,8 +240,8 @@ def run(args):
         check(paths, o, G)
         anchor_name = paths[0][0]
         if device == "cuda":
-            results = [(p, time_gpu(p[2])) for p in paths]
-            note = ""
+            results = [(p, time_gpu(p[2], args.timer)) for p in paths]
+            note = f"timer {args.timer}"
         else:  # rounds over all paths, so a burst of load from another process hits every path alike
             pooled = {i: [] for i in range(len(paths))}
             anchor_rounds = []
@@ -319,6 +324,8 @@ def parse(argv):
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="CPU: the time reported per path (default median; min on a shared machine)")
     ap.add_argument("--cpu", action="store_true", help="time the CPU paths even when a GPU is present")
+    ap.add_argument("--timer", choices=["graph", "launch"], default="graph",
+                    help="GPU: replay from a CUDA graph (default: GPU time alone) or time each Python launch")
     ap.add_argument("--results", default=DEFAULT_RESULTS, help="CSV file the rows are appended to")
     ap.add_argument("--plot", default=None, help="PNG path (default: the results path with .png)")
     ap.add_argument("--no-plot", action="store_true")

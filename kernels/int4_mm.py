@@ -16,9 +16,18 @@ depth BLOCK_K / 2 against the even and odd activation columns, spilled on sm_80 
 registers + 84 B of spill stores; 128x64x64 on 4 warps: 8 B) because the strided activation loads cannot be
 pipelined as copies; the interleaved single dot takes 194 and 208 registers there with no spill.
 
-Two paths, one kernel: decode (M <= 16): 16-row tiles and split-K (each program takes a range of whole groups;
-fp32 partials are summed afterwards), so a single token still spreads over the GPU instead of wasting a 64-row tile
-on a few programs; prefill (M > 16): 64/128-row tiles on the tensor cores, the whole epilogue in the kernel.
+Three paths, two kernels: one row (M = 1, a decode step): `_int4_gemv_kernel` on the CUDA cores, BLOCK_N outputs
+per program, split-K when the outputs alone leave the GPU idle; decode (2 <= M <= 16): 16-row tensor-core tiles
+and split-K (each program takes a range of whole groups; fp32 partials are summed afterwards), so a few tokens
+still spread over the GPU instead of wasting a 64-row tile on a few programs; prefill (M > 16): 64/128-row tiles on
+the tensor cores, the whole epilogue in the kernel. When K is a whole number of K tiles (EVEN_K: always for
+power-of-two groups >= 32) the loads carry no mask: a mask along k made ptxas emit one-byte loads of the weight.
+
+Measured on an H100 (triton 3.6, fp16 activations, G = 128, `python benchmarks/matmul.py`, timed from a CUDA graph
+against cuBLAS fp16 in the same run): 1 x 4096 @ 4096^2 13 us vs 10.6 (0.8x), 1 x 8192 @ 8192^2 35 us vs 47.5
+(1.35x), 1 x 4096 @ 4096 x 11008 24-27 us vs 35 (1.3-1.5x), 16 x 8192 @ 8192^2 37 us vs 48 (1.3x); prefill
+512 x 8192 @ 8192^2 244 us vs 103 (0.42x). Before the unmasked loads and the one-row kernel: 21.5, 68, 48, 72 and
+341 us. Far from the ~4x that 4-bit weights allow at batch 1 (MARLIN): the kernel moves 0.7-1 TB/s of weights.
 
 CPU without the interpreter: torch's `_weight_int4pack_mm_for_cpu` (AVX512 kernel; bf16 activations) on a weight
 repacked ONCE into torch's layout (`prepack_int4_cpu`, cached per weight by `int4_matmul`): their rule is
@@ -39,6 +48,7 @@ from typing import List
 
 import torch
 
+from .device import cdiv
 from .int8_mm import (DECODE_MAX_M, HAS_TRITON, INTERPRET, MatmulConfig, WeightCache, _tile_ids, arch_of, backend_of,
                       dot_flags, finish_splits, launch, matmul_configs, split_k, tl, triton)
 from .reference import (_need, check_int4_matmul_args, int4_matmul as _int4_matmul_ref, pack_int4,
@@ -57,7 +67,7 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
                         stride_os, stride_om, stride_on,
                         K_SPLIT,
-                        GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out tile (BLOCK_M, BLOCK_N) = x (M, K) @ dequant(w)^T over K columns [pid_k * K_SPLIT, min(.. + K_SPLIT, K)).
@@ -76,10 +86,14 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     for k in range(k_begin, k_end, BLOCK_K):
         kk = k + 2 * offs_j  # (BLOCK_K / 2,) even columns; kk + 1 < k_end whenever kk < k_end
         k_mask = kk < k_end
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k + offs_k)[None, :] * stride_xk,
-                    mask=(offs_k < k_end - k)[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_M, BLOCK_K)
-        packed = tl.load(w_ptr + (kk // 2)[:, None] * stride_wk + rn[None, :] * stride_wn,
-                         mask=k_mask[:, None], other=0)  # (BLOCK_K / 2, BLOCK_N) uint8
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k + offs_k)[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+        w_ptrs = w_ptr + (k // 2 + offs_j)[:, None] * stride_wk + rn[None, :] * stride_wn  # (BLOCK_K / 2, BLOCK_N)
+        if EVEN_K:  # every tile is whole: no mask, so the loads vectorize (a mask along k made them byte loads)
+            x = tl.load(x_ptrs).to(DOT_DTYPE)
+            packed = tl.load(w_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(offs_k < k_end - k)[None, :], other=0.0).to(DOT_DTYPE)
+            packed = tl.load(w_ptrs, mask=k_mask[:, None], other=0)  # uint8
         lo = (packed & 0xF).to(tl.float32)  # codes of columns 2j
         hi = (packed >> 4).to(tl.float32)  # codes of columns 2j + 1
         if GROUP_SIZE % BLOCK_K == 0:  # the whole tile lies in group k // G: one scale and zero per column
@@ -104,13 +118,69 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+                      N, K, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg, stride_os,
+                      K_SPLIT,
+                      GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row (M = 1): out[n] = sum_k x[k] * w[n, k] over K columns [pid_k * K_SPLIT, ..) for BLOCK_N
+    outputs, on the CUDA cores (a 16-row tensor-core tile would be 15/16 padding). The packed bytes are read as a
+    (BLOCK_N, BLOCK_K / 2) tile along each weight row (contiguous), the even and odd activation columns as two
+    vectors, so no interleave is needed: products accumulate elementwise in fp32 and are summed over k once, after
+    the loop. SPLIT_K == 1: + bias, stored in out's dtype; SPLIT_K > 1: fp32 partials at out + pid_k * stride_os."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N  # columns past N wrap around: in-bounds loads, dropped by the store mask
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile holds columns 2j (low nibble) and 2j + 1 (high)
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        kk = k + 2 * offs_j  # (BLOCK_K / 2,) even columns
+        k_mask = kk < k_end
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + (k // 2 + offs_j)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K / 2)
+        if EVEN_K:  # whole tiles: unmasked, vectorized loads
+            xe = tl.load(x_ptr + kk * stride_xk).to(tl.float32)[None, :]  # (1, BLOCK_K / 2)
+            xo = tl.load(x_ptr + (kk + 1) * stride_xk).to(tl.float32)[None, :]
+            packed = tl.load(w_ptrs)  # uint8
+        else:
+            xe = tl.load(x_ptr + kk * stride_xk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            xo = tl.load(x_ptr + (kk + 1) * stride_xk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            packed = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
+        lo = (packed & 0xF).to(tl.float32)
+        hi = (packed >> 4).to(tl.float32)
+        if GROUP_SIZE % BLOCK_K == 0:  # the whole tile lies in group k // G: one scale and zero per row
+            g = k // GROUP_SIZE
+            s = tl.load(scales_ptr + rn * stride_sn + g * stride_sg).to(tl.float32)[:, None]  # (BLOCK_N, 1)
+            z = tl.load(zeros_ptr + rn * stride_zn + g * stride_zg).to(tl.float32)[:, None]
+        else:  # groups smaller than the tile (or not dividing it): gather per (n, column pair)
+            g = kk // GROUP_SIZE  # 2j and 2j + 1 share a group since G is even
+            s = tl.load(scales_ptr + rn[:, None] * stride_sn + g[None, :] * stride_sg,
+                        mask=k_mask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K / 2)
+            z = tl.load(zeros_ptr + rn[:, None] * stride_zn + g[None, :] * stride_zg,
+                        mask=k_mask[None, :], other=0.0).to(tl.float32)
+        acc += (lo - z) * s * xe + (hi - z) * s * xo  # (q - zero) * scale, the reference's formula; masked x = 0
+    out = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn).to(tl.float32)
+    tl.store(out_ptr + pid_k * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 # ======================================================================================================================
 # Launcher (configs from int8_mm.matmul_configs, the one heuristic of the low-bit kernels)
 # ======================================================================================================================
+def int4_kind(M: int) -> str:
+    """i4_gemv (one row: the CUDA-core kernel), i4_decode (2-16 rows: 16-row tiles, split-K) or i4 (prefill)."""
+    return "i4_gemv" if M == 1 else "i4_decode" if M <= DECODE_MAX_M else "i4"
+
+
 def int4_configs(M: int, group_size: int, arch) -> List[MatmulConfig]:
-    """Candidates for this call: the table's i4 / i4_decode entries with block_k capped at the group size when the
+    """Candidates for this call: the table's entries for int4_kind(M) with block_k capped at the group size when the
     group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column)."""
-    cands = matmul_configs("i4_decode" if M <= DECODE_MAX_M else "i4", arch)
+    cands = matmul_configs(int4_kind(M), arch)
     if group_size >= 32 and group_size & (group_size - 1) == 0:
         cands = [MatmulConfig(c.block_m, c.block_n, min(c.block_k, group_size), c.num_warps, c.num_stages, c.group_m)
                  for c in cands]
@@ -129,17 +199,27 @@ def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
         splits, k_split = split_k(M, N, K, c0, x.device, align=align)
     else:
         splits, k_split = 1, K
-    dot_dtype, dot_prec = dot_flags(x.dtype, x.device)
     # interpreter: fp32 -> bf16 stores truncate there, so bf16 is stored as fp32 and rounded by torch
     buf_dtype = torch.float32 if splits > 1 or (x.dtype == torch.bfloat16 and x.device.type == "cpu") else x.dtype
     buf = torch.empty((splits, M, N), device=x.device, dtype=buf_dtype)  # (S, M, N): partials when S > 1
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    even_k = all(K % c.block_k == 0 for c in cands)  # then K_SPLIT and K are whole tiles for every candidate
+    if int4_kind(M) == "i4_gemv":
+        grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+        launch(_int4_gemv_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K"),
+               x, w_packed, scales, zeros, bias if bias is not None else scales, buf,
+               N, K, x.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0), scales.stride(1),
+               zeros.stride(0), zeros.stride(1), buf.stride(0), k_split,
+               GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits, EVEN_K=even_k)
+        return finish_splits(buf, bias, x.dtype)
+    dot_dtype, dot_prec = dot_flags(x.dtype, x.device)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     launch(_int4_matmul_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K"),
            x, w_packed, scales, zeros, bias if bias is not None else scales, buf,
            M, N, K, x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1),
            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
            buf.stride(0), buf.stride(1), buf.stride(2), k_split,
-           GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
+           GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits, EVEN_K=even_k, DOT_DTYPE=dot_dtype,
+           DOT_PREC=dot_prec)
     return finish_splits(buf, bias, x.dtype)
 
 
@@ -255,7 +335,7 @@ def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:
     splits = 1
     if M <= DECODE_MAX_M:
         splits = split_k(M, N, K, c, device, align=group_size if group_size % c.block_k == 0 else 1)[0]
-    return dict(backend="triton", kind="i4_decode" if M <= DECODE_MAX_M else "i4", config=c, splits=splits)
+    return dict(backend="triton", kind=int4_kind(M), config=c, splits=splits)
 
 
 # ======================================================================================================================
@@ -271,7 +351,7 @@ def aot_specs() -> List[dict]:
     if not HAS_TRITON:
         return []
     specs = []
-    for M, kind in ((1, "i4_decode"), (512, "i4")):
+    for M, kind in ((2, "i4_decode"), (512, "i4")):
         split = kind == "i4_decode"
         for G in AOT_GROUP_SIZES:
             for c in int4_configs(M, G, 80):
@@ -283,7 +363,7 @@ def aot_specs() -> List[dict]:
                            "stride_zn": "i32", "stride_zg": "constexpr", "stride_os": "i32", "stride_om": "i32",
                            "stride_on": "constexpr", "K_SPLIT": "i32"}
                     cx = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G,
-                              HAS_BIAS=not split, SPLIT_K=4 if split else 1,
+                              HAS_BIAS=not split, SPLIT_K=4 if split else 1, EVEN_K=True,
                               DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, DOT_PREC="ieee",
                               BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
                     sig.update({k: "constexpr" for k in cx})
@@ -295,4 +375,20 @@ def aot_specs() -> List[dict]:
                         divisible_by_16=["x_ptr", "w_ptr", "scales_ptr", "zeros_ptr", "bias_ptr", "out_ptr", "N",
                                          "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_os",
                                          "stride_om", "K_SPLIT"]))
+    for G in AOT_GROUP_SIZES:  # the one-row kernel: split-K fp32 partials, fp16/bf16 activations
+        for c in int4_configs(1, G, 80):
+            for ty in ("fp16", "bf16"):
+                sig = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
+                       "bias_ptr": f"*{ty}", "out_ptr": "*fp32", "N": "i32", "K": "i32", "stride_xk": "constexpr",
+                       "stride_wn": "i32", "stride_wk": "constexpr", "stride_sn": "i32", "stride_sg": "constexpr",
+                       "stride_zn": "i32", "stride_zg": "constexpr", "stride_os": "i32", "K_SPLIT": "i32"}
+                cx = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, GROUP_SIZE=G, HAS_BIAS=False,
+                          SPLIT_K=4, EVEN_K=True, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+                sig.update({k: "constexpr" for k in cx})
+                specs.append(dict(
+                    name=f"int4_mm.i4_gemv_{ty}_g{G}_{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}",
+                    fn=_int4_gemv_kernel, signature=sig, constexprs=cx, num_warps=c.num_warps,
+                    num_stages=c.num_stages, shipped_forward=True, targets=[80, 90],
+                    divisible_by_16=["x_ptr", "w_ptr", "scales_ptr", "zeros_ptr", "bias_ptr", "out_ptr", "N", "K",
+                                     "stride_wn", "stride_sn", "stride_zn", "stride_os", "K_SPLIT"]))
     return specs

@@ -45,7 +45,7 @@ import torch
 
 from .quant import quantize_per_token_int8
 from .device import HAS_TRITON, INTERPRET, tl, triton  # noqa: F401  (HAS_TRITON: public)
-from .device import cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
+from .device import cdiv, cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
 from .reference import _need, check_int8_matmul_args, int8_matmul as _int8_matmul_ref, int8_matmul_int32 as _int32_ref
 from .reference import check_int8_weight_only_args as _check_weight_only_args
 from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
@@ -97,7 +97,9 @@ def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
         k_mask = offs_k < K - k0  # the K tail is masked with 0, which adds nothing to an integer dot
         a = tl.load(a_ptrs, mask=k_mask[None, :], other=0)
         b = tl.load(b_ptrs, mask=k_mask[:, None], other=0)
-        acc = tl.dot(a, b, acc)  # int8 x int8 -> int32: exact (|acc| <= K * 2**14 < 2**31 for K < 131072)
+        # int8 x int8 -> int32: exact (|acc| <= K * 2**14 < 2**31 for K < 131072). out_dtype must be named: triton
+        # 3.6 defaults it to fp32 and rejects the int32 accumulator (seen on an H100), 3.9 infers it from acc
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -207,7 +209,10 @@ MAX_SPLITS = 32
 #   4 B on sm_90 with bf16 activations (80 registers; fp16 did not, 3 stages still did, 2 did not): replaced by
 #   16x64x256 with 3 stages (96 / 92 registers; a deeper K per load for a memory-bound GEMV).
 # - int4: see int4_mm's docstring (interleaving the dequantized nibbles into one dot removed the sm_80 spills);
-#   prefill <= 208 / 191 registers, decode <= 128 / 128.
+#   prefill <= 208 / 191 registers, decode <= 128 / 128. One row (i4_gemv, <= 80 registers): an H100 sweep over
+#   block_n 16-128, block_k 64/128, 2-8 warps (CUDA-graph timing, 4096^2, 8192^2, 4096 x 11008) put 64x128 on
+#   8 warps (8192^2: 35.1 us), 32x128 on 4 warps (4096^2: 12.7 us, 4096 x 11008: 24.1 us) and 128x64 on 8 warps
+#   first; the autotuner picks among them per layer shape.
 _GPU_TABLE = {
     "w8a8": [MatmulConfig(128, 128, 64, 8, 3), MatmulConfig(128, 128, 128, 8, 3), MatmulConfig(128, 64, 128, 4, 3),
              MatmulConfig(64, 128, 128, 4, 3), MatmulConfig(64, 64, 128, 4, 4)],
@@ -217,6 +222,8 @@ _GPU_TABLE = {
                   MatmulConfig(16, 32, 128, 2, 4)],
     "quant": [MatmulConfig(1, 0, 1024, 4, 1)],
     # int4_mm (weight-only int4, group-wise): block_k is capped at the group size by its launcher
+    # one row (block_m unused): block_n outputs x block_k columns, CUDA cores; no shared memory, so stages do nothing
+    "i4_gemv": [MatmulConfig(1, 64, 128, 8, 2), MatmulConfig(1, 32, 128, 4, 2), MatmulConfig(1, 128, 64, 8, 2)],
     "i4_decode": [MatmulConfig(16, 64, 128, 4, 4), MatmulConfig(16, 128, 128, 4, 3), MatmulConfig(16, 32, 128, 2, 4)],
     "i4": [MatmulConfig(64, 128, 64, 4, 3), MatmulConfig(128, 128, 64, 8, 3), MatmulConfig(128, 64, 64, 4, 3)],
 }
@@ -228,6 +235,7 @@ _INTERPRET_TABLE = {
     "wo": MatmulConfig(64, 64, 64, 4, 1),
     "wo_decode": MatmulConfig(16, 64, 64, 4, 1),
     "quant": MatmulConfig(1, 0, 256, 4, 1),
+    "i4_gemv": MatmulConfig(1, 32, 64, 4, 1),
     "i4_decode": MatmulConfig(16, 64, 64, 4, 1),
     "i4": MatmulConfig(64, 64, 64, 4, 1),
 }
@@ -254,14 +262,14 @@ def split_k(M: int, N: int, K: int, c: MatmulConfig, device: torch.device, align
     groups). About two waves of programs over the SMs on a GPU; 2 under the interpreter (the work is the same however
     it is split, and 2 exercises the partial sums)."""
     unit = c.block_k * align // _gcd(c.block_k, align)
-    units = triton.cdiv(K, unit)
+    units = cdiv(K, unit)
     if device.type == "cuda":
-        base = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
-        want = max(1, min(units, MAX_SPLITS, triton.cdiv(2 * _num_sms(_cuda_index(device)), base)))
+        base = cdiv(M, c.block_m) * cdiv(N, c.block_n)
+        want = max(1, min(units, MAX_SPLITS, cdiv(2 * _num_sms(_cuda_index(device)), base)))
     else:
         want = min(units, 2)
-    per = triton.cdiv(units, max(1, want))  # whole units per split; no split is left empty
-    return triton.cdiv(units, per), per * unit
+    per = cdiv(units, max(1, want))  # whole units per split; no split is left empty
+    return cdiv(units, per), per * unit
 
 
 def _gcd(a: int, b: int) -> int:
@@ -312,9 +320,14 @@ def dot_flags(x_dtype: torch.dtype, device: torch.device):
     return dot, prec
 
 
-def launch_kwargs(c: MatmulConfig) -> dict:
-    return dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, num_warps=c.num_warps,
-                num_stages=c.num_stages)
+def _tile_kwargs(fn, c: MatmulConfig) -> dict:
+    """The config's tile sizes that fn takes (the one-row int4 kernel has no BLOCK_M / GROUP_M)."""
+    tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+    return {k: v for k, v in tiles.items() if k in fn.arg_names}
+
+
+def launch_kwargs(fn, c: MatmulConfig) -> dict:
+    return dict(_tile_kwargs(fn, c), num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 # A timer for the autotuner: None = triton.testing.do_bench (GPU). Tests set a CPU timer, so the autotuned launch
@@ -325,8 +338,7 @@ AUTOTUNE_DO_BENCH = None
 @functools.lru_cache(maxsize=None)
 def autotuned(fn, cands: tuple, key: tuple, do_bench=None):
     """fn wrapped in triton.autotune over the heuristic's candidates, built on first use (never at import)."""
-    configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m},
-                             num_warps=c.num_warps, num_stages=c.num_stages) for c in cands]
+    configs = [triton.Config(_tile_kwargs(fn, c), num_warps=c.num_warps, num_stages=c.num_stages) for c in cands]
     return triton.autotune(configs=configs, key=list(key), do_bench=do_bench)(fn)
 
 
@@ -335,7 +347,7 @@ def launch(fn, grid_fn, cands: List[MatmulConfig], key: tuple, *args, **kwargs):
     `key`: the N, K, flags of a layer, so each layer shape is tuned once)."""
     if len(cands) == 1:
         c = cands[0]
-        fn[grid_fn(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n))](*args, **kwargs, **launch_kwargs(c))
+        fn[grid_fn(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n))](*args, **kwargs, **launch_kwargs(fn, c))
     else:
         autotuned(fn, tuple(cands), key, AUTOTUNE_DO_BENCH)[grid_fn](*args, **kwargs)
 
@@ -360,7 +372,7 @@ def _launch_int8_matmul(a, b, a_scale, b_scale, bias, out_dtype, epilogue: bool)
     c = torch.empty((M, N), device=a.device, dtype=store_dtype)
     if M == 0 or N == 0:
         return c.to(out_dtype) if epilogue else c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     a_scale = a_scale if epilogue else c  # dummy pointers when unused
     b_scale = b_scale if epilogue else c
     launch(_int8_matmul_kernel, grid, cands, ("N", "K", "HAS_BIAS", "EPILOGUE"),
@@ -395,7 +407,7 @@ def _launch_weight_only(x, w, w_scale, bias):
     # interpreter: fp32 -> bf16 stores truncate there, so bf16 is stored as fp32 and rounded by torch
     buf_dtype = torch.float32 if splits > 1 or (x.dtype == torch.bfloat16 and x.device.type == "cpu") else x.dtype
     buf = torch.empty((splits, M, N), device=x.device, dtype=buf_dtype)  # (S, M, N): partials when S > 1
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     launch(_int8_weight_only_kernel, grid, cands, ("N", "K", "HAS_BIAS", "SPLIT_K"),
            x, w, w_scale, bias if bias is not None else w_scale, buf,
            M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), buf.stride(0), buf.stride(1), buf.stride(2),

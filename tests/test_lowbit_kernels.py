@@ -361,6 +361,21 @@ def test_int4_decode_path_splits_k_and_matches():
     assert_close(got, reference.int4_matmul(x, w_packed, scales, zeros, G), 1e-5, 1e-4)
 
 
+@needs_triton
+@pytest.mark.parametrize("K,G", [(256, 32), (120, 10)])  # whole K tiles (unmasked loads) / a masked, gathered tail
+def test_int4_one_row_kernel_splits_k_and_matches(K, G):
+    """M = 1 takes the one-row CUDA-core kernel (its own tiles, split-K), with the bias added after the split sum."""
+    N = 70
+    p = int4_mm.plan(1, N, K, G, device=DEV)
+    assert p["kind"] == "i4_gemv" and p["splits"] > 1
+    g = gen(K + G)
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True)
+    x, bias = torch.randn(1, K, generator=g), torch.randn(N, generator=g)
+    got = int4_mm.int4_matmul(x.to(DEV), w_packed.to(DEV), scales.to(DEV), zeros.to(DEV), G, bias.to(DEV)).cpu()
+    want = reference.int4_matmul(x, w_packed, scales, zeros, G, bias)
+    assert_close(got, want, 1e-5, 1e-5 * _magnitude(x, reference.dequantize_int4(w_packed, scales, zeros, G)))
+
+
 # ======================================================================================================================
 # Bad input: a clear ValueError/TypeError before any launch
 # ======================================================================================================================
