@@ -510,7 +510,7 @@ _GPU_TABLE = {
     # 14.4 ms, (16, 128) on 8 warps / 3 stages 8.3 ms; the fastest, (64, 64) on 4 warps / 2 stages at 7.1 ms,
     # spills 372-840 B with triton 3.9 (AOT), as every larger tile does, while (16, 128) w8 s3 does not. dQ: (64, 32)
     # on 8 warps 14.6 ms, on 4 warps 11.1 ms (the fastest, (128, 64) w8 at 11.0, spills 32 B on sm_80). The whole
-    # forward + backward then ran at 1.04-1.09x SDPA's flash backend at T 4k/16k, causal and not (0.42-0.46x
+    # forward + backward then ran at 1.04-1.09x SDPA's flash backend at T 4k/16k, causal and not (0.36-0.44x
     # before). The sm_80 rows take the same configs, unmeasured (no A100 run).
     ("bwd_dkdv", "sm80", 16): [KernelConfig(32, 128, 4, 3)],  # 234 regs
     ("bwd_dkdv", "sm80", 32): [KernelConfig(32, 128, 8, 3)],  # 208 regs (4 warps: 252)
