@@ -44,6 +44,7 @@ Legend: M rows of activations, N output features, K input features, G group size
 """
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
 
+import math
 from typing import List
 
 import torch
@@ -187,18 +188,24 @@ def int4_configs(M: int, group_size: int, arch) -> List[MatmulConfig]:
     return list(dict.fromkeys(cands))
 
 
+def int4_splits(M: int, N: int, K: int, group_size: int, cands: List[MatmulConfig], device) -> tuple:
+    """(splits, K_SPLIT) for M <= 16 (prefill: one split). K_SPLIT is a multiple of every candidate's block_k (the
+    autotuner may pick any of them; with EVEN_K the tiles carry no mask, so none may cross a split's end) and, when
+    a tile fits in a group, of the group size (split ranges are whole groups)."""
+    if M > DECODE_MAX_M:
+        return 1, K
+    c0 = cands[0]
+    align = math.lcm(*(c.block_k for c in cands), group_size if group_size % c0.block_k == 0 else 1)
+    return split_k(M, N, K, c0, device, align=align)
+
+
 def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
     M, K = x.shape
     N = w_packed.shape[0]
     if M == 0 or N == 0 or K == 0:
         return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
     cands = int4_configs(M, group_size, arch_of(x.device))
-    c0 = cands[0]
-    if M <= DECODE_MAX_M:  # split ranges are whole groups when a tile fits in a group (then every tile does)
-        align = group_size if group_size % c0.block_k == 0 else 1
-        splits, k_split = split_k(M, N, K, c0, x.device, align=align)
-    else:
-        splits, k_split = 1, K
+    splits, k_split = int4_splits(M, N, K, group_size, cands, x.device)
     # interpreter: fp32 -> bf16 stores truncate there, so bf16 is stored as fp32 and rounded by torch
     buf_dtype = torch.float32 if splits > 1 or (x.dtype == torch.bfloat16 and x.device.type == "cpu") else x.dtype
     buf = torch.empty((splits, M, N), device=x.device, dtype=buf_dtype)  # (S, M, N): partials when S > 1
@@ -331,11 +338,9 @@ def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:
     device = torch.device(device)
     if backend_of(torch.empty(0, device=device), INTERPRET, "tinyformer.kernels.int4_mm") != "triton":
         return dict(backend="torch", kind="cpu", config=None, splits=1)
-    c = int4_configs(M, group_size, arch_of(device))[0]
-    splits = 1
-    if M <= DECODE_MAX_M:
-        splits = split_k(M, N, K, c, device, align=group_size if group_size % c.block_k == 0 else 1)[0]
-    return dict(backend="triton", kind=int4_kind(M), config=c, splits=splits)
+    cands = int4_configs(M, group_size, arch_of(device))
+    splits = int4_splits(M, N, K, group_size, cands, device)[0]
+    return dict(backend="triton", kind=int4_kind(M), config=cands[0], splits=splits)
 
 
 # ======================================================================================================================

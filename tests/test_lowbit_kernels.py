@@ -376,6 +376,16 @@ def test_int4_one_row_kernel_splits_k_and_matches(K, G):
     assert_close(got, want, 1e-5, 1e-5 * _magnitude(x, reference.dequantize_int4(w_packed, scales, zeros, G)))
 
 
+def test_int4_split_ranges_fit_every_autotune_candidate():
+    """The autotuner may pick any candidate, and whole-tile (unmasked) loads must not cross a split's end: K_SPLIT is
+    a multiple of every candidate's block_k, not only of the first one's."""
+    MC = int8_mm.MatmulConfig
+    cands = [MC(1, 64, 64, 4, 2), MC(1, 32, 128, 4, 2), MC(1, 128, 32, 8, 2)]
+    for K in (128 * 7, 128 * 33, 4096):
+        splits, k_split = int4_mm.int4_splits(1, 70, K, 32, cands, torch.device("cpu"))
+        assert splits > 1 and k_split % 128 == 0 and (splits - 1) * k_split < K <= splits * k_split
+
+
 # ======================================================================================================================
 # Bad input: a clear ValueError/TypeError before any launch
 # ======================================================================================================================
