@@ -111,15 +111,17 @@ TRAIN_PRESETS = {
                          min_lr=2e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
                          eval_interval=500, eval_iters=8),
     # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py): a 50-minute budget on
-    # a 2-core CPU, not an iteration count (on a quiet machine with bf16 autocast a batch takes 0.17-0.19 s: 15-18k
-    # iterations, 18-21 epochs, in 50 min; on a shared one, load ~11-17, it took 1.8-2.9 s: 1-2 epochs), so dropout
-    # 0.1 against ~20 epochs of overfitting, peak lr 1e-3 (2e-3 measured worse: WER 31.9% against 28.0%, beam 5) and
-    # the cosine decay run over the wall-time budget; length buckets cut the padding of a batch from ~49% to ~12%.
+    # a 2-core CPU, not an iteration count (on a quiet machine with bf16 autocast a batch takes 0.15-0.19 s: 15-20k
+    # iterations, 18-24 epochs, in 50 min; on a shared one, load ~11-17, it took 1.8-2.9 s: 1-2 epochs). No dropout:
+    # with 0.1 a batch took ~15% longer and the 50 minutes gave 17,874 iterations and WER 28.6% / 27.96% (greedy /
+    # beam 5) against 20,205 iterations and 27.9% / 27.56% without (validation loss then rises after ~15k
+    # iterations: 0.897 -> 0.91-0.93). Peak lr 1e-3 (2e-3 measured worse: WER 31.9% against 28.0%, beam 5) and the
+    # cosine decay run over the wall-time budget; length buckets cut the padding of a batch from ~49% to ~12%.
     # Run it with 1 torch thread on a busy machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread
     # against 15.8 s on two.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
                         lr_decay_iters=1_000_000, max_minutes=50, bucket_by_length=True, learning_rate=1e-3,
-                        min_lr=1e-5, warmup_iters=200, beta2=0.98, weight_decay=0.01, grad_clip=1.0, dropout=0.1,
+                        min_lr=1e-5, warmup_iters=200, beta2=0.98, weight_decay=0.01, grad_clip=1.0, dropout=0.0,
                         label_smoothing=0.1, eval_interval=250, eval_iters=10),
 }
 
