@@ -23,11 +23,12 @@ still spread over the GPU instead of wasting a 64-row tile on a few programs; pr
 the tensor cores, the whole epilogue in the kernel. When K is a whole number of K tiles (EVEN_K: always for
 power-of-two groups >= 32) the loads carry no mask: a mask along k made ptxas emit one-byte loads of the weight.
 
-Measured on an H100 (triton 3.6, fp16 activations, G = 128, `python benchmarks/matmul.py`, timed from a CUDA graph
-against cuBLAS fp16 in the same run): 1 x 4096 @ 4096^2 13 us vs 10.6 (0.8x), 1 x 8192 @ 8192^2 35 us vs 47.5
-(1.35x), 1 x 4096 @ 4096 x 11008 24-27 us vs 35 (1.3-1.5x), 16 x 8192 @ 8192^2 37 us vs 48 (1.3x); prefill
-512 x 8192 @ 8192^2 244 us vs 103 (0.42x). Before the unmasked loads and the one-row kernel: 21.5, 68, 48, 72 and
-341 us. Far from the ~4x that 4-bit weights allow at batch 1 (MARLIN): the kernel moves 0.7-1 TB/s of weights.
+Measured on an H100 (triton 3.6, fp16 activations, G = 128; timed from a CUDA graph against cuBLAS fp16 in the
+same run, as `python benchmarks/matmul.py` times them, in a config sweep: the benchmark itself was not rerun after
+this change): 1 x 4096 @ 4096^2 13 us vs 10.6 (0.8x), 1 x 8192 @ 8192^2 35 us vs 47.5 (1.35x), 1 x 4096 @
+4096 x 11008 24-27 us vs 35 (1.3-1.5x), 16 x 8192 @ 8192^2 37 us vs 48 (1.3x); prefill 512 x 8192 @ 8192^2 244 us
+vs 103 (0.42x). Before the unmasked loads and the one-row kernel: 21.5, 68, 48, 72 and 341 us. Far from the ~4x
+that 4-bit weights allow at batch 1 (MARLIN): the kernel moves 0.7-1 TB/s of weights.
 
 CPU without the interpreter: torch's `_weight_int4pack_mm_for_cpu` (AVX512 kernel; bf16 activations) on a weight
 repacked ONCE into torch's layout (`prepack_int4_cpu`, cached per weight by `int4_matmul`): their rule is
