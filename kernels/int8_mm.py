@@ -35,6 +35,7 @@ Legend: M rows of activations (tokens), N output features, K input features, S n
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
 
 import functools
+import math
 import os
 import warnings
 import weakref
@@ -261,7 +262,7 @@ def split_k(M: int, N: int, K: int, c: MatmulConfig, device: torch.device, align
     c.block_k and of `align` (int4: the group size when it is a multiple of block_k, so a tile never straddles two
     groups). About two waves of programs over the SMs on a GPU; 2 under the interpreter (the work is the same however
     it is split, and 2 exercises the partial sums)."""
-    unit = c.block_k * align // _gcd(c.block_k, align)
+    unit = math.lcm(c.block_k, align)
     units = cdiv(K, unit)
     if device.type == "cuda":
         base = cdiv(M, c.block_m) * cdiv(N, c.block_n)
@@ -270,12 +271,6 @@ def split_k(M: int, N: int, K: int, c: MatmulConfig, device: torch.device, align
         want = min(units, 2)
     per = cdiv(units, max(1, want))  # whole units per split; no split is left empty
     return cdiv(units, per), per * unit
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 # ======================================================================================================================
