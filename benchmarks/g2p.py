@@ -60,6 +60,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max_minutes", type=float, default=None, help="override the preset's training wall-time budget")
     p.add_argument("--max_iters", type=int, default=None, help="also stop at this many iterations")
+    p.add_argument("--ema_decay", type=float, default=None,
+                   help="override the preset's weight average (0 = none); with one, the trained weights are scored "
+                        "beside the average")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice). On a CPU shared with other jobs 1 thread ran ~9x "
                         "faster than 2 here: two threads spin-wait on each other when the cores are oversubscribed")
@@ -84,6 +87,8 @@ def main(argv=None):
         kw.update(max_minutes=args.max_minutes)
     if args.max_iters is not None:
         kw.update(max_iters=args.max_iters)
+    if args.ema_decay is not None:
+        kw.update(ema_decay=args.ema_decay)
     cfg = TrainConfig(**kw, preset="g2p-cmudict", out_dir=args.out_dir, resume=args.resume)
     record = Path(args.out_dir) / "g2p_train.json"  # what the evaluation needs to know about the training run
     if not args.eval_only:
@@ -107,21 +112,27 @@ def main(argv=None):
     print(f"training: {info['iters']} iterations in {info['train_s'] / 60:.1f} min with {info['threads']} thread(s), "
           f"load average {info['load_mean']} (max {info['load_max']}) on 2 cores")
 
-    model = tinyformer.load(args.out_dir)
+    model = tinyformer.load(args.out_dir)  # the saved model: the weight average when the run kept one
+    ckpt = torch.load(Path(args.out_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
+    models = {"saved": model}
+    if "ema" in ckpt:  # score the trained weights too, to see what averaging gave
+        models = {"average": model, "trained": tinyformer.load(args.out_dir)}
+        models["trained"].load_state_dict(ckpt["model"])
     data = resolve_data(cfg)
     rows = []
-    for beams in (1, args.num_beams):
-        t = time.perf_counter()
-        r = g2p_error_rates(model, data, "test", beams, limit=args.limit)
-        how = "greedy" if beams == 1 else f"beam{beams}"
-        rows.append(dict(timestamp=now(), machine=machine_name(), torch=torch.__version__,
-                         threads=info["threads"], decoding=how, params=model.num_params(), iters=info["iters"],
-                         train_min=f"{info['train_s'] / 60:.1f}", load_mean=info["load_mean"],
-                         wer_pct=f"{100 * r['wer']:.2f}", per_pct=f"{100 * r['per']:.2f}", test_words=r["words"],
-                         decode_s=f"{time.perf_counter() - t:.0f}"))
-        print(f"{how:>7}: WER {100 * r['wer']:.2f}%  PER {100 * r['per']:.2f}%  on {r['words']:,} test words "
-              f"(model {model.num_params() / 1e6:.2f}M params, {info['iters']} iterations in "
-              f"{info['train_s'] / 60:.1f} min; decoding took {time.perf_counter() - t:.0f} s)", flush=True)
+    for weights, m in models.items():
+        for beams in (1, args.num_beams):
+            t = time.perf_counter()
+            r = g2p_error_rates(m, data, "test", beams, limit=args.limit)
+            how = "greedy" if beams == 1 else f"beam{beams}"
+            rows.append(dict(timestamp=now(), machine=machine_name(), torch=torch.__version__,
+                             threads=info["threads"], decoding=how, params=m.num_params(), iters=info["iters"],
+                             train_min=f"{info['train_s'] / 60:.1f}", load_mean=info["load_mean"],
+                             wer_pct=f"{100 * r['wer']:.2f}", per_pct=f"{100 * r['per']:.2f}", test_words=r["words"],
+                             decode_s=f"{time.perf_counter() - t:.0f}", weights=weights))
+            print(f"{weights:>7} weights, {how:>7}: WER {100 * r['wer']:.2f}%  PER {100 * r['per']:.2f}%  on "
+                  f"{r['words']:,} test words (model {m.num_params() / 1e6:.2f}M params, {info['iters']} iterations "
+                  f"in {info['train_s'] / 60:.1f} min; decoding took {time.perf_counter() - t:.0f} s)", flush=True)
     append_rows(args.csv, list(rows[0]), rows)
     print(f"rows appended to {args.csv}")
 

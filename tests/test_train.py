@@ -85,14 +85,55 @@ def test_tiny_training_run_loss_decreases(corpus, tmp_path):
     assert model.tokenizer is not None and model.config.n_layer == 1
 
 
-def test_resume_ends_exactly_where_the_uninterrupted_run_ends(corpus, tmp_path):
-    full = train(_cfg(corpus, tmp_path / "full"))
-    train(_cfg(corpus, tmp_path / "part", max_iters=20))  # checkpoint at iteration 20...
-    resumed = train(_cfg(corpus, tmp_path / "part", resume=True))  # ...continued to 40
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_ends_exactly_where_the_uninterrupted_run_ends(corpus, tmp_path, ema_decay):
+    full = train(_cfg(corpus, tmp_path / "full", ema_decay=ema_decay))
+    train(_cfg(corpus, tmp_path / "part", max_iters=20, ema_decay=ema_decay))  # checkpoint at iteration 20...
+    resumed = train(_cfg(corpus, tmp_path / "part", resume=True, ema_decay=ema_decay))  # ...continued to 40
     assert resumed["val_loss"] == full["val_loss"]
+    assert resumed["ema_val_loss"] == full["ema_val_loss"]
+    assert (full["ema_val_loss"] is None) == (ema_decay == 0)
     a = [r["loss"] for r in _losses(tmp_path / "full") if "loss" in r]
     b = [r["loss"] for r in _losses(tmp_path / "part") if "loss" in r]
     assert a == b
+    import tinyformer
+    sa, sb = (tinyformer.load(tmp_path / d).state_dict() for d in ("full", "part"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    if ema_decay:  # resuming needs the average the checkpoint holds
+        train(_cfg(corpus, tmp_path / "plain", max_iters=20))
+        with pytest.raises(ValueError, match="holds no weight average"):
+            train(_cfg(corpus, tmp_path / "plain", resume=True, ema_decay=ema_decay))
+
+
+def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_path):
+    from tinyformer.train import WeightEMA
+    w = torch.nn.Parameter(torch.zeros(3))
+    m = torch.nn.Module()
+    m.w = w
+    ema = WeightEMA(m, 0.5)
+    expected = torch.zeros(3)
+    for n, value in enumerate([1.0, 2.0, 4.0, 8.0, 16.0]):
+        with torch.no_grad():
+            w.fill_(value)
+        ema.update()
+        d = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18..., then capped at 0.5
+        expected = d * expected + (1 - d) * value
+        assert torch.allclose(ema.average[0], expected), (n, ema.average[0], expected)
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.applied():
+            assert torch.equal(w.detach(), expected)
+            raise RuntimeError("inside")
+    assert torch.equal(w.detach(), torch.full((3,), 16.0))  # its own weights back, even after an error
+    # a run: model.safetensors holds the average, ckpt.pt the weights the optimizer trains
+    train(_cfg(corpus, tmp_path / "run", max_iters=20, ema_decay=0.9))
+    import tinyformer
+    saved = tinyformer.load(tmp_path / "run").state_dict()
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    names = [k for k, _ in tinyformer.load(tmp_path / "run").named_parameters()]
+    assert [torch.equal(saved[k], a) for k, a in zip(names, ckpt["ema"]["average"])] == [True] * len(names)
+    assert not all(torch.equal(saved[k], ckpt["model"][k]) for k in names)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_schedule_matches_nanogpt():

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,8 @@ class TrainConfig:
     grad_clip: float = 1.0           # 0 disables
     dropout: float = 0.0
     label_smoothing: float = 0.0     # encoder-decoder targets (Szegedy et al. 2016)
+    ema_decay: float = 0.0           # > 0: keep an exponential moving average of the weights (WeightEMA); the saved
+    #                                  model is the average, ckpt.pt keeps both, and evaluations report ema_val_loss
     mlm_probability: float = 0.15    # encoder masked-LM: share of positions predicted (BERT's 80/10/10 rule)
     eval_interval: int = 250
     eval_iters: int = 20
@@ -94,6 +96,8 @@ class TrainConfig:
             bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.mlm_probability < 1:
             bad("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", f"must be in [0, 1) (0 disables), got {self.ema_decay}")
 
 
 TRAIN_PRESETS = {
@@ -128,6 +132,48 @@ TRAIN_PRESETS = {
 
 class TrainingStopped(RuntimeError):
     """Raised when training cannot go on (non-finite loss with on_nan=stop); nothing poisoned was saved."""
+
+
+class WeightEMA:
+    """An exponential moving average of a model's trainable weights (Polyak & Juditsky 1992; the "EMA" model of
+    timm and of diffusion training): after each optimizer step, avg = d * avg + (1 - d) * w with
+    d = min(decay, (1 + n) / (10 + n)) at the n-th update, so the early average forgets the random init quickly
+    (TensorFlow's ExponentialMovingAverage with num_updates). With decay 0.999 it averages over ~1000 steps."""
+
+    def __init__(self, model, decay: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self):
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - d)
+        self.updates += 1
+
+    @contextmanager
+    def applied(self):
+        """Inside the block the model holds the averaged weights; after it, its own again (also on an error)."""
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, own)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        shapes = [tuple(t.shape) for t in state["average"]]
+        if shapes != [tuple(p.shape) for p in self.params]:
+            raise ValueError(f"the checkpoint's weight average holds {len(shapes)} tensors that do not match the "
+                             f"model's {len(self.params)} trainable weights")
+        with torch.no_grad():
+            torch._foreach_copy_(self.average, state["average"])
+        self.updates = state["updates"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,10 +353,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.set_rng_state(state["torch_rng"])
         it, best_val, evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
         last_eval = state["last_eval"]
+    raw_model = model  # the model itself, whatever torch.compile and DDP wrap it in below
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if state and ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"--resume with --ema_decay {cfg.ema_decay}: {ckpt_path} holds no weight average (its run "
+                             f"had none); resume without --ema_decay")
+        ema.load_state_dict(state["ema"])
     elapsed_before = state.get("elapsed_s", 0.0) if state else 0.0  # wall time of the runs this one resumes
     if master:
         out.mkdir(parents=True, exist_ok=True)
-    raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
@@ -344,10 +396,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                label_smoothing=cfg.label_smoothing)
 
     @torch.no_grad()
-    def evaluate():
+    def evaluate(splits=("train", "val")):
         model.eval()
         losses = {}
-        for split in ("train", "val"):
+        for split in splits:
             total = torch.zeros((), device=device)
             for _ in range(cfg.eval_iters):
                 total += loss_of(*batch(split))
@@ -364,9 +416,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 "best_val_loss": best_val, "evaluated_at": evaluated_at, "last_eval": last_eval,
                 "elapsed_s": elapsed_before + time.perf_counter() - run_t0,
                 "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
+                "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                **({"ema": ema.state_dict()} if ema is not None else {})}
         atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))  # the previous ckpt.pt stays until this is whole
-        save_model(raw_model, out, extra={"train": dataclasses.asdict(cfg)})
+        with ema.applied() if ema is not None else nullcontext():  # the model a user loads is the average
+            save_model(raw_model, out, extra={"train": dataclasses.asdict(cfg)})
 
     metrics = None
     if master:
@@ -396,13 +450,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 losses = evaluate()
                 evaluated_at = it
                 last_eval = dict(val_loss=losses["val"], train_loss=losses["train"])
+                if ema is not None:
+                    with ema.applied():
+                        last_eval["ema_val_loss"] = evaluate(("val",))["val"]
                 record.update(last_eval)
                 if losses["val"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, losses["val"])
                     if it > 0:
                         save_checkpoint()
                 if bar is not None:
-                    bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    ema_note = f", averaged weights {last_eval['ema_val_loss']:.4f}" if ema is not None else ""
+                    bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_note}")
             if it >= cfg.max_iters or time_up:
                 if time_up and master:
                     log(f"max_minutes={cfg.max_minutes} reached at iteration {it}")
@@ -433,6 +491,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             else:
                 scaler.step(optimizer)
                 scaler.update()
+                if ema is not None:
+                    ema.update()
             optimizer.zero_grad(set_to_none=True)
             t1 = time.perf_counter()
             dt, t0 = t1 - t0, t1
@@ -466,6 +526,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if not summary.get("interrupted"):
         save_checkpoint()
     summary.update(iters=it, val_loss=last.get("val_loss"), train_loss=last.get("train_loss"),
+                   ema_val_loss=last.get("ema_val_loss"),
                    tokens_per_s=(it - run_it0) * tokens_per_iter / elapsed if it > run_it0 else None,
                    seconds=elapsed)
     if master and cfg.plot and not summary.get("interrupted"):
