@@ -14,12 +14,15 @@ how much the split matters: its Transformer (2 layers, 256 wide) has 20.2% WER o
 a split of the latest CMUdict (more names and loanwords), where the Phonetisaurus WFST baseline has 33.9%. Target of
 issue #3: WER <= 25%, PER <= 6% within 60 minutes of training on the 2-core CPU.
 
-The training budget is wall time (TrainConfig.max_minutes, 50 in the preset): the run stops there, and the cosine
+The preset keeps an exponential moving average of the weights (TrainConfig.ema_decay); the saved model is the
+average, and this script scores the trained weights (ckpt.pt) beside it.
+
+The training budget is wall time (TrainConfig.max_minutes, 57 in the preset): the run stops there, and the cosine
 learning-rate decay runs over that time, so a slower (shared) machine does fewer iterations but still ends annealed.
 The machine's load average is sampled during the run and written next to the figures: on a shared machine the
 iteration count says more than the minutes.
 
-    python benchmarks/g2p.py --threads 1            # the full run (preset g2p-cmudict, 50 minutes)
+    python benchmarks/g2p.py --threads 1            # the full run (preset g2p-cmudict, 57 minutes)
     python benchmarks/g2p.py --max_minutes 3 --limit 500 --csv /tmp/g2p.csv   # a quick look
     python benchmarks/g2p.py --eval_only            # evaluate the run already in --out_dir again
 """
