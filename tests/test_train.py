@@ -134,6 +134,11 @@ def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_p
     assert not all(torch.equal(saved[k], ckpt["model"][k]) for k in names)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+    # at a learning rate too small to move an fp32 weight, the average is the weights: the same loss on the same
+    # validation batches
+    train(_cfg(corpus, tmp_path / "still", max_iters=20, ema_decay=0.9, learning_rate=1e-12, min_lr=0.0))
+    rows = [r for r in _losses(tmp_path / "still") if "val_loss" in r]
+    assert len(rows) == 2 and all(r["ema_val_loss"] == r["val_loss"] for r in rows), rows
 
 
 def test_schedule_matches_nanogpt():

@@ -398,16 +398,22 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                label_smoothing=cfg.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(splits=("train", "val")):
-        model.eval()
-        losses = {}
-        for split in splits:
+    def evaluate():
+        def mean_loss(split):
             total = torch.zeros((), device=device)
             for _ in range(cfg.eval_iters):
                 total += loss_of(*batch(split))
             if world > 1:
                 torch.distributed.all_reduce(total)
-            losses[split] = total.item() / (cfg.eval_iters * world)
+            return total.item() / (cfg.eval_iters * world)
+        model.eval()
+        losses = {"train": mean_loss("train")}
+        before_val = gen.get_state()
+        losses["val"] = mean_loss("val")
+        if ema is not None:  # the same validation batches again, through the averaged weights
+            gen.set_state(before_val)
+            with ema.applied():
+                losses["ema_val"] = mean_loss("val")
         model.train()
         return losses
 
@@ -453,8 +459,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 evaluated_at = it
                 last_eval = dict(val_loss=losses["val"], train_loss=losses["train"])
                 if ema is not None:
-                    with ema.applied():
-                        last_eval["ema_val_loss"] = evaluate(("val",))["val"]
+                    last_eval["ema_val_loss"] = losses["ema_val"]
                 record.update(last_eval)
                 if losses["val"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, losses["val"])
