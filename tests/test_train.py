@@ -127,9 +127,10 @@ def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_p
     # a run: model.safetensors holds the average, ckpt.pt the weights the optimizer trains
     train(_cfg(corpus, tmp_path / "run", max_iters=20, ema_decay=0.9))
     import tinyformer
-    saved = tinyformer.load(tmp_path / "run").state_dict()
+    loaded = tinyformer.load(tmp_path / "run")
+    saved = loaded.state_dict()
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    names = [k for k, _ in tinyformer.load(tmp_path / "run").named_parameters()]
+    names = [k for k, _ in loaded.named_parameters()]
     assert [torch.equal(saved[k], a) for k, a in zip(names, ckpt["ema"]["average"])] == [True] * len(names)
     assert not all(torch.equal(saved[k], ckpt["model"][k]) for k in names)
     with pytest.raises(ValueError, match="ema_decay"):
