@@ -64,8 +64,10 @@ def main(argv=None):
     p.add_argument("--max_minutes", type=float, default=None, help="override the preset's training wall-time budget")
     p.add_argument("--max_iters", type=int, default=None, help="also stop at this many iterations")
     p.add_argument("--ema_decay", type=float, default=None,
-                   help="override the preset's weight average (0 = none); with one, the trained weights are scored "
-                        "beside the average")
+                   help="replace the preset's weight average by an exponential one of this decay (0 = no average); "
+                        "with an average, the trained weights are scored beside it")
+    p.add_argument("--ema_power", type=float, default=None,
+                   help="replace the preset's weight average by a power-function one (TrainConfig.ema_power)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice). On a CPU shared with other jobs 1 thread ran ~9x "
                         "faster than 2 here: two threads spin-wait on each other when the cores are oversubscribed")
@@ -90,8 +92,12 @@ def main(argv=None):
         kw.update(max_minutes=args.max_minutes)
     if args.max_iters is not None:
         kw.update(max_iters=args.max_iters)
+    if args.ema_decay is not None and args.ema_power is not None:
+        p.error("--ema_decay and --ema_power choose two different weight averages: give one")
     if args.ema_decay is not None:
-        kw.update(ema_decay=args.ema_decay)
+        kw.update(ema_decay=args.ema_decay, ema_power=0.0)
+    if args.ema_power is not None:
+        kw.update(ema_power=args.ema_power, ema_decay=0.0)
     cfg = TrainConfig(**kw, preset="g2p-cmudict", out_dir=args.out_dir, resume=args.resume)
     record = Path(args.out_dir) / "g2p_train.json"  # what the evaluation needs to know about the training run
     if not args.eval_only:

@@ -85,24 +85,24 @@ def test_tiny_training_run_loss_decreases(corpus, tmp_path):
     assert model.tokenizer is not None and model.config.n_layer == 1
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_resume_ends_exactly_where_the_uninterrupted_run_ends(corpus, tmp_path, ema_decay):
-    full = train(_cfg(corpus, tmp_path / "full", ema_decay=ema_decay))
-    train(_cfg(corpus, tmp_path / "part", max_iters=20, ema_decay=ema_decay))  # checkpoint at iteration 20...
-    resumed = train(_cfg(corpus, tmp_path / "part", resume=True, ema_decay=ema_decay))  # ...continued to 40
+@pytest.mark.parametrize("average", [{}, {"ema_decay": 0.9}, {"ema_power": 2.0}])
+def test_resume_ends_exactly_where_the_uninterrupted_run_ends(corpus, tmp_path, average):
+    full = train(_cfg(corpus, tmp_path / "full", **average))
+    train(_cfg(corpus, tmp_path / "part", max_iters=20, **average))  # checkpoint at iteration 20...
+    resumed = train(_cfg(corpus, tmp_path / "part", resume=True, **average))  # ...continued to 40
     assert resumed["val_loss"] == full["val_loss"]
-    assert resumed["ema_val_loss"] == full["ema_val_loss"]
-    assert (full["ema_val_loss"] is None) == (ema_decay == 0)
+    assert resumed["ema_val_loss"] == full["ema_val_loss"]  # the power average needs its step count back too
+    assert (full["ema_val_loss"] is None) == (not average)
     a = [r["loss"] for r in _losses(tmp_path / "full") if "loss" in r]
     b = [r["loss"] for r in _losses(tmp_path / "part") if "loss" in r]
     assert a == b
     import tinyformer
     sa, sb = (tinyformer.load(tmp_path / d).state_dict() for d in ("full", "part"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    if ema_decay:  # resuming needs the average the checkpoint holds
+    if average:  # resuming needs the average the checkpoint holds
         train(_cfg(corpus, tmp_path / "plain", max_iters=20))
         with pytest.raises(ValueError, match="holds no weight average"):
-            train(_cfg(corpus, tmp_path / "plain", resume=True, ema_decay=ema_decay))
+            train(_cfg(corpus, tmp_path / "plain", resume=True, **average))
 
 
 def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_path):
@@ -135,11 +135,37 @@ def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_p
     assert not all(torch.equal(saved[k], ckpt["model"][k]) for k in names)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="ema_power"):
+        TrainConfig(ema_power=-1.0)
+    with pytest.raises(ValueError, match="one of them"):
+        TrainConfig(ema_decay=0.9, ema_power=4.0)
     # at a learning rate too small to move an fp32 weight, the average is the weights: the same loss on the same
     # validation batches
     train(_cfg(corpus, tmp_path / "still", max_iters=20, ema_decay=0.9, learning_rate=1e-12, min_lr=0.0))
     rows = [r for r in _losses(tmp_path / "still") if "val_loss" in r]
     assert len(rows) == 2 and all(r["ema_val_loss"] == r["val_loss"] for r in rows), rows
+
+
+@pytest.mark.parametrize("steps", [40, 400])
+def test_power_average_covers_the_same_share_of_any_run_length(steps):
+    # with d_t = (1 - 1/t)^(g+1), the t-th weights end up with (t/T)^(g+1) - ((t-1)/T)^(g+1) of the average after
+    # T steps (the products of d telescope): the first half of any run weighs exactly 0.5^(g+1)
+    from tinyformer.train import WeightEMA
+    g = 4.0
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ema = WeightEMA(m, power=g)
+    values = torch.randn(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            m.w[0] = values[t - 1]
+            m.w[1] = 1.0 if t <= steps // 2 else 0.0
+        ema.update()
+    share = [(t / steps) ** (g + 1) - ((t - 1) / steps) ** (g + 1) for t in range(1, steps + 1)]
+    assert float(ema.average[0][0]) == pytest.approx(float(torch.tensor(share, dtype=torch.float64) @ values), abs=1e-12)
+    assert float(ema.average[0][1]) == pytest.approx(0.5 ** (g + 1), abs=1e-12)
+    with pytest.raises(ValueError, match="one of decay and power"):
+        WeightEMA(m, decay=0.9, power=4.0)
 
 
 def test_schedule_matches_nanogpt():

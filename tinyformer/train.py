@@ -57,6 +57,9 @@ class TrainConfig:
     label_smoothing: float = 0.0     # encoder-decoder targets (Szegedy et al. 2016)
     ema_decay: float = 0.0           # > 0: keep an exponential moving average of the weights (WeightEMA); the saved
     #                                  model is the average, ckpt.pt keeps both, and evaluations report ema_val_loss
+    ema_power: float = 0.0           # > 0 (instead of ema_decay): a power-function average whose weight profile
+    #                                  grows as t^ema_power over the whole run, so it always covers the same share
+    #                                  of the run however many steps a time budget gives (WeightEMA)
     mlm_probability: float = 0.15    # encoder masked-LM: share of positions predicted (BERT's 80/10/10 rule)
     eval_interval: int = 250
     eval_iters: int = 20
@@ -98,6 +101,11 @@ class TrainConfig:
             bad("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1) (0 disables), got {self.ema_decay}")
+        if self.ema_power < 0:
+            bad("ema_power", f"must be >= 0 (0 disables), got {self.ema_power}")
+        if self.ema_power > 0 and self.ema_decay > 0:
+            bad("ema_power", f"cannot be combined with ema_decay {self.ema_decay}: they are two different weight "
+                             f"averages, set one of them")
 
 
 TRAIN_PRESETS = {
@@ -139,19 +147,27 @@ class TrainingStopped(RuntimeError):
 
 
 class WeightEMA:
-    """An exponential moving average of a model's trainable weights (Polyak & Juditsky 1992; the "EMA" model of
-    timm and of diffusion training): after each optimizer step, avg = d * avg + (1 - d) * w with
-    d = min(decay, (1 + n) / (10 + n)) at the n-th update, so the early average forgets the random init quickly
-    (TensorFlow's ExponentialMovingAverage with num_updates). With decay 0.999 it averages over ~1000 steps."""
+    """A moving average of a model's trainable weights (Polyak & Juditsky 1992; the "EMA" model of timm and of
+    diffusion training): after the t-th optimizer step (t = 1, 2, ...), avg = d * avg + (1 - d) * w, with either
 
-    def __init__(self, model, decay: float):
+    - decay D: d = min(D, t / (9 + t)), an exponential average over the last ~1 / (1 - D) steps whose early part
+      forgets the random init quickly (TensorFlow's ExponentialMovingAverage with num_updates); or
+    - power g: d = (1 - 1 / t) ** (g + 1), the power-function average of Karras et al. 2024 ("Analyzing and
+      improving the training dynamics of diffusion models", sec. 3.1): step s weighs ~(s / t) ** g in the average at
+      step t, so it covers a fixed share of the run however long the run is (at g = 4 the first half of the run
+      weighs 3%, 0.5 ** 5). Under a wall-time budget the step count depends on the machine; this average does not."""
+
+    def __init__(self, model, decay: float = 0.0, power: float = 0.0):
+        if (decay > 0) == (power > 0):
+            raise ValueError(f"WeightEMA takes one of decay and power, got decay={decay}, power={power}")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.average = [p.detach().clone() for p in self.params]
-        self.decay, self.updates = decay, 0
+        self.decay, self.power, self.updates = decay, power, 0
 
     @torch.no_grad()
     def update(self):
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        t = self.updates + 1
+        d = (1 - 1 / t) ** (self.power + 1) if self.power > 0 else min(self.decay, t / (9 + t))
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - d)
         self.updates += 1
 
@@ -168,7 +184,7 @@ class WeightEMA:
                 torch._foreach_copy_(self.params, own)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "average": self.average}
+        return {"updates": self.updates, "average": self.average}
 
     def load_state_dict(self, state: dict) -> None:
         shapes = [tuple(t.shape) for t in state["average"]]
@@ -358,11 +374,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         it, best_val, evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
         last_eval = state["last_eval"]
     raw_model = model  # the model itself, whatever torch.compile and DDP wrap it in below
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
     if state and ema is not None:
         if "ema" not in state:
-            raise ValueError(f"--resume with --ema_decay {cfg.ema_decay}: {ckpt_path} holds no weight average (its run "
-                             f"had none); resume without --ema_decay")
+            what = f"--ema_decay {cfg.ema_decay}" if cfg.ema_decay > 0 else f"--ema_power {cfg.ema_power}"
+            raise ValueError(f"--resume with {what}: {ckpt_path} holds no weight average (its run had none); "
+                             f"resume without it")
         ema.load_state_dict(state["ema"])
     elapsed_before = state.get("elapsed_s", 0.0) if state else 0.0  # wall time of the runs this one resumes
     if master:
