@@ -92,12 +92,8 @@ def main(argv=None):
         kw.update(max_minutes=args.max_minutes)
     if args.max_iters is not None:
         kw.update(max_iters=args.max_iters)
-    if args.ema_decay is not None and args.ema_power is not None:
-        p.error("--ema_decay and --ema_power choose two different weight averages: give one")
-    if args.ema_decay is not None:
-        kw.update(ema_decay=args.ema_decay, ema_power=0.0)
-    if args.ema_power is not None:
-        kw.update(ema_power=args.ema_power, ema_decay=0.0)
+    if args.ema_decay is not None or args.ema_power is not None:  # either replaces the preset's average; both is
+        kw.update(ema_decay=args.ema_decay or 0.0, ema_power=args.ema_power or 0.0)  # TrainConfig's clear error
     cfg = TrainConfig(**kw, preset="g2p-cmudict", out_dir=args.out_dir, resume=args.resume)
     record = Path(args.out_dir) / "g2p_train.json"  # what the evaluation needs to know about the training run
     if not args.eval_only:

@@ -162,7 +162,8 @@ def test_power_average_covers_the_same_share_of_any_run_length(steps):
             m.w[1] = 1.0 if t <= steps // 2 else 0.0
         ema.update()
     share = [(t / steps) ** (g + 1) - ((t - 1) / steps) ** (g + 1) for t in range(1, steps + 1)]
-    assert float(ema.average[0][0]) == pytest.approx(float(torch.tensor(share, dtype=torch.float64) @ values), abs=1e-12)
+    expected = float(torch.tensor(share, dtype=torch.float64) @ values)
+    assert float(ema.average[0][0]) == pytest.approx(expected, abs=1e-12)
     assert float(ema.average[0][1]) == pytest.approx(0.5 ** (g + 1), abs=1e-12)
     with pytest.raises(ValueError, match="one of decay and power"):
         WeightEMA(m, decay=0.9, power=4.0)
