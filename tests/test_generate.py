@@ -89,9 +89,17 @@ def test_numpy_decode_step_on_factored_and_head_pruned_models():
     _assert_numpy_steps_match(model.pack_())
 
 
-def test_numpy_decode_step_of_a_bf16_model():
-    """bf16 weights: products on oneDNN's prepacked bf16 GEMV, the rest in fp32; logits within bf16 rounding of the
-    modules' all-bf16 forward, and as close to the fp32 model's as the modules' are (up to rounding)."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_numpy_decode_step_of_a_bf16_model(onednn, monkeypatch):
+    """bf16 weights: products on oneDNN's prepacked bf16 GEMV (or aten's, on CPUs where oneDNN has no bf16), the rest
+    in fp32; logits within bf16 rounding of the modules' all-bf16 forward, and as close to the fp32 model's as the
+    modules' are (up to rounding)."""
+    from tinyformer import generate, ops
+    if onednn and not ops.onednn_bf16():
+        pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
+    monkeypatch.setattr(ops, "onednn_bf16", lambda: onednn)
+    if not onednn:  # the step must not reach oneDNN's bf16 weight packing, which raises on AVX2-only CPUs
+        monkeypatch.setattr(generate, "_onednn_weight", lambda *a: pytest.fail("oneDNN bf16 used"))
     model = tiny(act="swiglu", d_model=64)
     fp32 = copy.deepcopy(model)
     model.to(torch.bfloat16).pack_()

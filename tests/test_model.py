@@ -139,6 +139,28 @@ def test_attention_backends_agree(arch):
         torch.testing.assert_close(out, outs["reference"], rtol=1e-4, atol=1e-4, msg=f"backend {name}")
 
 
+@pytest.mark.parametrize("rows", [1, ops.BF16_UPCAST_ROWS])
+def test_bf16_linear_without_onednn_bf16_runs_in_fp32_and_matches(rows, monkeypatch):
+    """On a CPU without oneDNN bf16 a bf16 product of many rows runs in fp32 (aten's bf16 matmul is a GEMV a row
+    there): the same bf16 values (both accumulate in fp32; at most one bf16 rounding apart), gradients in bf16."""
+    monkeypatch.setattr(ops, "onednn_bf16", lambda: False)
+    used = []
+    real_linear = ops.F.linear
+    monkeypatch.setattr(ops.F, "linear", lambda x, w, b=None: used.append(x.dtype) or real_linear(x, w, b))
+    torch.manual_seed(0)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(48, 64, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(48, dtype=torch.bfloat16)
+    y = ops.linear(x, w, b)
+    assert used == [torch.float32 if rows >= ops.BF16_UPCAST_ROWS else torch.bfloat16]
+    assert y.dtype == torch.bfloat16
+    truth = x.detach().double() @ w.detach().double().T + b.double()
+    torch.testing.assert_close(y.double(), truth, rtol=2 ** -7, atol=2 ** -7 * float(truth.abs().max()))
+    y.sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(w.grad.double(), x.detach().double().sum(0).expand(48, 64), rtol=2 ** -7, atol=0.1)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip_is_bit_exact(arch, tmp_path):
     from tokenizers import Tokenizer, models
@@ -227,9 +249,11 @@ def test_init_scales_residual_projections():
     assert math.isclose(model.decoder.blocks[0].attn.wq.weight.std().item(), 0.02, rel_tol=0.1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_pack_keeps_values_and_lays_weights_out_in_by_out(arch):
-    model = tiny(arch, act="swiglu").eval()
+@pytest.mark.parametrize("arch,dtype", [(a, torch.float32) for a in ARCHS] + [("decoder", torch.bfloat16)])
+def test_pack_keeps_values_and_lays_weights_out_for_decoding(arch, dtype):
+    """fp32 weights end (in, out)-contiguous (numpy's BLAS), bf16 ones (out, in)-contiguous (torch's bf16 kernels);
+    projections of one input share one buffer in either layout."""
+    model = tiny(arch, act="swiglu").eval().to(dtype)
     ids = torch.randint(0, 50, (2, 9))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -237,14 +261,19 @@ def test_pack_keeps_values_and_lays_weights_out_in_by_out(arch):
         model.pack_()
         out = run(model, ids)
     weights = [m.weight for m in model.modules() if type(m) is tinyformer.model.Linear] + [model.wte]
-    assert all(w.stride(0) == 1 for w in weights)  # (in, out) storage
+    rows = dtype != torch.float32
+    if rows:
+        assert all(w.is_contiguous() for w in weights)  # (out, in) storage
+    else:
+        assert all(w.stride(0) == 1 for w in weights)  # (in, out) storage
     one_buffer = tinyformer.model._one_buffer
-    for m in model.modules():  # projections of the same input share one (in, sum of outs) buffer
+    for m in model.modules():  # projections of the same input share one buffer
         if isinstance(m, tinyformer.model.Attention) and not m.cross:
-            assert one_buffer([m.wq.weight, m.wk.weight, m.wv.weight]) is not None
+            assert one_buffer([m.wq.weight, m.wk.weight, m.wv.weight], rows) is not None
+            assert one_buffer([m.wq.weight, m.wk.weight, m.wv.weight], not rows) is None
             assert one_buffer([m.wk.weight, m.wq.weight, m.wv.weight]) is None  # order matters
         if isinstance(m, tinyformer.model.FeedForward):
-            assert one_buffer([m.w1.weight, m.w3.weight]) is not None
+            assert one_buffer([m.w1.weight, m.w3.weight], rows) is not None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

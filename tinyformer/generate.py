@@ -133,11 +133,11 @@ def _one_torch_thread(enabled: bool):
 
 def numpy_decodes(model) -> bool:
     """Whether `NumpyDecodeStep` serves this model: a decoder-only model (no token types, no embedding norm) on CPU
-    with the torch backend, its float weights all fp32 (or all bf16, where torch has oneDNN); quantized linears
-    (torch's int8/int4 kernels) are fine."""
+    with the torch backend, its float weights all fp32 or all bf16; quantized linears (torch's int8/int4 kernels) are
+    fine."""
     from tinyformer.model import DecoderLM
     p, stack = next(model.parameters()), getattr(model, "decoder", None)
-    dtypes = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else (torch.float32,)
+    dtypes = (torch.float32, torch.bfloat16)
     return (isinstance(model, DecoderLM) and stack.wtt is None and stack.embed_norm is None
             and p.device.type == "cpu" and p.dtype in dtypes and ops.get_backend(p.device) == "torch"
             and all(q.dtype == p.dtype for q in model.parameters()))
@@ -213,7 +213,7 @@ class NumpyDecodeStep:
     as long as streaming a third of the weights. Here each layer is ~40 numpy calls, and the products are
     - fp32 model: OpenBLAS's sgemv on the (in, out)-contiguous weights `TransformerBase.pack_` lays out (unpacked
       weights work too, slower); `generate` keeps torch on one thread meanwhile (`_one_torch_thread`);
-    - bf16 model: oneDNN's bf16 GEMV on torch's threads (below);
+    - bf16 model: oneDNN's bf16 GEMV on torch's threads (below), or aten's where oneDNN has no bf16 (AVX2 CPUs);
     - `Int8Linear` / `Int4Linear`: torch's packed CPU kernels, called straight (`_quantized_row`); the float weights
       of such a model (its head) go through F.linear, as torch's kernels need torch's threads;
     - a factored `LowRankLinear`: its two thin linears, one after the other, as above;
@@ -221,7 +221,9 @@ class NumpyDecodeStep:
     Tests check it against the modules' forward. The cache's `length` advances as in `DecoderLM.forward`.
 
     bf16 models: the weights stay bf16 and every product is oneDNN's bf16 GEMV on a prepacked copy of the weight
-    (`_onednn_weight`; the activation is rounded to bf16 going in, fp32 accumulation), on torch's threads; the
+    (`_onednn_weight`; the activation is rounded to bf16 going in, fp32 accumulation), on torch's threads (on a CPU
+    without oneDNN bf16, `ops.onednn_bf16()` False, aten's bf16 F.linear on the weight itself: 9-13 GB/s on SmolLM2's
+    shapes on a 2-core AVX2 EPYC, as fast as its fp32 F.linear in GB/s, so half the time a product); the
     residual stream, norms, rotary and attention run in fp32 (as llama.cpp runs its F16/BF16 models), so the logits
     differ from the modules' all-bf16 forward by bf16 rounding. numpy has no bf16: the step keeps its own fp32 copy of
     the KV cache (the cache's tensors are not updated past the prefill; `length` is)."""
@@ -275,8 +277,12 @@ class NumpyDecodeStep:
 
     def _linear_of(self, weight, biases, owner):
         """x (K,) @ weight (N, K)^T + bias: numpy's sgemv on an fp32 weight (a transposed view of an (in, out)-
-        contiguous tensor or not), oneDNN's bf16 GEMV on a prepacked copy of a bf16 one (owner: the Parameter)."""
+        contiguous tensor or not), oneDNN's bf16 GEMV on a prepacked copy of a bf16 one (owner: the Parameter) or,
+        where oneDNN has no bf16, aten's on the weight itself."""
         b = None if biases[0] is None else torch.cat([t.detach() for t in biases])  # (N,)
+        if weight.dtype == torch.bfloat16 and not ops.onednn_bf16():  # aten's bf16 GEMV (fp32 accumulation)
+            w = weight.detach()
+            return lambda x: F.linear(torch.from_numpy(x)[None].bfloat16(), w, b)[0].float().numpy()
         if weight.dtype == torch.bfloat16:
             packed, linear = _onednn_weight(weight, owner), torch.ops.mkldnn._linear_pointwise
             return lambda x: linear(torch.from_numpy(x)[None].bfloat16(), packed, b, "none", [], "")[0].float().numpy()

@@ -123,37 +123,57 @@ class KVCache:
         self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
 
-def _transposed(p: nn.Parameter) -> nn.Parameter:
-    """The same values as a transposed view of a contiguous (in, out) tensor."""
-    return nn.Parameter(p.detach().T.contiguous().T, requires_grad=p.requires_grad)
+def _decode_layout(p: nn.Parameter) -> nn.Parameter:
+    """p itself when it is laid out as `pack_` wants for its dtype, else the same values so: a transposed view of a
+    contiguous (in, out) tensor (fp32) or a contiguous (out, in) one (low precision, `_rows_layout`)."""
+    if _rows_layout(p.dtype):
+        return p if p.is_contiguous() else nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad)
+    return p if p.stride(0) == 1 else nn.Parameter(p.detach().T.contiguous().T, requires_grad=p.requires_grad)
 
 
-def _pack_columns(linears) -> None:
-    """Give float Linears that read the same input (q/k/v; gate/up) one shared (in, sum of outs) buffer: each weight
-    becomes a transposed view of its column slice, so `_one_buffer` can multiply by all of them at once."""
+def _pack_shared(linears) -> None:
+    """Give float Linears that read the same input (q/k/v; gate/up) one shared buffer, so `_one_buffer` can multiply
+    by all of them at once: fp32 weights become transposed views of the column slices of an (in, sum of outs) tensor
+    (the layout numpy's BLAS streams fastest), low-precision ones row slices of a (sum of outs, in) tensor (torch's
+    own layout, which its bf16 kernels need: see `TransformerBase.pack_`)."""
     if any(type(m) is not Linear for m in linears):  # quantized or factored: nothing to share
         return
     ws = [m.weight for m in linears]
-    if _one_buffer(ws) is not None or len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
+    rows = _rows_layout(ws[0].dtype)
+    if _one_buffer(ws, rows) is not None or len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
         return
-    buf = torch.cat([w.detach() for w in ws]).T.contiguous()  # (sum N, K) -> (K, sum N)
+    buf = torch.cat([w.detach() for w in ws])  # (sum N, K)
+    buf = buf if rows else buf.T.contiguous()  # or (K, sum N)
     start = 0
     for m, w in zip(linears, ws):
-        m.weight = nn.Parameter(buf[:, start:start + w.shape[0]].T, requires_grad=w.requires_grad)  # (N, K) view
-        start += w.shape[0]
+        n = w.shape[0]
+        view = buf[start:start + n] if rows else buf[:, start:start + n].T  # (N, K)
+        m.weight = nn.Parameter(view, requires_grad=w.requires_grad)
+        start += n
 
 
-def _one_buffer(ws):
-    """The (sum N, K) weight that the (N_i, K) weights `ws` form when they are consecutive column slices of one
-    (K, sum N) tensor (what `_pack_columns` builds), else None. Pure stride/pointer arithmetic: no copy."""
+def _rows_layout(dtype) -> bool:
+    """Whether `pack_` keeps weights of this dtype (out, in)-contiguous (low precision) or lays them out (in, out)."""
+    return dtype != torch.float32
+
+
+def _one_buffer(ws, rows=None):
+    """The (sum N, K) weight that the (N_i, K) weights `ws` form when they are consecutive row slices of one
+    (sum N, K) tensor (rows=True) or consecutive column slices of one (K, sum N) tensor (rows=False; None: either),
+    as `_pack_shared` builds them, else None. Pure stride/pointer arithmetic: no copy."""
+    if rows is None:
+        got = _one_buffer(ws, True)
+        return got if got is not None else _one_buffer(ws, False)
     total, w0 = sum(w.shape[0] for w in ws), ws[0]
-    offset = 0
+    K = w0.shape[1]
+    strides = (K, 1) if rows else (1, total)
+    offset = 0  # elements from the first weight's start: offset rows (times K) or offset columns
     for w in ws:
-        if (w.dim() != 2 or w.stride() != (1, total) or w.dtype != w0.dtype or w.shape[1] != w0.shape[1]
-                or w.data_ptr() != w0.data_ptr() + offset * w0.element_size()):
+        if (w.dim() != 2 or w.stride() != strides or w.dtype != w0.dtype or w.shape[1] != K
+                or w.data_ptr() != w0.data_ptr() + offset * (K if rows else 1) * w0.element_size()):
             return None
         offset += w.shape[0]
-    return w0.detach().as_strided((total, w0.shape[1]), (1, total))
+    return w0.detach().as_strided((total, K), strides)
 
 
 class Attention(nn.Module):
@@ -379,29 +399,31 @@ class TransformerBase(nn.Module):
     def pack_(self):
         """Lay the float weights out for fast batch-1 decoding on CPU (same values, other strides), in place.
 
-        A decode step multiplies one row by every weight: it streams the weights from memory. Every float weight
+        A decode step multiplies one row by every weight: it streams the weights from memory. Every fp32 weight
         becomes a transposed view of an (in, out)-contiguous tensor, the layout that generate's `NumpyDecodeStep`
         hands to numpy's BLAS (27 GB/s over SmolLM2's matrices on 2 cores, against 14-17 GB/s for torch's F.linear
         in either layout; for the 49152x576 output head alone torch's GEMV takes 5.1 ms on this layout, 10.4 ms on
-        (out, in)). Projections that read the same input (q/k/v of self-attention; gate/up of SwiGLU) share one
-        (in, sum of outs) buffer, each weight a view of its column slice, so inference multiplies by them at once
-        (fewer, wider products). Training still works on such views (autograd sees separate parameters; train.py
-        turns fused AdamW off for them: its kernel assumes dense parameters).
+        (out, in)). bf16 / fp16 weights keep torch's (out, in) layout: numpy has no bf16, and on a CPU without
+        oneDNN bf16 (AVX2 only) aten's bf16 F.linear ran 10x slower on a transposed view (1x576 @ 576x1536: 1.5 ms
+        against 0.15 ms; 128 rows: 174 ms against 15 ms). Projections that read the same input (q/k/v of
+        self-attention; gate/up of SwiGLU) share one buffer, each weight a view of its column slice of an
+        (in, sum of outs) tensor (fp32) or its row slice of a (sum of outs, in) one, so inference multiplies by them
+        at once (fewer, wider products). Training still works on such views (autograd sees separate parameters;
+        train.py turns fused AdamW off for them: its kernel assumes dense parameters).
         Parameters keep their shapes and values but are new Parameter objects: build an optimizer after this, not
         before (`tinyformer.load` calls it; call it again after casting the model, e.g. `.to(torch.bfloat16)`).
         Whatever is already laid out so is left alone."""
         for m in list(self.modules()):
             if isinstance(m, Attention) and not m.cross:
-                _pack_columns([m.wq, m.wk, m.wv])
+                _pack_shared([m.wq, m.wk, m.wv])
             elif isinstance(m, FeedForward) and m.w3 is not None:
-                _pack_columns([m.w1, m.w3])
+                _pack_shared([m.w1, m.w3])
         for m in list(self.modules()):
-            if type(m) is Linear and m.weight.stride(0) != 1:
-                m.weight = _transposed(m.weight)
+            if type(m) is Linear:
+                m.weight = _decode_layout(m.weight)
         for name in ("wte", "lm_head"):
-            p = getattr(self, name)
-            if p is not None and p.stride(0) != 1:
-                setattr(self, name, _transposed(p))
+            if getattr(self, name) is not None:
+                setattr(self, name, _decode_layout(getattr(self, name)))
         return self
 
     def logits(self, hidden):
