@@ -110,10 +110,13 @@ def test_numpy_decode_step_of_a_bf16_model(onednn, monkeypatch):
 def test_numpy_decode_step_of_a_quantized_model(bits, d_model):
     """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits."""
     from tinyformer.compress import quantize_
-    from tinyformer.generate import _quantized_row
+    from tinyformer.generate import _fused_int4_row, _quantized_row
     model = tiny(act="swiglu", d_model=d_model, bias=True)
     quantize_(model, bits=bits, group_size=32 if d_model == 64 else 64)
     assert _quantized_row(model.decoder.blocks[0].attn.wq) is not None  # the direct kernel path, not the fallback
+    if bits == 4:  # q/k/v and gate/up: one kernel call each over their stacked weights
+        a, f = model.decoder.blocks[0].attn, model.decoder.blocks[0].mlp
+        assert _fused_int4_row([a.wq, a.wk, a.wv]) is not None and _fused_int4_row([f.w1, f.w3]) is not None
     # the kernels round their input to bf16: a 1e-7 fp32 difference between the step's and the modules' input (norms
     # summed in another order) can flip one rounding by an ulp (2^-8 relative); seen: 2.4e-4 on these logits and
     # 1.9e-3 (0.4%) on a cached key
