@@ -13,7 +13,6 @@ always runs on SDPA.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyformer.kernels import reference
+from tinyformer.kernels.int8_mm import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _backend = os.environ.get("TINYFORMER_BACKEND", "auto")
@@ -79,16 +79,8 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: f
     return triton_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
 
 
-@functools.cache
-def onednn_bf16() -> bool:
-    """Whether oneDNN multiplies bf16 on this CPU (AVX512 BW/VL/DQ or AVX-NE-CONVERT). Where it does not (AVX2-only
-    CPUs), torch's bf16 matmul is aten's own, a GEMV per row: it costs rows x one GEMV (1x576 @ 576x1536: 0.12 ms,
-    128 rows 12.7 ms, on a 2-core AVX2 EPYC) where the same product in fp32 takes 2.0 ms."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return torch.backends.mkldnn.is_available() and check is not None and bool(check())
-
-
-BF16_UPCAST_ROWS = 16  # rows from which a bf16 product runs in fp32 on a CPU without oneDNN bf16 (measured: 8-32)
+BF16_UPCAST_ROWS = 16  # rows from which a bf16 product runs in fp32 on a CPU without oneDNN bf16 (`onednn_bf16`;
+# aten's bf16 matmul costs a GEMV a row there: the crossover measured on SmolLM2's shapes was 8-32 rows)
 
 
 def linear(x, weight, bias=None):
