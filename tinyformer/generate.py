@@ -386,7 +386,7 @@ class NumpyDecodeStep:
         a = L["up"](h)  # (F,), or (2F,) = gate then up for SwiGLU
         act = L["act"]
         if act == "swiglu":
-            gate, up = np.split(a, 2)
+            gate, up = a[:a.size // 2], a[a.size // 2:]  # views (np.split costs ~9 us a call, 0.6 ms a token)
             a = gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up  # silu(gate) * up; sigmoid via tanh: no overflow
         elif act == "relu":
             a = np.maximum(a, 0.0)
