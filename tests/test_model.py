@@ -274,7 +274,8 @@ def test_pack_keeps_values_and_lays_weights_out_for_decoding(arch, dtype):
             assert one_buffer([m.wk.weight, m.wq.weight, m.wv.weight]) is None  # order matters
         if isinstance(m, tinyformer.model.FeedForward):
             assert one_buffer([m.w1.weight, m.w3.weight], rows) is not None
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one product for q/k/v may round differently from three
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
