@@ -29,7 +29,8 @@ demo: $(BASE)
 	$(VENV)/bin/tinyformer demo
 
 test: $(DEV)
-	TINYFORMER_FAST=1 $(VENV)/bin/python -m pytest tests notebooks --nbmake -q -p no:cacheprovider
+	# one pytest-xdist worker per core, a whole file per worker (its module fixtures load a model once)
+	TINYFORMER_FAST=1 $(VENV)/bin/python -m pytest tests notebooks --nbmake -q -p no:cacheprovider -n auto --dist loadfile
 
 notebooks: $(DEV)
 	# every notebook, top to bottom, at full sizes (minutes each; `make test` runs them at FAST sizes)

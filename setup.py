@@ -30,7 +30,7 @@ setup(
         # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, whose import name our top-level
         # kernels/ folder shadows wherever the checkout root is on sys.path (python -m pytest, benchmarks/), and
         # importing transformers' models then fails ("cannot import name 'CUDAProperties' from 'kernels'")
-        "dev": ["pytest", "hypothesis", "nbmake", "transformers<5.25", "accelerate"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "nbmake", "transformers<5.25", "accelerate"],
     },
     entry_points={"console_scripts": ["tinyformer = tinyformer.cli:main"]},
 )
