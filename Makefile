@@ -4,7 +4,7 @@
 # make notebooks: the notebooks in their full mode (nbmake); `make test` runs them in FAST mode.
 PY ?= python3
 VENV := .venv
-PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check --timeout 60 --retries 10
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
