@@ -175,7 +175,7 @@ def prepare(source: str, out_dir, tokenizer: str = "char", vocab_size: int = 819
     elif tokenizer == "word":
         tok = word_tokenizer(text[:split])
     elif tokenizer == "bpe":
-        train_txt = out / "train.txt"
+        train_txt = out / f"train.{os.getpid()}.txt"  # per process: two prepares of one cache may run at once
         atomic_write(train_txt, lambda f: f.write(text[:split].encode()))
         tok = bpe_tokenizer([str(train_txt)], vocab_size)
         train_txt.unlink()
