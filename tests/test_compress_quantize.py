@@ -314,6 +314,30 @@ def test_every_method_round_trips(kw, tmp_path):
         assert torch.equal(loaded(ids), out)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_true_quantizes_the_output_head_per_row_and_round_trips(tie, tmp_path):
+    torch.manual_seed(0)
+    model = tinyformer.build("llama-tiny", **TINY, tie_embeddings=tie).eval()
+    w = (model.wte if tie else model.lm_head).detach().clone()  # (V, C)
+    wte = model.wte.detach().clone()
+    quantize_(model, bits=4, group_size=32, head=True)
+    head = model.lm_head
+    assert type(head) is Int8Linear and torch.equal(model.wte, wte)  # the lookup keeps the float embedding
+    scale = w.abs().amax(1) / 127  # per row, symmetric, by hand
+    assert torch.allclose(head.scale, scale) and torch.equal(head.weight, torch.round(w / scale[:, None]).to(torch.int8))
+    h = torch.randn(3, 5, TINY["d_model"])
+    exact = h @ (head.weight.float() * scale[:, None]).T  # (3, 5, V)
+    bound = (h.abs() @ w.abs().T) * 2 ** -7 + 1e-6  # the kernel may round its input to bf16
+    assert ((model.logits(h) - exact).abs() <= bound).all()
+    model.save(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["lm_head"] == {"scheme": "int8"}
+    loaded, ids = tinyformer.load(tmp_path / "q"), calib_ids(n=2, t=16)
+    with torch.no_grad():
+        assert type(loaded.lm_head) is Int8Linear and torch.equal(loaded(ids), model(ids))
+    with pytest.raises(ValueError, match="head is already quantized"):
+        quantize_(loaded, bits=8, head=True)
+
+
 def test_smoothquant_on_a_post_norm_encoder_uses_run_time_smoothing_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = tinyformer.build("bert-mini", n_layer=1, d_model=64, vocab_size=256, max_seq_len=32).eval()

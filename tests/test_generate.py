@@ -106,14 +106,17 @@ def test_numpy_decode_step_of_a_bf16_model(onednn, monkeypatch):
     _assert_numpy_steps_match(model, tol=2e-2, fp32_model=fp32)
 
 
-@pytest.mark.parametrize("bits,d_model", [(8, 64), (4, 64), (4, 96)])  # 96 at group 64: a ragged last group
-def test_numpy_decode_step_of_a_quantized_model(bits, d_model):
-    """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits."""
+@pytest.mark.parametrize("bits,d_model,head", [(8, 64, False), (4, 64, True), (4, 96, False)])  # 96 at group 64:
+def test_numpy_decode_step_of_a_quantized_model(bits, d_model, head):                           # a ragged last group
+    """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits;
+    head=True: the output head too (int8)."""
     from tinyformer.compress import quantize_
     from tinyformer.generate import _fused_int4_row, _quantized_row
     model = tiny(act="swiglu", d_model=d_model, bias=True)
-    quantize_(model, bits=bits, group_size=32 if d_model == 64 else 64)
+    quantize_(model, bits=bits, group_size=32 if d_model == 64 else 64, head=head)
     assert _quantized_row(model.decoder.blocks[0].attn.wq) is not None  # the direct kernel path, not the fallback
+    if head:
+        assert _quantized_row(model.lm_head) is not None
     if bits == 4:  # q/k/v and gate/up: one kernel call each over their stacked weights
         a, f = model.decoder.blocks[0].attn, model.decoder.blocks[0].mlp
         assert _fused_int4_row([a.wq, a.wk, a.wv]) is not None and _fused_int4_row([f.w1, f.w3]) is not None

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
@@ -264,7 +265,8 @@ class NumpyDecodeStep:
         self.sgemv = self.dtype == torch.float32 and not any(isinstance(m, QuantLinear) for m in model.modules())
         self.wte = model.wte.detach()  # (V, C): rows taken per token
         head = model.lm_head if model.lm_head is not None else model.wte
-        self.head = self._linear_of(head, [None], head)  # (C,) -> (V,)
+        self.head = (self._linear(head) if isinstance(head, nn.Module)  # quantized (Int8Linear)
+                     else self._linear_of(head, [None], head))  # (C,) -> (V,)
         self.wpe = _f32(stack.wpe) if stack.wpe is not None else None
         self.pe = _f32(stack.pe) if cfg.pos == "sinusoidal" else None
         if cfg.pos == "rope":

@@ -387,7 +387,7 @@ class TransformerBase(nn.Module):
                     if p is not None:
                         nn.init.normal_(p, 0.0, self.config.init_std)
         for p in (self.wte, self.lm_head):
-            if p is not None:
+            if isinstance(p, nn.Parameter):  # a quantized head (a module) keeps its codes
                 nn.init.normal_(p, 0.0, self.config.init_std)
 
     def init_buffers(self):
@@ -422,12 +422,15 @@ class TransformerBase(nn.Module):
             if type(m) is Linear:
                 m.weight = _decode_layout(m.weight)
         for name in ("wte", "lm_head"):
-            if getattr(self, name) is not None:
+            if isinstance(getattr(self, name), nn.Parameter):
                 setattr(self, name, _decode_layout(getattr(self, name)))
         return self
 
     def logits(self, hidden):
-        """hidden (B, T, C) -> logits (B, T, V) through the tied embedding or the separate head."""
+        """hidden (B, T, C) -> logits (B, T, V) through the tied embedding, the separate head, or a quantized head
+        (an `Int8Linear` that `quantize_(..., head=True)` put in lm_head's place)."""
+        if isinstance(self.lm_head, nn.Module):
+            return self.lm_head(hidden)
         return ops.linear(hidden, self.lm_head if self.lm_head is not None else self.wte)
 
     def embed_tokens(self, input_ids):

@@ -202,6 +202,11 @@ def empty_from_spec(spec: dict, n_out: int, n_in: int, bias: bool):
 def swap_in_empty(model, quantization: dict) -> None:
     """Before loading a quantized checkpoint: replace each recorded Linear by an empty quantized module of its shape."""
     for name, spec in quantization.items():
+        if name == "lm_head" and not isinstance(model.lm_head, nn.Module):  # a quantized output head (V, C)
+            cfg = model.config
+            del model.lm_head  # a Parameter (untied) or None: torch will not put a module in a parameter's place
+            _set(model, name, empty_from_spec(spec, cfg.vocab_size, cfg.d_model, False))
+            continue
         try:
             lin = model.get_submodule(name)
         except AttributeError:

@@ -44,7 +44,10 @@ primitives that take one weight (N, K) and what calibration knows about its inpu
 
 GPTQ, AWQ and SmoothQuant run block by block with `calib.blockwise`: each block's statistics are gathered on the
 outputs of the already-quantized blocks before it. What is quantized: every float `Linear` of the transformer blocks.
-Token embeddings and the output head (usually tied to them) stay in float. Where group_size does not divide a
+Token embeddings and the output head (usually tied to them) stay in float unless head=True: then the head becomes an
+`Int8Linear` (per output row, symmetric RTN) in lm_head's place, as llama.cpp's 4-bit files of SmolLM2-135M keep
+their tied token_embd in Q8_0; a tied embedding stays float for the lookup (one row a token), so the int8 head is a
+second copy (+28 MB for SmolLM2, whose fp32 head is 113 MB: the largest single product of a decode step). Where group_size does not divide a
 layer's in-features, its last group is shorter (`kernels.quant.group_view`; GPTQ's reference code does the same):
 SmolLM2-135M's 576-wide inputs at group 128 are four groups of 128 and one of 64.
 
@@ -572,8 +575,9 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
               activations: bool = False, *, symmetric: bool = False, float_zero: bool = False,
               act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128, n_grid: int = 20,
               clip: bool = True, alpha: float = 0.5, steps: int = 100, lr: float = 1e-5, batch_size: int = 8,
-              seed: int = 0, progress: bool = False):
-    """Quantize every float Linear of the model's blocks in place and return the model.
+              seed: int = 0, progress: bool = False, head: bool = False):
+    """Quantize every float Linear of the model's blocks in place and return the model; head=True also the output
+    head (int8 per output row, whatever `bits`; a tied embedding keeps its float copy for the lookup).
 
     bits=8: int8 per output channel (symmetric); with activations=True, W8A8 (method "rtn" or "smoothquant").
     bits=4: int4 per group of `group_size` inputs, asymmetric unless symmetric=True (float_zero: unrounded zero point).
@@ -605,6 +609,8 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
                              + (" as a pair (input_ids, decoder_input_ids)"
                                 if model.config.arch == "encoder-decoder" else ""))
         check_calib(model, calib)
+    if head and isinstance(model.lm_head, nn.Module):
+        raise ValueError("head=True: the output head is already quantized")
     targets = _float_linears(model)
     if not targets:
         raise ValueError("the model has no float Linear layers to quantize (already quantized?)")
@@ -614,7 +620,7 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
         prepare_qat_(model, **scheme)
         with torch.enable_grad():
             model.qat_losses = qat_finetune(model, calib, steps, lr, batch_size, seed, teacher)
-        return convert_qat_(model)
+        return _quantize_head_(convert_qat_(model)) if head else convert_qat_(model)
     opts = dict(percdamp=percdamp, blocksize=blocksize, act_order=act_order, n_grid=n_grid, clip=clip, alpha=alpha,
                 activations=activations)
     if method in ("gptq", "awq", "smoothquant"):
@@ -625,6 +631,15 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
         codes, scale, zero = rtn(lin.weight, **scheme)
         q = _module(codes, scale, zero, bits, group_size, lin.bias, activations)
         _set(model, name, q.to(lin.weight.device))
+    return _quantize_head_(model) if head else model
+
+
+def _quantize_head_(model):
+    """The output head (lm_head, or the tied embedding) as an Int8Linear in lm_head's place."""
+    w = model.lm_head if model.lm_head is not None else model.wte  # (V, C)
+    codes, scale, zero = rtn(w, bits=8)
+    del model.lm_head  # a Parameter (untied) or None: torch will not put a module in a parameter's place
+    model.lm_head = _module(codes, scale, zero, 8, -1, None).to(w.device)
     return model
 
 
