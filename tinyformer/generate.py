@@ -187,10 +187,14 @@ def _quantized_row(m):
             or not w.is_contiguous() or w.data_ptr() % 64):  # the cases int8_weight_only_matmul_cpu avoids
         return None
     kernel, scale = torch.ops.aten._weight_int8pack_mm, m.scale.to(torch.bfloat16)
-    f = lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), w, scale)[0].float().numpy()  # noqa: E731
-    if m.bias is None:
+    return _plus_biases(lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), w, scale)[0].float().numpy(), [m])
+
+
+def _plus_biases(f, mods):
+    """f, then the modules' biases (concatenated along N; zeros for a module without one) added, if any."""
+    if all(m.bias is None for m in mods):
         return f
-    b = m.bias.float().numpy()
+    b = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.n_out) for m in mods]).numpy()  # (sum N,)
     return lambda x: f(x) + b
 
 
@@ -204,10 +208,7 @@ def _int4_row(p, mods):
     m = mods[0]
     if m.k_pad != m.n_in:  # a ragged last group: x padded with zeros to whole groups, as Int4Linear.matmul
         f = _zero_padded(f, m.n_in, m.k_pad)
-    if all(m.bias is None for m in mods):
-        return f
-    b = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.n_out) for m in mods]).numpy()  # (sum N,)
-    return lambda x: f(x) + b
+    return _plus_biases(f, mods)
 
 
 _FUSED_INT4 = int8_mm.WeightCache()  # the stacked, repacked weights of `_fused_int4_row`, per first module's codes
