@@ -151,9 +151,11 @@ def ours_at(base, name, args):
 
 
 def theirs_at(base, name):
-    if base is None or name not in DTYPES:
-        return None  # no transformers reference for tinyformer's quantized linears
-    return base if name == "fp32" else copy.deepcopy(base).to(DTYPES[name])
+    """transformers' model for a dtype name; for int8/int4 (it has no such linears here) its fp32 model, run again
+    beside the quantized one as that row's anchor: a shared machine drifts between the dtypes' runs."""
+    if base is None:
+        return None
+    return base if name not in DTYPES or name == "fp32" else copy.deepcopy(base).to(DTYPES[name])
 
 
 def load_reference(path: Path):
@@ -289,7 +291,7 @@ def main(argv=None):
                     t0, stamps, out = fn(model, ids, args.new_tokens)
                     runs[impl].append(rates(t0, stamps, args.prompt_tokens, args.batch))
                     outs[impl] = out
-        if len(outs) == 2:
+        if len(outs) == 2 and name in DTYPES:  # (a quantized model is anchored on transformers' fp32: tokens differ)
             a, b = outs["tinyformer"].flatten().tolist(), outs["transformers"].flatten().tolist()
             first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
             if first is None and len(a) == len(b):
@@ -298,25 +300,32 @@ def main(argv=None):
                 at = first if first is not None else min(len(a), len(b))
                 print(f"# {name}: tinyformer and transformers generated DIFFERENT tokens, from position {at} of "
                       f"{len(a)} (prompt and new tokens, flattened over the batch)")
-        wb = weight_bytes(ours) if ours is not None else weight_bytes(ours_base) * DTYPES[name].itemsize // 4
+        wb = (weight_bytes(ours) if ours is not None
+              else weight_bytes(ours_base) * DTYPES.get(name, torch.float32).itemsize // 4)
+        anchor = statistics.median(x[1] for x in runs["transformers"]) if "transformers" in runs else None
         for impl, r in runs.items():
             prefill = statistics.median(x[0] for x in r)
             decode = statistics.median(x[1] for x in r)
             best = max(x[1] for x in r)
-            gbs = wb * decode / args.batch / 1e9  # weights are read once per step, whatever the batch
-            head = "+h8" if args.head == "int8" else ""
-            results.append(dict(impl=impl, dtype=name if name in DTYPES else f"{name}{head}/{args.quant_dtype}",
-                                prefill=prefill, decode=decode, best=best, wb=wb, gbs=gbs))
+            label, w = name, wb
+            if name in QUANT:
+                label = f"{name}{'+h8' if args.head == 'int8' else ''}/{args.quant_dtype}"
+            if impl == "transformers" and name in QUANT:  # transformers' fp32, run beside the quantized model
+                label, w = f"fp32@{name}", weight_bytes(ours_base)
+            results.append(dict(impl=impl, dtype=label, prefill=prefill, decode=decode, best=best, wb=w,
+                                gbs=w * decode / args.batch / 1e9,  # weights are read once per step, whatever the batch
+                                anchor=anchor if impl == "tinyformer" else None, quant=name in QUANT))
         del ours, theirs
 
     print(f"\n{'impl':13s} {'dtype':12s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'(best)':>7s} "
           f"{'weights MB':>10s} {'GB/s':>6s} {'% of bw':>7s} {'ceiling tok/s':>13s} {'vs transformers':>15s}")
-    ref = {r["dtype"]: r["decode"] for r in results if r["impl"] == "transformers"}
-    ref_fp32 = ref.get("fp32")
-    for r in results:
+    ref_fp32 = next((r["decode"] for r in results if r["impl"] == "transformers" and r["dtype"] == "fp32"), None)
+    for r in results:  # against transformers in the same runs (fp32 for a quantized model), else its fp32 row
         ceiling = copy_bw * 1e9 / r["wb"] * args.batch
-        vs = ref.get(r["dtype"]) or (ref_fp32 if r["dtype"] not in ref else None)
-        ratio = f"{r['decode'] / vs:.2f}x" + ("" if r["dtype"] in ref else " (fp32)") if vs else "-"
+        quantized = r["quant"] and r["impl"] == "tinyformer"
+        vs = r["anchor"] if r["anchor"] is not None else (ref_fp32 if quantized else None)
+        vs = vs if r["impl"] == "tinyformer" else r["decode"]
+        ratio = f"{r['decode'] / vs:.2f}x" + (" (fp32)" if quantized else "") if vs else "-"
         print(f"{r['impl']:13s} {r['dtype']:12s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
               f"{r['wb'] / 2**20:10.0f} {r['gbs']:6.1f} {r['gbs'] / copy_bw:7.1%} {ceiling:13.1f} {ratio:>15s}")
 
