@@ -320,12 +320,10 @@ def main(argv=None):
 
     print(f"\n{'impl':13s} {'dtype':12s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'(best)':>7s} "
           f"{'weights MB':>10s} {'GB/s':>6s} {'% of bw':>7s} {'ceiling tok/s':>13s} {'vs transformers':>15s}")
-    ref_fp32 = next((r["decode"] for r in results if r["impl"] == "transformers" and r["dtype"] == "fp32"), None)
-    for r in results:  # against transformers in the same runs (fp32 for a quantized model), else its fp32 row
+    for r in results:  # against transformers in the same runs (its fp32 beside a quantized model)
         ceiling = copy_bw * 1e9 / r["wb"] * args.batch
         quantized = r["quant"] and r["impl"] == "tinyformer"
-        vs = r["anchor"] if r["anchor"] is not None else (ref_fp32 if quantized else None)
-        vs = vs if r["impl"] == "tinyformer" else r["decode"]
+        vs = r["anchor"] if r["impl"] == "tinyformer" else r["decode"]
         ratio = f"{r['decode'] / vs:.2f}x" + (" (fp32)" if quantized else "") if vs else "-"
         print(f"{r['impl']:13s} {r['dtype']:12s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
               f"{r['wb'] / 2**20:10.0f} {r['gbs']:6.1f} {r['gbs'] / copy_bw:7.1%} {ceiling:13.1f} {ratio:>15s}")

@@ -185,7 +185,10 @@ MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "lowrank"
 
 def _set(model, name, module):
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    parent = model.get_submodule(parent) if parent else model
+    if child in parent._parameters or child in vars(parent):  # a Parameter, or a plain attribute (lm_head = None):
+        delattr(parent, child)  # torch will not put a module in their place
+    setattr(parent, child, module)
 
 
 def empty_from_spec(spec: dict, n_out: int, n_in: int, bias: bool):
@@ -204,7 +207,6 @@ def swap_in_empty(model, quantization: dict) -> None:
     for name, spec in quantization.items():
         if name == "lm_head" and not isinstance(model.lm_head, nn.Module):  # a quantized output head (V, C)
             cfg = model.config
-            del model.lm_head  # a Parameter (untied) or None: torch will not put a module in a parameter's place
             _set(model, name, empty_from_spec(spec, cfg.vocab_size, cfg.d_model, False))
             continue
         try:

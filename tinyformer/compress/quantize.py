@@ -47,9 +47,9 @@ outputs of the already-quantized blocks before it. What is quantized: every floa
 Token embeddings and the output head (usually tied to them) stay in float unless head=True: then the head becomes an
 `Int8Linear` (per output row, symmetric RTN) in lm_head's place, as llama.cpp's 4-bit files of SmolLM2-135M keep
 their tied token_embd in Q8_0; a tied embedding stays float for the lookup (one row a token), so the int8 head is a
-second copy (+28 MB for SmolLM2, whose fp32 head is 113 MB: the largest single product of a decode step). Where group_size does not divide a
-layer's in-features, its last group is shorter (`kernels.quant.group_view`; GPTQ's reference code does the same):
-SmolLM2-135M's 576-wide inputs at group 128 are four groups of 128 and one of 64.
+second copy (+28 MB for SmolLM2, whose fp32 head is 113 MB: the largest single product of a decode step).
+Where group_size does not divide a layer's in-features, its last group is shorter (`kernels.quant.group_view`;
+GPTQ's reference code does the same): SmolLM2-135M's 576-wide inputs at group 128 are four groups of 128 and one of 64.
 
 References: Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ" (arXiv:2210.17323) and IST-DASLab/gptq; Lin et al.
 2023, "AWQ" (arXiv:2306.00978) and mit-han-lab/llm-awq; Xiao et al. 2023, "SmoothQuant" (arXiv:2211.10438); Jacob et
@@ -620,7 +620,8 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
         prepare_qat_(model, **scheme)
         with torch.enable_grad():
             model.qat_losses = qat_finetune(model, calib, steps, lr, batch_size, seed, teacher)
-        return _quantize_head_(convert_qat_(model)) if head else convert_qat_(model)
+        convert_qat_(model)
+        return _quantize_head_(model) if head else model
     opts = dict(percdamp=percdamp, blocksize=blocksize, act_order=act_order, n_grid=n_grid, clip=clip, alpha=alpha,
                 activations=activations)
     if method in ("gptq", "awq", "smoothquant"):
@@ -638,8 +639,7 @@ def _quantize_head_(model):
     """The output head (lm_head, or the tied embedding) as an Int8Linear in lm_head's place."""
     w = model.lm_head if model.lm_head is not None else model.wte  # (V, C)
     codes, scale, zero = rtn(w, bits=8)
-    del model.lm_head  # a Parameter (untied) or None: torch will not put a module in a parameter's place
-    model.lm_head = _module(codes, scale, zero, 8, -1, None).to(w.device)
+    _set(model, "lm_head", _module(codes, scale, zero, 8, -1, None).to(w.device))
     return model
 
 
