@@ -40,3 +40,16 @@ def test_chain_prunes_finetunes_and_quantizes_keeping_the_zeros():
     total_q, nonzero_q = logical_params(model)
     assert total_q == total  # a quantized weight still counts its full shape
     assert nonzero_q < 0.75 * total  # ... and its zero codes are counted as zeros
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_int8_head_keeps_the_logical_count(tied):
+    """head=True swaps the output head for an Int8Linear: an untied head is the same weight quantized; a tied one is
+    a second copy of the embedding, which must not count twice."""
+    torch.manual_seed(0)
+    model = tinyformer.build("llama-tiny", n_layer=1, vocab_size=64, max_seq_len=32, tie_embeddings=tied)
+    before = logical_params(model)
+    run_recipe(model, parse_recipe("quantize:bits=8,head=true"), calib=torch.randint(0, 64, (2, 32)), data=None,
+               log=lambda *_: None)
+    assert type(model.lm_head).__name__ == "Int8Linear"
+    assert logical_params(model)[0] == before[0]

@@ -135,14 +135,16 @@ def run_recipe(model, steps, calib, data, log=print):
 
 
 def logical_params(model) -> tuple[int, int]:
-    """(weights counted at their full shapes, nonzero ones) over float parameters and quantized linears."""
+    """(weights counted at their full shapes, nonzero ones) over float parameters and quantized linears. A quantized
+    head of a tied model (`quantize_(head=True)`) is a second copy of the embedding, not another weight: not counted."""
     from tinyformer.qlinear import QuantLinear
     total = nonzero = 0
+    tied_copy = model.lm_head if getattr(model.config, "tie_embeddings", False) else None
     for m in model.modules():
         for p in m.parameters(recurse=False):
             total += p.numel()
             nonzero += int(torch.count_nonzero(p))
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and m is not tied_copy:
             bias = m.bias.numel() if m.bias is not None else 0
             total += m.n_out * m.n_in + bias
             codes = getattr(m, "weight", None)  # int8 codes: a pruned weight stays an exact 0 code
