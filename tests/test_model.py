@@ -242,6 +242,18 @@ def test_bad_inputs_raise_clear_errors():
         enc(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_compiles_without_graph_breaks(arch):
+    """`train --compile true`: the forward is one graph (the eager range checks read ids back to the host, which
+    would break it at every call); dynamo's eager backend traces it without code generation."""
+    torch._dynamo.reset()
+    model = tiny(arch)
+    x, mask = torch.randint(3, 50, (2, 8)), torch.ones(2, 8, dtype=torch.bool)
+    mask[0, -2:] = False
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(run(compiled, x, mask), run(model, x, mask))
+
+
 def test_init_scales_residual_projections():
     model = tiny(n_layer=8, d_model=256, d_ff=1024)
     std = model.decoder.blocks[0].attn.wo.weight.std().item()

@@ -330,7 +330,7 @@ class Stack(nn.Module):
                 memory_mask=None, cache=None):
         """tok_emb (B, T, C), position_ids (B or 1, T) -> hidden states (B, T, C)."""
         cfg = self.cfg
-        if int(position_ids.max()) >= cfg.max_seq_len:
+        if not torch.compiler.is_compiling() and int(position_ids.max()) >= cfg.max_seq_len:  # (see embed_tokens)
             raise ValueError(f"position {int(position_ids.max())} is beyond max_seq_len={cfg.max_seq_len}")
         x, rope = tok_emb, None
         if cfg.pos == "learned":
@@ -438,7 +438,10 @@ class TransformerBase(nn.Module):
             raise TypeError(f"input ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input ids must be 2-D (batch, time), got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        # the range check reads the ids back (a host sync; under torch.compile a graph break at every forward that
+        # made a compiled baby-GPT training step slower than eager): compiled code relies on the lookup's own check
+        if (not torch.compiler.is_compiling() and input_ids.numel()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)):
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got "
                              f"{int(input_ids.min())}..{int(input_ids.max())}")
         if input_ids.shape[1] > self.config.max_seq_len:
