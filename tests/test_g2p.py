@@ -1,6 +1,7 @@
 """G2P tests (issue #3): the decode-and-score path of g2p_error_rates on hand-made outputs, length-bucketed batches
-(one bucket per batch, every example still drawn with probability 1/N), and the wall-time budget of a training run
-(max_minutes: the run stops, the cosine decay runs over the time, resume carries the time spent).
+(one source length and a run of target lengths per batch, every example still drawn with probability 1/N), and the
+wall-time budget of a training run (max_minutes: the run stops, the cosine decay runs over the time, resume carries
+the time spent).
 
 The metric itself on hand-made strings (edit distance, any-pronunciation WER, PER) is in tests/test_train.py, beam
 search against brute force in tests/test_generate.py."""
@@ -89,7 +90,30 @@ def test_bucketed_batches_hold_one_length_bucket(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_bucketed_sampling_draws_every_example_equally_often(tmp_path):
+def test_buckets_split_a_source_length_into_runs_of_target_lengths(tmp_path, monkeypatch):
+    # source lengths 4..6, eight words each, target lengths 1..4 (two words each) within every source length
+    split = [[c * n, ["T " * (LETTERS.index(c) % 4) + "K"]] for n in (4, 5, 6) for c in LETTERS]
+    pairs = _pairs_folder(tmp_path / "r", {"train": split, "val": split, "test": split})
+    for least, runs in ((3, [(1, 2), (3, 4)]), (5, [(1, 4)]), (2, [(1, 1), (2, 2), (3, 3), (4, 4)])):
+        monkeypatch.setattr(data, "BUCKET_MIN", least)
+        pairs._bucket_cache.clear()
+        buckets, bucket_of = pairs._buckets("train")
+        got = sorted((len(pairs.examples["train"][int(b[0])][0]),
+                      tuple(sorted({len(pairs.examples["train"][i][1]) for i in b.tolist()}))) for b in buckets)
+        assert got == sorted((n, tuple(range(lo, hi + 1))) for n in (4, 5, 6) for lo, hi in runs), (least, got)
+        assert sorted(torch.cat(buckets).tolist()) == list(range(len(split)))  # a partition of the examples
+        assert all(int(bucket_of[i]) == k for k, b in enumerate(buckets) for i in b.tolist())
+        g = torch.Generator().manual_seed(least)
+        for _ in range(50):  # a batch: one source length, target lengths within one run
+            src, mask, tgt_in, tgt_out = pairs.get_batch("train", 6, 16, g, bucket=True)
+            lengths = set(mask.sum(1).tolist())
+            targets = set(((tgt_out != data.PAD).sum(1) - 1).tolist())
+            assert len(lengths) == 1 and any(targets <= set(range(lo, hi + 1)) for lo, hi in runs), (lengths, targets)
+
+
+@pytest.mark.parametrize("least", [512, 2])
+def test_bucketed_sampling_draws_every_example_equally_often(tmp_path, monkeypatch, least):
+    monkeypatch.setattr(data, "BUCKET_MIN", least)  # source buckets only / target-length runs as well
     pairs, words = _bucket_data(tmp_path)
     n, batches, size = len(words), 6000, 8
     g = torch.Generator().manual_seed(1)
