@@ -162,3 +162,15 @@ def test_max_minutes_stops_evaluates_saves_and_resumes(tmp_path):
     assert s2["iters"] > s["iters"]
     assert 1.2 <= s2["seconds"] < 30
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["elapsed_s"] >= budget
+
+
+def test_prepare_command_writes_the_g2p_pairs(tmp_path):
+    from tinyformer import cli
+    assert cli.main(["prepare", "--data", "cmudict-g2p", "--out", str(tmp_path / "g2p"), "--val_fraction", "0.05"]) == 0
+    pairs = data.PairData(tmp_path / "g2p")
+    n = {s: len(v) for s, v in pairs.words.items()}
+    assert n["val"] == pytest.approx(0.05 * sum(n.values()), abs=1) and n["test"] > n["val"] > 0
+    assert pairs.decode_target(pairs.encode_target("K AE T")) == "K AE T"
+    assert cli.main(["prepare", "--data", "cmudict-g2p", "--out", str(tmp_path / "b"), "--tokenizer", "bpe"]) == 2
+    with pytest.raises(ValueError, match="leave words to train on"):
+        data.prepare_g2p(tmp_path / "c", val_fraction=0.95)

@@ -1,5 +1,6 @@
 """Data and training tests: tokenizers round-trip, token files validate, a tiny run's loss falls, resume is exact,
 torchrun with 2 processes follows one process, the CLI fails with one clear line."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -305,3 +306,20 @@ def test_demo_runs_end_to_end(tmp_path):
     small = tinyformer.load(tmp_path / "demo-compressed")
     w1 = small.decoder.blocks[0].mlp.w1
     assert type(w1) is Int8Linear and (w1.weight == 0).float().mean() >= 0.5
+
+
+def test_every_command_line_option_is_explained():
+    """`tinyformer COMMAND --help` explains every option; train's come from the comments on TrainConfig's and
+    ModelConfig's fields (config.field_docs), continuation lines included."""
+    from tinyformer import cli
+    from tinyformer.config import ModelConfig, field_docs
+    docs = field_docs(TrainConfig)
+    assert "t^ema_power" in docs["ema_power"] and docs["ema_power"].endswith("gives (WeightEMA)")
+    assert docs["grad_clip"] == "clip the gradient's global norm to this; 0 disables"
+    for cls in (TrainConfig, ModelConfig):
+        undocumented = [f.name for f in dataclasses.fields(cls) if not field_docs(cls).get(f.name)]
+        assert not undocumented, (cls.__name__, undocumented)
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        assert [a.dest for a in parser._actions if not a.help] == [], name
+        parser.format_help()  # a stray % in a help text would raise here

@@ -30,26 +30,29 @@ def _typed(default):
 
 # ----------------------------------------------------------------------------------------------------------------------
 def _train_parser(sub):
-    from tinyformer.config import ModelConfig
+    from tinyformer.config import ModelConfig, field_docs
     from tinyformer.train import TRAIN_PRESETS, TrainConfig
     p = sub.add_parser("train", help="train a model (nanoGPT-style options)",
                        description="Train a model. Options take nanoGPT's names; the preset sets the model and, "
                                    f"for {', '.join(TRAIN_PRESETS)}, the training hyperparameters too.")
     g = p.add_argument_group("training (TrainConfig)")
+    docs = field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
         default = f.default
         flag = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # `--resume` = `--resume true`
         g.add_argument(f"--{f.name}", type=_typed(default), default=argparse.SUPPRESS, metavar="V",
-                       help=f"default: {default}", **flag)
+                       help=f"{docs[f.name]} (default: {default})".replace("%", "%%"), **flag)
     m = p.add_argument_group("model (ModelConfig fields override the preset)")
+    docs = field_docs(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         if f.name in ("vocab_size", "dropout"):
             continue  # vocab comes from the data; dropout is a training option
         typ = {"n_kv_head": int, "d_ff": int, "n_decoder_layer": int, "head_dim": int, "pad_token_id": int}.get(
             f.name, _typed(f.default))
-        m.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, metavar="V")
+        m.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, metavar="V",
+                       help=f"{docs[f.name]} (default: the preset's)".replace("%", "%%"))
     m.add_argument("--n_embd", dest="d_model", type=int, default=argparse.SUPPRESS, help="nanoGPT's name for d_model")
     p.set_defaults(func=cmd_train)
     return p
@@ -84,8 +87,14 @@ def _report(s):
 
 # ----------------------------------------------------------------------------------------------------------------------
 def cmd_prepare(args):
-    from tinyformer.data import prepare
-    out = prepare(args.data, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    from tinyformer.data import PAIR_CORPORA, prepare, prepare_g2p
+    if args.data in PAIR_CORPORA:  # word pairs: their own tokenizer (letters and phonemes) and split by word
+        if args.tokenizer is not None:
+            raise ValueError(f"--tokenizer: {args.data} has its own tokenizer (a token per letter and per phoneme)")
+        out = prepare_g2p(args.out, **({} if args.val_fraction is None else {"val_fraction": args.val_fraction}))
+    else:
+        out = prepare(args.data, args.out, args.tokenizer or "char", args.vocab_size,
+                      0.1 if args.val_fraction is None else args.val_fraction)
     print((out / "meta.json").read_text().strip())
 
 
@@ -345,37 +354,45 @@ def build_parser():
 
     d = sub.add_parser("demo", help="the main job: train nanoGPT's baby Shakespeare model, sample, save")
     d.add_argument("--iters", type=int, default=2000, help="training iterations (default 2000, nanoGPT's)")
-    d.add_argument("--out_dir", default=DEMO_DIR)
+    d.add_argument("--out_dir", default=DEMO_DIR, help=f"where the model, its loss plot and the compressed model go "
+                                                         f"(default {DEMO_DIR})")
     d.add_argument("--compress", type=_bool, default=True, metavar="BOOL",
                    help="then prune (Wanda 50%%), fine-tune and int8-quantize the model, with a report (default true)")
     d.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("prepare", help="tokenize a corpus or .txt file into a dataset folder")
-    pr.add_argument("--data", required=True, help="built-in corpus (shakespeare, shakespeare-all) or a .txt file")
+    pr.add_argument("--data", required=True, help="a built-in corpus (shakespeare, shakespeare-all, sotu, ptb; "
+                                                   "cmudict-g2p: grapheme-to-phoneme pairs) or a .txt file")
     pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--tokenizer", default="char", choices=["char", "bpe", "word"])
+    pr.add_argument("--tokenizer", default=None, choices=["char", "bpe", "word"],
+                    help="char (default), byte-level BPE (trained on the train split) or word level; cmudict-g2p "
+                         "has its own")
     pr.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size")
-    pr.add_argument("--val_fraction", type=float, default=0.1)
+    pr.add_argument("--val_fraction", type=float, default=None,
+                    help="share held out for validation: the text's last 10%% by default; cmudict-g2p: 2.5%% of "
+                         "the words (besides its fixed 10%% test words)")
     pr.set_defaults(func=cmd_prepare)
 
     _train_parser(sub)
 
     s = sub.add_parser("sample", help="stream text from a saved decoder model")
     s.add_argument("--model", required=True, help="a model folder (e.g. a training --out_dir)")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--max_new_tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top_k", type=int, default=200)
-    s.add_argument("--top_p", type=float, default=None)
-    s.add_argument("--num_samples", type=int, default=1)
-    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    s.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample (default 500)")
+    s.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits before sampling; 0 is greedy (default 0.8)")
+    s.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens only (default 200)")
+    s.add_argument("--top_p", type=float, default=None,
+                   help="nucleus sampling: among the likeliest tokens holding this much probability (default off)")
+    s.add_argument("--num_samples", type=int, default=1, help="independent samples of the prompt (default 1)")
+    s.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (default 1337)")
     s.add_argument("--chat", type=_bool, default=None, metavar="BOOL",
                    help="wrap the prompt in the model's chat template as a user turn and stop at its end-of-sequence "
                         "token (default: true when the model has a chat template)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; WER/PER of a G2P model")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a model folder, Hugging Face folder or GGUF file")
     e.add_argument("--data", required=True,
                    help="a prepared dataset folder (its --split is used), a .txt file, or `sotu`: the fixed held-out "
                         "perplexity protocol (last 10 State of the Union speeches, first 16,384 tokens of the "

@@ -24,22 +24,22 @@ class ModelConfig:
     n_kv_head: Optional[int] = None    # key/value heads: n_head = MHA, 1 = MQA, between = GQA (None -> n_head)
     d_model: int = 128                 # residual stream width
     d_ff: Optional[int] = None         # feed-forward hidden width (None -> 4 * d_model; 8/3 * d_model for swiglu)
-    vocab_size: int = 256
+    vocab_size: int = 256              # token ids 0..vocab_size-1 (training sets it from the data)
     max_seq_len: int = 256             # longest sequence the position scheme (and the KV cache) is built for
     n_decoder_layer: Optional[int] = None  # encoder-decoder only: decoder blocks (None -> n_layer)
     head_dim: Optional[int] = None     # per-head width (None -> d_model // n_head)
     norm: str = "layernorm"            # "layernorm" | "rmsnorm"
     norm_position: str = "pre"         # "pre" (GPT-2, Llama) | "post" (original Transformer, BERT)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5             # added to the variance (mean square for RMSNorm) in every norm
     pos: str = "learned"               # "learned" | "sinusoidal" | "rope"
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0        # rotary base: the longest wavelength grows with it
     act: str = "gelu"                  # "gelu" | "gelu_tanh" | "relu" | "swiglu"
     bias: bool = True                  # biases in linears and norms
     tie_embeddings: bool = True        # output head shares the token embedding matrix
-    dropout: float = 0.0
+    dropout: float = 0.0               # on embeddings, attention probabilities, residual branches (training only)
     embed_norm: bool = False           # a norm right after the embeddings (BERT)
     type_vocab_size: int = 0           # token-type (segment) embeddings, 0 = none (BERT uses 2)
-    pad_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None  # the padding token, where the tokenizer has one (seq2seq masks)
     decoder_start_token_id: int = 0    # encoder-decoder: first decoder input when generating
     init_std: float = 0.02             # GPT-2 initialisation; residual projections get init_std / sqrt(2 * n_layer)
 
@@ -101,6 +101,31 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """name -> the comment after each field of the dataclass `cls` in its source, with the comment-only lines right
+    below it: the one description of every option, which `tinyformer train --help` prints."""
+    import inspect
+    import io
+    import re
+    import tokenize
+    src = inspect.getsource(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments = {t.start[0] - 1: t.string.lstrip("#").strip()  # source line (0-based) -> its comment's text
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    docs, last = {}, None  # last: the field whose comment a comment-only line continues
+    for row, line in enumerate(src.splitlines()):
+        m = re.match(r" {4}(\w+)\s*:", line)
+        if m and m.group(1) in names:
+            last = m.group(1)
+            if row in comments:
+                docs[last] = comments[row]
+        elif last in docs and row in comments and line.lstrip().startswith("#"):
+            docs[last] += " " + comments[row]
+        else:
+            last = None
+    return docs
 
 
 def _round_up(x: int, m: int) -> int:

@@ -278,6 +278,9 @@ def prepare_g2p(out_dir, seed: int = 0, test_fraction: float = 0.1, val_fraction
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from tinyformer.checkpoint import atomic_write, write_json
+    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be positive and leave "
+                         f"words to train on")
     entries = cmudict_entries()
     words = sorted(entries)
     random.Random(seed).shuffle(words)

@@ -34,26 +34,27 @@ from tinyformer.model import build
 class TrainConfig:
     data: str = "shakespeare"        # a built-in corpus, a .txt file, or a prepared dataset folder
     tokenizer: str = "char"          # for corpora/.txt: "char" | "bpe" | "word"
-    bpe_vocab_size: int = 8192
+    bpe_vocab_size: int = 8192       # vocabulary of a trained byte-level BPE tokenizer (--tokenizer bpe)
     preset: str = "baby-shakespeare-char"  # model preset (ModelConfig.from_name); model fields override it
     model: dict = field(default_factory=dict)  # ModelConfig overrides (n_layer, n_head, d_model, ...)
-    out_dir: str = "out"
+    out_dir: str = "out"             # where checkpoints, config.json, metrics.jsonl and loss.png go
     batch_size: int = 12             # global micro-batch (split across ranks under torchrun)
-    block_size: int = 64
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 2000
+    block_size: int = 64             # tokens a training window holds (the context the model learns)
+    gradient_accumulation_steps: int = 1  # micro-batches summed into one optimizer step
+    max_iters: int = 2000            # optimizer steps
     max_minutes: float = 0.0         # > 0: also stop after this much wall time, and run the cosine decay over that time
-    bucket_by_length: bool = False   # paired data: each batch holds examples of one source length (less padding)
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 2000
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0           # 0 disables
-    dropout: float = 0.0
+    bucket_by_length: bool = False   # paired data: each batch holds examples of one source length and a run of
+    #                                  target lengths (less padding; every example still drawn equally often)
+    learning_rate: float = 1e-3      # peak learning rate (after warmup)
+    min_lr: float = 1e-4             # learning rate at the end of the cosine decay
+    warmup_iters: int = 100          # linear warmup steps from 0 to learning_rate
+    lr_decay_iters: int = 2000       # steps over which the cosine decays to min_lr (then it stays there)
+    decay_lr: bool = True            # false: a constant learning_rate after warmup
+    weight_decay: float = 0.1        # AdamW weight decay, on weight matrices and embeddings (not biases, norms)
+    beta1: float = 0.9               # AdamW beta1
+    beta2: float = 0.99              # AdamW beta2
+    grad_clip: float = 1.0           # clip the gradient's global norm to this; 0 disables
+    dropout: float = 0.0             # dropout on embeddings, attention probabilities and residual branches
     label_smoothing: float = 0.0     # encoder-decoder targets (Szegedy et al. 2016)
     ema_decay: float = 0.0           # > 0: keep an exponential moving average of the weights (WeightEMA); the saved
     #                                  model is the average, ckpt.pt keeps both, and evaluations report ema_val_loss
@@ -61,19 +62,19 @@ class TrainConfig:
     #                                  grows as t^ema_power over the whole run, so it always covers the same share
     #                                  of the run however many steps a time budget gives (WeightEMA)
     mlm_probability: float = 0.15    # encoder masked-LM: share of positions predicted (BERT's 80/10/10 rule)
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    always_save_checkpoint: bool = True
+    eval_interval: int = 250         # evaluate (and checkpoint) every this many steps, and at the end
+    eval_iters: int = 20             # batches averaged for each split's loss at an evaluation
+    log_interval: int = 10           # write a metrics.jsonl line every this many steps
+    always_save_checkpoint: bool = True  # false: save only when the validation loss improves
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"              # "float32" | "bfloat16" | "float16" | "auto": bf16 autocast where the
     #                                  hardware has bf16 (`cpu_has_bf16`, CUDA), else fp32 on CPU and fp16 on CUDA
-    compile: bool = False
-    seed: int = 1337
-    resume: bool = False
+    compile: bool = False            # torch.compile the model (on a 2-core AVX2 CPU the baby GPT step ran ~12% slower)
+    seed: int = 1337                 # seeds the initialisation and every batch
+    resume: bool = False             # continue the run in out_dir from its last complete checkpoint
     on_nan: str = "stop"             # "stop" | "skip": what a non-finite loss or gradient does
-    progress: bool = True
-    plot: bool = True
+    progress: bool = True            # a tqdm progress bar with loss and tokens/s
+    plot: bool = True                # write loss.png (matplotlib) at the end
 
     def __post_init__(self):
         def bad(name, msg):
