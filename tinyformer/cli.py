@@ -375,8 +375,10 @@ def build_parser():
 
     _train_parser(sub)
 
-    s = sub.add_parser("sample", help="stream text from a saved decoder model")
-    s.add_argument("--model", required=True, help="a model folder (e.g. a training --out_dir)")
+    s = sub.add_parser("sample", help="stream text from a decoder: a training run, a Hugging Face Llama, a GGUF file")
+    s.add_argument("--model", required=True,
+                   help="a tinyformer model folder (e.g. a training --out_dir), a Hugging Face Llama folder or a "
+                        "Llama GGUF file")
     s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     s.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample (default 500)")
     s.add_argument("--temperature", type=float, default=0.8,
@@ -392,7 +394,8 @@ def build_parser():
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; WER/PER of a G2P model")
-    e.add_argument("--model", required=True, help="a model folder, Hugging Face folder or GGUF file")
+    e.add_argument("--model", required=True,
+                   help="a tinyformer model folder, a Hugging Face Llama folder or a Llama GGUF file")
     e.add_argument("--data", required=True,
                    help="a prepared dataset folder (its --split is used), a .txt file, or `sotu`: the fixed held-out "
                         "perplexity protocol (last 10 State of the Union speeches, first 16,384 tokens of the "
