@@ -438,8 +438,8 @@ class TransformerBase(nn.Module):
             raise TypeError(f"input ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input ids must be 2-D (batch, time), got shape {tuple(input_ids.shape)}")
-        # the range check reads the ids back (a host sync; under torch.compile a graph break at every forward that
-        # made a compiled baby-GPT training step slower than eager): compiled code relies on the lookup's own check
+        # the range check reads the ids back (a host sync; under torch.compile a graph break at every forward):
+        # compiled code relies on the lookup's own bounds check
         if (not torch.compiler.is_compiling() and input_ids.numel()
                 and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)):
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got "
