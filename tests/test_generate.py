@@ -111,15 +111,14 @@ def test_numpy_decode_step_of_a_quantized_model(bits, d_model, head):           
     """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits;
     head=True: the output head too (int8)."""
     from tinyformer.compress import quantize_
-    from tinyformer.generate import _fused_int4_row, _quantized_row
+    from tinyformer.generate import _fused_row, _quantized_row
     model = tiny(act="swiglu", d_model=d_model, bias=True)
     quantize_(model, bits=bits, group_size=32 if d_model == 64 else 64, head=head)
     assert _quantized_row(model.decoder.blocks[0].attn.wq) is not None  # the direct kernel path, not the fallback
     if head:
         assert _quantized_row(model.lm_head) is not None
-    if bits == 4:  # q/k/v and gate/up: one kernel call each over their stacked weights
-        a, f = model.decoder.blocks[0].attn, model.decoder.blocks[0].mlp
-        assert _fused_int4_row([a.wq, a.wk, a.wv]) is not None and _fused_int4_row([f.w1, f.w3]) is not None
+    a, f = model.decoder.blocks[0].attn, model.decoder.blocks[0].mlp  # q/k/v and gate/up: one kernel call each
+    assert _fused_row([a.wq, a.wk, a.wv]) is not None and _fused_row([f.w1, f.w3]) is not None
     # the kernels round their input to bf16: a 1e-7 fp32 difference between the step's and the modules' input (norms
     # summed in another order) can flip one rounding by an ulp (2^-8 relative); seen: 2.4e-4 on these logits and
     # 1.9e-3 (0.4%) on a cached key

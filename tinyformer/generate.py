@@ -182,12 +182,29 @@ def _quantized_row(m):
     forward's argument checks and dispatch cost 45-65 us a call, 3-5x the kernel's own time on SmolLM2's shapes."""
     if type(m) is Int4Linear:
         return _int4_row(int4_mm._prepacked(m.weight_packed, m.scales, m.zeros, m.group_size), [m])
-    w = m.weight if type(m) is Int8Linear else None
-    if (w is None or not int8_mm._have("_weight_int8pack_mm") or m.n_in % int8_mm.INT8PACK_K_MULTIPLE
+    return _int8_row(m.weight, m.scale, [m]) if type(m) is Int8Linear else None
+
+
+def _int8_row(w, scale, mods):
+    """x (K,) -> (sum of N,) on torch's packed int8 CPU kernel over the codes `w` (N, K) and scales (N,) of the
+    modules (stacked along N when there are several), their biases added; None where the kernel does not apply."""
+    if (not int8_mm._have("_weight_int8pack_mm") or w.shape[1] % int8_mm.INT8PACK_K_MULTIPLE
             or not w.is_contiguous() or w.data_ptr() % 64):  # the cases int8_weight_only_matmul_cpu avoids
         return None
-    kernel, scale = torch.ops.aten._weight_int8pack_mm, m.scale.to(torch.bfloat16)
-    return _plus_biases(lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), w, scale)[0].float().numpy(), [m])
+    kernel, scale = torch.ops.aten._weight_int8pack_mm, scale.to(torch.bfloat16)
+    return _plus_biases(_bf16_row(lambda xb: kernel(xb, w, scale), w.shape[1]), mods)
+
+
+def _bf16_row(kernel, k: int):
+    """x (K,) float32 numpy -> kernel(x as a (1, K) bf16 tensor) (1, N) -> (N,) float32 numpy, through one bf16 row
+    kept for every call (16 us a call on a 384x128 int8 weight, against 24 us converting a new tensor each time)."""
+    xb = torch.empty(1, k, dtype=torch.bfloat16)
+    row = xb[0]
+
+    def f(x):
+        row.copy_(torch.from_numpy(x))
+        return kernel(xb).float().numpy()[0]
+    return f
 
 
 def _plus_biases(f, mods):
@@ -204,31 +221,38 @@ def _int4_row(p, mods):
     if not p.fast:
         return None
     kernel, packed, G, sz = torch.ops.aten._weight_int4pack_mm_for_cpu, p.packed, p.group_size, p.scale_and_zero
-    f = lambda x: kernel(torch.from_numpy(x)[None].bfloat16(), packed, G, sz)[0].float().numpy()  # noqa: E731
+    f = _bf16_row(lambda xb: kernel(xb, packed, G, sz), p.K)  # p.K: the padded K of whole groups
     m = mods[0]
     if m.k_pad != m.n_in:  # a ragged last group: x padded with zeros to whole groups, as Int4Linear.matmul
         f = _zero_padded(f, m.n_in, m.k_pad)
     return _plus_biases(f, mods)
 
 
-_FUSED_INT4 = int8_mm.WeightCache()  # the stacked, repacked weights of `_fused_int4_row`, per first module's codes
+_FUSED = int8_mm.WeightCache()  # the stacked (int4: and repacked) weights of `_fused_row`, per first module's codes
 
 
-def _fused_int4_row(mods):
-    """x (K,) -> (sum of N,) for Int4Linears that read the same input (q/k/v; gate/up): their codes, scales and zeros
-    stacked along N and repacked once (cached while the modules' tensors live and stay unchanged), so a step calls
-    torch's kernel once instead of once each. SmolLM2-135M int4 g32 on a 2-core AVX2 EPYC: 210 -> 120 kernel calls
-    a token, the block products 20.1 -> 13.3 ms a token (the kernel dequantizes ~10 G weights/s there: ~11 ms of it).
-    Memory: a second repacked copy of those weights. None where the modules differ in input size or group size, or
-    the kernel does not apply."""
-    m0 = mods[0]
-    if (len(mods) < 2 or any(type(m) is not Int4Linear for m in mods)
-            or any((m.n_in, m.k_pad, m.group_size) != (m0.n_in, m0.k_pad, m0.group_size) for m in mods)):
+def _fused_row(mods):
+    """x (K,) -> (sum of N,) for Int8Linears or Int4Linears that read the same input (q/k/v; gate/up): their codes,
+    scales (and zeros) stacked along N (int4: and repacked) once, cached while the modules' tensors live and stay
+    unchanged, so a step calls torch's kernel once instead of once each. SmolLM2-135M int4 g32 on a 2-core AVX2
+    EPYC: 210 -> 120 kernel calls a token, the block products 20.1 -> 13.3 ms a token (the kernel dequantizes ~10 G
+    weights/s there: ~11 ms of it); the baby Shakespeare model in int8 (a kernel call costs ~20 us there, its own
+    work a few): 24 -> 16 calls a token. Memory: a second copy of those weights. None where the modules are not all
+    Int8Linear or all Int4Linear, differ in input size or group size, or the kernel does not apply."""
+    m0, kind = mods[0], type(mods[0])
+    if len(mods) < 2 or kind not in (Int8Linear, Int4Linear) or any(type(m) is not kind for m in mods):
         return None
-    p = _FUSED_INT4.get(tuple(t for m in mods for t in (m.weight_packed, m.scales, m.zeros)), m0.group_size,
-                        lambda: int4_mm.Int4PackedCPU(*(torch.cat([getattr(m, n) for m in mods])  # (sum N, ...)
-                                                        for n in ("weight_packed", "scales", "zeros")),
-                                                      m0.group_size))
+    if kind is Int8Linear:
+        if any(m.n_in != m0.n_in for m in mods):
+            return None
+        w, scale = _FUSED.get(tuple(t for m in mods for t in (m.weight, m.scale)), None,
+                              lambda: (torch.cat([m.weight for m in mods]), torch.cat([m.scale for m in mods])))
+        return _int8_row(w, scale, mods)  # (sum N, K) codes, (sum N,) scales
+    if any((m.n_in, m.k_pad, m.group_size) != (m0.n_in, m0.k_pad, m0.group_size) for m in mods):
+        return None
+    p = _FUSED.get(tuple(t for m in mods for t in (m.weight_packed, m.scales, m.zeros)), m0.group_size,
+                   lambda: int4_mm.Int4PackedCPU(*(torch.cat([getattr(m, n) for m in mods])  # (sum N, ...)
+                                                   for n in ("weight_packed", "scales", "zeros")), m0.group_size))
     return _int4_row(p, mods)
 
 
@@ -244,7 +268,7 @@ class NumpyDecodeStep:
       weights work too, slower); `generate` keeps torch on one thread meanwhile (`_one_torch_thread`);
     - bf16 model: oneDNN's bf16 GEMV on torch's threads (below), or aten's where oneDNN has no bf16 (AVX2 CPUs);
     - `Int8Linear` / `Int4Linear`: torch's packed CPU kernels, called straight (`_quantized_row`; q/k/v and gate/up
-      Int4Linears in one call, `_fused_int4_row`); the float weights of such a model (its head) go through F.linear,
+      in one call, `_fused_row`); the float weights of such a model (its head) go through F.linear,
       as torch's kernels need torch's threads;
     - a factored `LowRankLinear`: its two thin linears, one after the other, as above;
     - any other linear: its own forward on a torch view.
@@ -279,12 +303,12 @@ class NumpyDecodeStep:
             proj = [a.wq, a.wk, a.wv]
             w = _one_buffer([m.weight for m in proj]) if all(type(m) is Linear for m in proj) else None
             qkv = (self._linear_of(w, [m.bias for m in proj], a.wq.weight) if w is not None
-                   else _fused_int4_row(proj) or self._concat([self._linear(m) for m in proj]))
+                   else _fused_row(proj) or self._concat([self._linear(m) for m in proj]))
             if f.w3 is not None:
                 w = (_one_buffer([f.w1.weight, f.w3.weight]) if type(f.w1) is Linear and type(f.w3) is Linear
                      else None)
                 up = (self._linear_of(w, [f.w1.bias, f.w3.bias], f.w1.weight) if w is not None
-                      else _fused_int4_row([f.w1, f.w3]) or self._concat([self._linear(f.w1), self._linear(f.w3)]))
+                      else _fused_row([f.w1, f.w3]) or self._concat([self._linear(f.w1), self._linear(f.w3)]))
             else:
                 up = self._linear(f.w1)
             self.layers.append(dict(
