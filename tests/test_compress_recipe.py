@@ -53,3 +53,16 @@ def test_an_int8_head_keeps_the_logical_count(tied):
                log=lambda *_: None)
     assert type(model.lm_head).__name__ == "Int8Linear"
     assert logical_params(model)[0] == before[0]
+
+
+def test_decode_speed_is_measured_inside_the_context(monkeypatch):
+    """The report's decode tokens/s is cached decoding: prompt + new tokens stay within max_seq_len (past it
+    `generate` recomputes the whole window at every token)."""
+    from tinyformer.compress import recipe
+    model = tinyformer.build("llama-tiny", n_layer=1, vocab_size=64, max_seq_len=32)
+    calls = []
+    real = type(model).generate
+    monkeypatch.setattr(type(model), "generate",
+                        lambda self, ids, n, **kw: calls.append((ids.shape[1], n)) or real(self, ids, n, **kw))
+    assert recipe.decode_tokens_per_s(model) > 0
+    assert calls and all(prompt + new <= 32 for prompt, new in calls)

@@ -160,9 +160,12 @@ def disk_bytes(model) -> int:
 
 @torch.no_grad()
 def decode_tokens_per_s(model, prompt_len: int = 16, new_tokens: int = 64) -> float:
-    """Greedy batch-1 decode speed with the KV cache (decoder models)."""
+    """Greedy batch-1 decode speed with the KV cache (decoder models): at most `new_tokens`, all within the model's
+    context (past it `generate` recomputes the sliding window at every token, which is not cached decoding)."""
     if model.config.arch != "decoder":
         return float("nan")
+    prompt_len = min(prompt_len, model.config.max_seq_len // 4)
+    new_tokens = min(new_tokens, model.config.max_seq_len - prompt_len)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     model.generate(ids, 4, temperature=0)  # warm up
     t = time.perf_counter()
