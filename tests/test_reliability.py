@@ -136,6 +136,13 @@ def _bad_inputs(tmp, corpus):
     bad_ckpt.mkdir()
     (bad_ckpt / "ckpt.pt").write_bytes(b"\x80\x04garbage")
     d = str(corpus / "prepared")
+    chars = tmp / "chars"  # a character-level model: its vocabulary is the corpus's few characters
+    tok = data.TokenData(corpus / "prepared").tokenizer
+    char_model = tinyformer.build(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=tok.get_vocab_size(),
+                                              max_seq_len=16))
+    char_model.tokenizer = tok
+    char_model.save(chars)
+    (tmp / "digits.txt").write_text("0123 456\n" * 20)
     return [
         (["train", "--data", str(tmp / "missing.txt")], "no such file or folder"),
         (["train", "--data", str(tmp / "empty.txt")], "is empty"),
@@ -157,6 +164,9 @@ def _bad_inputs(tmp, corpus):
         (["sample", "--model", str(trunc)], "unreadable or truncated"),
         (["sample", "--model", str(model)], "has no tokenizer.json"),
         (["eval", "--model", str(tmp / "nowhere"), "--data", d], "no such model folder"),
+        (["eval", "--model", str(chars), "--data", str(tmp / "digits.txt")], "are not in its"),
+        (["eval", "--model", str(chars), "--data", "shakespeare", "--split", "test"], "not a test split"),
+        (["eval", "--model", str(chars), "--data", "shakespear"], "not a built-in corpus"),
         (["prepare", "--data", str(tmp / "empty.txt"), "--out", str(tmp / "o")], "is empty"),
         (["prepare", "--data", "shakespear", "--out", str(tmp / "o")], "neither a built-in corpus"),
     ]

@@ -323,3 +323,25 @@ def test_every_command_line_option_is_explained():
     for name, parser in commands.items():
         assert [a.dest for a in parser._actions if not a.help] == [], name
         parser.format_help()  # a stray % in a help text would raise here
+
+
+def test_eval_scores_a_built_in_corpus_split_in_the_models_tokenizer(tmp_path):
+    """`tinyformer eval --data shakespeare`: the last 10% of the corpus text (prepare's val split) in the model's own
+    tokenizer, scored in disjoint windows: the same token count and perplexity as computing it here."""
+    import re
+
+    import tinyformer
+    from tinyformer.eval import perplexity
+    text = data.corpus_text("shakespeare")
+    tok = data.char_tokenizer(text)
+    torch.manual_seed(0)
+    model = tinyformer.build("baby-shakespeare-char", vocab_size=tok.get_vocab_size(), n_layer=1)
+    model.tokenizer = tok
+    model.save(tmp_path / "m")
+    r = _cli("eval", "--model", str(tmp_path / "m"), "--data", "shakespeare")
+    assert r.returncode == 0, r.stderr
+    ids = data.encode(tok, text[int(len(text) * 0.9):])
+    got = re.search(r"([\d,]+) tokens, block 64, stride 64: .* perplexity ([\d.]+)", r.stdout)
+    assert got and int(got.group(1).replace(",", "")) == len(ids)
+    expect = perplexity(tinyformer.load(tmp_path / "m"), ids, 64, None)
+    assert float(got.group(2)) == pytest.approx(expect, rel=1e-3)

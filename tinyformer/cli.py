@@ -144,7 +144,7 @@ def cmd_sample(args):
 def cmd_eval(args):
     import numpy as np
 
-    from tinyformer.data import TokenData, encode
+    from tinyformer.data import CORPORA, TokenData, encode
     from tinyformer.eval import perplexity
     model = _load_model(args.model)
     if model.config.arch == "encoder-decoder":
@@ -160,8 +160,14 @@ def cmd_eval(args):
         what = f"the {args.split} split of {path}"
     elif path.is_file():
         ids, what = encode(model.tokenizer, path.read_text(encoding="utf-8")), str(path)
+    elif args.data in CORPORA:  # the text's first 90% / last 10%, as `tinyformer prepare` splits it
+        if args.split == "test":
+            raise ValueError(f"--data {args.data}: a built-in corpus has a train and a val split, not a test split")
+        ids = _split_ids(model, args.data, args.split).numpy()
+        what = f"the {args.split} split of {args.data} ({'first 90%' if args.split == 'train' else 'last 10%'})"
     else:
-        raise ValueError(f"--data {args.data}: no such file or prepared dataset folder")
+        raise ValueError(f"--data {args.data}: no such file or prepared dataset folder, and not a built-in corpus "
+                         f"({', '.join(CORPORA)})")
     block = args.block_size or model.config.max_seq_len
     ppl = perplexity(model, ids, block, args.stride)
     import math
@@ -404,9 +410,11 @@ def build_parser():
     e.add_argument("--model", required=True,
                    help="a tinyformer model folder, a Hugging Face Llama folder or a Llama GGUF file")
     e.add_argument("--data", required=True,
-                   help="a prepared dataset folder (its --split is used), a .txt file, or `sotu`: the fixed held-out "
-                        "perplexity protocol (last 10 State of the Union speeches, first 16,384 tokens of the "
-                        "model's own tokenizer, 32 windows of 512)")
+                   help="a prepared dataset folder (its --split is used), a .txt file (all of it), a built-in "
+                        "corpus (shakespeare, shakespeare-all, ptb: its --split, the first 90%% or last 10%% of the "
+                        "text, in the model's own tokenizer), or `sotu`: the fixed held-out perplexity protocol (last "
+                        "10 State of the Union speeches, first 16,384 tokens of the model's own tokenizer, 32 windows "
+                        "of 512)")
     e.add_argument("--split", default="val", choices=["train", "val", "test"],
                    help="language models: val by default; paired data: the held-out test split")
     e.add_argument("--num_beams", type=int, default=5, help="encoder-decoder: beam width (greedy is reported too)")

@@ -121,8 +121,23 @@ def encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> np.ndarray:
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(pieces, add_special_tokens=False)]
+    try:
+        encoded = tokenizer.encode_batch(pieces, add_special_tokens=False)
+    except Exception as e:  # tokenizers raises a bare Exception (e.g. a symbol outside a vocabulary without <unk>)
+        raise untokenizable(tokenizer, text, e) from None
+    ids = [np.asarray(e.ids, dtype=np.int64) for e in encoded]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def untokenizable(tokenizer, text: str, error: Exception) -> ValueError:
+    """The error for a text that `tokenizer` cannot encode, naming the characters its vocabulary lacks (a
+    character-level vocabulary holds only the symbols of its training text, and has no unknown token)."""
+    vocab = tokenizer.get_vocab()
+    missing = sorted({c for c in text if c not in vocab}) if all(len(t) == 1 for t in vocab) else []
+    which = (f": {len(missing)} characters are not in its {len(vocab)}-symbol vocabulary, e.g. "
+             f"{', '.join(repr(c) for c in missing[:8])}" if missing else f" ({error})")
+    return ValueError(f"the tokenizer cannot encode this text{which}; a character-level model can only read text "
+                      f"made of the characters it was trained on")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

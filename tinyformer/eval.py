@@ -116,7 +116,11 @@ def sotu_speeches() -> tuple[list[str], list[str]]:
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    from tinyformer.data import untokenizable
+    try:
+        return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise untokenizable(tokenizer, text, e) from None
 
 
 def sotu_heldout_ids(tokenizer, n_tokens: int = 16384) -> torch.Tensor:
