@@ -165,6 +165,8 @@ def _bad_inputs(tmp, corpus):
         (["sample", "--model", str(model)], "has no tokenizer.json"),
         (["eval", "--model", str(tmp / "nowhere"), "--data", d], "no such model folder"),
         (["eval", "--model", str(chars), "--data", str(tmp / "digits.txt")], "are not in its"),
+        (["sample", "--model", str(chars), "--prompt", "a 1"], "are not in its"),
+        (["sample", "--model", str(chars), "--prompt", "ab", "--top_p", "1.5"], "top_p must be in (0, 1]"),
         (["eval", "--model", str(chars), "--data", "shakespeare", "--split", "test"], "not a test split"),
         (["eval", "--model", str(chars), "--data", "shakespear"], "not a built-in corpus"),
         (["prepare", "--data", str(tmp / "empty.txt"), "--out", str(tmp / "o")], "is empty"),

@@ -119,10 +119,14 @@ def cmd_sample(args):
         text = apply_chat_template(model, [{"role": "user", "content": prompt}])
     else:
         text = prompt
-    ids = tok.encode(text, add_special_tokens=False).ids
+    from tinyformer.data import encode
+    from tinyformer.generate import _check_args
+    ids = encode(tok, text).tolist()  # a clear error for characters a char-level vocabulary lacks
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
-    g = torch.Generator().manual_seed(args.seed)
+    eos = model.eos_token_id if chat else None
+    _check_args(model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)
+    g = torch.Generator().manual_seed(args.seed)  # (the options checked before any text is printed)
     for n in range(args.num_samples):
         new: list[int] = []
         shown = [0]
@@ -136,8 +140,7 @@ def cmd_sample(args):
 
         sys.stdout.write("" if chat else prompt)
         model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, generator=g, on_token=stream,
-                       eos_token_id=model.eos_token_id if chat else None)
+                       top_p=args.top_p, generator=g, on_token=stream, eos_token_id=eos)
         sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
 
 
