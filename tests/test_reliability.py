@@ -20,7 +20,8 @@ import tinyformer
 from tinyformer import ModelConfig, data
 from tinyformer.train import TrainConfig, TrainingStopped, train
 
-TEXT = "".join(random.Random(0).choice("abcdefgh \n") for _ in range(6000))
+_RNG = random.Random(0)  # one generator: a new Random(0) per character gave 6000 copies of one letter
+TEXT = "".join(_RNG.choice("abcdefgh \n") for _ in range(6000))
 CMD = [sys.executable, "-m", "tinyformer"]
 
 
