@@ -174,3 +174,18 @@ def test_prepare_command_writes_the_g2p_pairs(tmp_path):
     assert cli.main(["prepare", "--data", "cmudict-g2p", "--out", str(tmp_path / "b"), "--tokenizer", "bpe"]) == 2
     with pytest.raises(ValueError, match="leave words to train on"):
         data.prepare_g2p(tmp_path / "c", val_fraction=0.95)
+
+
+def test_train_on_word_pairs_picks_the_encoder_decoder_preset(tmp_path):
+    """`tinyformer train --data cmudict-g2p` (the issue's command line) trains the G2P encoder-decoder: paired data
+    without --preset takes the g2p-cmudict preset (model and hyperparameters); an explicit --preset stays."""
+    from tinyformer import cli
+    parse = lambda *a: cli._train_config(cli.build_parser().parse_args(["train", *a]))  # noqa: E731
+    cfg = parse("--data", "cmudict-g2p", "--max_iters", "7")
+    assert cfg.preset == "g2p-cmudict" and cfg.bucket_by_length and cfg.max_iters == 7
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "pairs.json").write_text("{}")  # a prepared pairs folder (`tinyformer prepare --data cmudict-g2p`)
+    assert parse("--data", str(pairs)).preset == "g2p-cmudict"
+    assert parse("--data", "cmudict-g2p", "--preset", "seq2seq-small").preset == "seq2seq-small"
+    assert parse("--data", "shakespeare").preset == "baby-shakespeare-char"

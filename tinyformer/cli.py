@@ -60,11 +60,15 @@ def _train_parser(sub):
 
 def _train_config(args):
     from tinyformer.config import ModelConfig
+    from tinyformer.data import PAIR_CORPORA
     from tinyformer.train import TRAIN_PRESETS, TrainConfig
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     preset = given.get("preset", TrainConfig.preset)
+    data = given.get("data", TrainConfig.data)
+    if "preset" not in given and (data in PAIR_CORPORA or (Path(data) / "pairs.json").is_file()):
+        preset = given["preset"] = "g2p-cmudict"  # word pairs: the encoder-decoder preset, not the baby GPT
     train_kw = {**TRAIN_PRESETS.get(preset, {}), **{k: v for k, v in given.items() if k in train_fields}}
     model_kw = {k: v for k, v in given.items() if k in model_fields and k not in train_fields}
     return TrainConfig(**train_kw, model=model_kw)

@@ -35,7 +35,8 @@ class TrainConfig:
     data: str = "shakespeare"        # a built-in corpus, a .txt file, or a prepared dataset folder
     tokenizer: str = "char"          # for corpora/.txt: "char" | "bpe" | "word"
     bpe_vocab_size: int = 8192       # vocabulary of a trained byte-level BPE tokenizer (--tokenizer bpe)
-    preset: str = "baby-shakespeare-char"  # model preset (ModelConfig.from_name); model fields override it
+    preset: str = "baby-shakespeare-char"  # model preset (ModelConfig.from_name); model fields override it.
+    #                                  The command line picks g2p-cmudict for paired data (--data cmudict-g2p)
     model: dict = field(default_factory=dict)  # ModelConfig overrides (n_layer, n_head, d_model, ...)
     out_dir: str = "out"             # where checkpoints, config.json, metrics.jsonl and loss.png go
     batch_size: int = 12             # global micro-batch (split across ranks under torchrun)
