@@ -144,6 +144,15 @@ def _bad_inputs(tmp, corpus):
     char_model.tokenizer = tok
     char_model.save(chars)
     (tmp / "digits.txt").write_text("0123 456\n" * 20)
+    from tokenizers import Tokenizer
+    enc_cfg = ModelConfig(arch="encoder", n_layer=1, d_model=32, n_head=2, vocab_size=tok.get_vocab_size() + 1,
+                          max_seq_len=16)
+    for name, with_mask in (("enc", True), ("enc_nomask", False)):  # masked-LM trained / a tokenizer without [MASK]
+        enc = tinyformer.build(enc_cfg)
+        enc.tokenizer = Tokenizer.from_str(tok.to_str())
+        if with_mask:
+            enc.tokenizer.add_special_tokens(["[MASK]"])
+        enc.save(tmp / name)
     return [
         (["train", "--data", str(tmp / "missing.txt")], "no such file or folder"),
         (["train", "--data", str(tmp / "empty.txt")], "is empty"),
@@ -170,6 +179,8 @@ def _bad_inputs(tmp, corpus):
         (["sample", "--model", str(chars), "--prompt", "ab", "--top_p", "1.5"], "top_p must be in (0, 1]"),
         (["eval", "--model", str(chars), "--data", "shakespeare", "--split", "test"], "not a test split"),
         (["eval", "--model", str(chars), "--data", "shakespear"], "not a built-in corpus"),
+        (["eval", "--model", str(tmp / "enc"), "--data", "sotu"], "next-token perplexity protocol of decoders"),
+        (["eval", "--model", str(tmp / "enc_nomask"), "--data", d], "has no [MASK] token"),
         (["prepare", "--data", str(tmp / "empty.txt"), "--out", str(tmp / "o")], "is empty"),
         (["prepare", "--data", "shakespear", "--out", str(tmp / "o")], "neither a built-in corpus"),
     ]

@@ -282,7 +282,14 @@ def test_encoder_and_seq2seq_objectives_train(arch, corpus, tmp_path):
     import tinyformer
     model = tinyformer.load(tmp_path / "run")
     if arch == "encoder":
-        assert model.tokenizer.token_to_id("[MASK]") == model.config.vocab_size - 1
+        mask_id = model.tokenizer.token_to_id("[MASK]")
+        assert mask_id == model.config.vocab_size - 1
+        from tinyformer.eval import masked_lm_loss  # what `tinyformer eval` reports for an encoder
+        ids = np.asarray(data.TokenData(corpus / "prepared").splits["val"], dtype=np.int64)
+        loss, n = masked_lm_loss(model, ids, 32, mask_id)
+        assert abs(loss - val[-1]) < 0.25, (loss, val[-1])  # training's val loss: the same objective, other masks
+        assert 0.1 < n / (len(ids) // 32 * 32) < 0.2  # ~15% of the positions scored
+        assert masked_lm_loss(tinyformer.build(model.config), ids, 32, mask_id)[0] > loss + 0.3  # untrained: worse
     else:  # the copy task is learned: greedy decoding spells the word in capitals
         from tinyformer.eval import g2p_error_rates
         r = g2p_error_rates(model, data.PairData(pairs), "test")
@@ -345,3 +352,14 @@ def test_eval_scores_a_built_in_corpus_split_in_the_models_tokenizer(tmp_path):
     assert got and int(got.group(1).replace(",", "")) == len(ids)
     expect = perplexity(tinyformer.load(tmp_path / "m"), ids, 64, None)
     assert float(got.group(2)) == pytest.approx(expect, rel=1e-3)
+
+
+def test_encoding_a_long_text_ignores_the_tokenizers_truncation():
+    """BERT's tokenizer.json truncates every encoding (MiniLM: 128 tokens); a text to score is encoded whole."""
+    text = "the cat sat on the mat\n" * 50
+    tok = data.word_tokenizer(text)
+    tok.enable_truncation(8)
+    assert len(data.encode(tok, text)) == 300
+    from tinyformer.eval import _encode
+    assert _encode(tok, text).numel() == 300
+    assert len(tok.encode(text).ids) == 8  # the caller's tokenizer keeps its setting

@@ -152,16 +152,27 @@ def cmd_eval(args):
     import numpy as np
 
     from tinyformer.data import CORPORA, TokenData, encode
-    from tinyformer.eval import perplexity
+    from tinyformer.eval import MLM_PROTOCOL, masked_lm_loss, perplexity
     model = _load_model(args.model)
     if model.config.arch == "encoder-decoder":
         return _eval_seq2seq(model, args)
+    encoder = model.config.arch == "encoder"
+    mask_id = model.tokenizer.token_to_id("[MASK]") if encoder else None
+    if encoder and mask_id is None:
+        raise ValueError(f"{args.model} is an encoder whose tokenizer has no [MASK] token: its masked-LM loss "
+                         f"cannot be measured")
     path = Path(args.data)
     if args.data == "sotu" and not path.exists():
+        if encoder:
+            raise ValueError("--data sotu is the next-token perplexity protocol of decoders; for an encoder's "
+                             "masked-LM loss give a corpus, a .txt file or a prepared dataset folder")
         return _eval_sotu(model, args)
     if path.is_dir():
         data = TokenData(path)
-        if data.tokenizer.to_str() != model.tokenizer.to_str():
+        vocab, ours = data.tokenizer.get_vocab(), model.tokenizer.get_vocab()
+        same = (all(ours.get(t) == i for t, i in vocab.items()) if encoder  # training added [MASK] to the data's
+                else data.tokenizer.to_str() == model.tokenizer.to_str())
+        if not same:
             raise ValueError(f"{path} was tokenized with another tokenizer than {args.model}'s")
         ids = np.asarray(data.splits[args.split], dtype=np.int64)
         what = f"the {args.split} split of {path}"
@@ -176,8 +187,14 @@ def cmd_eval(args):
         raise ValueError(f"--data {args.data}: no such file or prepared dataset folder, and not a built-in corpus "
                          f"({', '.join(CORPORA)})")
     block = args.block_size or model.config.max_seq_len
-    ppl = perplexity(model, ids, block, args.stride)
     import math
+    if encoder:
+        loss, n = masked_lm_loss(model, ids, block, mask_id)
+        print(f"protocol: {MLM_PROTOCOL}")
+        print(f"{what}: {len(ids):,} tokens, block {block}, {n:,} masked positions: masked-LM loss {loss:.4f} "
+              f"nats/token, perplexity {math.exp(loss):.3f}")
+        return
+    ppl = perplexity(model, ids, block, args.stride)
     print(f"{what}: {len(ids):,} tokens, block {block}, stride {args.stride or block}: "
           f"loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f}")
 
@@ -413,7 +430,8 @@ def build_parser():
                         "token (default: true when the model has a chat template)")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; WER/PER of a G2P model")
+    e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; the masked-LM loss of an "
+                                    "encoder; WER/PER of a G2P model")
     e.add_argument("--model", required=True,
                    help="a tinyformer model folder, a Hugging Face Llama folder or a Llama GGUF file")
     e.add_argument("--data", required=True,

@@ -121,12 +121,25 @@ def encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> np.ndarray:
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
+    tokenizer = untruncated(tokenizer)
     try:
         encoded = tokenizer.encode_batch(pieces, add_special_tokens=False)
     except Exception as e:  # tokenizers raises a bare Exception (e.g. a symbol outside a vocabulary without <unk>)
         raise untokenizable(tokenizer, text, e) from None
     ids = [np.asarray(e.ids, dtype=np.int64) for e in encoded]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def untruncated(tokenizer):
+    """`tokenizer`, or a copy of it without truncation and padding where it has them (BERT's tokenizer.json truncates
+    every encoding to 128 or 512 tokens: a long text would silently shrink to its first chunk's worth)."""
+    if tokenizer.truncation is None and tokenizer.padding is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def untokenizable(tokenizer, text: str, error: Exception) -> ValueError:

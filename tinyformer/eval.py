@@ -99,6 +99,39 @@ def g2p_error_rates(model, data, split: str = "test", num_beams: int = 1, batch_
     return error_rates(preds, [prons for _, prons in words])
 
 
+MLM_PROTOCOL = ("masked-LM: disjoint windows of the block size; in each, every position picked with probability 0.15 "
+                "by a generator seeded 0, of those 80% -> [MASK], 10% a random token, 10% kept (BERT's rule, as "
+                "training masks); the loss is the mean cross-entropy at the picked positions")
+
+
+@torch.no_grad()
+def masked_lm_loss(model, ids, block_size: int, mask_id: int, p: float = 0.15, seed: int = 0,
+                   batch_size: int = 8) -> tuple[float, int]:
+    """An encoder's masked-LM loss on the 1-D token ids (MLM_PROTOCOL): (mean nats at the picked positions, how many
+    positions were scored). The encoder's logits come through its output head (the tied embedding by default)."""
+    from tinyformer.train import mlm_inputs
+    ids = torch.as_tensor(ids).reshape(-1).long()
+    if not 2 <= block_size <= model.config.max_seq_len:
+        raise ValueError(f"block_size must be in 2..max_seq_len={model.config.max_seq_len}, got {block_size}")
+    n = ids.numel() // block_size
+    if n == 0:
+        raise ValueError(f"need at least one window of {block_size} tokens, got {ids.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    inputs, labels = mlm_inputs(ids[: n * block_size].view(n, block_size), mask_id, model.config.vocab_size, p, g)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        x, y = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)  # (b, block) each
+        logits = model.logits(model(x)).float()  # (b, block, V)
+        nll += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        count += int((y != -100).sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no position was picked for masking: give more tokens")
+    return nll / count, count
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the fixed held-out perplexity protocol for real models and compression results (`tinyformer eval --data sotu`)
 SOTU_HELDOUT = 10  # the last 10 State of the Union speeches, by file name (the most recent), are never trained on
@@ -116,9 +149,9 @@ def sotu_speeches() -> tuple[list[str], list[str]]:
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:
-    from tinyformer.data import untokenizable
+    from tinyformer.data import untokenizable, untruncated
     try:
-        return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+        return torch.tensor(untruncated(tokenizer).encode(text, add_special_tokens=False).ids, dtype=torch.long)
     except Exception as e:  # tokenizers raises a bare Exception
         raise untokenizable(tokenizer, text, e) from None
 
