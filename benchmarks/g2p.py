@@ -68,6 +68,10 @@ def main(argv=None):
                         "with an average, the trained weights are scored beside it")
     p.add_argument("--ema_power", type=float, default=None,
                    help="replace the preset's weight average by a power-function one (TrainConfig.ema_power)")
+    p.add_argument("--weight_decay", type=float, default=None,
+                   help="override the preset's AdamW weight decay (0.3, best at ~26k iterations; the decay's time "
+                        "scale 1 / (lr * wd) is best at a fixed share of the run, so a run of fewer iterations may "
+                        "want more: Wang & Aitchison 2024)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice). On a CPU shared with other jobs 1 thread ran ~9x "
                         "faster than 2 here: two threads spin-wait on each other when the cores are oversubscribed")
@@ -92,6 +96,8 @@ def main(argv=None):
         kw.update(max_minutes=args.max_minutes)
     if args.max_iters is not None:
         kw.update(max_iters=args.max_iters)
+    if args.weight_decay is not None:
+        kw.update(weight_decay=args.weight_decay)
     if args.ema_decay is not None or args.ema_power is not None:  # either replaces the preset's average; both is
         kw.update(ema_decay=args.ema_decay or 0.0, ema_power=args.ema_power or 0.0)  # TrainConfig's clear error
     cfg = TrainConfig(**kw, preset="g2p-cmudict", out_dir=args.out_dir, resume=args.resume)
@@ -134,7 +140,8 @@ def main(argv=None):
                              threads=info["threads"], decoding=how, params=m.num_params(), iters=info["iters"],
                              train_min=f"{info['train_s'] / 60:.1f}", load_mean=info["load_mean"],
                              wer_pct=f"{100 * r['wer']:.2f}", per_pct=f"{100 * r['per']:.2f}", test_words=r["words"],
-                             decode_s=f"{time.perf_counter() - t:.0f}", weights=weights))
+                             decode_s=f"{time.perf_counter() - t:.0f}", weights=weights,
+                             weight_decay=cfg.weight_decay))
             print(f"{weights:>7} weights, {how:>7}: WER {100 * r['wer']:.2f}%  PER {100 * r['per']:.2f}%  on "
                   f"{r['words']:,} test words (model {m.num_params() / 1e6:.2f}M params, {info['iters']} iterations "
                   f"in {info['train_s'] / 60:.1f} min; decoding took {time.perf_counter() - t:.0f} s)", flush=True)
