@@ -433,7 +433,7 @@ def build_parser():
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; the masked-LM loss of an "
                                     "encoder; WER/PER of a G2P model")
     e.add_argument("--model", required=True,
-                   help="a tinyformer model folder, a Hugging Face Llama folder or a Llama GGUF file")
+                   help="a tinyformer model folder, a Hugging Face BERT or Llama folder, or a Llama GGUF file")
     e.add_argument("--data", required=True,
                    help="a prepared dataset folder (its --split is used), a .txt file (all of it), a built-in "
                         "corpus (shakespeare, shakespeare-all, ptb: its --split, the first 90%% or last 10%% of the "
