@@ -129,7 +129,8 @@ def cmd_sample(args):
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     eos = model.eos_token_id if chat else None
-    _check_args(model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)
+    prompt_ids = torch.tensor([ids])  # (1, T)
+    _check_args(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)
     g = torch.Generator().manual_seed(args.seed)  # (the options checked before any text is printed)
     for n in range(args.num_samples):
         new: list[int] = []
@@ -143,7 +144,7 @@ def cmd_sample(args):
             shown[0] = len(text)
 
         sys.stdout.write("" if chat else prompt)
-        model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        model.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, generator=g, on_token=stream, eos_token_id=eos)
         sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
 
