@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import tinyformer  # noqa: E402
 from common import append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
 from tinyformer.data import package_dir  # noqa: E402
+from tinyformer.generate import compiles  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT = {"int8": 8, "int4": 4}  # weight-only quantized linears, activations in --quant-dtype
@@ -101,11 +102,16 @@ def weight_bytes(model) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the two implementations, timed the same way
-def time_tinyformer(model, ids, new_tokens):
+def time_tinyformer(model, ids, new_tokens, compile=False):
     stamps = []
     t0 = time.perf_counter()
-    out = model.generate(ids, new_tokens, temperature=0, on_token=lambda tok: stamps.append(time.perf_counter()))
+    out = model.generate(ids, new_tokens, temperature=0, on_token=lambda tok: stamps.append(time.perf_counter()),
+                         compile=compile)
     return t0, stamps, out
+
+
+def time_compiled(model, ids, new_tokens):
+    return time_tinyformer(model, ids, new_tokens, compile=True)
 
 
 def time_transformers(model, ids, new_tokens):
@@ -124,6 +130,9 @@ def time_transformers(model, ids, new_tokens):
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                              logits_processor=LogitsProcessorList([Stamp()]))
     return t0, stamps, out
+
+
+TIMERS = {"tinyformer": time_tinyformer, "tinyformer-compile": time_compiled, "transformers": time_transformers}
 
 
 def rates(t0, stamps, prompt_tokens, batch):
@@ -225,7 +234,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face Llama folder (default: packaged SmolLM2)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16, int8, int4")
-    p.add_argument("--impls", default="tinyformer,transformers", help="comma list of tinyformer, transformers")
+    p.add_argument("--impls", default="tinyformer,transformers",
+                   help="comma list of tinyformer, tinyformer-compile (generate(compile=True): bf16 and "
+                        "int8/int4; fp32 rows skip it), transformers")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -274,32 +285,39 @@ def main(argv=None):
 
     results = []
     for name in dtypes:
-        ours = ours_at(ours_base, name, args) if "tinyformer" in impls else None
-        if name in QUANT and ours is None and "tinyformer" in impls:
+        mine = any(i.startswith("tinyformer") for i in impls)
+        ours = ours_at(ours_base, name, args) if mine else None
+        if name in QUANT and ours is None and mine:
             print(f"# {name}: tinyformer.compress.quantize_ is not available yet; skipped")
         theirs = theirs_at(theirs_base, name) if "transformers" in impls else None
-        runs = {k: [] for k, m in (("tinyformer", ours), ("transformers", theirs)) if m is not None}
+        compiled = ours if "tinyformer-compile" in impls and ours is not None and compiles(ours) else None
+        models = {"tinyformer": ours if "tinyformer" in impls else None, "tinyformer-compile": compiled,
+                  "transformers": theirs}
+        runs = {k: [] for k, m in models.items() if m is not None}
         if not runs:
             continue
         outs = {}
         with torch.inference_mode():
-            for impl in runs:  # warm-up: allocator, kernels, lazy init
-                (time_tinyformer if impl == "tinyformer" else time_transformers)(
-                    ours if impl == "tinyformer" else theirs, ids, 4)
+            for impl in runs:  # warm-up: allocator, kernels, lazy init; torch.compile's compile
+                t = time.perf_counter()
+                TIMERS[impl](models[impl], ids, 4)
+                if impl == "tinyformer-compile":
+                    print(f"# {name}: the compiled decode step's warm-up (its compile) took "
+                          f"{time.perf_counter() - t:.1f} s")
             for _ in range(args.repeats):
                 for impl in runs:
-                    fn, model = (time_tinyformer, ours) if impl == "tinyformer" else (time_transformers, theirs)
-                    t0, stamps, out = fn(model, ids, args.new_tokens)
+                    t0, stamps, out = TIMERS[impl](models[impl], ids, args.new_tokens)
                     runs[impl].append(rates(t0, stamps, args.prompt_tokens, args.batch))
                     outs[impl] = out
-        if len(outs) == 2 and name in DTYPES:  # (a quantized model is anchored on transformers' fp32: tokens differ)
-            a, b = outs["tinyformer"].flatten().tolist(), outs["transformers"].flatten().tolist()
+        for impl in [i for i in outs if i != "transformers" and "transformers" in outs and name in DTYPES]:
+            # (a quantized model is anchored on transformers' fp32: its tokens differ)
+            a, b = outs[impl].flatten().tolist(), outs["transformers"].flatten().tolist()
             first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
             if first is None and len(a) == len(b):
-                print(f"# {name}: tinyformer and transformers generated the same tokens")
+                print(f"# {name}: {impl} and transformers generated the same tokens")
             else:  # in bf16 another rounding order can flip a near-tie of greedy decoding (tests check fp32 exactly)
                 at = first if first is not None else min(len(a), len(b))
-                print(f"# {name}: tinyformer and transformers generated DIFFERENT tokens, from position {at} of "
+                print(f"# {name}: {impl} and transformers generated DIFFERENT tokens, from position {at} of "
                       f"{len(a)} (prompt and new tokens, flattened over the batch)")
         wb = (weight_bytes(ours) if ours is not None
               else weight_bytes(ours_base) * DTYPES.get(name, torch.float32).itemsize // 4)
@@ -315,17 +333,17 @@ def main(argv=None):
                 label, w = f"fp32@{name}", weight_bytes(ours_base)
             results.append(dict(impl=impl, dtype=label, prefill=prefill, decode=decode, best=best, wb=w,
                                 gbs=w * decode / args.batch / 1e9,  # weights are read once per step, whatever the batch
-                                anchor=anchor if impl == "tinyformer" else None, quant=name in QUANT))
+                                anchor=anchor if impl != "transformers" else None, quant=name in QUANT))
         del ours, theirs
 
-    print(f"\n{'impl':13s} {'dtype':12s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'(best)':>7s} "
+    print(f"\n{'impl':18s} {'dtype':12s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'(best)':>7s} "
           f"{'weights MB':>10s} {'GB/s':>6s} {'% of bw':>7s} {'ceiling tok/s':>13s} {'vs transformers':>15s}")
     for r in results:  # against transformers in the same runs (its fp32 beside a quantized model)
         ceiling = copy_bw * 1e9 / r["wb"] * args.batch
-        quantized = r["quant"] and r["impl"] == "tinyformer"
-        vs = r["anchor"] if r["impl"] == "tinyformer" else r["decode"]
+        quantized = r["quant"] and r["impl"] != "transformers"
+        vs = r["anchor"] if r["impl"] != "transformers" else r["decode"]
         ratio = f"{r['decode'] / vs:.2f}x" + (" (fp32)" if quantized else "") if vs else "-"
-        print(f"{r['impl']:13s} {r['dtype']:12s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
+        print(f"{r['impl']:18s} {r['dtype']:12s} {r['prefill']:13.1f} {r['decode']:12.1f} {r['best']:7.1f} "
               f"{r['wb'] / 2**20:10.0f} {r['gbs']:6.1f} {r['gbs'] / copy_bw:7.1%} {ceiling:13.1f} {ratio:>15s}")
 
     csv_path, stamp = Path(args.csv), now()

@@ -125,8 +125,74 @@ def test_numpy_decode_step_of_a_quantized_model(bits, d_model, head):           
     _assert_numpy_steps_match(model.pack_(), tol=1e-3, cache_tol=2 ** -6)
 
 
-def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None, cache_tol=None):
-    from tinyformer.generate import NumpyDecodeStep
+@pytest.mark.parametrize("pos,act,norm,norm_position,bias,pack", [
+    ("rope", "swiglu", "rmsnorm", "pre", False, True),       # Llama (GQA: 4 query heads over 2 k/v heads)
+    ("learned", "gelu", "layernorm", "post", True, False),   # biases, post-norm, unpacked weights
+])
+def test_compiled_decode_step_of_a_bf16_model(pos, act, norm, norm_position, bias, pack):
+    """CompiledDecodeStep (torch.compile'd block and head): logits within bf16 rounding of the modules' all-bf16
+    forward and no further from the fp32 model's than theirs, cache length, bounds, weights untouched."""
+    from tinyformer.generate import compiles
+    model = tiny(pos=pos, act=act, norm=norm, norm_position=norm_position, bias=bias, d_model=64)
+    fp32 = copy.deepcopy(model)
+    model.to(torch.bfloat16)
+    if pack:
+        model.pack_()
+    assert compiles(model) and not compiles(fp32)
+    _assert_numpy_steps_match(model, tol=2e-2, fp32_model=fp32, compiled=True)
+
+
+def test_compiled_decode_step_of_a_quantized_model():
+    """Int4 linears (a ragged last group at K=96, group 64; q/k/v and gate/up stacked) and an int8 head: torch's
+    kernels as extern calls inside the compiled block, the same logits as the modules (up to the kernels' bf16
+    input rounding, as the numpy step). An int8 model whose down projection (K=176) the kernel cannot take: no."""
+    from tinyformer.compress import quantize_
+    from tinyformer.generate import compiles
+    model = tiny(act="swiglu", d_model=96, bias=True)
+    quantize_(model, bits=4, group_size=64, head=True)
+    assert compiles(model)
+    _assert_numpy_steps_match(model.pack_(), tol=1e-3, cache_tol=2 ** -6, compiled=True)
+    int8 = tiny(act="swiglu", d_model=64)
+    quantize_(int8, bits=8)
+    assert not compiles(int8)
+
+
+def test_generate_compile_takes_the_compiled_step_and_falls_back_to_numpy(monkeypatch):
+    """generate(compile=True) decodes a batch-1 bf16 model through CompiledDecodeStep; where torch.compile fails it
+    warns once and gives exactly the numpy step's tokens; compile=True changes nothing for a quantized model."""
+    from tinyformer import generate as gen
+    from tinyformer.compress import quantize_
+    model = tiny(act="swiglu", d_model=64).to(torch.bfloat16).pack_()
+    ids = torch.randint(0, 30, (1, 5))
+    calls = []
+    real = gen.CompiledDecodeStep.__call__
+
+    def spy(self, token):
+        calls.append(self.failed)
+        return real(self, token)
+
+    monkeypatch.setattr(gen.CompiledDecodeStep, "__call__", spy)
+    model.generate(ids, 6, temperature=0, compile=True)
+    assert calls == [False] * 5  # every decode step, compiled
+    numpy_tokens = model.generate(ids, 12, temperature=0)
+
+    def broken(fn):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(gen, "_compiled", broken)
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
+        out = model.generate(ids, 12, temperature=0, compile=True)
+    assert torch.equal(out, numpy_tokens)
+    assert calls == [False] + [True] * 10  # the first step failed over to numpy; the rest went straight there
+    quantize_(model, bits=8)
+    calls.clear()
+    model.generate(ids, 4, temperature=0, compile=True)
+    assert not gen.compiles(model) and not calls
+
+
+def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None, cache_tol=None, compiled=False):
+    from tinyformer.generate import CompiledDecodeStep, NumpyDecodeStep
     ids = torch.randint(0, 30, (1, 6))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -137,6 +203,8 @@ def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None, cache_tol=None):
             exact = fp32_model.new_cache(1, 11)
             fp32_model(ids, cache=exact)
         step = NumpyDecodeStep(model, ours)
+        if compiled:
+            step = CompiledDecodeStep(step, model)
         for tok in (3, 7, 1, 29, 0):
             expect = model(torch.tensor([[tok]]), cache=ref)[:, -1].float()  # (1, V)
             got = step(tok)
@@ -145,6 +213,7 @@ def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None, cache_tol=None):
                 truth = fp32_model(torch.tensor([[tok]]), cache=exact)[:, -1]
                 assert (got - truth).abs().max() <= (expect - truth).abs().max() + 4e-3
         assert ours.length == ref.length == 11
+        assert not compiled or not step.failed  # the compiled functions ran every step
         if model.wte.dtype == torch.float32:  # the step wrote the cache's own tensors
             for a, b in zip(ours.k + ours.v, ref.k + ref.v):
                 torch.testing.assert_close(a, b, rtol=cache_tol or tol, atol=cache_tol or tol)

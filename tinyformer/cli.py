@@ -145,7 +145,7 @@ def cmd_sample(args):
 
         sys.stdout.write("" if chat else prompt)
         model.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, generator=g, on_token=stream, eos_token_id=eos)
+                       top_p=args.top_p, generator=g, on_token=stream, eos_token_id=eos, compile=args.compile)
         sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
 
 
@@ -429,6 +429,10 @@ def build_parser():
     s.add_argument("--chat", type=_bool, default=None, metavar="BOOL",
                    help="wrap the prompt in the model's chat template as a user turn and stop at its end-of-sequence "
                         "token (default: true when the model has a chat template)")
+    s.add_argument("--compile", action="store_true",
+                   help="a bf16 or int8/int4 model decodes on CPU through torch.compile'd steps: faster (SmolLM2-135M "
+                        "bf16 on 2 AVX2 cores: ~41 -> ~55 tokens/s) after a one-off compile of ~5-15 s (needs a C++ "
+                        "compiler: without one it warns and decodes as before); fp32 models ignore it")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; the masked-LM loss of an "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from typing import Optional
 
@@ -63,11 +64,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_token_id: Optional[int] = None, attention_mask=None, generator=None,
-             on_token=None):
+             on_token=None, compile: bool = False):
     """Decoder-only generation: returns prompt + new tokens (B, T + n). With a left-padded batch pass
     `attention_mask` (B, T), 1 = real token. Rows that hit EOS are filled with EOS until every row is done.
     `on_token(ids (B,))` is called with each new token as it is chosen (for streaming).
-    Past the model's context (max_seq_len), the model sees the last max_seq_len tokens, as nanoGPT does."""
+    Past the model's context (max_seq_len), the model sees the last max_seq_len tokens, as nanoGPT does.
+    compile: a batch-1 bf16 or int8/int4 model on CPU decodes through torch.compile'd steps (`CompiledDecodeStep`:
+    faster, after a one-off compile of seconds); elsewhere (fp32, batches, GPUs) it changes nothing."""
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
     was_training = model.training
     model.eval()
@@ -87,6 +90,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     fast = B == 1 and mask is None and max_new_tokens > 1 and numpy_decodes(model)  # > 1: a decode step will run
     numpy_step = NumpyDecodeStep(model, cache) if fast else None  # batch-1 fp32/bf16 on CPU: decode steps on numpy
+    if fast and compile and compiles(model):
+        numpy_step = CompiledDecodeStep(numpy_step, model)
     with _one_torch_thread(fast and numpy_step.sgemv):  # numpy's sgemv has both cores
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -166,94 +171,84 @@ def _onednn_weight(weight, owner):
     return hit[2]
 
 
-def _zero_padded(f, n: int, k_pad: int):
-    """f over x (n,) written into the first n entries of a zero buffer (k_pad,) kept for every call."""
-    xp = np.zeros(k_pad, np.float32)
-
-    def padded(x):
-        xp[:n] = x
-        return f(xp)
-    return padded
-
-
 def _quantized_row(m):
     """x (K,) -> (N,) for an `Int4Linear` / `Int8Linear` straight on torch's CPU kernel (the one its forward reaches
     through ops -> kernels, with the same bf16 rounding and bias), or None where that kernel does not apply. The
     forward's argument checks and dispatch cost 45-65 us a call, 3-5x the kernel's own time on SmolLM2's shapes."""
-    if type(m) is Int4Linear:
-        return _int4_row(int4_mm._prepacked(m.weight_packed, m.scales, m.zeros, m.group_size), [m])
-    return _int8_row(m.weight, m.scale, [m]) if type(m) is Int8Linear else None
-
-
-def _int8_row(w, scale, mods):
-    """x (K,) -> (sum of N,) on torch's packed int8 CPU kernel over the codes `w` (N, K) and scales (N,) of the
-    modules (stacked along N when there are several), their biases added; None where the kernel does not apply."""
-    if (not int8_mm._have("_weight_int8pack_mm") or w.shape[1] % int8_mm.INT8PACK_K_MULTIPLE
-            or not w.is_contiguous() or w.data_ptr() % 64):  # the cases int8_weight_only_matmul_cpu avoids
-        return None
-    kernel, scale = torch.ops.aten._weight_int8pack_mm, scale.to(torch.bfloat16)
-    return _plus_biases(_bf16_row(lambda xb: kernel(xb, w, scale), w.shape[1]), mods)
-
-
-def _bf16_row(kernel, k: int):
-    """x (K,) float32 numpy -> kernel(x as a (1, K) bf16 tensor) (1, N) -> (N,) float32 numpy, through one bf16 row
-    kept for every call (16 us a call on a 384x128 int8 weight, against 24 us converting a new tensor each time)."""
-    xb = torch.empty(1, k, dtype=torch.bfloat16)
-    row = xb[0]
-
-    def f(x):
-        row.copy_(torch.from_numpy(x))
-        return kernel(xb).float().numpy()[0]
-    return f
-
-
-def _plus_biases(f, mods):
-    """f, then the modules' biases (concatenated along N; zeros for a module without one) added, if any."""
-    if all(m.bias is None for m in mods):
-        return f
-    b = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.n_out) for m in mods]).numpy()  # (sum N,)
-    return lambda x: f(x) + b
-
-
-def _int4_row(p, mods):
-    """x (K,) -> (sum of N,) on torch's int4 CPU kernel over `p` (an `Int4PackedCPU` of the modules' weights, stacked
-    along N when there are several), the modules' biases added; None where the kernel does not apply."""
-    if not p.fast:
-        return None
-    kernel, packed, G, sz = torch.ops.aten._weight_int4pack_mm_for_cpu, p.packed, p.group_size, p.scale_and_zero
-    f = _bf16_row(lambda xb: kernel(xb, packed, G, sz), p.K)  # p.K: the padded K of whole groups
-    m = mods[0]
-    if m.k_pad != m.n_in:  # a ragged last group: x padded with zeros to whole groups, as Int4Linear.matmul
-        f = _zero_padded(f, m.n_in, m.k_pad)
-    return _plus_biases(f, mods)
-
-
-_FUSED = int8_mm.WeightCache()  # the stacked (int4: and repacked) weights of `_fused_row`, per first module's codes
+    return _row(_kernel_weights([m]), [m]) if type(m) in (Int4Linear, Int8Linear) else None
 
 
 def _fused_row(mods):
-    """x (K,) -> (sum of N,) for Int8Linears or Int4Linears that read the same input (q/k/v; gate/up): their codes,
-    scales (and zeros) stacked along N (int4: and repacked) once, cached while the modules' tensors live and stay
-    unchanged, so a step calls torch's kernel once instead of once each. SmolLM2-135M int4 g32 on a 2-core AVX2
-    EPYC: 210 -> 120 kernel calls a token, the block products 20.1 -> 13.3 ms a token (the kernel dequantizes ~10 G
-    weights/s there: ~11 ms of it); the baby Shakespeare model in int8 (a kernel call costs ~20 us there, its own
-    work a few): 24 -> 16 calls a token. Memory: a second copy of those weights. None where the modules are not all
-    Int8Linear or all Int4Linear, differ in input size or group size, or the kernel does not apply."""
+    """x (K,) -> (sum of N,) for Int8Linears or Int4Linears that read the same input (q/k/v; gate/up), in one kernel
+    call over their stacked weights (`_kernel_weights`); None where that does not apply."""
+    return _row(_kernel_weights(mods), mods) if len(mods) > 1 else None
+
+
+_FUSED = int8_mm.WeightCache()  # the stacked (int4: and repacked) weights of `_kernel_weights`, per modules' codes
+
+
+def _kernel_weights(mods):
+    """What torch's CPU kernel multiplies by for the Int8Linears or Int4Linears `mods` that read one input, stacked
+    along N when there are several (cached while the modules' tensors live and stay unchanged, so a step calls the
+    kernel once instead of once each): ("int8", codes (N, K), scales (N,) bf16) or ("int4", packed, group size,
+    scale_and_zero, K, K padded to whole groups). None where the modules are not all Int8Linear or all Int4Linear,
+    differ in input or group size, or the kernel does not apply.
+    Stacking, SmolLM2-135M int4 g32 on a 2-core AVX2 EPYC: 210 -> 120 kernel calls a token, the block products 20.1
+    -> 13.3 ms a token (the kernel dequantizes ~10 G weights/s there: ~11 ms of it); the baby Shakespeare model in
+    int8 (a kernel call costs ~20 us there, its own work a few): 24 -> 16 calls a token. Memory: a second copy of
+    the stacked weights."""
     m0, kind = mods[0], type(mods[0])
-    if len(mods) < 2 or kind not in (Int8Linear, Int4Linear) or any(type(m) is not kind for m in mods):
+    if kind not in (Int8Linear, Int4Linear) or any(type(m) is not kind for m in mods):
         return None
     if kind is Int8Linear:
         if any(m.n_in != m0.n_in for m in mods):
             return None
-        w, scale = _FUSED.get(tuple(t for m in mods for t in (m.weight, m.scale)), None,
-                              lambda: (torch.cat([m.weight for m in mods]), torch.cat([m.scale for m in mods])))
-        return _int8_row(w, scale, mods)  # (sum N, K) codes, (sum N,) scales
+        w, scale = ((m0.weight, m0.scale) if len(mods) == 1 else _FUSED.get(
+            tuple(t for m in mods for t in (m.weight, m.scale)), None,
+            lambda: (torch.cat([m.weight for m in mods]), torch.cat([m.scale for m in mods]))))  # (sum N, K), (sum N,)
+        if (not int8_mm._have("_weight_int8pack_mm") or w.shape[1] % int8_mm.INT8PACK_K_MULTIPLE
+                or not w.is_contiguous() or w.data_ptr() % 64):  # the cases int8_weight_only_matmul_cpu avoids
+            return None
+        return "int8", w, scale.to(torch.bfloat16)
     if any((m.n_in, m.k_pad, m.group_size) != (m0.n_in, m0.k_pad, m0.group_size) for m in mods):
         return None
-    p = _FUSED.get(tuple(t for m in mods for t in (m.weight_packed, m.scales, m.zeros)), m0.group_size,
-                   lambda: int4_mm.Int4PackedCPU(*(torch.cat([getattr(m, n) for m in mods])  # (sum N, ...)
-                                                   for n in ("weight_packed", "scales", "zeros")), m0.group_size))
-    return _int4_row(p, mods)
+    p = (int4_mm._prepacked(m0.weight_packed, m0.scales, m0.zeros, m0.group_size) if len(mods) == 1 else _FUSED.get(
+        tuple(t for m in mods for t in (m.weight_packed, m.scales, m.zeros)), m0.group_size,
+        lambda: int4_mm.Int4PackedCPU(*(torch.cat([getattr(m, n) for m in mods])  # (sum N, ...)
+                                        for n in ("weight_packed", "scales", "zeros")), m0.group_size)))
+    return ("int4", p.packed, p.group_size, p.scale_and_zero, m0.n_in, p.K) if p.fast else None  # p.K = m0.k_pad
+
+
+def _row(kw, mods):
+    """x (K,) float32 numpy -> (sum of N,) float32 numpy on torch's kernel over `kw` (`_kernel_weights`), the
+    modules' biases added; None for kw None. The input goes to the kernel as a (1, K) bf16 row kept for every call
+    (16 us a call on a 384x128 int8 weight, against 24 us converting a new tensor each time), zero-padded to whole
+    groups for int4 (as Int4Linear.matmul)."""
+    if kw is None:
+        return None
+    if kw[0] == "int8":
+        _, w, scale = kw
+        k, kernel = w.shape[1], lambda xb: torch.ops.aten._weight_int8pack_mm(xb, w, scale)
+    else:
+        _, packed, G, sz, n, k = kw
+        kernel = lambda xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, G, sz)  # noqa: E731
+    xb = torch.zeros(1, k, dtype=torch.bfloat16)
+    row = xb[0, :mods[0].n_in]  # the padding past n_in stays zero
+
+    def f(x):
+        row.copy_(torch.from_numpy(x))
+        return kernel(xb).float().numpy()[0]
+    b = _biases(mods)
+    return f if b is None else (lambda x: f(x) + b.numpy())
+
+
+def _biases(mods):
+    """The modules' biases concatenated along N as fp32 (zeros for a module without one), or None if none has one."""
+    if all(m.bias is None for m in mods):
+        return None
+    n_out = [m.weight.shape[0] if type(m) is Linear else m.n_out for m in mods]
+    return torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(n)
+                      for m, n in zip(mods, n_out)])  # (sum N,)
 
 
 class NumpyDecodeStep:
@@ -365,8 +360,8 @@ class NumpyDecodeStep:
         return lambda x: np.concatenate([f(x) for f in fs])
 
     # -- the step ----------------------------------------------------------------------------------------------------
-    def __call__(self, token: int) -> torch.Tensor:
-        """The logits (1, V) after appending `token` at position cache.length."""
+    def embed(self, token: int):
+        """x (C,) of `token` at position cache.length (its own copy), and the rotary cos, sin (Dh/2,) there or None."""
         cache, cfg = self.cache, self.cfg
         pos = cache.length
         if pos >= cache.max_len or pos >= cfg.max_seq_len:
@@ -378,6 +373,12 @@ class NumpyDecodeStep:
             x = x * math.sqrt(cfg.d_model) + self.pe[pos]
         else:
             cos, sin = self.cos[pos], self.sin[pos]  # (Dh/2,)
+        return x, cos, sin
+
+    def __call__(self, token: int) -> torch.Tensor:
+        """The logits (1, V) after appending `token` at position cache.length."""
+        cache, pos = self.cache, self.cache.length
+        x, cos, sin = self.embed(token)
         for L in self.layers:
             x = self._sublayer(x, L, L["norm1"], lambda h: self._attention(h, L, pos, cos, sin))
             x = self._sublayer(x, L, L["norm2"], lambda h: self._feed_forward(h, L))
@@ -422,6 +423,182 @@ class NumpyDecodeStep:
         else:  # numpy has no erf: torch's GELU on a view
             a = F.gelu(torch.from_numpy(a), approximate="tanh" if act == "gelu_tanh" else "none").numpy()
         return L["down"](a)
+
+
+def compiles(model) -> bool:
+    """Whether `CompiledDecodeStep` serves this model: `NumpyDecodeStep` does, no linear is factored, and either its
+    weights are bf16 or it has Int8/Int4 linears, each one torch's kernel takes (`_kernel_weights`)."""
+    if not numpy_decodes(model) or any(type(m) is LowRankLinear for m in model.modules()):
+        return False
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not quantized:
+        return next(model.parameters()).dtype == torch.bfloat16
+    return all(_kernel_weights([m]) is not None for m in quantized)
+
+
+class CompiledDecodeStep:
+    """`NumpyDecodeStep`'s step for a batch-1 bf16 or int8/int4 model (`compiles`) as two torch.compile'd functions:
+    a group of 1-3 blocks (called once per group: every block has the same shapes, so it compiles once) and the
+    final norm + head.
+
+    Why: on a CPU without oneDNN bf16 (AVX2), aten's bf16 GEMV streams SmolLM2's weights at 9-17 GB/s. Written as
+    `(w.float() * x).sum(-1)`, a product becomes one vectorized C++ loop (Inductor) that widens each bf16 row to fp32
+    as it streams it and accumulates in fp32: 23-26 GB/s on the same matrices, 2-core AVX2 EPYC. Inductor also fuses
+    the rest of a block (norms, rotary, the cache write, attention, SwiGLU, residuals) into one C++ function, so three
+    layers cost one compiled call (~0.1 ms of overhead) where the numpy step makes ~40 calls a layer; Int8/Int4
+    linears stay torch's kernels (`_kernel_weights`), called from the compiled code. SmolLM2-135M there, against
+    the numpy step in the same run: bf16 41 -> 54-56 tokens/s, int4 49 -> 57, int8 43 -> 48. The first step
+    compiles (~5-15 s on 2 cores; ~2-3 s once Inductor's on-disk cache holds the block), hence opt-in:
+    `generate(..., compile=True)`, `tinyformer sample --compile`.
+
+    Math: as `NumpyDecodeStep` (fp32 residual stream, norms, rotary and attention; fp32 accumulation), except that an
+    activation is not rounded to bf16 going into a bf16 product. It shares that step's fp32 KV cache, and where
+    Inductor cannot compile (no C++ compiler, say) it warns and hands every step to it. Not measured on a CPU with
+    oneDNN bf16 (AVX512-BF16), where the numpy step's prepacked oneDNN GEMV streamed 18-28 GB/s."""
+
+    def __init__(self, numpy_step, model):
+        self.numpy_step, self.cache, self.sgemv, self.failed = numpy_step, numpy_step.cache, False, False
+
+        def lin(ms):  # the linears that read one input -> (their products (see _t_product), biases or None)
+            if all(type(m) is Linear for m in ms):
+                one = _one_buffer([m.weight for m in ms], rows=True) if len(ms) > 1 else None  # laid out by pack_
+                parts = (("float", one),) if one is not None else tuple(("float", m.weight.detach()) for m in ms)
+            else:  # Int8/Int4: one kernel call over the stacked weights where it applies
+                kw = _kernel_weights(ms)
+                parts = (kw,) if kw is not None else tuple(
+                    ("float", m.weight.detach()) if type(m) is Linear else _kernel_weights([m]) for m in ms)
+            return parts, _biases(ms)
+
+        def norm(n):
+            return None if n is None else (n.kind, n.weight.detach().float(),
+                                           None if n.bias is None else n.bias.detach().float(), n.eps)
+        self.layers = []
+        for b, L in zip(model.decoder.blocks, numpy_step.layers):
+            a, f = b.attn, b.mlp
+            self.layers.append((dict(
+                pre=b.pre, norm1=norm(b.norm1), norm2=norm(b.norm2), qkv=lin([a.wq, a.wk, a.wv]), wo=lin([a.wo]),
+                up=lin([f.w1] if f.w3 is None else [f.w1, f.w3]), down=lin([f.w2]), act=f.act, H=a.n_head,
+                Hkv=a.n_kv_head, D=a.head_dim, rope=a.rope),
+                torch.from_numpy(L["K"]), torch.from_numpy(L["V"])))  # (Hkv, max_len, Dh): the numpy step's cache
+        head = model.lm_head if model.lm_head is not None else model.wte
+        self.head = (norm(model.decoder.final_norm),
+                     lin([head]) if isinstance(head, nn.Module) else ((("float", head.detach()),), None))  # tied wte
+        n = len(self.layers)  # blocks per compiled call: 3 took 14.0-14.9 ms where 1 took 15.5-16.5 (SmolLM2's 30)
+        self.group = next(g for g in (3, 2, 1) if n % g == 0)
+        self.marked = False  # the cached length is marked dynamic on the first call: one compile for every length
+
+    def __call__(self, token: int) -> torch.Tensor:
+        """The logits (1, V) after appending `token` at position cache.length."""
+        if self.failed:
+            return self.numpy_step(token)
+        pos = self.cache.length
+        x, cos, sin = (torch.from_numpy(a) if a is not None else None for a in self.numpy_step.embed(token))
+        try:
+            blocks, head = _compiled(_blocks_step), _compiled(_head_step)
+            for i in range(0, len(self.layers), self.group):
+                Ls, Ks, Vs = zip(*self.layers[i:i + self.group])
+                Ks = [K[:, :pos + 1] for K in Ks]  # (Hkv, S, Dh): the cached prefix and this position
+                Vs = [V[:, :pos + 1] for V in Vs]
+                if not self.marked:
+                    for t in Ks + Vs:
+                        torch._dynamo.mark_dynamic(t, 1)
+                x = blocks(x, Ls, Ks, Vs, cos, sin)
+            self.marked = True
+            logits = head(x, *self.head)  # (V,)
+        except Exception as e:  # noqa: BLE001  Inductor needs a C++ compiler, among other things
+            warnings.warn(f"generate(compile=True): torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                          f"decoding on numpy instead", RuntimeWarning, stacklevel=2)
+            self.failed = True
+            return self.numpy_step(token)
+        self.cache.length += 1
+        return logits[None]  # (V,) -> (1, V)
+
+
+_COMPILED: dict = {}  # function -> its torch.compile'd form, made on first use
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
+
+
+# the compiled step's math, in torch on one position (batch 1): x (C,) fp32, weights as CompiledDecodeStep holds them
+def _t_norm(x, norm):
+    kind, w, b, eps = norm
+    if kind == "rmsnorm":
+        return x * torch.rsqrt((x * x).mean() + eps) * w
+    return F.layer_norm(x, x.shape, w, b, eps)
+
+
+def _t_linear(x, lin):
+    """x (K,) through each product of `lin` (CompiledDecodeStep's), concatenated (sum N_i,), plus the biases."""
+    parts, b = lin
+    ys = [_t_product(x, p) for p in parts]
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]
+    return y + b if b is not None else y
+
+
+def _t_product(x, p):
+    """x (K,) fp32 @ W^T -> (N,) fp32. ("float", W (N, K)): a GEMV written as a reduction, fp32 accumulation;
+    ("int8", ...) / ("int4", ...) (`_kernel_weights`): torch's kernel on x rounded to bf16 (an extern call in the
+    compiled code), as the numpy step and the modules' forward call it."""
+    if p[0] == "float":
+        return (p[1].float() * x).sum(-1)  # (N, K) * (K,) summed over K
+    xb = x.to(torch.bfloat16)[None]  # (1, K)
+    if p[0] == "int8":
+        return torch.ops.aten._weight_int8pack_mm(xb, p[1], p[2])[0].float()
+    _, packed, G, scale_and_zero, n, k = p
+    xb = F.pad(xb, (0, k - n)) if k != n else xb  # (1, K padded to whole groups)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, G, scale_and_zero)[0].float()
+
+
+def _t_attention(h, L, K, V, cos, sin):
+    H, Hkv, D = L["H"], L["Hkv"], L["D"]
+    qkv = _t_linear(h, L["qkv"])  # (H*Dh + 2*Hkv*Dh,)
+    qk = qkv[:(H + Hkv) * D].view(H + Hkv, D)  # q heads then k heads: rotated together
+    if L["rope"]:
+        x1, x2 = qk[:, :D // 2], qk[:, D // 2:]  # (H+Hkv, Dh/2) each
+        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), 1)  # (H+Hkv, Dh)
+    K[:, -1] = qk[H:]  # K, V (Hkv, S, Dh): this position is the last
+    V[:, -1] = qkv[(H + Hkv) * D:].view(Hkv, D)  # (Hkv*Dh,) -> (Hkv, Dh)
+    q = qk[:H].view(Hkv, H // Hkv, D)  # (Hkv, G, Dh): the G query heads that share each k/v head
+    # products as sums (Inductor fuses them with the softmax; bmm would be two library calls of ~20 us each)
+    p = torch.softmax((q[:, :, None] * K[:, None]).sum(-1) * D ** -0.5, -1)  # (Hkv, G, 1, Dh) * (Hkv, 1, S, Dh)
+    y = (p[..., None] * V[:, None]).sum(2)  # (Hkv, G, S, 1) * (Hkv, 1, S, Dh) summed over S -> (Hkv, G, Dh)
+    return _t_linear(y.reshape(H * D), L["wo"])  # (Hkv, G, Dh) -> (H*Dh,) -> (C,)
+
+
+def _t_feed_forward(h, L):
+    a = _t_linear(h, L["up"])  # (F,), or (2F,) = gate then up for SwiGLU
+    if L["act"] == "swiglu":
+        n = a.shape[0] // 2
+        a = F.silu(a[:n]) * a[n:]
+    elif L["act"] == "relu":
+        a = F.relu(a)
+    else:
+        a = F.gelu(a, approximate="tanh" if L["act"] == "gelu_tanh" else "none")
+    return _t_linear(a, L["down"])
+
+
+def _block_step(x, L, K, V, cos, sin):
+    """One block for one new position: x (C,) -> (C,); writes this position's k, v as K, V's last row."""
+    def sublayer(x, norm, f):
+        return x + f(_t_norm(x, norm)) if L["pre"] else _t_norm(x + f(x), norm)
+    x = sublayer(x, L["norm1"], lambda h: _t_attention(h, L, K, V, cos, sin))
+    return sublayer(x, L["norm2"], lambda h: _t_feed_forward(h, L))
+
+
+def _blocks_step(x, Ls, Ks, Vs, cos, sin):
+    """`_block_step` over consecutive blocks (one compiled call for a few: its ~0.1 ms of overhead paid once)."""
+    for L, K, V in zip(Ls, Ks, Vs):
+        x = _block_step(x, L, K, V, cos, sin)
+    return x
+
+
+def _head_step(x, norm, lin):
+    """The final norm (if any) and the head: x (C,) -> logits (V,)."""
+    return _t_linear(_t_norm(x, norm) if norm is not None else x, lin)
 
 
 @torch.no_grad()

@@ -500,10 +500,10 @@ class DecoderLM(TransformerBase):
         return self.logits(h[:, -1:] if last_only else h)  # (B, T or 1, V)
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                 attention_mask=None, generator=None, on_token=None):
+                 attention_mask=None, generator=None, on_token=None, compile=False):
         from tinyformer.generate import generate
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                        attention_mask=attention_mask, generator=generator, on_token=on_token)
+                        attention_mask=attention_mask, generator=generator, on_token=on_token, compile=compile)
 
 
 class Encoder(TransformerBase):
