@@ -18,10 +18,15 @@ linears; with `--head int8`, the default, the output head too, int8 per row: its
 llama.cpp's Q4_1 file of this model keeps its tied token_embd in Q8_0); transformers has no such linears, so its fp32
 model runs again beside each of them, interleaved, as that row's anchor (row "fp32@int4").
 
+Impl `tinyformer-compile` is tinyformer's `generate(compile=True)` (`CompiledDecodeStep`: torch.compile'd blocks)
+on the same model, for bf16 and int8/int4 (fp32 models ignore the flag, so fp32 rows skip it); its warm-up run
+compiles and the time that took is printed. Its ratio is against the same transformers run as plain tinyformer's.
+
 One CSV row per (impl, dtype) goes to --csv (benchmarks/results/generate.csv). `--profile` prints where tinyformer's
 decode time goes (torch.profiler over the decode steps of one generate call).
 
     python benchmarks/generate.py                              # fp32 + bf16, 128-token prompt, 128 new tokens
+    python benchmarks/generate.py --dtypes bf16,int4 --impls tinyformer,tinyformer-compile
     python benchmarks/generate.py --dtypes fp32 --threads 1 --profile
 """
 from __future__ import annotations
@@ -234,7 +239,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face Llama folder (default: packaged SmolLM2)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16, int8, int4")
-    p.add_argument("--impls", default="tinyformer,transformers",
+    p.add_argument("--impls", default="tinyformer,tinyformer-compile,transformers",
                    help="comma list of tinyformer, tinyformer-compile (generate(compile=True): bf16 and "
                         "int8/int4; fp32 rows skip it), transformers")
     p.add_argument("--batch", type=int, default=1)

@@ -259,8 +259,12 @@ def _generate_headline(rows):
         out.append(f"{r['impl']} {r['dtype']} decode {_f(r['decode_tok_s']):.1f} tok/s "
                    f"(prefill {_f(r['prefill_tok_s']):.0f})")
     theirs = {r["dtype"]: _f(r["decode_tok_s"]) for r in rows if r["impl"] == "transformers"}
-    ours = {r["dtype"]: _f(r["decode_tok_s"]) for r in rows if r["impl"] == "tinyformer"}
-    ratios = [f"{d}: {ours[d] / theirs[d]:.2f}x transformers" for d in ours if theirs.get(d)]
+    ratios = []
+    for r in rows:  # tinyformer and tinyformer-compile; a quantized row against transformers' fp32 beside it
+        d = r["dtype"]
+        anchor = theirs.get(d) or theirs.get("fp32@" + d.split("+")[0].split("/")[0])
+        if r["impl"] != "transformers" and anchor:
+            ratios.append(f"{r['impl']} {d}: {_f(r['decode_tok_s']) / anchor:.2f}x transformers")
     return "; ".join(out) + (" -- " + ", ".join(ratios) if ratios else "")
 
 
