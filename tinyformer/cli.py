@@ -431,7 +431,7 @@ def build_parser():
                         "token (default: true when the model has a chat template)")
     s.add_argument("--compile", action="store_true",
                    help="a bf16 or int8/int4 model decodes on CPU through torch.compile'd steps: faster (SmolLM2-135M "
-                        "bf16 on 2 AVX2 cores: ~41 -> ~55 tokens/s) after a one-off compile of ~5-15 s (needs a C++ "
+                        "bf16 on 2 AVX2 cores: ~41 -> ~55 tokens/s) after a one-off compile of ~5-20 s (needs a C++ "
                         "compiler: without one it warns and decodes as before); fp32 models ignore it")
     s.set_defaults(func=cmd_sample)
 

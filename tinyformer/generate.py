@@ -448,7 +448,7 @@ class CompiledDecodeStep:
     layers cost one compiled call (~0.1 ms of overhead) where the numpy step makes ~40 calls a layer; Int8/Int4
     linears stay torch's kernels (`_kernel_weights`), called from the compiled code. SmolLM2-135M there, against
     the numpy step in the same run: bf16 41 -> 54-56 tokens/s, int4 49 -> 57, int8 43 -> 48. The first step
-    compiles (~5-15 s on 2 cores; ~2-3 s once Inductor's on-disk cache holds the block), hence opt-in:
+    compiles (~17 s cold on 2 cores; 1-7 s once Inductor's on-disk cache holds the block), hence opt-in:
     `generate(..., compile=True)`, `tinyformer sample --compile`.
 
     Math: as `NumpyDecodeStep` (fp32 residual stream, norms, rotary and attention; fp32 accumulation), except that an
