@@ -160,7 +160,11 @@ def _rows_layout(dtype) -> bool:
 def _one_buffer(ws, rows=None):
     """The (sum N, K) weight that the (N_i, K) weights `ws` form when they are consecutive row slices of one
     (sum N, K) tensor (rows=True) or consecutive column slices of one (K, sum N) tensor (rows=False; None: either),
-    as `_pack_shared` builds them, else None. Pure stride/pointer arithmetic: no copy."""
+    as `_pack_shared` builds them, else None. Pure stride/pointer arithmetic: no copy. None under torch.compile,
+    which cannot trace data_ptr (its failure there made Dynamo skip the whole forward: every layer a graph of its
+    own); the callers then multiply by each weight, and Inductor fuses what it can."""
+    if torch.compiler.is_compiling():
+        return None
     if rows is None:
         got = _one_buffer(ws, True)
         return got if got is not None else _one_buffer(ws, False)
