@@ -239,7 +239,10 @@ def _row(kw, mods):
         row.copy_(torch.from_numpy(x))
         return kernel(xb).float().numpy()[0]
     b = _biases(mods)
-    return f if b is None else (lambda x: f(x) + b.numpy())
+    if b is None:
+        return f
+    b = b.numpy()  # once, not per call (the numpy step's hot path)
+    return lambda x: f(x) + b
 
 
 def _biases(mods):
