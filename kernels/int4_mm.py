@@ -259,7 +259,7 @@ class Int4PackedCPU:
         dummy = torch.empty((0, 2 * K2), dtype=torch.float32,
                             device=w_packed.device if isinstance(w_packed, torch.Tensor) else "cpu")
         check_int4_matmul_args(dummy, w_packed, scales, zeros, group_size)  # ValueError/TypeError, before any work
-        _need(w_packed.device.type == "cpu", f"w_packed must be a CPU tensor, got {w_packed.device}")
+        _need(w_packed.device.type == "cpu", lambda: f"w_packed must be a CPU tensor, got {w_packed.device}")
         self.N, self.K, self.group_size = N, 2 * K2, group_size
         self.fast = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUP_SIZES
                      and N % INT4PACK_N_MULTIPLE == 0 and N > 0 and self.K > 0)
@@ -324,7 +324,7 @@ def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
     torch's packed int4 kernel in bf16 (`int4_matmul_cpu`)."""
     check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
     if bias is not None:
-        _need(bias.is_floating_point(), f"bias must be a float tensor, got {bias.dtype}", TypeError)
+        _need(bias.is_floating_point(), lambda: f"bias must be a float tensor, got {bias.dtype}", TypeError)
     if x.dtype == torch.float64:  # the contract covers fp32/fp16/bf16; fp64 takes the reference everywhere
         return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
     if backend_of(x, INTERPRET, "tinyformer.kernels.int4_mm") == "triton":

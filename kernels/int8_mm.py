@@ -349,7 +349,7 @@ def launch(fn, grid_fn, cands: List[MatmulConfig], key: tuple, *args, **kwargs):
 
 def _check_out_dtype(out_dtype):
     _need(out_dtype in (torch.float32, torch.float16, torch.bfloat16),
-          f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}", TypeError)
+          lambda: f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}", TypeError)
 
 
 # ======================================================================================================================
@@ -547,7 +547,7 @@ def int8_matmul(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32):
     check_int8_matmul_args(a, b, a_scale, b_scale, bias)
     _check_out_dtype(out_dtype)
     if bias is not None:
-        _need(bias.is_floating_point(), f"bias must be a float tensor, got {bias.dtype}", TypeError)
+        _need(bias.is_floating_point(), lambda: f"bias must be a float tensor, got {bias.dtype}", TypeError)
     if backend_of(a, INTERPRET, "tinyformer.kernels.int8_mm") == "triton":
         return _launch_int8_matmul(a, b, a_scale, b_scale, bias, out_dtype, epilogue=True)
     if a.device.type == "cpu":
@@ -560,7 +560,7 @@ def int8_matmul_int32(a, b):
     rows = lambda t: t.shape[0] if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0  # noqa: E731
     dev = a.device if isinstance(a, torch.Tensor) else "cpu"
     M, N, K = check_int8_matmul_args(a, b, torch.ones(rows(a), device=dev), torch.ones(rows(b), device=dev))
-    _need(K < INT_MM_MAX_K, f"K={K} could overflow the int32 accumulator (K must be < {INT_MM_MAX_K})")
+    _need(K < INT_MM_MAX_K, lambda: f"K={K} could overflow the int32 accumulator (K must be < {INT_MM_MAX_K})")
     if backend_of(a, INTERPRET, "tinyformer.kernels.int8_mm") == "triton":
         return _launch_int8_matmul(a, b, None, None, None, None, epilogue=False)
     if a.device.type == "cpu":
@@ -572,10 +572,10 @@ def quantize_per_token(x):
     """Dynamic per-token int8 quantization of activations x (..., K) in one fused kernel: returns (q int8 (..., K),
     scale float32 (...)) with scale = absmax(row) / 127 (1 for an all-zero row) and q = round(x / scale), the rule of
     `quant.quantize_per_token_int8` (its reference)."""
-    _need(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    _need(isinstance(x, torch.Tensor), lambda: f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
     _need(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-          f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
-    _need(x.dim() >= 1 and x.shape[-1] >= 1, f"x must be (..., K) with K >= 1, got shape {tuple(x.shape)}")
+          lambda: f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
+    _need(x.dim() >= 1 and x.shape[-1] >= 1, lambda: f"x must be (..., K) with K >= 1, got shape {tuple(x.shape)}")
     if backend_of(x, INTERPRET, "tinyformer.kernels.int8_mm") != "triton":
         return quantize_per_token_int8(x)
     x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K), a view when x is contiguous

@@ -25,9 +25,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # argument checks shared by the references and the Triton launchers
-def _need(cond: bool, msg: str, exc=ValueError):
+def _need(cond: bool, msg, exc=ValueError):
+    """Raise exc(msg) unless cond. msg is a string or, where it formats shapes or dtypes, a lambda that builds it:
+    these checks run on every kernel call (a decode step makes hundreds), and formatting each message eagerly cost
+    ~15-25 us a check."""
     if not cond:
-        raise exc(msg)
+        raise exc(msg() if callable(msg) else msg)
 
 
 KERNEL_HEAD_DIMS = (16, 256)  # head dims the Triton kernel supports; the torch paths take any
@@ -37,30 +40,31 @@ def check_attention_args(q, k, v, key_padding_mask=None, kernel: bool = True):
     """Validate attention inputs; returns (B, Hq, Hkv, Tq, Tk, D). kernel=True also checks the Triton kernel's
     head-dim range (the torch paths accept any head dim)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-        _need(t.dim() == 4, f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
-        _need(t.dtype in FLOAT_DTYPES, f"{name} must be float32/float16/bfloat16, got {t.dtype}", TypeError)
+        _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _need(t.dim() == 4, lambda: f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        _need(t.dtype in FLOAT_DTYPES, lambda: f"{name} must be float32/float16/bfloat16, got {t.dtype}", TypeError)
     _need(k.dtype == q.dtype and v.dtype == q.dtype,
-          f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
+          lambda: f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
     _need(k.device == q.device and v.device == q.device,
-          f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+          lambda: f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     B, Hq, Tq, D = q.shape
-    _need(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    _need(k.shape == v.shape,
+          lambda: f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     Bk, Hkv, Tk, Dk = k.shape
-    _need(Bk == B, f"k batch {Bk} does not match q batch {B}")
-    _need(Dk == D, f"k head dim {Dk} does not match q head dim {D}")
+    _need(Bk == B, lambda: f"k batch {Bk} does not match q batch {B}")
+    _need(Dk == D, lambda: f"k head dim {Dk} does not match q head dim {D}")
     lo, hi = KERNEL_HEAD_DIMS
-    _need(not kernel or lo <= D <= hi, f"head dim D must be in {lo}..{hi}, got {D}")
-    _need(Hkv >= 1 and Hq % Hkv == 0, f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    _need(Tq >= 1 and Tk >= 1, f"sequence lengths must be >= 1, got Tq={Tq}, Tk={Tk}")
+    _need(not kernel or lo <= D <= hi, lambda: f"head dim D must be in {lo}..{hi}, got {D}")
+    _need(Hkv >= 1 and Hq % Hkv == 0, lambda: f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    _need(Tq >= 1 and Tk >= 1, lambda: f"sequence lengths must be >= 1, got Tq={Tq}, Tk={Tk}")
     if key_padding_mask is not None:
         _need(isinstance(key_padding_mask, torch.Tensor), "key_padding_mask must be a torch.Tensor", TypeError)
         _need(key_padding_mask.dtype == torch.bool,
-              f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}", TypeError)
+              lambda: f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}", TypeError)
         _need(tuple(key_padding_mask.shape) == (B, Tk),
-              f"key_padding_mask must have shape (B, Tk) = {(B, Tk)}, got {tuple(key_padding_mask.shape)}")
+              lambda: f"key_padding_mask must have shape (B, Tk) = {(B, Tk)}, got {tuple(key_padding_mask.shape)}")
         _need(key_padding_mask.device == q.device,
-              f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+              lambda: f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     return B, Hq, Hkv, Tq, Tk, D
 
 
@@ -123,24 +127,24 @@ def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None,
 def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None):
     """Validate int8_matmul inputs; returns (M, N, K)."""
     for name, t in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale)):
-        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(a.dtype == torch.int8, f"a must be int8, got {a.dtype}", TypeError)
-    _need(b.dtype == torch.int8, f"b must be int8, got {b.dtype}", TypeError)
-    _need(a.dim() == 2, f"a must be 2-D (M, K), got shape {tuple(a.shape)}")
-    _need(b.dim() == 2, f"b must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(b.shape)}")
+        _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(a.dtype == torch.int8, lambda: f"a must be int8, got {a.dtype}", TypeError)
+    _need(b.dtype == torch.int8, lambda: f"b must be int8, got {b.dtype}", TypeError)
+    _need(a.dim() == 2, lambda: f"a must be 2-D (M, K), got shape {tuple(a.shape)}")
+    _need(b.dim() == 2, lambda: f"b must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(b.shape)}")
     M, K = a.shape
     N, Kb = b.shape
-    _need(Kb == K, f"a is (M, K) = {tuple(a.shape)} and b is (N, K) = {tuple(b.shape)}: K differs")
-    _need(a_scale.dtype == torch.float32, f"a_scale must be float32, got {a_scale.dtype}", TypeError)
-    _need(b_scale.dtype == torch.float32, f"b_scale must be float32, got {b_scale.dtype}", TypeError)
-    _need(tuple(a_scale.shape) == (M,), f"a_scale must have shape (M,) = ({M},), got {tuple(a_scale.shape)}")
-    _need(tuple(b_scale.shape) == (N,), f"b_scale must have shape (N,) = ({N},), got {tuple(b_scale.shape)}")
+    _need(Kb == K, lambda: f"a is (M, K) = {tuple(a.shape)} and b is (N, K) = {tuple(b.shape)}: K differs")
+    _need(a_scale.dtype == torch.float32, lambda: f"a_scale must be float32, got {a_scale.dtype}", TypeError)
+    _need(b_scale.dtype == torch.float32, lambda: f"b_scale must be float32, got {b_scale.dtype}", TypeError)
+    _need(tuple(a_scale.shape) == (M,), lambda: f"a_scale must have shape (M,) = ({M},), got {tuple(a_scale.shape)}")
+    _need(tuple(b_scale.shape) == (N,), lambda: f"b_scale must have shape (N,) = ({N},), got {tuple(b_scale.shape)}")
     if bias is not None:
         _need(isinstance(bias, torch.Tensor), "bias must be a torch.Tensor", TypeError)
-        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+        _need(tuple(bias.shape) == (N,), lambda: f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     for name, t in (("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias)):
         if t is not None:
-            _need(t.device == a.device, f"{name} is on {t.device}, a on {a.device}")
+            _need(t.device == a.device, lambda: f"{name} is on {t.device}, a on {a.device}")
     return M, N, K
 
 
@@ -164,23 +168,23 @@ def int8_matmul(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32):
 def check_int8_weight_only_args(x, w, w_scale, bias=None):
     """Validate int8_weight_only_matmul inputs; returns (M, N, K)."""
     for name, t in (("x", x), ("w_int8", w), ("w_scale", w_scale)):
-        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
     _need(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-          f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
-    _need(x.dim() == 2, f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    _need(w.dtype == torch.int8, f"w_int8 must be int8, got {w.dtype}", TypeError)
-    _need(w.dim() == 2, f"w_int8 must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(w.shape)}")
+          lambda: f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
+    _need(x.dim() == 2, lambda: f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    _need(w.dtype == torch.int8, lambda: f"w_int8 must be int8, got {w.dtype}", TypeError)
+    _need(w.dim() == 2, lambda: f"w_int8 must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(w.shape)}")
     M, K = x.shape
     N, Kw = w.shape
-    _need(Kw == K, f"x is (M, K) = {tuple(x.shape)} and w_int8 is (N, K) = {tuple(w.shape)}: K differs")
-    _need(w_scale.is_floating_point(), f"w_scale must be float, got {w_scale.dtype}", TypeError)
-    _need(tuple(w_scale.shape) == (N,), f"w_scale must have shape (N,) = ({N},), got {tuple(w_scale.shape)}")
+    _need(Kw == K, lambda: f"x is (M, K) = {tuple(x.shape)} and w_int8 is (N, K) = {tuple(w.shape)}: K differs")
+    _need(w_scale.is_floating_point(), lambda: f"w_scale must be float, got {w_scale.dtype}", TypeError)
+    _need(tuple(w_scale.shape) == (N,), lambda: f"w_scale must have shape (N,) = ({N},), got {tuple(w_scale.shape)}")
     if bias is not None:
         _need(isinstance(bias, torch.Tensor) and bias.is_floating_point(), "bias must be a float tensor", TypeError)
-        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+        _need(tuple(bias.shape) == (N,), lambda: f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     for name, t in (("w_int8", w), ("w_scale", w_scale), ("bias", bias)):
         if t is not None:
-            _need(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+            _need(t.device == x.device, lambda: f"{name} is on {t.device}, x on {x.device}")
     return M, N, K
 
 
@@ -199,19 +203,21 @@ def int8_weight_only_matmul(x, w_int8, w_scale, bias=None):
 # int4 weight-only matmul
 def pack_int4(q):
     """uint8 codes (N, K) in 0..15 -> uint8 (N, K // 2): byte j holds code 2j (low nibble) and 2j+1 (high nibble)."""
-    _need(isinstance(q, torch.Tensor), f"q must be a torch.Tensor, got {type(q).__name__}", TypeError)
-    _need(q.dtype == torch.uint8, f"q must be uint8, got {q.dtype}", TypeError)
-    _need(q.dim() == 2, f"q must be 2-D (N, K), got shape {tuple(q.shape)}")
-    _need(q.shape[1] % 2 == 0, f"K must be even to pack two codes per byte, got K={q.shape[1]}")
-    _need(q.numel() == 0 or int(q.max()) <= 15, f"codes must be in 0..15, got max {int(q.max()) if q.numel() else 0}")
+    _need(isinstance(q, torch.Tensor), lambda: f"q must be a torch.Tensor, got {type(q).__name__}", TypeError)
+    _need(q.dtype == torch.uint8, lambda: f"q must be uint8, got {q.dtype}", TypeError)
+    _need(q.dim() == 2, lambda: f"q must be 2-D (N, K), got shape {tuple(q.shape)}")
+    _need(q.shape[1] % 2 == 0, lambda: f"K must be even to pack two codes per byte, got K={q.shape[1]}")
+    _need(q.numel() == 0 or int(q.max()) <= 15,
+          lambda: f"codes must be in 0..15, got max {int(q.max()) if q.numel() else 0}")
     return q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K // 2)
 
 
 def unpack_int4(packed):
     """uint8 (N, K // 2) -> uint8 codes (N, K), the inverse of pack_int4."""
-    _need(isinstance(packed, torch.Tensor), f"packed must be a torch.Tensor, got {type(packed).__name__}", TypeError)
-    _need(packed.dtype == torch.uint8, f"packed must be uint8, got {packed.dtype}", TypeError)
-    _need(packed.dim() == 2, f"packed must be 2-D (N, K // 2), got shape {tuple(packed.shape)}")
+    _need(isinstance(packed, torch.Tensor), lambda: f"packed must be a torch.Tensor, got {type(packed).__name__}",
+          TypeError)
+    _need(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}", TypeError)
+    _need(packed.dim() == 2, lambda: f"packed must be 2-D (N, K // 2), got shape {tuple(packed.shape)}")
     low, high = packed & 0xF, packed >> 4
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])  # (N, K//2, 2) -> (N, K)
 
@@ -219,27 +225,28 @@ def unpack_int4(packed):
 def check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias=None):
     """Validate int4_matmul inputs; returns (M, N, K)."""
     for name, t in (("x", x), ("w_packed", w_packed), ("scales", scales), ("zeros", zeros)):
-        _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(x.dtype in FLOAT_DTYPES, f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
-    _need(x.dim() == 2, f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    _need(w_packed.dtype == torch.uint8, f"w_packed must be uint8, got {w_packed.dtype}", TypeError)
-    _need(w_packed.dim() == 2, f"w_packed must be 2-D (N, K // 2), got shape {tuple(w_packed.shape)}")
+        _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(x.dtype in FLOAT_DTYPES, lambda: f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
+    _need(x.dim() == 2, lambda: f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    _need(w_packed.dtype == torch.uint8, lambda: f"w_packed must be uint8, got {w_packed.dtype}", TypeError)
+    _need(w_packed.dim() == 2, lambda: f"w_packed must be 2-D (N, K // 2), got shape {tuple(w_packed.shape)}")
     M, K = x.shape
     N, K2 = w_packed.shape
-    _need(K2 * 2 == K, f"w_packed is (N, K // 2) = {tuple(w_packed.shape)} but x has K={K}")
+    _need(K2 * 2 == K, lambda: f"w_packed is (N, K // 2) = {tuple(w_packed.shape)} but x has K={K}")
     _need(isinstance(group_size, int) and group_size > 0 and group_size % 2 == 0,
-          f"group_size must be a positive even int, got {group_size!r}")
-    _need(K % group_size == 0, f"K={K} must be a multiple of group_size={group_size}")
+          lambda: f"group_size must be a positive even int, got {group_size!r}")
+    _need(K % group_size == 0, lambda: f"K={K} must be a multiple of group_size={group_size}")
     G = K // group_size
     for name, t in (("scales", scales), ("zeros", zeros)):
-        _need(t.dtype in FLOAT_DTYPES, f"{name} must be float, got {t.dtype}", TypeError)
-        _need(tuple(t.shape) == (N, G), f"{name} must have shape (N, K // group_size) = {(N, G)}, got {tuple(t.shape)}")
+        _need(t.dtype in FLOAT_DTYPES, lambda: f"{name} must be float, got {t.dtype}", TypeError)
+        _need(tuple(t.shape) == (N, G),
+              lambda: f"{name} must have shape (N, K // group_size) = {(N, G)}, got {tuple(t.shape)}")
     if bias is not None:
         _need(isinstance(bias, torch.Tensor), "bias must be a torch.Tensor", TypeError)
-        _need(tuple(bias.shape) == (N,), f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+        _need(tuple(bias.shape) == (N,), lambda: f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     for name, t in (("w_packed", w_packed), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         if t is not None:
-            _need(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+            _need(t.device == x.device, lambda: f"{name} is on {t.device}, x on {x.device}")
     return M, N, K
 
 
