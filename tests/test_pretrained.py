@@ -137,6 +137,47 @@ def test_minilm_embed_is_mean_pool_l2_of_transformers(minilm, bert_ref):
     assert sims[0, 1] < 0.9 and sims[0, 2] < 0.9
 
 
+def test_minilm_has_no_masked_lm_head(minilm, minilm_dir, tmp_path, capsys):
+    """all-MiniLM-L6-v2 ships no cls.predictions: token logits (and `tinyformer eval`'s masked-LM loss) are an error
+    naming that, not the tied embedding's meaningless scores; hidden states and embeddings are unaffected."""
+    from tinyformer import cli
+    assert minilm.config.mlm_head == "none"
+    ids = torch.tensor([minilm.tokenizer.encode(SENTENCES[0]).ids])
+    with pytest.raises(ValueError, match="no masked-LM head"):
+        minilm.logits(minilm(ids))
+    (tmp_path / "t.txt").write_text(SENTENCES[2] * 20)
+    assert cli.main(["eval", "--model", str(minilm_dir), "--data", str(tmp_path / "t.txt")]) == 2
+    assert "without a masked-LM head" in capsys.readouterr().err
+
+
+def test_bert_masked_lm_head_matches_transformers(tmp_path):
+    """A BertForMaskedLM checkpoint (a tiny random one written by transformers; its head's transform, norm and bias
+    made non-trivial) loads with its head: masked-LM logits within 1e-5 of transformers', and a tinyformer save of
+    it keeps the head."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=40, hidden_act="gelu")
+    torch.manual_seed(0)
+    ref = transformers.BertForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.startswith("cls.") and p.dim() == 1:  # the head's norm weight and biases
+                p.uniform_(-0.5, 1.5)
+    ref.save_pretrained(tmp_path / "hf")
+    model = tinyformer.load(tmp_path / "hf")
+    assert model.config.mlm_head == "bert"
+    ids = torch.randint(0, 120, (2, 17), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        assert _max_abs(model.logits(model(ids, mask)), expected) <= 1e-5
+        model.save(tmp_path / "ours")
+        again = tinyformer.load(tmp_path / "ours")
+        assert again.config.mlm_head == "bert"
+        assert _max_abs(again.logits(again(ids, mask)), expected) <= 1e-5
+
+
 def test_bert_tokenizer_from_vocab_txt(minilm, minilm_dir, tmp_path):
     """A BERT folder without tokenizer.json gets a WordPiece tokenizer built from vocab.txt, with the same ids."""
     for f in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json"):

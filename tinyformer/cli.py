@@ -158,6 +158,9 @@ def cmd_eval(args):
     if model.config.arch == "encoder-decoder":
         return _eval_seq2seq(model, args)
     encoder = model.config.arch == "encoder"
+    if encoder and model.config.mlm_head == "none":
+        raise ValueError(f"{args.model} is an encoder without a masked-LM head (its checkpoint ships none, as "
+                         f"sentence-embedding models do): there is no masked-LM loss to measure")
     mask_id = model.tokenizer.token_to_id("[MASK]") if encoder else None
     if encoder and mask_id is None:
         raise ValueError(f"{args.model} is an encoder whose tokenizer has no [MASK] token: its masked-LM loss "

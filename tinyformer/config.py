@@ -14,6 +14,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+MLM_HEADS = ("tied", "bert", "none")
 
 
 @dataclass
@@ -42,13 +43,16 @@ class ModelConfig:
     pad_token_id: Optional[int] = None  # the padding token, where the tokenizer has one (seq2seq masks)
     decoder_start_token_id: int = 0    # encoder-decoder: first decoder input when generating
     init_std: float = 0.02             # GPT-2 initialisation; residual projections get init_std / sqrt(2 * n_layer)
+    mlm_head: str = "tied"             # encoder token logits: "tied" (hidden @ wte^T, what tinyformer's masked-LM
+    # training learns), "bert" (BERT's dense + act + norm transform, then wte^T + a bias), "none" (a converted
+    # checkpoint that ships no head, e.g. a sentence-embedding model: hidden states only, no token logits)
 
     def __post_init__(self):
         def bad(field, msg):
             raise ValueError(f"ModelConfig.{field}: {msg}")
 
         for field, choices in (("arch", ARCHS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
-                               ("pos", POSITIONS), ("act", ACTIVATIONS)):
+                               ("pos", POSITIONS), ("act", ACTIVATIONS), ("mlm_head", MLM_HEADS)):
             if getattr(self, field) not in choices:
                 bad(field, f"unknown choice {getattr(self, field)!r}; expected one of {', '.join(choices)}")
         if self.n_kv_head is None:
@@ -78,6 +82,8 @@ class ModelConfig:
             bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:
             bad("norm_eps", f"must be > 0, got {self.norm_eps}")
+        if self.mlm_head != "tied" and self.arch != "encoder":
+            bad("mlm_head", f"{self.mlm_head!r} is for encoders; a {self.arch} has its own output head")
         if self.type_vocab_size < 0:
             bad("type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
         for field in ("pad_token_id", "decoder_start_token_id"):

@@ -190,8 +190,8 @@ def load_hf(folder, device="cpu", dtype: torch.dtype = torch.float32):
     hf = _read_json(cfg_path)
     model_type = hf.get("model_type")
     if model_type == "bert":
-        config = _bert_config(hf, cfg_path)
         source = _normalize_bert_source(_read_safetensors(folder))
+        config = _bert_config(hf, cfg_path, mlm_head="bert" if _BERT_MLM["mlm_dense.weight"] in source else "none")
         model = _assemble(config, source, _bert_name, _bert_ignore, str(folder), device, dtype)
         model.tokenizer = _hf_tokenizer(folder, bert=True)
     elif model_type == "llama":
@@ -227,7 +227,15 @@ _BERT_BLOCK = {
 _BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
-def _bert_config(hf: dict, where):
+_BERT_MLM = {  # BertForMaskedLM / BertForPreTraining's token head (its decoder weight is the word embeddings)
+    "mlm_dense.weight": "cls.predictions.transform.dense.weight",
+    "mlm_dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "mlm_norm.bias": "cls.predictions.transform.LayerNorm.bias", "mlm_bias": "cls.predictions.bias",
+}
+
+
+def _bert_config(hf: dict, where, mlm_head: str = "none"):
     from tinyformer.config import ModelConfig
 
     act = hf.get("hidden_act", "gelu")
@@ -243,11 +251,13 @@ def _bert_config(hf: dict, where):
         max_seq_len=hf.get("max_position_embeddings", 512), norm="layernorm", norm_position="post",
         norm_eps=hf.get("layer_norm_eps", 1e-12), pos="learned", act=_BERT_ACTS[act], bias=True,
         embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=hf.get("pad_token_id", 0),
-        tie_embeddings=True, dropout=0.0)
+        tie_embeddings=True, dropout=0.0, mlm_head=mlm_head)
 
 
 def _bert_name(ours: str) -> str:
-    """Our parameter name -> BertModel's."""
+    """Our parameter name -> BertModel's (BertForMaskedLM's for the masked-LM head)."""
+    if ours in _BERT_MLM:
+        return _BERT_MLM[ours]
     if ours == "wte":
         return "embeddings.word_embeddings.weight"
     if ours == "encoder.wpe":
@@ -262,7 +272,8 @@ def _bert_name(ours: str) -> str:
 
 
 def _bert_ignore(name: str) -> bool:
-    # the pooler and task heads (MLM / NSP / classifier) are not part of the encoder; position_ids is a buffer
+    # the pooler and the other task heads (NSP, classifiers) are not part of the encoder, nor is the masked-LM
+    # decoder's copy of the word embeddings; position_ids is a buffer
     return any(part in name for part in ("pooler.", "cls.", "classifier.", "qa_outputs.")) or \
         name.endswith("position_ids")
 

@@ -244,6 +244,15 @@ class Attention(nn.Module):
         return F.dropout(y, self.dropout, self.training) if self.training and self.dropout else y
 
 
+def activation(name: str, x):
+    """GELU (erf), GELU's tanh approximation, or ReLU, elementwise."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
 class FeedForward(nn.Module):
     """w2(act(w1 x)) for GELU/ReLU; w2(silu(w1 x) * w3 x) for SwiGLU (w1 = gate, w3 = up, w2 = down)."""
 
@@ -266,12 +275,8 @@ class FeedForward(nn.Module):
             else:
                 gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
             h = F.silu(gate) * up
-        elif self.act == "gelu":
-            h = F.gelu(self.w1(x))  # (B, T, F)
-        elif self.act == "gelu_tanh":
-            h = F.gelu(self.w1(x), approximate="tanh")
         else:
-            h = F.relu(self.w1(x))
+            h = activation(self.act, self.w1(x))  # (B, T, F)
         h = self.w2(h)  # (B, T, C)
         return F.dropout(h, self.dropout, self.training) if self.training and self.dropout else h
 
@@ -393,6 +398,8 @@ class TransformerBase(nn.Module):
         for p in (self.wte, self.lm_head):
             if isinstance(p, nn.Parameter):  # a quantized head (a module) keeps its codes
                 nn.init.normal_(p, 0.0, self.config.init_std)
+        if getattr(self, "mlm_bias", None) is not None:
+            nn.init.zeros_(self.mlm_bias)
 
     def init_buffers(self):
         for m in self.modules():
@@ -516,6 +523,21 @@ class Encoder(TransformerBase):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.encoder = Stack(cfg, cfg.n_layer, causal=False, cross=False)
+        if cfg.mlm_head == "bert":  # BertLMPredictionHead: transform, then the tied embedding plus a bias
+            self.mlm_dense = Linear(cfg.d_model, cfg.d_model, True, cfg.init_std)
+            self.mlm_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, True)
+            self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # (V,)
+
+    def logits(self, hidden):
+        """hidden (B, T, C) -> masked-LM logits (B, T, V), through the head `config.mlm_head` names."""
+        head = self.config.mlm_head
+        if head == "none":
+            raise ValueError("this encoder has no masked-LM head (its checkpoint ships none, as sentence-embedding "
+                             "models do): it gives hidden states and sentence embeddings (`embed`), not token logits")
+        if head == "bert":
+            h = self.mlm_norm(activation(self.config.act, self.mlm_dense(hidden)))  # (B, T, C)
+            return ops.linear(h, self.wte, self.mlm_bias)  # (B, T, V)
+        return super().logits(hidden)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         mask = _as_bool_mask(attention_mask, input_ids)
