@@ -153,7 +153,7 @@ def test_minilm_has_no_masked_lm_head(minilm, minilm_dir, tmp_path, capsys):
 def test_bert_masked_lm_head_matches_transformers(tmp_path):
     """A BertForMaskedLM checkpoint (a tiny random one written by transformers; its head's transform, norm and bias
     made non-trivial) loads with its head: masked-LM logits within 1e-5 of transformers', and a tinyformer save of
-    it keeps the head."""
+    it keeps the head. An untied head (a decoder weight other than the word embeddings) is an error."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=40, hidden_act="gelu")
@@ -176,6 +176,10 @@ def test_bert_masked_lm_head_matches_transformers(tmp_path):
         again = tinyformer.load(tmp_path / "ours")
         assert again.config.mlm_head == "bert"
         assert _max_abs(again.logits(again(ids, mask)), expected) <= 1e-5
+    untied = transformers.BertForMaskedLM(transformers.BertConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
+    untied.save_pretrained(tmp_path / "untied")
+    with pytest.raises(ValueError, match="untied"):  # not silently dropped for the word embeddings
+        tinyformer.load(tmp_path / "untied")
 
 
 def test_bert_tokenizer_from_vocab_txt(minilm, minilm_dir, tmp_path):

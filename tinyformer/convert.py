@@ -191,6 +191,10 @@ def load_hf(folder, device="cpu", dtype: torch.dtype = torch.float32):
     model_type = hf.get("model_type")
     if model_type == "bert":
         source = _normalize_bert_source(_read_safetensors(folder))
+        decoder, words = source.get("cls.predictions.decoder.weight"), source.get("embeddings.word_embeddings.weight")
+        if decoder is not None and words is not None and not torch.equal(decoder, words):
+            raise ValueError(f"{folder}: the masked-LM decoder weight differs from the word embeddings (an untied "
+                             f"head); tinyformer's BERT head is tied")
         config = _bert_config(hf, cfg_path, mlm_head="bert" if _BERT_MLM["mlm_dense.weight"] in source else "none")
         model = _assemble(config, source, _bert_name, _bert_ignore, str(folder), device, dtype)
         model.tokenizer = _hf_tokenizer(folder, bert=True)
