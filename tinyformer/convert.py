@@ -191,7 +191,7 @@ def load_hf(folder, device="cpu", dtype: torch.dtype = torch.float32):
     model_type = hf.get("model_type")
     if model_type == "bert":
         source = _normalize_bert_source(_read_safetensors(folder))
-        decoder, words = source.get("cls.predictions.decoder.weight"), source.get("embeddings.word_embeddings.weight")
+        decoder, words = source.get("cls.predictions.decoder.weight"), source.get(_bert_name("wte"))
         if decoder is not None and words is not None and not torch.equal(decoder, words):
             raise ValueError(f"{folder}: the masked-LM decoder weight differs from the word embeddings (an untied "
                              f"head); tinyformer's BERT head is tied")

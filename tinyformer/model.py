@@ -398,8 +398,6 @@ class TransformerBase(nn.Module):
         for p in (self.wte, self.lm_head):
             if isinstance(p, nn.Parameter):  # a quantized head (a module) keeps its codes
                 nn.init.normal_(p, 0.0, self.config.init_std)
-        if getattr(self, "mlm_bias", None) is not None:
-            nn.init.zeros_(self.mlm_bias)
 
     def init_buffers(self):
         for m in self.modules():
@@ -527,6 +525,11 @@ class Encoder(TransformerBase):
             self.mlm_dense = Linear(cfg.d_model, cfg.d_model, True, cfg.init_std)
             self.mlm_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, True)
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # (V,)
+
+    def reset_parameters(self):
+        super().reset_parameters()  # the head's dense and norm are a Linear and a Norm: reset there
+        if self.config.mlm_head == "bert":
+            nn.init.zeros_(self.mlm_bias)
 
     def logits(self, hidden):
         """hidden (B, T, C) -> masked-LM logits (B, T, V), through the head `config.mlm_head` names."""
