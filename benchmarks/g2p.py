@@ -69,9 +69,9 @@ def main(argv=None):
     p.add_argument("--ema_power", type=float, default=None,
                    help="replace the preset's weight average by a power-function one (TrainConfig.ema_power)")
     p.add_argument("--weight_decay", type=float, default=None,
-                   help="override the preset's AdamW weight decay (0.3, best at ~26k iterations; the decay's time "
-                        "scale 1 / (lr * wd) is best at a fixed share of the run, so a run of fewer iterations may "
-                        "want more: Wang & Aitchison 2024)")
+                   help="override the preset's AdamW weight decay (0.4, for the ~17-19k iterations of the AVX2 CPU; "
+                        "0.3 was best at ~26k: the decay's time scale 1 / (lr * wd) is best at a fixed share of the "
+                        "run, so a run of fewer iterations wants more: Wang & Aitchison 2024)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice). On a CPU shared with other jobs 1 thread ran ~9x "
                         "faster than 2 here: two threads spin-wait on each other when the cores are oversubscribed")
