@@ -169,7 +169,8 @@ PRESETS: dict[str, dict] = {
     # took 1.7x as long per batch on the shared 2-core CPU, which a 57-minute budget cannot afford there. Feed-forward
     # 512 (2.55 M params): the 4x-wide 768 (3.14 M) learned no more per iteration (EMA validation loss 0.910 against
     # 0.910 at 11k) for ~19% more matmul work a token; in the budget on the AVX2 CPU two seeds of 512 gave WER 26.41%
-    # and 26.75% (beam 5) against 768's 26.97% (README, "Measured here").
+    # and 26.75% (beam 5) against 768's 26.97% (README, "Measured here"). 4 encoder + 2 decoder layers (2.40 M) ran
+    # 16% more steps in the budget but gave 26.86%: no better, so 3 + 3.
     "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=192, d_ff=512,
                         max_seq_len=40, vocab_size=71, pos="learned", dropout=0.0, pad_token_id=0,
                         decoder_start_token_id=1),
