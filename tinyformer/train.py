@@ -134,11 +134,11 @@ TRAIN_PRESETS = {
     # (25,910 iterations) gave WER 24.84% / PER 6.05% with beam 5, against 25.95% at both 0.1 and 0.6 (every run
     # and its figures: README, "Measured here"). The preset's 0.4 is for the AVX2 CPU the CI runs on, whose fp32
     # budget gives ~17-19k iterations: the decay's time scale 1 / (lr * wd) kept at about the same share of the run.
-    # Peak lr 1e-3 (2e-3 measured worse: WER 31.9% against 28.0%, beam 5) and the cosine decay run over the wall-time
-    # budget; length buckets (one source length and a run of target lengths a batch) cut the padding of a batch
-    # from ~49% to ~4%; evaluations every 1000 iterations (each costs ~1.3 s and a checkpoint). Run it with 1 torch
-    # thread on a busy machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on
-    # two.
+    # Peak lr 1e-3 (2e-3 measured worse before the average: WER 31.9% against 28.0%, beam 5; 1.4e-3 with it: 26.21%
+    # against 26.41%, inside one seed's spread) and the cosine decay run over the wall-time budget; length buckets
+    # (one source length and a run of target lengths a batch) cut the padding of a batch from ~49% to ~4%;
+    # evaluations every 1000 iterations (each costs ~1.3 s and a checkpoint). Run it with 1 torch thread on a busy
+    # machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
                         lr_decay_iters=1_000_000, max_minutes=57, bucket_by_length=True, learning_rate=1e-3,
                         min_lr=1e-5, warmup_iters=200, beta2=0.98, weight_decay=0.4, grad_clip=1.0, dropout=0.0,
