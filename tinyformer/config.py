@@ -173,8 +173,8 @@ PRESETS: dict[str, dict] = {
     # 16% more steps in the budget but gave 26.86%: no better, so 3 + 3. Rotary positions in self-attention (the
     # cross-attention has none) and a SwiGLU feed-forward 344 wide (the same 2.55 M params and matmul work as GELU's
     # 512; Su et al. 2021, Shazeer 2020) learn more per iteration: EMA validation loss 0.940 against 0.962-0.964 at
-    # 3k iterations (rotary alone: 0.956), and in the budget beam-5 WER 25.81% / 25.95% against 26.41% / 26.75%
-    # (seeds 1337 / 1, ~the same iterations).
+    # 3k iterations (rotary alone 0.956, SwiGLU alone 0.941: most of it is SwiGLU's), and in the budget beam-5 WER
+    # 25.81% / 25.95% against 26.41% / 26.75% (seeds 1337 / 1, ~the same iterations; only the pair ran that long).
     "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=4, d_model=192, d_ff=344,
                         max_seq_len=40, vocab_size=71, pos="rope", act="swiglu", dropout=0.0, pad_token_id=0,
                         decoder_start_token_id=1),
