@@ -232,6 +232,38 @@ def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+def test_torchrun_time_budget_keeps_ranks_in_step(corpus, tmp_path):
+    """Under --max_minutes the learning rate follows wall time. Rank 1's clock here runs 1.5x fast: unless the ranks
+    share one clock, rank 1 would step with a smaller learning rate and the two replicas' weights would drift apart
+    (DDP averages gradients, not weights), leaving rank 0's checkpoint unlike the model rank 1 trained."""
+    script = tmp_path / "skewed_clock.py"
+    script.write_text(
+        "import os, sys, time, torch\n"
+        "import tinyformer.train as T\n"
+        "from tinyformer.cli import main\n"
+        "rank, real = int(os.environ['RANK']), time.perf_counter\n"
+        "if rank == 1:\n"
+        "    time.perf_counter = lambda: 1.5 * real()\n"
+        "built, build = [], T.build\n"
+        "T.build = lambda *a, **k: built.append(build(*a, **k)) or built[-1]\n"
+        "main(sys.argv[1:])\n"
+        "out = sys.argv[sys.argv.index('--out_dir') + 1]\n"
+        "torch.save(built[0].state_dict(), os.path.join(out, f'rank{rank}.pt'))\n")
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", str(script), "train", "--data", str(corpus / "prepared"), "--batch_size", "8",
+                          "--block_size", "32", "--max_minutes", "0.05", "--warmup_iters", "0", "--eval_interval",
+                          "100000", "--eval_iters", "1", "--log_interval", "1", "--n_layer", "1", "--n_head", "2",
+                          "--d_model", "32", "--progress", "false", "--plot", "false", "--dtype", "float32",
+                          "--out_dir", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lrs = [r["lr"] for r in _losses(out) if "loss" in r]
+    assert len(lrs) > 5 and lrs[-1] < 0.5 * lrs[0]  # the cosine ran over the budget
+    w0, w1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 def test_error_rates_on_hand_made_examples():
     from tinyformer.eval import edit_distance, error_rates
     assert edit_distance("kitten".split(), "kitten".split()) == 0

@@ -468,11 +468,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     with _StopSignal() as stop:
         while True:
             elapsed = elapsed_before + time.perf_counter() - run_t0
+            if cfg.max_minutes > 0 and world > 1:  # rank clocks differ: all take the latest, so that every rank
+                # sets the same learning rate (the wall-time cosine) and stops at the same iteration
+                latest = torch.tensor(elapsed, dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(latest, op=torch.distributed.ReduceOp.MAX)
+                elapsed = latest.item()
             time_up = cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
-            if cfg.max_minutes > 0 and world > 1:  # every rank stops at the same iteration (rank clocks differ)
-                flag = torch.tensor(float(time_up), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                time_up = bool(flag.item())
             lr = lr_at(cfg, it, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
