@@ -135,8 +135,9 @@ TRAIN_PRESETS = {
     # and its figures: README, "Measured here"). The preset's 0.4 is for the AVX2 CPU the CI runs on, whose fp32
     # budget gives ~17-19k iterations: the decay's time scale 1 / (lr * wd) kept at about the same share of the run.
     # Peak lr 1e-3 (2e-3 measured worse before the average: WER 31.9% against 28.0%, beam 5; 1.4e-3 with it: 26.21%
-    # against 26.41%, inside one seed's spread) and the cosine decay run over the wall-time budget; length buckets
-    # (one source length and a run of target lengths a batch) cut the padding of a batch from ~49% to ~4%;
+    # against 26.41% on the GELU model, inside one seed's spread, and 26.17% against 25.81% on the rotary + SwiGLU
+    # model) and the cosine decay run over the wall-time budget; length buckets (one source length and a run of
+    # target lengths a batch) cut the padding of a batch from ~49% to ~4%;
     # evaluations every 1000 iterations (each costs ~1.3 s and a checkpoint). Run it with 1 torch thread on a busy
     # machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
