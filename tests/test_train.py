@@ -214,6 +214,13 @@ def _cli(*args, cwd=None):
                           timeout=900)  # generous: CI machines are shared
 
 
+def _torchrun(port, *args):
+    """`torchrun --nproc_per_node 2 ARGS` on CPU, one thread a process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
     common = ["train", "--data", str(corpus / "prepared"), "--batch_size", "8", "--block_size", "32",
               "--max_iters", "12", "--lr_decay_iters", "12", "--warmup_iters", "2", "--eval_interval", "6",
@@ -222,9 +229,7 @@ def test_torchrun_two_processes_follow_one_process(corpus, tmp_path):
               "--dtype", "float32"]  # fp32: bf16 rounding (auto on CPUs with bf16) would hide what is compared
     one = _cli(*common, "--out_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", "-m", "tinyformer", *common, "--out_dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = _torchrun(29531, "-m", "tinyformer", *common, "--out_dir", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     a = [r["loss"] for r in _losses(tmp_path / "one") if "loss" in r]
     b = [r["loss"] for r in _losses(tmp_path / "two") if "loss" in r]
@@ -250,13 +255,10 @@ def test_torchrun_time_budget_keeps_ranks_in_step(corpus, tmp_path):
         "out = sys.argv[sys.argv.index('--out_dir') + 1]\n"
         "torch.save(built[0].state_dict(), os.path.join(out, f'rank{rank}.pt'))\n")
     out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", str(script), "train", "--data", str(corpus / "prepared"), "--batch_size", "8",
-                          "--block_size", "32", "--max_minutes", "0.05", "--warmup_iters", "0", "--eval_interval",
-                          "100000", "--eval_iters", "1", "--log_interval", "1", "--n_layer", "1", "--n_head", "2",
-                          "--d_model", "32", "--progress", "false", "--plot", "false", "--dtype", "float32",
-                          "--out_dir", str(out)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = _torchrun(29533, str(script), "train", "--data", str(corpus / "prepared"), "--batch_size", "8",
+                    "--block_size", "32", "--max_minutes", "0.05", "--warmup_iters", "0", "--eval_interval", "100000",
+                    "--eval_iters", "1", "--log_interval", "1", "--n_layer", "1", "--n_head", "2", "--d_model", "32",
+                    "--progress", "false", "--plot", "false", "--dtype", "float32", "--out_dir", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     lrs = [r["lr"] for r in _losses(out) if "loss" in r]
     assert len(lrs) > 5 and lrs[-1] < 0.5 * lrs[0]  # the cosine ran over the budget
