@@ -9,10 +9,10 @@ pronunciations (WER); PER is the edit distance to the closest one over that one'
 
 References: Yolchuyeva, Nemeth & Gyires-Toth 2019, "Transformer based grapheme-to-phoneme conversion"
 (Interspeech): a Transformer on CMUdict (stress removed, no alignment, about 22-23% WER and 5.2-5.5% PER), on the
-fixed train/test split that earlier CMUdict G2P papers share, not a random split of today's dictionary as here. cmusphinx/g2p-seq2seq (README) shows
-how much the split matters: its Transformer (2 layers, 256 wide) has 20.2% WER on the PRONALSYL 2007 split and ~31% on
-a split of the latest CMUdict (more names and loanwords), where the Phonetisaurus WFST baseline has 33.9%. Target of
-issue #3: WER <= 25%, PER <= 6% within 60 minutes of training on the 2-core CPU.
+fixed train/test split that earlier CMUdict G2P papers share, not a random split of today's dictionary as here.
+cmusphinx/g2p-seq2seq (README) shows how much the split matters: its Transformer (2 layers, 256 wide) has 20.2% WER on
+the PRONALSYL 2007 split and ~31% on a split of the latest CMUdict (more names and loanwords), where the Phonetisaurus
+WFST baseline has 33.9%. Target of issue #3: WER <= 25%, PER <= 6% within 60 minutes of training on the 2-core CPU.
 
 The preset keeps an exponential moving average of the weights (TrainConfig.ema_decay); the saved model is the
 average, and this script scores the trained weights (ckpt.pt) beside it.
@@ -60,6 +60,8 @@ class LoadSampler(threading.Thread):
 
 
 def main(argv=None):
+    from tinyformer.train import TRAIN_PRESETS
+    preset = TRAIN_PRESETS["g2p-cmudict"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max_minutes", type=float, default=None, help="override the preset's training wall-time budget")
     p.add_argument("--max_iters", type=int, default=None, help="also stop at this many iterations")
@@ -69,9 +71,10 @@ def main(argv=None):
     p.add_argument("--ema_power", type=float, default=None,
                    help="replace the preset's weight average by a power-function one (TrainConfig.ema_power)")
     p.add_argument("--weight_decay", type=float, default=None,
-                   help="override the preset's AdamW weight decay (0.4, for the ~17-19k iterations of the AVX2 CPU; "
-                        "0.3 was best at ~26k: the decay's time scale 1 / (lr * wd) is best at a fixed share of the "
-                        "run, so a run of fewer iterations wants more: Wang & Aitchison 2024)")
+                   help=f"override the preset's AdamW weight decay ({preset['weight_decay']}, for the ~17-19k "
+                        "iterations of the AVX2 CPU; 0.3 was best at ~26k: the decay's time scale 1 / (lr * wd) is "
+                        "best at a fixed share of the run, so a run of fewer iterations wants more: Wang & Aitchison "
+                        "2024)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice). On a CPU shared with other jobs 1 thread ran ~9x "
                         "faster than 2 here: two threads spin-wait on each other when the cores are oversubscribed")
@@ -89,9 +92,9 @@ def main(argv=None):
 
     import tinyformer
     from tinyformer.eval import g2p_error_rates
-    from tinyformer.train import TRAIN_PRESETS, TrainConfig, resolve_data, train
+    from tinyformer.train import TrainConfig, resolve_data, train
 
-    kw = dict(TRAIN_PRESETS["g2p-cmudict"])
+    kw = dict(preset)
     if args.max_minutes is not None:
         kw.update(max_minutes=args.max_minutes)
     if args.max_iters is not None:
