@@ -290,6 +290,25 @@ def test_seq2seq_greedy_and_beam_search_against_brute_force():
         assert logprob(narrow[i].tolist(), i) >= logprob(greedy[i].tolist(), i) - 1e-6
 
 
+@pytest.mark.parametrize("same_source", [True, False])
+def test_cache_reorder_then_decode_equals_the_reordered_rows_from_scratch(same_source):
+    """KVCache.reorder gathers each row's self-attention history (and, unless cross=False, its encoder memory): the
+    next step's logits equal a full forward of the reordered target rows. cross=False is only right when the rows
+    share one source, as beam_search's beams of a word do."""
+    model = tiny("encoder-decoder", vocab_size=11, decoder_start_token_id=0)
+    src = torch.randint(0, 11, (1, 6)).repeat(4, 1) if same_source else torch.randint(0, 11, (4, 6))
+    tgt = torch.randint(0, 11, (4, 6))
+    memory = model.encode(src)  # (4, S, C)
+    cache = model.new_cache(4, 8)
+    for t in range(4):  # one token at a time, as generation writes the cache
+        model.decode(tgt[:, t:t + 1], memory, None, cache)
+    rows = torch.tensor([2, 0, 0, 3])
+    cache.reorder(rows, cross=not same_source)
+    got = model.decode(tgt[rows, 4:5], memory[rows], None, cache)[:, -1]  # (4, V)
+    want = model(src[rows], tgt[rows, :5])[:, -1]  # (4, V)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_generate_rejects_bad_arguments():
     model = tiny()
     ids = torch.randint(0, 30, (1, 3))

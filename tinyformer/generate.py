@@ -667,7 +667,7 @@ def beam_search(model, input_ids, max_new_tokens: int, num_beams: int, eos_token
         scores, flat = cand.topk(K, dim=-1)  # (B, K)
         beam, tok = flat // V, flat % V  # (B, K) each
         rows = (beam + torch.arange(B, device=dev)[:, None] * K).view(-1)  # (B*K,): source row of each new beam
-        cache.reorder(rows)
+        cache.reorder(rows, cross=False)  # rows stay within their word's K beams, which share one memory
         seqs = torch.cat((seqs[rows], tok.view(-1, 1)), dim=1)
         prev_done = done.gather(1, beam)
         lengths = lengths.gather(1, beam) + (~prev_done).float()

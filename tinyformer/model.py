@@ -116,11 +116,14 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, Hkv, end, Dh)
 
-    def reorder(self, index):
-        """Keep batch rows `index` (beam search): every cached tensor is gathered along the batch dim."""
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
-        self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+    def reorder(self, index, cross: bool = True):
+        """Keep batch rows `index` (beam search): the positions written so far are gathered along the batch dim, in
+        place. cross=False leaves the cross-attention keys/values as they are, which is right when every row of
+        `index` has the same encoder memory as the row it replaces (beams of one source, as beam_search's are)."""
+        for t in self.k + self.v:
+            t[:, :, :self.length] = t[index, :, :self.length]  # (B, Hkv, length, Dh)
+        if cross:
+            self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
 
 def _decode_layout(p: nn.Parameter) -> nn.Parameter:
