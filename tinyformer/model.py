@@ -117,9 +117,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, Hkv, end, Dh)
 
     def reorder(self, index, cross: bool = True):
-        """Keep batch rows `index` (beam search): the positions written so far are gathered along the batch dim, in
-        place. cross=False leaves the cross-attention keys/values as they are, which is right when every row of
-        `index` has the same encoder memory as the row it replaces (beams of one source, as beam_search's are)."""
+        """Row i becomes row index[i] (beam search; index has one entry per row): the positions written so far are
+        gathered along the batch dim, in place. cross=False leaves the cross-attention keys/values as they are, which
+        is right when every row of `index` has the same encoder memory as the row it replaces (beams of one source, as
+        beam_search's are)."""
         for t in self.k + self.v:
             t[:, :, :self.length] = t[index, :, :self.length]  # (B, Hkv, length, Dh)
         if cross:
