@@ -14,7 +14,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_name() -> str:
-    """CPU model and core count (the GPU, where there is one, is named by each script)."""
+    """CPU model, core count and the vector ISA torch's CPU kernels use (the GPU, where there is one, is named by each
+    script). The ISA matters: machines sold as the same "AMD EPYC" can be AVX2-only or have AVX512-BF16, and bf16
+    autocast with it: a baby GPT or G2P training step takes ~1.5x as long on the first."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -23,7 +25,10 @@ def machine_name() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} ({os.cpu_count()} cpus)"
+    import torch  # imported here (every script has it already) so that the report's reader side needs no torch
+    from tinyformer.train import cpu_has_bf16
+    isa = torch.backends.cpu.get_cpu_capability() + (" with bf16" if cpu_has_bf16() else "")
+    return f"{cpu} ({os.cpu_count()} cpus, {isa})"
 
 
 def versions() -> tuple[str, str]:
