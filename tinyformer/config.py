@@ -177,8 +177,9 @@ PRESETS: dict[str, dict] = {
     # 25.81% / 25.95% against 26.41% / 26.75% (seeds 1337 / 1, ~the same iterations; only the pair ran that long).
     # 6 heads of 32 in place of 4 of 48 (the same params and matmuls, 19,061 steps to 18,710): EMA validation loss 0.938
     # against 0.945 at 3k iterations (seed 1: 0.934 against 0.938; 8 heads of 24: 0.939), and in the budget beam-5
-    # WER / PER 24.96% / 6.01% against 25.81% / 6.27% (seed 1337; no full run of seed 1 yet). Post-LN (0.946) and
-    # 4 + 4 layers 160 wide (2.37 M, 0.945) screened no better.
+    # WER / PER 24.96% / 6.01% against 25.81% / 6.27% (seed 1337, fp32 on the AVX2 CPU). Post-LN (0.946) and
+    # 4 + 4 layers 160 wide (2.37 M, 0.945) screened no better. On an AVX512-BF16 CPU (bf16 autocast, ~1.5x the steps:
+    # 29,312 / 28,250) it gave 24.40% / 5.84% and 24.41% / 6.04% (seeds 1337 / 1).
     "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=6, d_model=192, d_ff=344,
                         max_seq_len=40, vocab_size=71, pos="rope", act="swiglu", dropout=0.0, pad_token_id=0,
                         decoder_start_token_id=1),
