@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tinyformer  # noqa: E402
 from benchmarks.common import RESULTS, append_rows, machine_name, now, versions  # noqa: E402
-from tinyformer.compress.calib import InputStats, linears, unfused  # noqa: E402
+from tinyformer.compress.calib import InputStats, linears  # noqa: E402
 from tinyformer.compress.lowrank import (activation_scale, asvd_factor, finetune, linear_params, lowrank_,  # noqa: E402
                                          output_error, rank_from_ratio, svd_factor, whiten_factor)
 from tinyformer.data import package_dir  # noqa: E402
@@ -92,9 +92,8 @@ def layer_rows(name: str, model, calib, blocks=(0, -1), ratios=(0.8, 0.6), alpha
             stats[key] = (lin, InputStats.empty(lin.weight.shape[1], True, lin.weight.device))
             handles.append(lin.register_forward_pre_hook(lambda _m, args, s=stats[key][1]: s.add(args[0])))
     try:
-        with unfused(model):  # every projection called (and hooked) on its own
-            for i in range(0, calib.shape[0], 4):
-                model(calib[i:i + 4])
+        for i in range(0, calib.shape[0], 4):
+            model(calib[i:i + 4])
     finally:
         for h in handles:
             h.remove()

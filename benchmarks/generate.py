@@ -18,9 +18,9 @@ linears; with `--head int8`, the default, the output head too, int8 per row: its
 llama.cpp's Q4_1 file of this model keeps its tied token_embd in Q8_0); transformers has no such linears, so its fp32
 model runs again beside each of them, interleaved, as that row's anchor (row "fp32@int4").
 
-Impl `tinyformer-compile` is tinyformer's `generate(compile=True)` (`CompiledDecodeStep`: torch.compile'd blocks)
-on the same model, for bf16 and int8/int4 (fp32 models ignore the flag, so fp32 rows skip it); its warm-up run
-compiles and the time that took is printed. Its ratio is against the same transformers run as plain tinyformer's.
+Impl `tinyformer-compile` is tinyformer's `generate(compile=True)` (decode steps through torch.compile of the
+model's forward) on the same model; its warm-up run compiles and the time that took is printed. Its ratio is against
+the same transformers run as plain tinyformer's.
 
 One CSV row per (impl, dtype) goes to --csv (benchmarks/results/generate.csv). `--profile` prints where tinyformer's
 decode time goes (torch.profiler over the decode steps of one generate call).
@@ -48,7 +48,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import tinyformer  # noqa: E402
 from common import append_rows, machine_name, now  # noqa: E402  (benchmarks/common.py)
 from tinyformer.data import package_dir  # noqa: E402
-from tinyformer.generate import compiles  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT = {"int8": 8, "int4": 4}  # weight-only quantized linears, activations in --quant-dtype
@@ -153,7 +152,7 @@ def ours_at(base, name, args):
     if name == "fp32":
         return base
     if name in DTYPES:
-        model = copy.deepcopy(base).to(DTYPES[name]).pack_()  # casting undoes the decode layout: lay it out again
+        model = copy.deepcopy(base).to(DTYPES[name])
         model.init_buffers()  # rotary tables stay fp32, as a loaded model has them
         return model
     try:
@@ -162,7 +161,7 @@ def ours_at(base, name, args):
         return None
     model = copy.deepcopy(base).to(DTYPES[args.quant_dtype])
     model.init_buffers()
-    return quantize_(model, bits=QUANT[name], group_size=args.group_size, head=args.head == "int8").pack_()
+    return quantize_(model, bits=QUANT[name], group_size=args.group_size, head=args.head == "int8")
 
 
 def theirs_at(base, name):
@@ -240,8 +239,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face Llama folder (default: packaged SmolLM2)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16, int8, int4")
     p.add_argument("--impls", default="tinyformer,tinyformer-compile,transformers",
-                   help="comma list of tinyformer, tinyformer-compile (generate(compile=True): bf16 and "
-                        "int8/int4; fp32 rows skip it), transformers")
+                   help="comma list of tinyformer, tinyformer-compile (generate(compile=True)), transformers")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -295,7 +293,7 @@ def main(argv=None):
         if name in QUANT and ours is None and mine:
             print(f"# {name}: tinyformer.compress.quantize_ is not available yet; skipped")
         theirs = theirs_at(theirs_base, name) if "transformers" in impls else None
-        compiled = ours if "tinyformer-compile" in impls and ours is not None and compiles(ours) else None
+        compiled = ours if "tinyformer-compile" in impls else None
         models = {"tinyformer": ours if "tinyformer" in impls else None, "tinyformer-compile": compiled,
                   "transformers": theirs}
         runs = {k: [] for k, m in models.items() if m is not None}

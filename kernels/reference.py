@@ -114,7 +114,8 @@ def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None,
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if key_padding_mask is None and (not causal or Tq == Tk or Tq == 1):  # no explicit mask: the flash path
         # (a single bottom-right-aligned query row sees every key: a decode step needs no mask)
-        return sdpa(q, k, v, is_causal=causal and Tq == Tk, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
+        causal = True if causal and Tq == Tk else False  # a plain bool: under torch.compile `Tq == Tk` is symbolic
+        return sdpa(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
     mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)  # (B or 1, 1, Tq, Tk)
     seen = mask.any(-1, keepdim=True)  # (B or 1, 1, Tq, 1): rows that see at least one key
     # a row that sees nothing would be NaN (and poison gradients); let it see everything, then zero it

@@ -8,8 +8,9 @@ import torch
 import tinyformer
 from tinyformer.compress import calib as C
 from tinyformer.compress import prune_, prune_iterative_
+from tinyformer.checkpoint import structure_record
 from tinyformer.compress.prune import (apply_structure, cubic_sparsity, head_scores, magnitude_scores, neuron_scores,
-                                       nm_mask, shrink_attention_, structure_record, unstructured_mask, wanda_scores)
+                                       nm_mask, shrink_attention_, unstructured_mask, wanda_scores)
 
 V = 61
 

@@ -1,6 +1,5 @@
 """Generation tests: greedy equals a no-cache argmax loop, sampling filters, EOS, left-padded batches, the sliding
 window past the context, beam search against brute force; perplexity against a direct computation."""
-import copy
 import itertools
 import math
 
@@ -35,192 +34,118 @@ def test_greedy_with_cache_equals_full_recompute_even_past_the_context(pos):
     assert torch.equal(out, greedy_no_cache(model, ids, 30))
 
 
-def test_cpu_decode_of_a_packed_fp32_model_runs_numpy_and_matches(monkeypatch):
-    """generate's batch-1 decode of an fp32 model takes NumpyDecodeStep with torch on one thread meanwhile,
-    gives the tokens a full recompute gives, and hands torch its threads back; batch 2 does not take it."""
-    from tinyformer import generate as gen
-    torch.manual_seed(0)
-    model = tiny(act="swiglu", pos="rope", n_kv_head=1).eval().pack_()
-    ids = torch.randint(0, 30, (1, 5))
-    calls, threads = [], torch.get_num_threads()
-    real = gen.NumpyDecodeStep.__call__
-
-    def spy(self, token):
-        calls.append(torch.get_num_threads())
-        return real(self, token)
-
-    monkeypatch.setattr(gen.NumpyDecodeStep, "__call__", spy)
-    out = model.generate(ids, 12, temperature=0)
-    assert torch.equal(out, greedy_no_cache(model, ids, 12))
-    assert len(calls) == 11 and set(calls) == {1}  # every step after the prefill, while torch had one thread
-    assert torch.get_num_threads() == threads
-    calls.clear()
-    model.generate(torch.randint(0, 30, (2, 5)), 4, temperature=0)  # batch 2: the modules
-    assert not calls
-    from tinyformer.compress import quantize_
-    quantize_(model, bits=8)  # quantized linears: the numpy step, but torch keeps its threads for its int8 kernel
-    model.generate(ids, 4, temperature=0)
-    assert calls == [threads] * 3
-
-
-@pytest.mark.parametrize("pos,act,norm,norm_position,bias,pack", [
-    ("rope", "swiglu", "rmsnorm", "pre", False, True),       # Llama
-    ("rope", "swiglu", "rmsnorm", "pre", True, False),       # biases, unpacked weights
-    ("learned", "gelu", "layernorm", "pre", True, True),     # GPT-2
-    ("learned", "gelu_tanh", "layernorm", "post", False, True),
-    ("sinusoidal", "relu", "layernorm", "post", True, False),
-])
-def test_numpy_decode_step_equals_the_modules(pos, act, norm, norm_position, bias, pack):
-    """NumpyDecodeStep's logits and cache writes equal DecoderLM.forward's with a cache, step after step."""
-    model = tiny(pos=pos, act=act, norm=norm, norm_position=norm_position, bias=bias)
-    if pack:
-        model.pack_()
-    _assert_numpy_steps_match(model)
-
-
-def test_numpy_decode_step_on_factored_and_head_pruned_models():
-    """Low-rank linears run as their two thin linears inside the numpy step; structured pruning leaves layers with
-    other head counts: both still equal the modules."""
+def test_generate_on_factored_and_head_pruned_models_equals_full_recompute():
+    """Low-rank linears and layers left with other head counts by structured pruning (a KV cache of per-layer
+    widths) decode as the full forward computes."""
     from tinyformer.compress import lowrank_, prune_
     model = tiny(act="swiglu", n_layer=3, n_head=4, n_kv_head=4)
     prune_(model, 0.5, pattern="heads")
     assert model.decoder.blocks[0].attn.n_kv_head == 2
     lowrank_(model, 0.5)
-    _assert_numpy_steps_match(model.pack_())
-
-
-@pytest.mark.parametrize("onednn", [True, False])
-def test_numpy_decode_step_of_a_bf16_model(onednn, monkeypatch):
-    """bf16 weights: products on oneDNN's prepacked bf16 GEMV (or aten's, on CPUs where oneDNN has no bf16), the rest
-    in fp32; logits within bf16 rounding of the modules' all-bf16 forward, and as close to the fp32 model's as the
-    modules' are (up to rounding)."""
-    from tinyformer import generate, ops
-    if onednn and not ops.onednn_bf16():
-        pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
-    monkeypatch.setattr(ops, "onednn_bf16", lambda: onednn)
-    if not onednn:  # the step must not reach oneDNN's bf16 weight packing, which raises on AVX2-only CPUs
-        monkeypatch.setattr(generate, "_onednn_weight", lambda *a: pytest.fail("oneDNN bf16 used"))
-    model = tiny(act="swiglu", d_model=64)
-    fp32 = copy.deepcopy(model)
-    model.to(torch.bfloat16).pack_()
-    _assert_numpy_steps_match(model, tol=2e-2, fp32_model=fp32)
-
-
-@pytest.mark.parametrize("bits,d_model,head", [(8, 64, False), (4, 64, True), (4, 96, False)])  # 96 at group 64:
-def test_numpy_decode_step_of_a_quantized_model(bits, d_model, head):                           # a ragged last group
-    """Int8/Int4 linears run torch's kernel straight from the step (the one their forward reaches): same logits;
-    head=True: the output head too (int8)."""
-    from tinyformer.compress import quantize_
-    from tinyformer.generate import _fused_row, _quantized_row
-    model = tiny(act="swiglu", d_model=d_model, bias=True)
-    quantize_(model, bits=bits, group_size=32 if d_model == 64 else 64, head=head)
-    assert _quantized_row(model.decoder.blocks[0].attn.wq) is not None  # the direct kernel path, not the fallback
-    if head:
-        assert _quantized_row(model.lm_head) is not None
-    a, f = model.decoder.blocks[0].attn, model.decoder.blocks[0].mlp  # q/k/v and gate/up: one kernel call each
-    assert _fused_row([a.wq, a.wk, a.wv]) is not None and _fused_row([f.w1, f.w3]) is not None
-    # the kernels round their input to bf16: a 1e-7 fp32 difference between the step's and the modules' input (norms
-    # summed in another order) can flip one rounding by an ulp (2^-8 relative); seen: 2.4e-4 on these logits and
-    # 1.9e-3 (0.4%) on a cached key
-    _assert_numpy_steps_match(model.pack_(), tol=1e-3, cache_tol=2 ** -6)
-
-
-@pytest.mark.parametrize("pos,act,norm,norm_position,bias,pack", [
-    ("rope", "swiglu", "rmsnorm", "pre", False, True),       # Llama (GQA: 4 query heads over 2 k/v heads)
-    ("learned", "gelu", "layernorm", "post", True, False),   # biases, post-norm, unpacked weights
-])
-def test_compiled_decode_step_of_a_bf16_model(pos, act, norm, norm_position, bias, pack):
-    """CompiledDecodeStep (torch.compile'd block and head): logits within bf16 rounding of the modules' all-bf16
-    forward and no further from the fp32 model's than theirs, cache length, bounds, weights untouched."""
-    from tinyformer.generate import compiles
-    model = tiny(pos=pos, act=act, norm=norm, norm_position=norm_position, bias=bias, d_model=64)
-    fp32 = copy.deepcopy(model)
-    model.to(torch.bfloat16)
-    if pack:
-        model.pack_()
-    assert compiles(model) and not compiles(fp32)
-    _assert_numpy_steps_match(model, tol=2e-2, fp32_model=fp32, compiled=True)
-
-
-def test_compiled_decode_step_of_a_quantized_model():
-    """Int4 linears (a ragged last group at K=96, group 64; q/k/v and gate/up stacked) and an int8 head: torch's
-    kernels as extern calls inside the compiled block, the same logits as the modules (up to the kernels' bf16
-    input rounding, as the numpy step). An int8 model whose down projection (K=176) the kernel cannot take: no."""
-    from tinyformer.compress import quantize_
-    from tinyformer.generate import compiles
-    model = tiny(act="swiglu", d_model=96, bias=True)
-    quantize_(model, bits=4, group_size=64, head=True)
-    assert compiles(model)
-    _assert_numpy_steps_match(model.pack_(), tol=1e-3, cache_tol=2 ** -6, compiled=True)
-    int8 = tiny(act="swiglu", d_model=64)
-    quantize_(int8, bits=8)
-    assert not compiles(int8)
-
-
-def test_generate_compile_takes_the_compiled_step_and_falls_back_to_numpy(monkeypatch):
-    """generate(compile=True) decodes a batch-1 bf16 model through CompiledDecodeStep; where torch.compile fails it
-    warns once and gives exactly the numpy step's tokens; compile=True changes nothing for a quantized model."""
-    from tinyformer import generate as gen
-    from tinyformer.compress import quantize_
-    model = tiny(act="swiglu", d_model=64).to(torch.bfloat16).pack_()
     ids = torch.randint(0, 30, (1, 5))
+    assert torch.equal(model.generate(ids, 10, temperature=0), greedy_no_cache(model, ids, 10))
+
+
+def _decode_logits(model, ids, tokens):
+    """The logits (n, V) of `tokens` decoded one at a time after the prompt `ids`, with a KV cache."""
+    cache = model.new_cache(1, ids.shape[1] + len(tokens))
+    model(ids, cache=cache)
+    return torch.cat([model(torch.tensor([[t]]), cache=cache)[:, -1] for t in tokens]).float()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "int4-ragged"])
+def test_decoding_without_autograd_uses_prepared_layouts_and_matches(kind, monkeypatch):
+    """Decode steps outside autograd multiply through the prepared layouts (oneDNN's blocked bf16, torch's int8 /
+    int4 packs: `tinyformer.layouts`) and give the logits the same forward gives with autograd on, which takes
+    F.linear and the kernels' own CPU paths; an int8 head too."""
+    from tinyformer import layouts, ops
+    from tinyformer.compress import quantize_
+    if kind == "bf16" and not ops.onednn_bf16():
+        pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
+    d_model = 96 if kind == "int4-ragged" else 64  # 96 at group 64: a ragged last group
+    model = tiny(act="swiglu", d_model=d_model, d_ff=128, bias=True)  # K % 32 == 0: torch's int8 kernel takes it
+    if kind == "bf16":
+        model.to(torch.bfloat16)
+    else:
+        quantize_(model, bits=8 if kind == "int8" else 4, group_size=32 if d_model == 64 else 64, head=True)
+    served = []
+    for name in ("linear", "int8_linear", "int4_linear"):
+        real = getattr(layouts, name)
+        monkeypatch.setattr(layouts, name, lambda *a, real=real, name=name, **k: served.append(
+            (name, (y := real(*a, **k)) is not None)) or y)
+    ids = torch.randint(0, 30, (1, 6))
+    with torch.no_grad():
+        fast = _decode_logits(model, ids, [3, 7, 1, 29])
+    assert served and all(ok for _, ok in served)  # every product of the steps took a prepared layout
+    n = len(served)
+    slow = _decode_logits(model, ids, [3, 7, 1, 29]).detach()  # autograd on: no prepared layout
+    assert len(served) == n
+    tol = 2e-2 if kind == "bf16" else 1e-3  # bf16: oneDNN and aten may sum in another order
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+
+
+def test_a_prepared_layout_follows_its_weight():
+    """The layout is made once per weight and reused; an in-place change of the weight, or a cast of the model,
+    prepares a new one, so a product never sees stale weights."""
+    from tinyformer import layouts, ops
+    if not ops.onednn_bf16():
+        pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
+    torch.manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = ops.linear(x, w)
+        first = layouts._layouts[id(w.untyped_storage())][2]
+        torch.testing.assert_close(ops.linear(x, w), y, rtol=0, atol=0)
+        assert layouts._layouts[id(w.untyped_storage())][2] is first  # reused
+        w.mul_(-2)
+        torch.testing.assert_close(ops.linear(x, w).float(), -2 * y.float(), rtol=2e-2, atol=2e-2)
+        assert layouts._layouts[id(w.untyped_storage())][2] is not first
+    model = tiny(act="swiglu", d_model=64)
+    ids = torch.randint(0, 30, (1, 6))
+    with torch.no_grad():
+        before = _decode_logits(model.to(torch.bfloat16), ids, [3, 7])
+        model.to(torch.float32).wte.data.mul_(0.5)  # the same Parameter objects, other tensors
+        after = _decode_logits(model.to(torch.bfloat16), ids, [3, 7])
+    expect = _decode_logits(model, ids, [3, 7]).detach()  # autograd on: F.linear on the weights as they are now
+    torch.testing.assert_close(after, expect, rtol=2e-2, atol=2e-2)
+    assert (after - before).abs().max() > 0.1
+
+
+def test_decoding_leaves_the_parameters_as_they_were():
+    """Decoding prepares its layouts beside the weights, never in their place: the same Parameter objects, values
+    and (contiguous) layout after generate, so training afterwards sees the model it had."""
+    model = tiny(act="swiglu", d_model=64).to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    values = {k: v.detach().clone() for k, v in params.items()}
+    model.generate(torch.randint(0, 30, (1, 5)), 6, temperature=0)
+    assert dict(model.named_parameters()) == params
+    for k, p in params.items():
+        assert torch.equal(p, values[k]) and p.is_contiguous(), k
+
+
+def test_generate_compile_gives_the_eager_tokens_and_falls_back_with_a_warning(monkeypatch):
+    """generate(compile=True) runs its decode steps through torch.compile of the model's own forward and gives the
+    tokens eager decoding gives; where compiling fails it warns and decodes without it."""
+    from tinyformer import generate as gen
+    model = tiny(act="swiglu", d_model=64)
+    ids = torch.randint(0, 30, (1, 5))
+    eager = model.generate(ids, 12, temperature=0)
     calls = []
-    real = gen.CompiledDecodeStep.__call__
+    real = gen.compiled.__call__
+    monkeypatch.setattr(gen.compiled, "__call__", lambda self, *a, **k: calls.append(self.fn is not None) or real(
+        self, *a, **k))
+    assert torch.equal(model.generate(ids, 12, temperature=0, compile=True), eager)
+    assert calls == [True] * 11  # every step after the prefill, compiled
 
-    def spy(self, token):
-        calls.append(self.failed)
-        return real(self, token)
-
-    monkeypatch.setattr(gen.CompiledDecodeStep, "__call__", spy)
-    model.generate(ids, 6, temperature=0, compile=True)
-    assert calls == [False] * 5  # every decode step, compiled
-    numpy_tokens = model.generate(ids, 12, temperature=0)
-
-    def broken(fn):
+    def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(gen, "_compiled", broken)
+    monkeypatch.setattr(gen.torch, "compile", lambda model, **kw: broken)
     calls.clear()
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
-        out = model.generate(ids, 12, temperature=0, compile=True)
-    assert torch.equal(out, numpy_tokens)
-    assert calls == [False] + [True] * 10  # the first step failed over to numpy; the rest went straight there
-    quantize_(model, bits=8)
-    calls.clear()
-    model.generate(ids, 4, temperature=0, compile=True)
-    assert not gen.compiles(model) and not calls
-
-
-def _assert_numpy_steps_match(model, tol=1e-5, fp32_model=None, cache_tol=None, compiled=False):
-    from tinyformer.generate import CompiledDecodeStep, NumpyDecodeStep
-    ids = torch.randint(0, 30, (1, 6))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        ref, ours = model.new_cache(1, 11), model.new_cache(1, 11)
-        model(ids, cache=ref)
-        model(ids, cache=ours)
-        if fp32_model is not None:
-            exact = fp32_model.new_cache(1, 11)
-            fp32_model(ids, cache=exact)
-        step = NumpyDecodeStep(model, ours)
-        if compiled:
-            step = CompiledDecodeStep(step, model)
-        for tok in (3, 7, 1, 29, 0):
-            expect = model(torch.tensor([[tok]]), cache=ref)[:, -1].float()  # (1, V)
-            got = step(tok)
-            torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
-            if fp32_model is not None:  # rounding the activations less is no worse than the modules' bf16
-                truth = fp32_model(torch.tensor([[tok]]), cache=exact)[:, -1]
-                assert (got - truth).abs().max() <= (expect - truth).abs().max() + 4e-3
-        assert ours.length == ref.length == 11
-        assert not compiled or not step.failed  # the compiled functions ran every step
-        if model.wte.dtype == torch.float32:  # the step wrote the cache's own tensors
-            for a, b in zip(ours.k + ours.v, ref.k + ref.v):
-                torch.testing.assert_close(a, b, rtol=cache_tol or tol, atol=cache_tol or tol)
-        with pytest.raises(ValueError, match="beyond the cache"):
-            step(1)
-    for k, v in model.state_dict().items():  # decoding never writes into the weights
-        assert torch.equal(v, before[k]), k
+        assert torch.equal(model.generate(ids, 12, temperature=0, compile=True), eager)
+    assert calls == [True] + [False] * 10  # the first step failed over; the rest went straight to eager
 
 
 def test_sampling_filters():

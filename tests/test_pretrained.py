@@ -255,7 +255,7 @@ def test_gguf_tokenizer_special_tokens_and_chat_template(smol, smol_ref):
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]])
 def test_chat_template_renders_like_transformers(smol, smol_ref, messages):
-    from tinyformer.generate import apply_chat_template
+    from tinyformer.chat import apply_chat_template
     expected = smol_ref[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert apply_chat_template(smol, messages) == expected
     assert expected.endswith("<|im_start|>assistant\n")

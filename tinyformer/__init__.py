@@ -1,11 +1,11 @@
 """tinyformer: tiny transformers written on tensors, with Triton attention and low-bit matmul kernels.
 
-Public contract: shared/API.md. `ModelConfig` + `build` make a model, `load` reads a saved one, `tinyformer.eval`
+Public contract: docs/API.md. `ModelConfig` + `build` make a model, `load` reads a saved one, `tinyformer.eval`
 measures it, `tinyformer.kernels` holds the kernels and their references.
 """
 from tinyformer import eval  # noqa: A004  (tinyformer.eval.perplexity is part of the public API)
-from tinyformer.checkpoint import load
 from tinyformer.config import ModelConfig
+from tinyformer.convert import load
 from tinyformer.model import DecoderLM, Encoder, EncoderDecoder, build
 from tinyformer.ops import get_backend, set_backend, use_backend
 

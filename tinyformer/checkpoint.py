@@ -1,9 +1,11 @@
-"""Saving and loading models: a folder with config.json + model.safetensors (+ tokenizer.json).
+"""Saving models: a folder with config.json + model.safetensors (+ tokenizer.json), which `tinyformer.load` reads
+(tinyformer.convert).
 
 Every file is written atomically (temporary file in the same folder, flush + fsync, rename), so a crash never leaves
-a half-written file where a good one was. Loading builds the model on the meta device and assigns the memory-mapped
-safetensors tensors (`load_state_dict(assign=True)`): no random init, no second copy. Nothing executes code from a
-file: weights are safetensors, configs are JSON.
+a half-written file where a good one was. Nothing executes code from a file: weights are safetensors, configs are
+JSON. config.json records what compression changed, so loading can rebuild the same modules before assigning the
+weights: every module with a `spec()` (the quantized and low-rank linears of tinyformer.qlinear) by name, the shapes
+structured pruning left (attention heads, feed-forward width), and the pruning summary.
 """
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
 
 FORMAT = "tinyformer"
 FORMAT_VERSION = 1
@@ -56,7 +56,6 @@ def save_model(model, path, extra: dict | None = None) -> None:
         raise ValueError(f"cannot save to {path}: it exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    from tinyformer.qlinear import quantization_record
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
     special = {k: getattr(model, k, None) for k in TOKENIZER_EXTRAS}
     if any(v is not None for v in special.values()):
@@ -64,8 +63,7 @@ def save_model(model, path, extra: dict | None = None) -> None:
     quantized = quantization_record(model)
     if quantized:
         meta["quantization"] = quantized
-    from tinyformer.compress.prune import structure_record
-    structure = structure_record(model)  # per-module shapes left by structured pruning (heads, neurons)
+    structure = structure_record(model)
     if structure:
         meta["structure"] = structure
     if getattr(model, "pruning", None):
@@ -74,6 +72,23 @@ def save_model(model, path, extra: dict | None = None) -> None:
     if model.tokenizer is not None:
         atomic_write(path / "tokenizer.json", lambda f: f.write(model.tokenizer.to_str().encode()))
     write_json(path / "config.json", meta)  # last: a folder with a config.json is complete
+
+
+def quantization_record(model) -> dict:
+    """{module name: spec} of the modules compression swapped in (those with a `spec()`), parents before children."""
+    return {name: m.spec() for name, m in model.named_modules() if callable(getattr(m, "spec", None))}
+
+
+def structure_record(model) -> dict:
+    """{module name: {"n_head", "n_kv_head"} or {"d_ff"}} for every attention / feed-forward module whose shape
+    differs from model.config (structured pruning); {} for an unpruned model."""
+    cfg, out = model.config, {}
+    for name, m in model.named_modules():
+        if hasattr(m, "n_kv_head") and (m.n_head, m.n_kv_head) != (cfg.n_head, cfg.n_kv_head):  # Attention
+            out[name] = {"n_head": m.n_head, "n_kv_head": m.n_kv_head}
+        elif hasattr(m, "w2") and getattr(m, "d_ff", cfg.d_ff) != cfg.d_ff:  # FeedForward
+            out[name] = {"d_ff": m.d_ff}
+    return out
 
 
 def read_config(path) -> dict:
@@ -87,63 +102,3 @@ def read_config(path) -> dict:
         return json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-
-
-def load(path, device="cpu"):
-    """Load a model saved by `model.save(path)` (or a foreign one, see convert.py). Returns it in eval mode, its float
-    weights packed for decoding (`TransformerBase.pack_`)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from tinyformer.config import ModelConfig
-    from tinyformer.model import build
-
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").exists() and \
-            read_config(path).get("format") != FORMAT:
-        from tinyformer.convert import load_foreign  # Hugging Face folders and GGUF files
-        return load_foreign(path, device=device).pack_()
-    meta = read_config(path)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer tinyformer (format {meta['format_version']})")
-    config = ModelConfig.from_dict(meta["model"])
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise ValueError(f"{path} has a config.json but no model.safetensors")
-    try:
-        state = load_file(weights, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{weights} is unreadable or truncated: {e}") from None
-    # safetensors' memory map places tensors at any byte offset; torch's packed int8 CPU kernel (AVX-512) segfaults
-    # on weights not 64-byte aligned (seen: offset 56, M = 32), so such tensors get an aligned copy, once
-    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
-    with torch.device("meta"):
-        model = build(config, init=False)
-        if meta.get("structure"):  # structurally pruned: shrink those modules first (quantized ones swap in after)
-            from tinyformer.compress.prune import apply_structure
-            apply_structure(model, meta["structure"])
-        if meta.get("quantization"):
-            from tinyformer.qlinear import swap_in_empty
-            swap_in_empty(model, meta["quantization"])
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{weights} does not match its config.json: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{weights} does not match its config.json: missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    for name, p in model.state_dict().items():
-        if p.device.type == "meta":
-            raise ValueError(f"{weights} left {name} unset")
-    with torch.device(device):
-        model.init_buffers()
-    for k, v in meta.get("tokenizer", {}).items():
-        if k in TOKENIZER_EXTRAS:
-            setattr(model, k, v)
-    if meta.get("pruning"):
-        model.pruning = meta["pruning"]
-    tok = path / "tokenizer.json"
-    if tok.exists():
-        from tokenizers import Tokenizer
-        model.tokenizer = Tokenizer.from_file(str(tok))
-    return model.pack_().eval()  # weights laid out for fast decoding (build an optimizer after this, not before)

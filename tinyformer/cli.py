@@ -119,18 +119,18 @@ def cmd_sample(args):
     prompt = args.prompt if args.prompt else "\n"
     chat = model.chat_template is not None if args.chat is None else args.chat
     if chat:
-        from tinyformer.generate import apply_chat_template
+        from tinyformer.chat import apply_chat_template
         text = apply_chat_template(model, [{"role": "user", "content": prompt}])
     else:
         text = prompt
     from tinyformer.data import encode
-    from tinyformer.generate import _check_args
+    from tinyformer.generate import check_args
     ids = encode(tok, text).tolist()  # a clear error for characters a char-level vocabulary lacks
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     eos = model.eos_token_id if chat else None
     prompt_ids = torch.tensor([ids])  # (1, T)
-    _check_args(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)
+    check_args(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)
     g = torch.Generator().manual_seed(args.seed)  # (the options checked before any text is printed)
     for n in range(args.num_samples):
         new: list[int] = []

@@ -1,6 +1,11 @@
-"""Loading models made elsewhere into tinyformer's own modules: Hugging Face BERT and Llama folders, Llama GGUF files.
+"""Loading models: `tinyformer.load(path)` reads a tinyformer folder (written by `model.save`), a Hugging Face BERT or
+Llama folder, or a Llama GGUF file into tinyformer's own modules.
 
-`load_foreign(path)` reads the foreign config into a `ModelConfig`, builds the model on the meta device
+A tinyformer folder: config.json names the model's config and what compression changed (quantized and low-rank
+modules, pruned shapes); the model is built on the meta device with those modules in place, and the memory-mapped
+safetensors tensors are assigned (`load_state_dict(assign=True)`): no random init, no second copy.
+
+Foreign formats: `load_foreign(path)` reads the foreign config into a `ModelConfig`, builds the model on the meta device
 (`tinyformer.build(config, init=False)`), renames (and, for GGUF, dequantizes and un-permutes) the tensors onto
 tinyformer's parameter names, checks every name and shape, and assigns them (`load_state_dict(assign=True)`). There is
 no second model implementation: the loaded model is a plain `Encoder` / `DecoderLM` and saves as a tinyformer
@@ -31,7 +36,67 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["load_foreign", "load_hf", "load_gguf", "gguf_tokenizer"]
+from tinyformer.checkpoint import FORMAT, FORMAT_VERSION, TOKENIZER_EXTRAS, read_config
+from tinyformer.compress.prune import apply_structure
+from tinyformer.config import ModelConfig
+from tinyformer.model import build
+from tinyformer.qlinear import swap_in_empty
+
+__all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer"]
+
+
+def load(path, device="cpu"):
+    """A model from a tinyformer folder (`model.save`), a Hugging Face BERT/Llama folder or a Llama GGUF file, in
+    eval mode on `device`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf" or path.is_dir() and (path / "config.json").exists() and \
+            read_config(path).get("format") != FORMAT:
+        return load_foreign(path, device=device)  # Hugging Face folders and GGUF files
+    meta = read_config(path)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer tinyformer (format {meta['format_version']})")
+    config = ModelConfig.from_dict(meta["model"])
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise ValueError(f"{path} has a config.json but no model.safetensors")
+    try:
+        state = load_file(weights, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is unreadable or truncated: {e}") from None
+    # safetensors' memory map places tensors at any byte offset; torch's packed int8 CPU kernel (AVX-512) segfaults
+    # on weights not 64-byte aligned (seen: offset 56, M = 32), so such tensors get an aligned copy, once
+    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = build(config, init=False)
+        if meta.get("structure"):  # structurally pruned: shrink those modules first (quantized ones swap in after)
+            apply_structure(model, meta["structure"])
+        if meta.get("quantization"):
+            swap_in_empty(model, meta["quantization"])
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{weights} does not match its config.json: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{weights} does not match its config.json: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    for name, p in model.state_dict().items():
+        if p.device.type == "meta":
+            raise ValueError(f"{weights} left {name} unset")
+    with torch.device(device):
+        model.init_buffers()
+    for k, v in meta.get("tokenizer", {}).items():
+        if k in TOKENIZER_EXTRAS:
+            setattr(model, k, v)
+    if meta.get("pruning"):
+        model.pruning = meta["pruning"]
+    tok = path / "tokenizer.json"
+    if tok.exists():
+        from tokenizers import Tokenizer
+        model.tokenizer = Tokenizer.from_file(str(tok))
+    return model.eval()
 
 
 def load_foreign(path, device="cpu", dtype: torch.dtype = torch.float32):
@@ -58,7 +123,6 @@ def _assemble(config, source: dict, name_of: Callable[[str], str], ignore: Calla
 
     Raises ValueError naming the tensor when one is missing, has the wrong shape, or when `source` holds a tensor
     that nothing uses (and `ignore` does not excuse)."""
-    from tinyformer.model import build
 
     with torch.device("meta"):
         model = build(config, init=False)
@@ -240,7 +304,6 @@ _BERT_MLM = {  # BertForMaskedLM / BertForPreTraining's token head (its decoder 
 
 
 def _bert_config(hf: dict, where, mlm_head: str = "none"):
-    from tinyformer.config import ModelConfig
 
     act = hf.get("hidden_act", "gelu")
     if act not in _BERT_ACTS:
@@ -303,7 +366,6 @@ _LLAMA_BLOCK = {
 
 
 def _llama_config(hf: dict, where):
-    from tinyformer.config import ModelConfig
 
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta / rope_type here
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope else None)
@@ -418,7 +480,6 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     except ImportError:
         raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from None
 
-    from tinyformer.config import ModelConfig
 
     path = Path(path)
     where = str(path)

@@ -1,8 +1,10 @@
 """tinyformer's models, written directly on tensors: decoder (GPT/Llama), encoder (BERT) and encoder-decoder.
 
-Every parameter is a plain nn.Parameter and every op is spelled out; attention, matmuls and norms go through
-`tinyformer.ops` (reference math, torch's fused ops, or Triton kernels). No nn.Linear, nn.LayerNorm,
-nn.MultiheadAttention or nn.Transformer.
+This file is the math and nothing else, readable top to bottom: Linear -> Norm -> rotary tables -> KV cache ->
+Attention -> FeedForward -> Block -> Stack -> the three models. Every parameter is a plain nn.Parameter; every product,
+norm and attention goes through `tinyformer.ops`, which picks the kernel for the device, dtype and shape. Speed comes
+from beneath this file (ops, prepared weight layouts in `tinyformer.kernels.cpu`, torch.compile of this forward in
+`tinyformer.generate`), never from a second copy of it.
 
 References:
 - Vaswani et al. 2017, "Attention Is All You Need" (encoder-decoder, post-norm, sinusoidal positions).
@@ -14,7 +16,7 @@ References:
 - Ainslie et al. 2023, GQA (grouped-query attention); Shazeer 2019 (multi-query attention).
 
 Legend: B batch, T query length, S key/memory length, C = d_model, H query heads, Hkv key/value heads,
-Dh head dim, V vocab, F = d_ff.
+Dh head dim, V vocab, F = d_ff, P positions (max_seq_len).
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
+from tinyformer.checkpoint import save_model
 from tinyformer.config import ModelConfig
+from tinyformer.generate import beam_search, generate, generate_seq2seq
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# building blocks
 class Linear(nn.Module):
     """y = x W^T + b with W (out, in): the layer that compression swaps for quantized or low-rank versions."""
 
@@ -53,7 +55,7 @@ class Linear(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (weight, optional bias) or RMSNorm (weight only)."""
+    """LayerNorm (weight, optional bias; Ba et al. 2016) or RMSNorm (weight only; Zhang & Sennrich 2019)."""
 
     def __init__(self, d: int, kind: str, eps: float, bias: bool):
         super().__init__()
@@ -72,15 +74,25 @@ class Norm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+def activation(name: str, x):
+    """GELU (erf), GELU's tanh approximation, or ReLU, elementwise."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
 def rope_tables(n_pos: int, head_dim: int, theta: float, device=None):
-    """cos, sin tables (n_pos, Dh/2) for rotary positions: angle[p, i] = p * theta^(-2i / Dh)."""
+    """cos, sin tables (P, Dh/2) for rotary positions: angle[p, i] = p * theta^(-2i / Dh)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (Dh/2,)
     angles = torch.arange(n_pos, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (P, Dh/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos/sin (B, 1, T, Dh/2)."""
+    """Rotate the pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos, sin (B or 1, 1, T, Dh/2), in
+    float32 whatever x's dtype."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, Dh/2) each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -96,19 +108,18 @@ def sinusoidal_table(n_pos: int, d: int, device=None):
 
 
 class KVCache:
-    """Preallocated keys and values of every self-attention layer, plus the cross-attention keys/values of the
+    """Preallocated keys and values of every self-attention layer, plus the cross-attention keys and values of the
     encoder memory (computed once). `length` counts the positions written so far."""
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head, max_len: int, head_dim: int, dtype, device):
-        # n_kv_head: one int, or one per layer (structured pruning leaves layers with different head counts)
-        heads = list(n_kv_head) if isinstance(n_kv_head, (list, tuple)) else [n_kv_head] * n_layer
-        self.k = [torch.zeros(batch, h, max_len, head_dim, dtype=dtype, device=device) for h in heads[:n_layer]]
-        self.v = [torch.zeros(batch, h, max_len, head_dim, dtype=dtype, device=device) for h in heads[:n_layer]]
+    def __init__(self, n_kv_heads: list[int], batch: int, max_len: int, head_dim: int, dtype, device):
+        # one head count per layer: structured pruning leaves layers with different counts
+        self.k = [torch.zeros(batch, h, max_len, head_dim, dtype=dtype, device=device) for h in n_kv_heads]
+        self.v = [torch.zeros(batch, h, max_len, head_dim, dtype=dtype, device=device) for h in n_kv_heads]
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.max_len, self.length = max_len, 0
 
     def update(self, layer: int, k, v):
-        """Write k, v (B, Hkv, T, Dh) at positions length..length+T; return all keys/values so far."""
+        """Write k, v (B, Hkv, T, Dh) at positions length..length+T-1; return every key and value so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
@@ -117,71 +128,13 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, Hkv, end, Dh)
 
     def reorder(self, index, cross: bool = True):
-        """Row i becomes row index[i] (beam search; index has one entry per row): the positions written so far are
-        gathered along the batch dim, in place. cross=False leaves the cross-attention keys/values as they are, which
-        is right when every row of `index` has the same encoder memory as the row it replaces (beams of one source, as
-        beam_search's are)."""
+        """Row i becomes row index[i] (beam search), for the positions written so far, in place. cross=False leaves
+        the cross-attention keys and values alone: right when every row of `index` has the same encoder memory as
+        the row it replaces (the beams of one source)."""
         for t in self.k + self.v:
             t[:, :, :self.length] = t[index, :, :self.length]  # (B, Hkv, length, Dh)
         if cross:
             self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
-
-
-def _decode_layout(p: nn.Parameter) -> nn.Parameter:
-    """p itself when it is laid out as `pack_` wants for its dtype, else the same values so: a transposed view of a
-    contiguous (in, out) tensor (fp32) or a contiguous (out, in) one (low precision, `_rows_layout`)."""
-    if _rows_layout(p.dtype):
-        return p if p.is_contiguous() else nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad)
-    return p if p.stride(0) == 1 else nn.Parameter(p.detach().T.contiguous().T, requires_grad=p.requires_grad)
-
-
-def _pack_shared(linears) -> None:
-    """Give float Linears that read the same input (q/k/v; gate/up) one shared buffer, so `_one_buffer` can multiply
-    by all of them at once: fp32 weights become transposed views of the column slices of an (in, sum of outs) tensor
-    (the layout numpy's BLAS streams fastest), low-precision ones row slices of a (sum of outs, in) tensor (torch's
-    own layout, which its bf16 kernels need: see `TransformerBase.pack_`)."""
-    if any(type(m) is not Linear for m in linears):  # quantized or factored: nothing to share
-        return
-    ws = [m.weight for m in linears]
-    rows = _rows_layout(ws[0].dtype)
-    if _one_buffer(ws, rows) is not None or len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1:
-        return
-    buf = torch.cat([w.detach() for w in ws])  # (sum N, K)
-    buf = buf if rows else buf.T.contiguous()  # or (K, sum N)
-    start = 0
-    for m, w in zip(linears, ws):
-        n = w.shape[0]
-        view = buf[start:start + n] if rows else buf[:, start:start + n].T  # (N, K)
-        m.weight = nn.Parameter(view, requires_grad=w.requires_grad)
-        start += n
-
-
-def _rows_layout(dtype) -> bool:
-    """Whether `pack_` keeps weights of this dtype (out, in)-contiguous (low precision) or lays them out (in, out)."""
-    return dtype != torch.float32
-
-
-def _one_buffer(ws, rows=None):
-    """The (sum N, K) weight that the (N_i, K) weights `ws` form when they are consecutive row slices of one
-    (sum N, K) tensor (rows=True) or consecutive column slices of one (K, sum N) tensor (rows=False; None: either),
-    as `_pack_shared` builds them, else None. Pure stride/pointer arithmetic: no copy. None under torch.compile,
-    which cannot trace data_ptr (its failure there made Dynamo skip the whole forward: every layer a graph of its
-    own); the callers then multiply by each weight, and Inductor fuses what it can."""
-    if torch.compiler.is_compiling():
-        return None
-    if rows is None:
-        got = _one_buffer(ws, True)
-        return got if got is not None else _one_buffer(ws, False)
-    total, w0 = sum(w.shape[0] for w in ws), ws[0]
-    K = w0.shape[1]
-    strides = (K, 1) if rows else (1, total)
-    offset = 0  # elements from the first weight's start: offset rows (times K) or offset columns
-    for w in ws:
-        if (w.dim() != 2 or w.stride() != strides or w.dtype != w0.dtype or w.shape[1] != K
-                or w.data_ptr() != w0.data_ptr() + offset * (K if rows else 1) * w0.element_size()):
-            return None
-        offset += w.shape[0]
-    return w0.detach().as_strided((total, K), strides)
 
 
 class Attention(nn.Module):
@@ -194,7 +147,6 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, Dh
         self.causal, self.cross, self.dropout = causal, cross, cfg.dropout
         self.rope = cfg.pos == "rope" and not cross
-        self.fuse = True  # one product for q/k/v; calibration turns this off so hooks on wq/wk/wv see inputs
         self.wq = Linear(C, H * Dh, cfg.bias, cfg.init_std)
         self.wk = Linear(C, Hkv * Dh, cfg.bias, cfg.init_std)
         self.wv = Linear(C, Hkv * Dh, cfg.bias, cfg.init_std)
@@ -202,59 +154,30 @@ class Attention(nn.Module):
 
     def _heads(self, x, n_head):
         B, T, _ = x.shape
-        return x.reshape(B, T, n_head, self.head_dim).transpose(1, 2)  # (B, T, h*Dh) -> (B, h, T, Dh)
-
-    def _qkv(self, x):
-        """q (B, H, T, Dh), k and v (B, Hkv, T, Dh) of x. When all three are float Linears they run as one matmul
-        against the concatenated weights: fewer, wider GEMMs (a baby-GPT training step went from 1.00x to 1.09x
-        nanoGPT's speed in an interleaved A/B on 2 CPU cores)."""
-        proj = (self.wq, self.wk, self.wv)
-        w = None
-        if self.fuse and all(type(m) is Linear for m in proj):
-            if torch.is_grad_enabled():
-                w = torch.cat([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C)
-            else:  # inference: one product only when no copy is needed (weights laid out by pack_)
-                w = _one_buffer([m.weight for m in proj])  # (H*Dh + 2*Hkv*Dh, C) or None
-        if w is not None:
-            b = torch.cat([m.bias for m in proj]) if self.wq.bias is not None else None
-            sizes = [m.weight.shape[0] for m in proj]
-            q, k, v = ops.linear(x, w, b).split(sizes, dim=-1)  # (B, T, H*Dh), (B, T, Hkv*Dh) x 2
-        else:  # quantized or factored projections, or inference on unpacked weights
-            q, k, v = (m(x) for m in proj)
-        return self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+        return x.view(B, T, n_head, self.head_dim).transpose(1, 2)  # (B, T, h*Dh) -> (B, h, T, Dh)
 
     def forward(self, x, key_padding_mask=None, rope=None, memory=None, cache: Optional[KVCache] = None,
                 layer: int = 0):
+        """x (B, T, C) -> (B, T, C). Self-attention reads keys from x (and the cache), cross-attention from `memory`
+        (B, S, C); key_padding_mask (B, S) is True where a key may be attended."""
         B, T, _ = x.shape
-        if self.cross:
-            q = self._heads(self.wq(x), self.n_head)  # (B, H, T, Dh)
-            if cache is not None and layer in cache.cross:
-                k, v = cache.cross[layer]
-            else:
-                k = self._heads(self.wk(memory), self.n_kv_head)  # (B, Hkv, S, Dh)
-                v = self._heads(self.wv(memory), self.n_kv_head)  # (B, Hkv, S, Dh)
-                if cache is not None:
-                    cache.cross[layer] = (k, v)
+        q = self._heads(self.wq(x), self.n_head)  # (B, H, T, Dh)
+        if self.cross and cache is not None and layer in cache.cross:  # the memory's keys and values, made once
+            k, v = cache.cross[layer]
         else:
-            q, k, v = self._qkv(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x 2
+            source = memory if self.cross else x
+            k = self._heads(self.wk(source), self.n_kv_head)  # (B, Hkv, S, Dh)
+            v = self._heads(self.wv(source), self.n_kv_head)  # (B, Hkv, S, Dh)
             if self.rope:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
+            if cache is not None and self.cross:
+                cache.cross[layer] = (k, v)
+            elif cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, Hkv, S, Dh): the whole prefix
         y = ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Dh)
-        y = self.wo(y)
-        return F.dropout(y, self.dropout, self.training) if self.training and self.dropout else y
-
-
-def activation(name: str, x):
-    """GELU (erf), GELU's tanh approximation, or ReLU, elementwise."""
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.relu(x)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, H, T, Dh) -> (B, T, H*Dh)
+        return F.dropout(self.wo(y), self.dropout, self.training)
 
 
 class FeedForward(nn.Module):
@@ -263,26 +186,16 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, resid_std: float):
         super().__init__()
         self.act, self.dropout = cfg.act, cfg.dropout
-        self.fuse = True  # one product for gate/up (packed, inference); calibration turns this off (hooks on w1/w3)
         self.w1 = Linear(cfg.d_model, cfg.d_ff, cfg.bias, cfg.init_std)
         self.w3 = Linear(cfg.d_model, cfg.d_ff, cfg.bias, cfg.init_std) if cfg.act == "swiglu" else None
         self.w2 = Linear(cfg.d_ff, cfg.d_model, cfg.bias, resid_std)
 
     def forward(self, x):
         if self.act == "swiglu":
-            w13 = None
-            if self.fuse and not torch.is_grad_enabled() and type(self.w1) is Linear and type(self.w3) is Linear:
-                w13 = _one_buffer([self.w1.weight, self.w3.weight])  # (2F, C), laid out by pack_, or None
-            if w13 is not None:  # gate and up in one product
-                b = torch.cat([self.w1.bias, self.w3.bias]) if self.w1.bias is not None else None
-                gate, up = ops.linear(x, w13, b).chunk(2, dim=-1)  # (B, T, 2F) -> (B, T, F) x 2
-            else:
-                gate, up = self.w1(x), self.w3(x)  # (B, T, F) each
-            h = F.silu(gate) * up
+            h = F.silu(self.w1(x)) * self.w3(x)  # (B, T, F)
         else:
             h = activation(self.act, self.w1(x))  # (B, T, F)
-        h = self.w2(h)  # (B, T, C)
-        return F.dropout(h, self.dropout, self.training) if self.training and self.dropout else h
+        return F.dropout(self.w2(h), self.dropout, self.training)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -319,7 +232,7 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_layer: int, causal: bool, cross: bool):
         super().__init__()
-        self.cfg, self.causal = cfg, causal
+        self.cfg = cfg
         self.wpe = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.d_model)) if cfg.pos == "learned" else None
         self.wtt = nn.Parameter(torch.empty(cfg.type_vocab_size, cfg.d_model)) if cfg.type_vocab_size else None
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
@@ -343,8 +256,6 @@ class Stack(nn.Module):
                 memory_mask=None, cache=None):
         """tok_emb (B, T, C), position_ids (B or 1, T) -> hidden states (B, T, C)."""
         cfg = self.cfg
-        if not torch.compiler.is_compiling() and int(position_ids.max()) >= cfg.max_seq_len:  # (see embed_tokens)
-            raise ValueError(f"position {int(position_ids.max())} is beyond max_seq_len={cfg.max_seq_len}")
         x, rope = tok_emb, None
         if cfg.pos == "learned":
             x = x + self.wpe[position_ids]  # (B, T, C)
@@ -353,12 +264,10 @@ class Stack(nn.Module):
         else:
             rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])  # (B, 1, T, Dh/2)
         if self.wtt is not None:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)
-            x = x + self.wtt[types]
+            x = x + self.wtt[token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)]
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if self.training and cfg.dropout:
-            x = F.dropout(x, cfg.dropout, self.training)
+        x = F.dropout(x, cfg.dropout, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask, rope, memory, memory_mask, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
@@ -374,6 +283,15 @@ def _as_bool_mask(mask, input_ids, name="attention_mask"):
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{name} must have the shape of its input ids {tuple(input_ids.shape)}, got {got}")
     return mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def _positions(input_ids, attention_mask, cache):
+    """Position ids (B or 1, T): counting real tokens only when there is a (left-padding) mask."""
+    start = cache.length if cache is not None else 0
+    if attention_mask is None:
+        return torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+    pos = attention_mask.long().cumsum(-1) - 1  # (B, S): position of each real token among the real ones
+    return pos[:, -input_ids.shape[1]:].clamp(min=0)  # (B, T)
 
 
 class TransformerBase(nn.Module):
@@ -408,58 +326,27 @@ class TransformerBase(nn.Module):
             if isinstance(m, Stack):
                 m.init_buffers()
 
-    @torch.no_grad()
-    def pack_(self):
-        """Lay the float weights out for fast batch-1 decoding on CPU (same values, other strides), in place.
-
-        A decode step multiplies one row by every weight: it streams the weights from memory. Every fp32 weight
-        becomes a transposed view of an (in, out)-contiguous tensor, the layout that generate's `NumpyDecodeStep`
-        hands to numpy's BLAS (27 GB/s over SmolLM2's matrices on 2 cores, against 14-17 GB/s for torch's F.linear
-        in either layout; for the 49152x576 output head alone torch's GEMV takes 5.1 ms on this layout, 10.4 ms on
-        (out, in)). bf16 / fp16 weights keep torch's (out, in) layout: numpy has no bf16, and on a CPU without
-        oneDNN bf16 (AVX2 only) aten's bf16 F.linear ran 10x slower on a transposed view (1x576 @ 576x1536: 1.5 ms
-        against 0.15 ms; 128 rows: 174 ms against 15 ms). Projections that read the same input (q/k/v of
-        self-attention; gate/up of SwiGLU) share one buffer, each weight a view of its column slice of an
-        (in, sum of outs) tensor (fp32) or its row slice of a (sum of outs, in) one, so inference multiplies by them
-        at once (fewer, wider products). Training still works on such views (autograd sees separate parameters;
-        train.py turns fused AdamW off for them: its kernel assumes dense parameters).
-        Parameters keep their shapes and values but are new Parameter objects: build an optimizer after this, not
-        before (`tinyformer.load` calls it; call it again after casting the model, e.g. `.to(torch.bfloat16)`).
-        Whatever is already laid out so is left alone."""
-        for m in list(self.modules()):
-            if isinstance(m, Attention) and not m.cross:
-                _pack_shared([m.wq, m.wk, m.wv])
-            elif isinstance(m, FeedForward) and m.w3 is not None:
-                _pack_shared([m.w1, m.w3])
-        for m in list(self.modules()):
-            if type(m) is Linear:
-                m.weight = _decode_layout(m.weight)
-        for name in ("wte", "lm_head"):
-            if isinstance(getattr(self, name), nn.Parameter):
-                setattr(self, name, _decode_layout(getattr(self, name)))
-        return self
-
-    def logits(self, hidden):
-        """hidden (B, T, C) -> logits (B, T, V) through the tied embedding, the separate head, or a quantized head
-        (an `Int8Linear` that `quantize_(..., head=True)` put in lm_head's place)."""
-        if isinstance(self.lm_head, nn.Module):
-            return self.lm_head(hidden)
-        return ops.linear(hidden, self.lm_head if self.lm_head is not None else self.wte)
-
     def embed_tokens(self, input_ids):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input ids must be 2-D (batch, time), got shape {tuple(input_ids.shape)}")
-        # the range check reads the ids back (a host sync; under torch.compile a graph break at every forward):
-        # compiled code relies on the lookup's own bounds check
-        if (not torch.compiler.is_compiling() and input_ids.numel()
-                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)):
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got "
-                             f"{int(input_ids.min())}..{int(input_ids.max())}")
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
+        # the range check reads the ids back: a host sync, and a graph break under torch.compile, where the
+        # lookup's own bounds check stands in for it
+        if not torch.compiler.is_compiling() and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got {lo}..{hi}")
         return self.wte[input_ids]  # (B, T, C)
+
+    def logits(self, hidden):
+        """hidden (B, T, C) -> logits (B, T, V) through the tied embedding, the separate head, or a head module
+        (a quantized linear that compression put in lm_head's place)."""
+        if isinstance(self.lm_head, nn.Module):
+            return self.lm_head(hidden)
+        return ops.linear(hidden, self.lm_head if self.lm_head is not None else self.wte)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; non_embedding=True leaves out the token and position embeddings (as nanoGPT reports)."""
@@ -469,25 +356,15 @@ class TransformerBase(nn.Module):
             n -= sum(m.wpe.numel() for m in self.modules() if isinstance(m, Stack) and m.wpe is not None)
         return n
 
-    def new_cache(self, batch: int, max_len: int, n_layer: Optional[int] = None) -> KVCache:
-        cfg, p = self.config, self.wte
-        n_layer = n_layer if n_layer is not None else cfg.n_layer
-        stack = getattr(self, "decoder", None)  # per-layer KV heads: structured pruning may have removed some
-        heads = [b.attn.n_kv_head for b in stack.blocks] if stack is not None else cfg.n_kv_head
-        return KVCache(n_layer, batch, heads, max_len, cfg.head_dim, p.dtype, p.device)
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for the self-attention of this model's (decoder) blocks."""
+        stack = self.decoder
+        heads = [b.attn.n_kv_head for b in stack.blocks]  # per layer: structured pruning may have removed some
+        return KVCache(heads, batch, max_len, self.config.head_dim, self.wte.dtype, self.wte.device)
 
     def save(self, path):
-        from tinyformer.checkpoint import save_model
+        """Write config.json + model.safetensors (+ tokenizer.json) to the folder `path` (tinyformer.load reads it)."""
         save_model(self, path)
-
-
-def _positions(input_ids, attention_mask, cache):
-    """Position ids (B or 1, T): counting real tokens only when there is a (left-padding) mask."""
-    start = cache.length if cache is not None else 0
-    if attention_mask is None:
-        return torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
-    pos = attention_mask.long().cumsum(-1) - 1  # (B, S): position of each real token among the real ones
-    return pos[:, -input_ids.shape[1]:].clamp(min=0)  # (B, T)
 
 
 class DecoderLM(TransformerBase):
@@ -500,9 +377,11 @@ class DecoderLM(TransformerBase):
     def forward(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None, last_only: bool = False):
         """input_ids (B, T). attention_mask (B, S) covers the cached positions plus these T (1 = real token), for
         left-padded batches; with a cache, the T new tokens are appended to it. last_only: logits of the last
-        position only (B, 1, V), as generation needs (saves a (T-1) x V x C product at prefill)."""
+        position only (B, 1, V), as generation needs."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
         S = input_ids.shape[1] + (cache.length if cache is not None else 0)
+        if S > self.config.max_seq_len:
+            raise ValueError(f"{S} positions (cached + new) exceed max_seq_len={self.config.max_seq_len}")
         if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], S):
             raise ValueError(f"attention_mask must be (B, cached + new) = {(input_ids.shape[0], S)}, "
                              f"got {tuple(attention_mask.shape)}")
@@ -514,7 +393,7 @@ class DecoderLM(TransformerBase):
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, generator=None, on_token=None, compile=False):
-        from tinyformer.generate import generate
+        """Prompt + new tokens (B, T + n) with a KV cache; temperature 0 is greedy (tinyformer.generate)."""
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                         attention_mask=attention_mask, generator=generator, on_token=on_token, compile=compile)
 
@@ -587,12 +466,9 @@ class EncoderDecoder(TransformerBase):
         _as_bool_mask(attention_mask, input_ids)  # validates the shape
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
 
-    def new_cache(self, batch: int, max_len: int, n_layer: Optional[int] = None) -> KVCache:
-        return super().new_cache(batch, max_len, self.config.n_decoder_layer)
-
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, num_beams=1, length_penalty=1.0, generator=None):
-        from tinyformer.generate import beam_search, generate_seq2seq
+        """The decoder sequence (B, 1 + n): sampled or greedy, or beam search with num_beams > 1."""
         if num_beams > 1:
             return beam_search(self, input_ids, max_new_tokens, num_beams, eos_token_id,
                                attention_mask=attention_mask, length_penalty=length_penalty)

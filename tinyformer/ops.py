@@ -1,8 +1,11 @@
-"""The dispatch layer: every attention and matmul in a tinyformer model goes through here, to one of three backends.
+"""The dispatch layer: every attention, product and norm of a tinyformer model goes through here, and here alone it
+is decided which kernel runs it for the tensors' device, dtype and shape. Three backends:
 
 - "reference": the explicit math of `tinyformer.kernels.reference` (softmax(QK^T)V spelled out): for reading and
   for checking the others.
-- "torch": torch's fused ops (F.scaled_dot_product_attention, F.linear): the fast default on CPU.
+- "torch": torch's fused ops (F.scaled_dot_product_attention, F.linear) and its packed int8/int4 CPU kernels: the
+  default on CPU. Without autograd (decoding, evaluation) a CPU product of a few rows multiplies by a weight laid out
+  once for its kernel (`tinyformer.layouts`: oneDNN's blocked bf16, torch's int8/int4 packs).
 - "triton": tinyformer's Triton kernels (`tinyformer.kernels`): the default on CUDA when Triton is installed.
   Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears.
 
@@ -19,7 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyformer.kernels import reference
+from tinyformer import layouts
+from tinyformer.kernels import int4_mm, int8_mm, quant, reference
 from tinyformer.kernels.int8_mm import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -80,7 +84,12 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: f
 
 
 BF16_UPCAST_ROWS = 16  # rows from which a bf16 product runs in fp32 on a CPU without oneDNN bf16 (`onednn_bf16`;
-# aten's bf16 matmul costs a GEMV a row there: the crossover measured on SmolLM2's shapes was 8-32 rows)
+# aten's bf16 matmul costs a GEMV a row there)
+
+
+def _inference_on_cpu(x) -> bool:
+    """A CPU product outside autograd and outside torch.compile (which prepares its own layouts)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def linear(x, weight, bias=None):
@@ -89,6 +98,10 @@ def linear(x, weight, bias=None):
     if backend == "reference":
         y = x @ weight.T
         return y + bias if bias is not None else y
+    if _inference_on_cpu(x):
+        y = layouts.linear(x, weight, bias)
+        if y is not None:
+            return y
     if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= BF16_UPCAST_ROWS * x.shape[-1]
             and not onednn_bf16()):  # bf16 in and out, fp32 products (aten's bf16 ones accumulate in fp32 too)
         b = bias.float() if bias is not None else None
@@ -118,7 +131,6 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
     """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype: weight-only (W8A16), or W8A8 with
     x quantized per token to int8 (exact int32 accumulation). torch backend on CPU: torch's packed int8 kernel
     (bf16 activations) / torch._int_mm."""
-    from tinyformer.kernels import int8_mm, quant
     backend = get_backend(x.device)
     if backend == "triton":
         if activations:
@@ -129,6 +141,10 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
         q, s = quant.quantize_per_token_int8(x)
         mm = int8_mm.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
         return mm(q, weight, s, scale, bias).to(x.dtype)
+    if backend == "torch" and _inference_on_cpu(x):
+        y = layouts.int8_linear(x, weight, scale, bias)
+        if y is not None:
+            return y
     if backend == "torch" and x.device.type == "cpu":
         return int8_mm.int8_weight_only_matmul_cpu(x, weight, scale, bias)
     return reference.int8_weight_only_matmul(x, weight, scale, bias)
@@ -137,10 +153,13 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
     backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight."""
-    from tinyformer.kernels import int4_mm
     backend = get_backend(x.device)
     if backend == "triton":
         return int4_mm.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
+    if backend == "torch" and _inference_on_cpu(x):
+        y = layouts.int4_linear(x, w_packed, scales, zeros, group_size, bias)
+        if y is not None:
+            return y
     if backend == "torch" and x.device.type == "cpu":
         return int4_mm.int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
     return reference.int4_matmul(x, w_packed, scales, zeros, group_size, bias)

@@ -215,8 +215,3 @@ def swap_in_empty(model, quantization: dict) -> None:
             raise ValueError(f"the checkpoint quantizes {name!r}, which this model does not have") from None
         n_out, n_in = lin.weight.shape
         _set(model, name, empty_from_spec(spec, n_out, n_in, lin.bias is not None))
-
-
-def quantization_record(model) -> dict:
-    """{module name: spec} of the quantized and factored modules (saved in config.json), parents before children."""
-    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, (QuantLinear, LowRankLinear))}

@@ -18,14 +18,13 @@ encoder-decoders; it is run in batches of `batch_size` sequences.
 """
 from __future__ import annotations
 
-import contextlib
 
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from tinyformer.model import Attention, FeedForward, Linear
+from tinyformer.model import Linear
 
 
 @dataclass
@@ -116,20 +115,6 @@ def _first_block_inputs(model, stack, parts, batch_size):
     return captured
 
 
-@contextlib.contextmanager
-def unfused(module):
-    """Within: every projection of `module`'s attention and feed-forward layers runs as its own module call (no
-    one-product q/k/v or gate/up), so forward hooks on each linear see its input."""
-    before = [(m, m.fuse) for m in module.modules() if isinstance(m, (Attention, FeedForward))]
-    for m, _ in before:
-        m.fuse = False
-    try:
-        yield
-    finally:
-        for m, fuse in before:
-            m.fuse = fuse
-
-
 @torch.no_grad()
 def block_stats(block, inputs, hessian: bool = True) -> dict[str, InputStats]:
     """Run `block` on each captured (args, kwargs) and return {linear name in the block: InputStats}."""
@@ -138,9 +123,8 @@ def block_stats(block, inputs, hessian: bool = True) -> dict[str, InputStats]:
         stats[name] = InputStats.empty(lin.weight.shape[1], hessian, lin.weight.device)
         handles.append(lin.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0])))
     try:
-        with unfused(block):
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -54,7 +54,7 @@ from tinyformer.model import Attention, FeedForward, Linear
 
 __all__ = ["prune_", "prune_iterative_", "magnitude_scores", "wanda_scores", "unstructured_mask", "nm_mask",
            "cubic_sparsity", "head_scores", "neuron_scores", "shrink_attention_", "shrink_feedforward_",
-           "structure_record", "apply_structure", "layer_sparsity"]
+           "apply_structure", "layer_sparsity"]
 
 METHODS = ("magnitude", "wanda")
 STRUCTURED = ("heads", "neurons")
@@ -175,13 +175,10 @@ def _keep_top(scores, n_keep: int) -> torch.Tensor:
 
 
 def _take(lin: Linear, rows=None, cols=None) -> None:
-    """Replace lin's parameters by their rows / columns `rows` / `cols` (new tensors; the old ones are released),
-    in the memory layout the weight had: (out, in)-contiguous, or the (in, out)-contiguous view that
-    `TransformerBase.pack_` lays out for decoding."""
-    old = lin.weight.detach()
-    w = old[rows] if rows is not None else old  # (out', in)
-    w = w[:, cols] if cols is not None else w  # (out', in')
-    w = w.T.contiguous().T if old.stride(0) == 1 and old.shape[0] > 1 else w.contiguous()
+    """Replace lin's parameters by their rows / columns `rows` / `cols` (new tensors; the old ones are released)."""
+    w = lin.weight.detach()
+    w = w[rows] if rows is not None else w  # (out', in)
+    w = (w[:, cols] if cols is not None else w).contiguous()  # (out', in')
     lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
     if lin.bias is not None and rows is not None:
         lin.bias = nn.Parameter(lin.bias.detach()[rows].contiguous(), requires_grad=lin.bias.requires_grad)
@@ -234,18 +231,6 @@ def shrink_feedforward_(mlp: FeedForward, keep) -> FeedForward:
     _take(mlp.w2, cols=keep)
     mlp.d_ff = int(keep.numel())
     return mlp
-
-
-def structure_record(model) -> dict:
-    """{module name: {"n_head", "n_kv_head"} or {"d_ff"}} for every attention / feed-forward module whose shape
-    differs from model.config (what config.json stores as "structure"); {} for an unpruned model."""
-    cfg, out = model.config, {}
-    for name, m in model.named_modules():
-        if isinstance(m, Attention) and (m.n_head, m.n_kv_head) != (cfg.n_head, cfg.n_kv_head):
-            out[name] = {"n_head": m.n_head, "n_kv_head": m.n_kv_head}
-        elif isinstance(m, FeedForward) and getattr(m, "d_ff", cfg.d_ff) != cfg.d_ff:
-            out[name] = {"d_ff": m.d_ff}
-    return out
 
 
 def apply_structure(model, structure: dict) -> None:
