@@ -1,7 +1,9 @@
 """What every benchmark script shares: the machine's name, versions and one CSV writer (one row per measurement, a
 header when the file is new, the columns widened in place when a script gains one), and the reader the suite
-(benchmarks/suite.py) builds its report with, so that results files from different scripts and machines read the
-same way."""
+(benchmarks/suite.py) builds benchmarks/RESULTS.md with, so that results files from different scripts and machines
+read the same way. The default results folder, benchmarks/results, is committed: its CSV files are the evidence
+behind every figure the README and RESULTS.md quote; rows are only ever appended, since the suite's index refers to
+them by row number."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +12,7 @@ import os
 import platform
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the default folder of every script's CSV rows
 
 
 def machine_name() -> str:

@@ -1,9 +1,10 @@
-"""The benchmark suite behind `tinyformer bench`: every benchmark of this folder on the machine at hand, one markdown
-report of the latest results.
+"""The benchmark suite behind `tinyformer bench`: every benchmark of this folder on the machine at hand, and
+benchmarks/RESULTS.md, the report of every measured row, generated from the CSV files in benchmarks/results/.
 
     tinyformer bench --quick                  # small sizes: the whole suite in a few minutes on a laptop CPU
     tinyformer bench --nanogpt ~/nanoGPT      # the full runs, training speed against nanoGPT's train.py
-    tinyformer bench --only matmul aot        # some steps; the report keeps the others' latest results, dated
+    tinyformer bench --only matmul aot        # some steps
+    tinyformer bench --report-only            # regenerate RESULTS.md from the CSV files, running nothing
     python benchmarks/suite.py --list         # the same command line, from a checkout
 
 Steps, in this order, each a script run in its own process (so that one step's crash, exit status, environment --
@@ -17,13 +18,15 @@ TRITON_INTERPRET is decided per process at import -- or memory never reaches the
     aot           python -m tinyformer.kernels.aot: registers, spills, shared memory per kernel config, sm_80/sm_90
 
 Bookkeeping: the scripts append their own CSV rows (device, versions, timestamp, configuration) to the results folder
-(--out, default benchmarks/results, gitignored); the suite appends one row per step to `suite.csv` (when, the
-machine, the versions, the git revision, the suite's command line and the step's, exit status, seconds, and which row
-numbers of which CSV files and which PNG files the step wrote). `report.md` is rebuilt from `suite.csv` after every
-step: for each step its latest run (this one, or an earlier one, dated, when --only left it out), a headline, a table
-of its rows, its plots (PNG files beside the report: the scripts' own, and the suite's from the CSV rows), and for a
-failed step the end of its log (logs/STEP.log). A failing step never stops the suite; the exit status is 1 when any
-step of this run failed.
+(--out, default benchmarks/results, whose CSV files are committed: they are the evidence); the suite appends one row
+per step to `suite.csv` (when, the machine, the versions, the git revision, the suite's command line and the step's,
+exit status, seconds, and which row numbers of which CSV files and which PNG files the step wrote). `history.csv`
+holds figures transcribed from earlier run logs, one row per measurement with its id, date, machine, versions,
+command, result, anchor and ratio. After every step the report is rewritten from the CSV files alone (RESULTS.md; in
+another --out folder, DIR/RESULTS.md): one section per benchmark (GROUPS, each with an anchor the README links to)
+holding its history rows and every row of its scripts' CSV files, each with date, machine and versions, then every
+suite run. Plots (PNG) and logs (logs/STEP.log) stay beside the CSV files, uncommitted. A failing step never stops
+the suite; the exit status is 1 when any step of this run failed.
 
 References: Liger-Kernel's benchmark/ (one CSV row per measurement with device and versions, plots drawn from the
 CSV), Triton's `triton.testing.perf_report`; nanoGPT (the training-speed anchor).
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import fnmatch
 import importlib.util
 import os
 import platform
@@ -51,17 +55,15 @@ INDEX = "suite.csv"
 INDEX_FIELDS = ["timestamp", "run", "step", "status", "seconds", "exit_code", "quick", "machine", "gpu", "python",
                 "torch", "triton", "tinyformer", "git", "others_busy", "loadavg", "config", "command", "rows", "plots",
                 "note"]
-# said once per step in the report's text, not in every table row
+# shown as the date, machine and versions columns of the report, not as columns of their own
 BOILERPLATE = ("timestamp", "machine", "device", "torch", "triton", "versions", "python", "tinyformer", "git")
-MAX_TABLE_ROWS = 60
-LOG_TAIL = 30
 
 
 @dataclass
 class Context:
     """What a step's command line depends on."""
     quick: bool                    # small sizes, few iterations
-    out: Path                      # the results folder (CSV files, report.md, PNG files, logs/)
+    out: Path                      # the results folder (CSV files, PNG files, logs/)
     nanogpt: Optional[str] = None  # a nanoGPT checkout for the training-speed anchor
     cuda: bool = False             # a CUDA GPU is present (the quick sizes differ)
     python: str = sys.executable
@@ -72,7 +74,8 @@ class Step:
     """One benchmark: `command(ctx)` gives its argv, or a string saying why it is skipped on this machine.
     `csv` is the file it appends to in the results folder (rows other processes append to other files meanwhile are
     not the step's; None: every CSV file that grew is), `columns` those shown in the report (all but BOILERPLATE when
-    empty); `headline`, `table` and `plot` read that file's rows of the step's latest run; `after` runs once the
+    empty); `headline` and `plot` read that file's rows of the step's latest run, `table` those of one run (the
+    report shows it in place of the rows); `after` runs once the
     command has ended (whatever its status) and may append rows itself."""
     name: str
     title: str
@@ -590,8 +593,8 @@ def run_suite(only=None, *, quick=False, out=None, nanogpt=None, timeout=None, s
     results = []
     for step in selected:
         results.append(run_step(step, ctx, run_id, config, info, timeout, echo))
-        write_report(out, steps)
-    report = write_report(out, steps)
+        write_report(out)
+    report = write_report(out)
     failed = [r["step"] for r in results if r["status"] == "failed"]
     if echo:
         print(f"\ntinyformer bench: {len(results)} steps in {time.perf_counter() - t0:.0f} s: "
@@ -602,18 +605,64 @@ def run_suite(only=None, *, quick=False, out=None, nanogpt=None, timeout=None, s
 
 
 # ======================================================================================================================
-# The report
+# The report: RESULTS.md, every row of every CSV in the results folder
 # ======================================================================================================================
+REPORT = HERE / "RESULTS.md"  # the report of the default results folder; another --out folder gets its own
+HISTORY = "history.csv"  # figures transcribed from run logs, one row per measurement (the scripts write the rest)
+HISTORY_FIELDS = ["id", "benchmark", "date", "machine", "versions", "git", "conditions", "command", "what", "result",
+                  "anchor", "ratio", "target", "note"]
+NOT_RECORDED = "not recorded"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One section of the report: the history rows whose `benchmark` is `anchor` (also its link target,
+    RESULTS.md#anchor), then every row of the results folder's CSV files named by `files` (fnmatch patterns).
+    `step` is the suite step that measures it (its description, command and latest headline are shown)."""
+    anchor: str
+    title: str
+    files: tuple = ()
+    step: Optional[str] = None
+    what: str = ""
+
+
+GROUPS = (
+    Group("training", "Training speed", ("train_speed.csv",), "train_speed"),
+    Group("attention", "Attention", ("attention.csv",), "attention"),
+    Group("matmul", "Low-bit matmul", ("matmul.csv",), "matmul"),
+    Group("decode", "Decode", ("generate.csv",), "generate"),
+    Group("compression", "Compression", ("compression*.csv",), "compression",
+          what="Quality and size of compressed models: benchmarks/compression.py (quantization), compression_prune.py,"
+               " compression_lowrank.py and compression_distill.py. \"sotu perplexity\" is the fixed held-out "
+               "protocol of tinyformer/eval.py (the last 10 State of the Union speeches, the model's own tokenizer, "
+               "the first 16,384 tokens as 32 windows of 512)"),
+    Group("aot", "AOT compile report", ("aot.csv",), "aot"),
+    Group("parity", "Parity with transformers",
+          what="tinyformer's forward and greedy decoding against Hugging Face transformers on the same weights "
+               "(tests/test_pretrained.py)"),
+    Group("tests", "Tests, notebooks and the demo",
+          what="Wall time and outcome of `make test`, `make notebooks`, `make demo` and the CI script `.ci/run`"),
+    Group("g2p", "G2P", ("g2p.csv",),
+          what="benchmarks/g2p.py: the G2P preset on CMUdict, WER / PER. Every run that shaped the preset is in "
+               "[docs/g2p.md](../docs/g2p.md)"),
+)
+OTHER = Group("other", "Other CSV files", what="CSV files of the results folder that no section above names")
+
+
+def report_path(out=None) -> Path:
+    """Where the report of a results folder goes: benchmarks/RESULTS.md for the default one, else DIR/RESULTS.md."""
+    out = Path(out).resolve() if out is not None else RESULTS
+    return REPORT if out == RESULTS else out / "RESULTS.md"
+
+
 def _md(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(cols, rows, limit=MAX_TABLE_ROWS) -> str:
+def _md_table(cols, rows) -> str:
     lines = ["| " + " | ".join(map(_md, cols)) + " |", "|" + "---|" * len(cols)]
-    for r in rows[:limit]:
+    for r in rows:
         lines.append("| " + " | ".join(_md(r.get(c, "")) for c in cols) + " |")
-    if len(rows) > limit:
-        lines.append(f"\n({len(rows) - limit} more rows in the CSV file)")
     return "\n".join(lines)
 
 
@@ -632,120 +681,171 @@ def _parse_rows_field(text) -> list:
     return out
 
 
-def _who(r) -> str:
-    gpu = f" + {r['gpu']}" if r.get("gpu") else ", no GPU"
-    return (f"{r.get('machine', '?')}{gpu}; python {r.get('python', '?')}, torch {r.get('torch', '?')}, "
-            f"triton {r.get('triton', '?')}, tinyformer {r.get('tinyformer', '?')}"
-            + (f" (git {r['git']})" if r.get("git") else ""))
+def _versions(r) -> str:
+    """A row's versions: its `versions` cell, or its python / torch / triton / tinyformer cells."""
+    if r.get("versions"):
+        return r["versions"]
+    return ", ".join(f"{k} {r[k]}" for k in ("python", "torch", "triton", "tinyformer") if r.get(k))
+
+
+def _machine(r) -> str:
+    where = r.get("machine") or r.get("device") or ""
+    return where + (f" + {r['gpu']}" if r.get("gpu") else "")
 
 
 BUSY_WARNING = 0.25  # other processes' CPU share above which the report calls a step's timings unreliable
 
 
-def _busy_line(r) -> str:
+def _busy(r) -> str:
     busy = _f(r.get("others_busy"), -1)
-    text = (f"Other processes used {busy:.0%} of the CPUs just before it started" if busy >= 0 else
-            "The other processes' CPU use was not measured") + f" (load average {r.get('loadavg') or '?'})"
-    if busy > BUSY_WARNING:
-        text += ": **the machine was shared, so these timings are unreliable** (rerun on a quiet machine)"
-    return text + "."
+    if busy < 0:
+        return f"not measured (load average {r.get('loadavg') or '?'})"
+    text = f"{busy:.0%} (load average {r.get('loadavg') or '?'})"
+    return text + (": shared machine, timings unreliable" if busy > BUSY_WARNING else "")
 
 
-def _step_section(step: Step, r: Optional[dict], out: Path) -> tuple:
-    """(summary-table cells, markdown section) for one step's latest run."""
-    head = f"## {step.title} (`{step.name}`)\n\n{step.what}.\n\n"
-    if r is None:
-        cmd = f"tinyformer bench --only {step.name}"
-        return dict(status="not run", result=f"`{cmd}`", when="", seconds=""), head + f"Not run yet: `{cmd}`.\n"
-    mode = "quick" if str(r.get("quick")) == "1" else "full"
-    again = f"tinyformer bench --only {step.name}" + (" --quick" if mode == "quick" else "")
-    if r["status"] == "skipped":
-        return (dict(status="skipped", result=_md(r.get("note", "")), when=r["timestamp"], seconds=""),
-                head + f"*Skipped* ({r['timestamp']}): {r.get('note', '')}.\n")
-    parts = [head, f"Taken {r['timestamp']} ({mode} mode, {r.get('seconds')} s) on {_who(r)}.  \n",
-             _busy_line(r) + "  \n",
-             f"Reproduce: `{again}`, or the script alone, from the checkout's root: `{r.get('command', '')}`.\n"]
-    headline = ""
-    files = _parse_rows_field(r.get("rows"))
-    common = _common()
-    for name, start, count in files:
-        header, all_rows = common.read_rows(out / name)
-        rows = all_rows[start:start + count]
-        if len(rows) < count:
-            parts.append(f"\n{name}: rows {start}..{start + count - 1} are no longer in the file.\n")
-            continue
-        if name == step.csv and step.headline is not None:
-            try:
-                headline = step.headline(rows)
-            except Exception as e:  # noqa: BLE001 - a report is still written
-                headline = f"(headline failed: {type(e).__name__}: {e})"
-        if name == step.csv and step.table is not None:
-            tables = step.table(rows)
+def _history_section(rows, prefix) -> str:
+    cols = ["row", "date", "machine", "versions", "what", "command", "result", "anchor", "ratio", "target", "notes"]
+    shown = []
+    for r in rows:
+        notes = "; ".join(filter(None, [r.get("conditions"), f"git {r['git']}" if r.get("git") else "",
+                                        r.get("note")]))
+        shown.append({**{c: r.get(c) or NOT_RECORDED for c in ("date", "machine", "versions", "command")},
+                      "row": f'<a id="{r["id"]}"></a>{r["id"]}', "what": r.get("what", ""),
+                      "result": r.get("result", ""), "anchor": r.get("anchor", ""), "ratio": r.get("ratio", ""),
+                      "target": r.get("target", ""), "notes": notes,
+                      "command": f"`{r['command']}`" if r.get("command", NOT_RECORDED) != NOT_RECORDED
+                      else NOT_RECORDED})
+    return (f"Transcribed from run logs (`{prefix}{HISTORY}`); a cell the log did not give reads "
+            f"\"{NOT_RECORDED}\".\n\n" + _md_table(cols, shown) + "\n")
+
+
+def _csv_section(name, header, rows, step: Optional[Step], prefix) -> str:
+    """Every row of one script's CSV file, each with its date, machine and versions; a step with a `table`
+    (aot: hundreds of compile rows a run) shows that summary once per run instead."""
+    title = f"`{prefix}{name}` ({len(rows)} row{'s' if len(rows) != 1 else ''})"
+    if step is not None and step.table is not None and name == step.csv:
+        parts = [title + ", summarised per run:\n"]
+        runs = {}
+        for r in rows:
+            runs.setdefault((r.get("timestamp", ""), _machine(r)), []).append(r)
+        for (when, where), run in runs.items():
+            head = f"\nRun of {when or NOT_RECORDED} on {where or NOT_RECORDED}, {_versions(run[0]) or NOT_RECORDED}"
+            if step.headline is not None:
+                head += f": {step.headline(run)}"
+            parts.append(head + ".\n")
+            tables = step.table(run)
             for i in range(0, len(tables), 2):
                 parts.append("\n" + _md_table(tables[i], tables[i + 1]) + "\n")
-        else:
-            cols = [c for c in (step.columns if name == step.csv and step.columns else header)
-                    if c in header and c not in BOILERPLATE]
-            cols = [c for c in cols if any(row.get(c) for row in rows)]  # columns empty in every row say nothing
-            parts.append(f"\n`{name}` ({count} row{'s' if count != 1 else ''}):\n\n" + _md_table(cols, rows) + "\n")
-    if headline:
-        parts.insert(4, f"\n**Result:** {headline}\n")
-    for png in filter(None, (r.get("plots") or "").split(";")):
-        if (out / png).is_file():
-            parts.append(f"\n![{step.name}: {png}]({png})\n")
-    if r["status"] != "ok":
-        log = out / "logs" / f"{step.name}.log"
-        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL:] if log.is_file() else []
-        parts.insert(1, f"\n**FAILED** ({r.get('note') or 'exit status ' + str(r.get('exit_code'))}). "
-                        f"The end of its output (all of it: `logs/{step.name}.log`):\n\n```\n"
-                        + "\n".join(tail) + "\n```\n\n")
-    elif r.get("note"):
-        parts.append(f"\nNote: {r['note']}\n")
-    noisy = " (busy machine)" if _f(r.get("others_busy"), -1) > BUSY_WARNING else ""
-    cells = dict(status=(r["status"] if r["status"] == "ok" else f"**{r['status'].upper()}**") + noisy,
-                 result=_md(headline or (r.get("note") or f"{sum(c for _, _, c in files)} rows")),
-                 when=r["timestamp"], seconds=r.get("seconds", ""))
-    return cells, "".join(parts)
+        return "".join(parts)
+    wanted = step.columns if step is not None and name == step.csv and step.columns else header
+    cols = [c for c in wanted if c in header and c not in BOILERPLATE]
+    cols = [c for c in cols if any(r.get(c) for r in rows)]  # a column empty in every row says nothing
+    shown = [{"date": r.get("timestamp", ""), "machine": _machine(r), "versions": _versions(r), **r} for r in rows]
+    return title + ":\n\n" + _md_table(["date", "machine", "versions"] + cols, shown) + "\n"
 
 
-def write_report(out=None, steps=STEPS) -> Path:
-    """Rebuild report.md in the results folder from suite.csv: the latest run of every step."""
+def _group_section(group: Group, history, files, out, index, prefix) -> str:
     common = _common()
-    out = Path(out) if out is not None else RESULTS
+    step = next((s for s in STEPS if s.name == group.step), None)
+    what = group.what or (step.what if step is not None else "")
+    parts = [f'<a id="{group.anchor}"></a>\n\n## {group.title}\n\n{what}.\n']
+    if step is not None:
+        parts.append(f"\nMeasure again: `tinyformer bench --only {step.name}` (add `--quick` for small sizes).\n")
+        r = _latest(index, step.name)
+        if r is not None and r.get("status") == "ok" and step.headline is not None:
+            for name, start, count in _parse_rows_field(r.get("rows")):
+                if name == step.csv:
+                    rows = common.read_rows(out / name)[1][start:start + count]
+                    mode = "quick" if str(r.get("quick")) == "1" else "full"
+                    parts.append(f"\nLatest suite run ({r['timestamp']}, {mode} mode, on {_machine(r)}): "
+                                 f"**{step.headline(rows)}**\n")
+    if history:
+        parts.append("\n" + _history_section(history, prefix))
+    for name in files:
+        header, rows = common.read_rows(out / name)
+        parts.append("\n" + _csv_section(name, header, rows, step, prefix))
+    if not history and not files:
+        parts.append("\nNo rows yet.\n")
+    return "".join(parts)
+
+
+def _suite_section(index, prefix) -> str:
+    cols = ["when", "step", "status", "mode", "seconds", "machine", "versions", "git", "other processes' CPU share",
+            "command", "note"]
+    shown = []
+    for r in index:
+        note = r.get("note", "")
+        if r.get("status") == "failed":
+            note += f" (output: {prefix}logs/{r['step']}.log, not committed)"
+        shown.append({"when": r.get("timestamp"), "step": r.get("step"),
+                      "status": "**FAILED**" if r.get("status") == "failed" else r.get("status"),
+                      "mode": "quick" if str(r.get("quick")) == "1" else "full", "seconds": r.get("seconds"),
+                      "machine": _machine(r), "versions": _versions(r), "git": r.get("git"), "note": note.strip(),
+                      "other processes' CPU share": _busy(r),
+                      "command": f"`{r['command']}`" if r.get("command") else ""})
+    return ('<a id="suite-runs"></a>\n\n## Suite runs\n\nEvery step `tinyformer bench` ran or skipped '
+            f"(`{prefix}{INDEX}`), with the suite's command line in `config` there. Timings taken while other "
+            f"processes used more than {BUSY_WARNING:.0%} of the CPUs are unreliable.\n\n"
+            + (_md_table(cols, shown) if shown else "No suite run yet.") + "\n")
+
+
+def render_report(out=None, prefix=None) -> str:
+    """The report of a results folder, from its CSV files alone (no clock, plots or logs: the same files give the
+    same text). `prefix` is the folder's path as the report links it ("results/" for benchmarks/RESULTS.md)."""
+    common = _common()
+    out = Path(out).resolve() if out is not None else RESULTS
+    if prefix is None:
+        prefix = "results/" if report_path(out) == REPORT else ""
+    names = sorted(p.name for p in out.glob("*.csv") if not p.name.startswith(".")) if out.is_dir() else []
+    header, history = common.read_rows(out / HISTORY)
+    if history and header != HISTORY_FIELDS:
+        raise ValueError(f"{out / HISTORY}: expected the columns {','.join(HISTORY_FIELDS)}, got {','.join(header)}")
+    anchors = {g.anchor for g in GROUPS}
+    for i, r in enumerate(history):
+        if r["benchmark"] not in anchors:
+            raise ValueError(f"{out / HISTORY}, row {i + 2} ({r['id']}): unknown benchmark {r['benchmark']!r}; "
+                             f"expected one of {', '.join(sorted(anchors))}")
+    ids = [r["id"] for r in history]
+    if len(set(ids)) != len(ids) or not all(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1 or not i})
+        raise ValueError(f"{out / HISTORY}: every row needs its own id (the README links to it); repeated or empty: "
+                         f"{', '.join(map(repr, dup))}")
     _, index = common.read_rows(out / INDEX)
-    latest = {s.name: _latest(index, s.name) for s in steps}
-    last = index[-1] if index else None
-    lines = ["# tinyformer benchmark report\n",
-             "Written by `tinyformer bench` from the CSV files beside it (one row per measurement, with the device, "
-             "versions and time); each step below shows its latest run.\n"]
-    if last is not None:
-        run = [r for r in index if r["run"] == last["run"]]
-        lines.append(f"Latest run: started {last['run']}, {len(run)} steps, on {_who(last)}.  \n"
-                     f"Reproduce it: `{last.get('config')}` (in a tinyformer checkout: the scripts live in "
-                     f"`benchmarks/`). Timings on a machine shared with other work are noisy: each step says how "
-                     f"busy the machine was when it started.\n")
-    else:
-        lines.append("No step has run yet: `tinyformer bench --quick`.\n")
-    summary, sections = [], []
-    for s in steps:
-        cells, text = _step_section(s, latest[s.name], out)
-        summary.append(dict(step=f"[{s.name}](#{_anchor(s)})", **cells))
-        sections.append(text)
-    lines.append(_md_table(["step", "status", "result", "when", "seconds"], summary, limit=len(summary)) + "\n")
-    if any(r is not None and r.get("machine") != (last or {}).get("machine") for r in latest.values()):
-        lines.append("Some steps were taken on another machine than the latest run: see each section.\n")
-    lines += sections
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
+    files = {}
+    for name in names:
+        if name not in (HISTORY, INDEX):
+            group = next((g for g in GROUPS if any(fnmatch.fnmatch(name, pat) for pat in g.files)), OTHER)
+            files.setdefault(group.anchor, []).append(name)
+    groups = list(GROUPS) + ([OTHER] if OTHER.anchor in files else [])
+    counts = {g.anchor: sum(1 for r in history if r["benchmark"] == g.anchor)
+              + sum(len(common.read_rows(out / n)[1]) for n in files.get(g.anchor, [])) for g in groups}
+    lines = ["# Measured results\n",
+             "Generated by `tinyformer bench --report-only` (or `python benchmarks/suite.py --report-only`) from the "
+             f"CSV files in `{prefix or './'}`: change the CSV files, never this file, and regenerate it "
+             "(tests/test_bench.py fails when the two disagree). `tinyformer bench` appends the scripts' rows and "
+             "rewrites it.\n",
+             "Every row gives its date, machine, versions and command; a ratio is against the anchor measured in the "
+             "same run. Plots drawn from these rows lie beside the CSV files after a suite run (not committed).\n",
+             _md_table(["section", "rows"], [{"section": f"[{g.title}](#{g.anchor})", "rows": counts[g.anchor]}
+                                             for g in groups] + [{"section": "[Suite runs](#suite-runs)",
+                                                                  "rows": len(index)}]) + "\n"]
+    for g in groups:
+        lines.append(_group_section(g, [r for r in history if r["benchmark"] == g.anchor], files.get(g.anchor, []),
+                                    out, index, prefix))
+    lines.append(_suite_section(index, prefix))
+    return "\n".join(lines)
+
+
+def write_report(out=None) -> Path:
+    """Rewrite the report of a results folder (`report_path`) from its CSV files."""
+    path = report_path(out)
+    text = render_report(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def _anchor(step: Step) -> str:
-    """GitHub's heading anchor of a step's section."""
-    text = f"{step.title} ({step.name})".lower()
-    return "".join(c for c in text.replace(" ", "-") if c.isalnum() or c in "-_")
 
 
 def describe(steps=STEPS) -> str:

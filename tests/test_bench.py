@@ -1,11 +1,13 @@
 """Tests of the benchmark suite (`tinyformer bench`, benchmarks/suite.py): one run of two real steps at their
 smallest settings (the low-bit matmul script on one 1 x 256 @ 256 x 256 shape, the AOT report compiling one kernel
 config), a step that fails before the last one and a step that is skipped writes the scripts' CSV rows, the suite's
-index and a report with tables, plots and the failure, and exits 1 without stopping at the failure; a later run of
-other steps keeps the earlier results in the report; a hung step is stopped by --timeout; the CSV writer never puts a
-row under the wrong header; the command line parses both `bench` and `bench aot`."""
+index and a report holding every row with its date, machine and versions, and exits 1 without stopping at the
+failure; a hung step is stopped by --timeout; the CSV writer never puts a row under the wrong header; the command
+line parses both `bench` and `bench aot`; and benchmarks/RESULTS.md is what `tinyformer bench --report-only` makes of
+the committed CSV files, every history row in it under its own anchor."""
 import csv
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from tinyformer import cli
 
 suite = cli._bench_suite()
 common = suite._common()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _step(name):
@@ -74,22 +77,25 @@ def test_suite_writes_rows_and_report_and_survives_a_failing_step(tmp_path):
     assert aot[0]["timestamp"] == index[3]["timestamp"] and aot[0]["machine"] == index[3]["machine"]
     assert not (tmp_path / suite.AOT_LATEST).exists()
 
-    report = (tmp_path / "report.md").read_text()
-    for r in mm:
-        assert f"| {r['path']} |" in report
+    report = (tmp_path / "RESULTS.md").read_text()
+    for r in mm:  # every row, each with its date, machine and versions
+        (line,) = [ln for ln in report.splitlines() if f"| {r['path']} |" in ln and f"| {r['act_dtype']} |" in ln]
+        assert line.startswith(f"| {r['timestamp']} | {r['device']} | torch {r['torch']}")
     assert aot[0]["name"] in report and "1 compiles (sm_90): 0 failed" in report
-    assert "**FAILED** (exit status 1)" in report and "boom: no cheese" in report and "half the work" in report
-    assert "*Skipped*" in report and "needs a cheese grater" in report
+    runs = {ln.split(" | ")[1]: ln for ln in report.splitlines() if ln.startswith(f"| {index[0]['run'][:10]}")}
+    assert "| **FAILED** |" in runs["broken"] and "exit status 1" in runs["broken"] and "logs/broken.log" in runs["broken"]
+    assert "| skipped |" in runs["absent"] and "needs a cheese grater" in runs["absent"]
+    assert set(index[0]["plots"].split(";")) == {"matmul.png"} and index[3]["plots"] == "aot.png"
     for png in ("matmul.png", "aot.png"):
-        assert f"]({png})" in report and (tmp_path / png).stat().st_size > 1000
+        assert (tmp_path / png).stat().st_size > 1000
     log = (tmp_path / "logs" / "broken.log").read_text().splitlines()
     assert log[0].startswith("$ ") and log[1:] == ["half the work", "boom: no cheese"]  # the command, then its output
 
-    # a later run of another step only: the report keeps matmul's table from the first run
+    # a later run of another step only: the report still holds the first run's rows, and both runs' index rows
     assert suite.run_suite(["absent"], out=tmp_path, steps=steps) == 0
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "RESULTS.md").read_text()
     assert f"| {anchor[0]['path']} |" in report and index[0]["timestamp"] in report
-    assert len(_csv(tmp_path / "suite.csv")) == 5
+    assert len(_csv(tmp_path / "suite.csv")) == 5 and report.count("needs a cheese grater") == 2
 
 
 def test_a_hung_step_is_stopped_by_the_timeout(tmp_path):
@@ -131,3 +137,49 @@ def test_command_line(capsys):
         suite.run_suite(nanogpt=str(Path(sys.executable).parent), steps=())
     with pytest.raises(ValueError, match="--only: unknown step 'matmul'"):
         suite.run_suite(["matmul"], steps=(ABSENT,))
+
+
+def test_results_md_is_the_report_of_the_committed_csvs(tmp_path, monkeypatch):
+    """`tinyformer bench --report-only` rebuilds benchmarks/RESULTS.md byte for byte from benchmarks/results/*.csv:
+    this fails when either changes without the other."""
+    monkeypatch.setattr(suite, "REPORT", tmp_path / "RESULTS.md")  # the committed file stays as it is
+    assert cli.main(["bench", "--report-only"]) == 0
+    committed = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == committed, \
+        "benchmarks/RESULTS.md is stale: run `tinyformer bench --report-only` and commit it with the CSV files"
+
+
+def test_every_history_row_is_in_the_report_under_its_anchor(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(suite.RESULTS, results, ignore=shutil.ignore_patterns("*.png", "logs", ".*"))
+    header, rows = common.read_rows(results / suite.HISTORY)
+    assert header == suite.HISTORY_FIELDS and rows
+    report = suite.render_report(results)
+    anchors = {g.anchor for g in suite.GROUPS}
+    for r in rows:
+        assert r["benchmark"] in anchors
+        (line,) = [ln for ln in report.splitlines() if ln.startswith(f'| <a id="{r["id"]}"></a>')]
+        for col in ("date", "machine", "versions", "result", "ratio"):
+            assert suite._md(r[col]) in line, (r["id"], col)
+    for g in anchors:
+        assert report.count(f'<a id="{g}"></a>') == 1
+
+    # a new row shows up; logs and plots beside the CSV files do not change the text
+    new = dict.fromkeys(header, "")
+    new.update(id="decode-new", benchmark="decode", date="2030-01-01", machine="a test machine", result="123.4 tok/s")
+    common.append_rows(results / suite.HISTORY, header, [new])
+    (results / "logs").mkdir()
+    (results / "logs" / "generate.log").write_text("noise")
+    (results / "generate.png").write_bytes(b"png")
+    again = suite.render_report(results)
+    assert again != report and '<a id="decode-new"></a>' in again and "123.4 tok/s" in again
+    assert suite.render_report(results) == again
+
+    good = (results / suite.HISTORY).read_text()
+    common.append_rows(results / suite.HISTORY, header, [{**new, "id": "decode-new-2", "benchmark": "decoding"}])
+    with pytest.raises(ValueError, match="decode-new-2.*unknown benchmark 'decoding'"):
+        suite.render_report(results)
+    (results / suite.HISTORY).write_text(good)
+    common.append_rows(results / suite.HISTORY, header, [new])
+    with pytest.raises(ValueError, match="repeated or empty: 'decode-new'"):
+        suite.render_report(results)

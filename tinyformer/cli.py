@@ -485,9 +485,9 @@ def build_parser():
         description="Run the benchmark suite on this machine (CPU, or the GPU when there is one): training speed "
                     "(against nanoGPT with --nanogpt), attention, low-bit matmul, generation, compression and the "
                     "AOT compile report, each step a script of benchmarks/ in its own process. Each appends CSV "
-                    "rows (device, versions, timestamp, configuration) to the results folder; report.md there gets "
-                    "the latest tables, PNG plots beside it, the machine, the time and the command to reproduce "
-                    "them. A failing step is reported and the suite goes on; the exit status is 1 if any failed.",
+                    "rows (device, versions, timestamp, configuration) to the results folder, and RESULTS.md is "
+                    "rewritten from those CSV files: every row with its date, machine, versions and command. A "
+                    "failing step is reported and the suite goes on; the exit status is 1 if any failed.",
         epilog="examples:\n  tinyformer bench --quick\n  tinyformer bench --only matmul aot\n"
                "  tinyformer bench --nanogpt ~/src/nanoGPT --out /tmp/bench\n"
                "  tinyformer bench aot --targets 90 --filter attn   # the AOT report alone, its own options")
@@ -501,15 +501,15 @@ def build_parser():
                    help="run only these steps (default: all; --list names them); the report keeps the latest "
                         "results of the others, dated")
     b.add_argument("--out", default=None, metavar="DIR",
-                   help="results folder: the CSV files, report.md, its PNG plots, logs/ (default: benchmarks/results "
-                        "of this checkout)")
+                   help="results folder: the CSV files, PNG plots, logs/ and, for a folder other than the default "
+                        "benchmarks/results of this checkout (whose report is benchmarks/RESULTS.md), RESULTS.md")
     b.add_argument("--nanogpt", default=None, metavar="PATH",
                    help="a karpathy/nanoGPT checkout: the training-speed step runs its train.py too, as the anchor")
     b.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="stop a step after S seconds and report it as failed (default: no limit)")
     b.add_argument("--list", action="store_true", help="name the steps and what each measures, then exit")
     b.add_argument("--report-only", action="store_true",
-                   help="rebuild report.md from the results folder without running anything")
+                   help="regenerate RESULTS.md from the results folder's CSV files without running anything")
     b.set_defaults(func=cmd_bench)
     return p
 
