@@ -115,7 +115,7 @@ class compiled:
     it is."""
 
     def __init__(self, model):
-        self.model, self.fn = model, torch.compile(model, dynamic=True)
+        self.model, self.fn = model, torch.compile(model, dynamic=True, options={"freezing": True})
 
     def __call__(self, *args, **kwargs):
         if self.fn is not None:

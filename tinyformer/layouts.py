@@ -70,32 +70,64 @@ def linear(x, weight, bias=None):
 def int8_linear(x, weight, scale, bias=None):
     """x (M, K) @ (weight (N, K) int8 * scale (N,))^T (+ bias) in x's dtype for a few rows, on torch's packed int8
     kernel in bf16 (as `kernels.int8_mm.int8_weight_only_matmul` runs it on the CPU); None where it does not apply."""
-    if x.shape[0] > MAX_ROWS or x.shape[1] % INT8PACK_K_MULTIPLE or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+    if x.shape[0] > MAX_ROWS or weight.shape[1] % INT8PACK_K_MULTIPLE or not hasattr(torch.ops.aten,
+                                                                                    "_weight_int8pack_mm"):
         return None
-
-    def make():
-        w = weight.contiguous()
-        return w.clone() if w.data_ptr() % 64 else w, scale.to(torch.bfloat16)
-    w, s = prepared((weight, scale), make)
-    y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, s)  # (M, N) bf16
-    if bias is not None:
-        y = y.float() + bias.float()
-    return y.to(x.dtype)
+    rows = torch.ops.tinyformer.int8_rows if torch.compiler.is_compiling() else _int8_rows
+    return _finish(rows(x, weight, scale), bias, x.dtype)
 
 
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     """x (M, K) @ dequant(int4 weight)^T (+ bias) in x's dtype for a few rows, on torch's int4pack kernel in bf16 (as
     `kernels.int4_mm.int4_matmul` runs it on the CPU); None where it does not apply."""
-    if x.shape[0] > MAX_ROWS:
+    if (x.shape[0] > MAX_ROWS or group_size not in int4_mm.INT4PACK_GROUP_SIZES
+            or w_packed.shape[0] % int4_mm.INT4PACK_N_MULTIPLE
+            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
         return None
+    rows = torch.ops.tinyformer.int4_rows if torch.compiler.is_compiling() else _int4_rows
+    return _finish(rows(x, w_packed, scales, zeros, group_size), bias, x.dtype)
+
+
+def _finish(y, bias, dtype):
+    """The kernel's bf16 output (M, N), plus the bias in fp32, in the activations' dtype (as the kernels' paths)."""
+    return (y.float() + bias.float()).to(dtype) if bias is not None else y.to(dtype)
+
+
+def _int8_rows(x, weight, scale):
+    def make():
+        w = weight.contiguous()
+        return w.clone() if w.data_ptr() % 64 else w, scale.to(torch.bfloat16)
+    w, s = prepared((weight, scale), make)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, s)  # (M, N) bf16
+
+
+def _int4_rows(x, w_packed, scales, zeros, group_size: int):
     p = prepared((w_packed, scales, zeros), lambda: int4_mm.Int4PackedCPU(w_packed, scales, zeros, group_size))
-    if not p.fast or p.group_size != group_size:
-        return None
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
-                                                   p.scale_and_zero)  # (M, N) bf16
-    if bias is not None:
-        y = y.float() + bias.float()
-    return y.to(x.dtype)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
+                                                      p.scale_and_zero)  # (M, N) bf16
+
+
+# torch.compile sees each quantized product as one op: the graph calls it with the module's own tensors, and the op
+# multiplies through the prepared layout, which no graph could hold (it lives beside the weights, not in them)
+@torch.library.custom_op("tinyformer::int8_rows", mutates_args=())
+def _int8_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _int8_rows(x, weight, scale)
+
+
+@_int8_op.register_fake
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("tinyformer::int4_rows", mutates_args=())
+def _int4_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    return _int4_rows(x, w_packed, scales, zeros, group_size)
+
+
+@_int4_op.register_fake
+def _(x, w_packed, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], w_packed.shape[0], dtype=torch.bfloat16)
 
 
 def clear() -> None:

@@ -88,8 +88,8 @@ BF16_UPCAST_ROWS = 16  # rows from which a bf16 product runs in fp32 on a CPU wi
 
 
 def _inference_on_cpu(x) -> bool:
-    """A CPU product outside autograd and outside torch.compile (which prepares its own layouts)."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    """A CPU product outside autograd: its weight is laid out once for its kernel (`tinyformer.layouts`)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def linear(x, weight, bias=None):
@@ -98,7 +98,7 @@ def linear(x, weight, bias=None):
     if backend == "reference":
         y = x @ weight.T
         return y + bias if bias is not None else y
-    if _inference_on_cpu(x):
+    if _inference_on_cpu(x) and not torch.compiler.is_compiling():  # compiled with freezing, Inductor packs it
         y = layouts.linear(x, weight, bias)
         if y is not None:
             return y
