@@ -109,7 +109,7 @@ def masked_lm_loss(model, ids, block_size: int, mask_id: int, p: float = 0.15, s
                    batch_size: int = 8) -> tuple[float, int]:
     """An encoder's masked-LM loss on the 1-D token ids (MLM_PROTOCOL): (mean nats at the picked positions, how many
     positions were scored). The encoder's logits come through its output head (the tied embedding by default)."""
-    from tinyformer.train import mlm_inputs
+    from tinyformer.data import mlm_inputs
     ids = torch.as_tensor(ids).reshape(-1).long()
     if not 2 <= block_size <= model.config.max_seq_len:
         raise ValueError(f"block_size must be in 2..max_seq_len={model.config.max_seq_len}, got {block_size}")

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
-from tinyformer.data import CORPORA, PAD, PAIR_CORPORA, PairData, TokenData, cached_prepare, default_cache_dir, \
-    prepare_g2p
+from tinyformer.data import PAD, PairData, load_dataset, mlm_inputs
 from tinyformer.model import build
 
 
@@ -234,32 +233,8 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def resolve_data(cfg: TrainConfig):
-    """TokenData (language modelling) or PairData (sequence to sequence) for --data."""
-    path = Path(cfg.data)
-    if path.is_dir():
-        return PairData(path) if (path / "pairs.json").exists() else TokenData(path)
-    if cfg.data in PAIR_CORPORA:
-        folder = default_cache_dir() / cfg.data
-        if not (folder / "meta.json").exists():
-            prepare_g2p(folder)
-        return PairData(folder)
-    if cfg.data not in CORPORA and not path.is_file():
-        raise ValueError(f"--data {cfg.data!r}: no such file or folder, and not a built-in corpus "
-                         f"({', '.join(CORPORA + PAIR_CORPORA)})")
-    return TokenData(cached_prepare(cfg.data, default_cache_dir(), cfg.tokenizer, cfg.bpe_vocab_size))
-
-
-def mlm_inputs(x, mask_id: int, vocab_size: int, p: float, generator):
-    """BERT's masking: pick each position with probability p; of those, 80% become [MASK], 10% a random token,
-    10% stay. Returns inputs and labels (-100 where not picked)."""
-    r = torch.rand(x.shape, generator=generator)
-    picked = r < p
-    labels = torch.where(picked, x, torch.full_like(x, -100))
-    inputs = x.clone()
-    inputs[picked & (r < p * 0.8)] = mask_id
-    rand = picked & (r >= p * 0.8) & (r < p * 0.9)
-    inputs[rand] = torch.randint(vocab_size, x.shape, generator=generator)[rand]
-    return inputs, labels
+    """The dataset of cfg.data (`tinyformer.data.load_dataset`, with cfg's tokenizer for corpora and .txt files)."""
+    return load_dataset(cfg.data, cfg.tokenizer, cfg.bpe_vocab_size)
 
 
 def _dist():
