@@ -320,9 +320,9 @@ def build_parser():
                    help="wrap the prompt in the model's chat template as a user turn and stop at its end-of-sequence "
                         "token (default: true when the model has a chat template)")
     s.add_argument("--compile", action="store_true",
-                   help="a bf16 or int8/int4 model decodes on CPU through torch.compile'd steps: faster (SmolLM2-135M "
-                        "bf16 on 2 AVX2 cores: ~41 -> ~55 tokens/s) after a one-off compile of ~5-20 s (needs a C++ "
-                        "compiler: without one it warns and decodes as before); fp32 models ignore it")
+                   help="a bf16 or int8/int4 model decodes on CPU through torch.compile'd steps: faster after a "
+                        "one-off compile of seconds (needs a C++ compiler: without one it warns and decodes as "
+                        "before); fp32 models ignore it")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; the masked-LM loss of an "

@@ -427,10 +427,7 @@ class PairData:
 
         bucket=True draws one example, then the whole batch among the examples of its bucket (its source length;
         lengths above 16 share one, as do those below 4; and a run of target lengths, `_buckets`): every example is
-        still drawn with probability 1/N, but a batch pads far less. CMUdict, batches of 128: sources are ~49%
-        padding at random, ~0.2% bucketed; targets ~49% at random, ~23% with source-length buckets alone, ~7% with
-        target-length runs of >= 512 examples (the decoder's tokens a batch: 1,235 -> 1,002; ~2.5 repeated
-        examples a batch, against ~1)."""
+        still drawn with probability 1/N, but a batch pads far less (docs/g2p.md has CMUdict's padding shares)."""
         ex = self.examples[split]
         if bucket:
             buckets, bucket_of = self._buckets(split)

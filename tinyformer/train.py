@@ -76,7 +76,8 @@ class TrainConfig:
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"              # "float32" | "bfloat16" | "float16" | "auto": bf16 autocast where the
     #                                  hardware has bf16 (`cpu_has_bf16`, CUDA), else fp32 on CPU and fp16 on CUDA
-    compile: bool = False            # torch.compile the model (2-core AVX2 CPU, baby GPT: as fast as eager, ~1x)
+    compile: bool = False            # torch.compile the model (seconds of compiling; small models on a CPU gain
+    #                                  little from it)
     seed: int = 1337                 # seeds the initialisation and every batch
     resume: bool = False             # continue the run in out_dir from its last complete checkpoint
     on_nan: str = "stop"             # "stop" | "skip": what a non-finite loss or gradient does
@@ -122,30 +123,21 @@ TRAIN_PRESETS = {
                                   learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=0.1,
                                   grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20),
     # the compression benchmarks' own fp32 decoder on sotu (byte-level BPE 8192; the last 10% of the text, which holds
-    # the 10 held-out speeches of the perplexity protocol, is the val split). A 30-minute wall-clock budget on a 2-core
-    # CPU (the cosine decay runs over it): small batches for more updates per token; raise batch_size on a faster
-    # machine. (A 150-iteration version of this preset, run on a machine shared with ~10 other jobs, was too short
-    # to learn anything: val loss 6.65.)
+    # the 10 held-out speeches of the perplexity protocol, is the val split). A 30-minute wall-clock budget with the
+    # cosine decay run over it; small batches for more updates per token on a 2-core CPU (raise batch_size on a
+    # faster machine).
     "sotu-decoder": dict(data="sotu", tokenizer="bpe", bpe_vocab_size=8192, batch_size=4, block_size=256,
                          max_iters=1_000_000, lr_decay_iters=1_000_000, max_minutes=30, learning_rate=2e-3,
                          min_lr=2e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
                          eval_interval=500, eval_iters=8),
-    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py): a 57-minute budget on
-    # a 2-core CPU (the issue allows 60), not an iteration count (on a quiet machine with bf16 autocast a batch takes
-    # 0.12-0.19 s: ~23k iterations, ~27 epochs; on a shared one, load ~11-17, it took 1.8-2.9 s: 1-2 epochs). No
-    # dropout: with 0.1 a batch took ~15% longer and 50 minutes gave 17,874 iterations and WER 28.6% / 27.96%
-    # (greedy / beam 5) against 20,205 iterations and 27.9% / 27.56% without. The model overfits within the budget
-    # (validation loss flat at ~0.90-0.92 after ~15k iterations while the training loss still falls): a weight
-    # average (ema_decay 0.999) and weight decay, the regularizer that costs no time per batch. Weight decay 0.3
-    # (25,910 iterations) gave WER 24.84% / PER 6.05% with beam 5, against 25.95% at both 0.1 and 0.6 (every run
-    # and its figures: README, "Measured here"). The preset's 0.4 is for the AVX2 CPU the CI runs on, whose fp32
-    # budget gives ~17-19k iterations: the decay's time scale 1 / (lr * wd) kept at about the same share of the run.
-    # Peak lr 1e-3 (2e-3 measured worse before the average: WER 31.9% against 28.0%, beam 5; 1.4e-3 with it: 26.21%
-    # against 26.41% on the GELU model, inside one seed's spread, and 26.17% against 25.81% on the rotary + SwiGLU
-    # model) and the cosine decay run over the wall-time budget; length buckets (one source length and a run of
-    # target lengths a batch) cut the padding of a batch from ~49% to ~4%;
-    # evaluations every 1000 iterations (each costs ~1.3 s and a checkpoint). Run it with 1 torch thread on a busy
-    # machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
+    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py); docs/g2p.md has the
+    # runs behind each choice. A 57-minute wall-time budget (issue #3 allows 60), not an iteration count, with the
+    # cosine decay run over it, so a slower machine takes fewer steps but still ends annealed. No dropout: it costs
+    # time per batch and did not pay for it. The model overfits within the budget, so a weight average (ema_decay
+    # 0.999) and weight decay, the regularizer that costs no time per batch; 0.4 keeps the decay's time scale
+    # 1 / (lr * wd) at the share of the run that was best (Wang & Aitchison 2024) for the fp32 step count of the AVX2
+    # CPU the CI runs on. Peak lr 1e-3 (higher was no better); length buckets (one source length and a run of target
+    # lengths a batch) cut the padding of a batch; evaluations every 1000 iterations, as each costs a checkpoint.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
                         lr_decay_iters=1_000_000, max_minutes=57, bucket_by_length=True, learning_rate=1e-3,
                         min_lr=1e-5, warmup_iters=200, beta2=0.98, weight_decay=0.4, grad_clip=1.0, dropout=0.0,
@@ -260,8 +252,8 @@ def _device(cfg, local_rank):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there oneDNN's bf16 GEMMs run 2.2-2.9x the
-    fp32 ones on the baby GPT's shapes (2 Zen 4 cores: ~390 against 135-180 GFLOP/s); without, bf16 is emulated."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there oneDNN's bf16 GEMMs outrun fp32 ones;
+    without, bf16 is emulated and slower than fp32."""
     check = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(f() for f in check if f is not None)
 
