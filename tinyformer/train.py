@@ -349,9 +349,10 @@ def setup(cfg: TrainConfig) -> Run:
         model.tokenizer.add_special_tokens(["[MASK]"])  # id data.vocab_size
     ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
     autocast, use_scaler = _autocast(cfg, device)
-    run = Run(cfg, data, model, model, mcfg, make_optimizer(model, cfg), ema, autocast,
-              torch.amp.GradScaler(device.type, enabled=use_scaler), torch.Generator().manual_seed(cfg.seed), device,
-              rank, world)
+    run = Run(cfg=cfg, data=data, model=model, raw_model=model, model_config=mcfg,
+              optimizer=make_optimizer(model, cfg), ema=ema, autocast=autocast,
+              scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
+              gen=torch.Generator().manual_seed(cfg.seed), device=device, rank=rank, world=world)
     if state:
         _restore(run, state)
     if run.master:
