@@ -20,7 +20,7 @@ average, and this script scores the trained weights (ckpt.pt) beside it.
 The training budget is wall time (TrainConfig.max_minutes, 57 in the preset): the run stops there, and the cosine
 learning-rate decay runs over that time, so a slower (shared) machine does fewer iterations but still ends annealed.
 The machine's load average is sampled during the run and written next to the figures: on a shared machine the
-iteration count says more than the minutes.
+iteration count says more than the minutes. docs/g2p.md is the diary of the runs that shaped the preset.
 
     python benchmarks/g2p.py --threads 1            # the full run (preset g2p-cmudict, 57 minutes)
     python benchmarks/g2p.py --max_minutes 3 --limit 500 --csv /tmp/g2p.csv   # a quick look
@@ -71,13 +71,12 @@ def main(argv=None):
     p.add_argument("--ema_power", type=float, default=None,
                    help="replace the preset's weight average by a power-function one (TrainConfig.ema_power)")
     p.add_argument("--weight_decay", type=float, default=None,
-                   help=f"override the preset's AdamW weight decay ({preset['weight_decay']}, for the ~17-19k "
-                        "iterations of the AVX2 CPU; 0.3 was best at ~26k: the decay's time scale 1 / (lr * wd) is "
-                        "best at a fixed share of the run, so a run of fewer iterations wants more: Wang & Aitchison "
-                        "2024)")
+                   help=f"override the preset's AdamW weight decay ({preset['weight_decay']}): the decay's time "
+                        "scale 1 / (lr * wd) is best at a fixed share of the run, so a run of fewer iterations wants "
+                        "more (Wang & Aitchison 2024; docs/g2p.md has the runs)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice). On a CPU shared with other jobs 1 thread ran ~9x "
-                        "faster than 2 here: two threads spin-wait on each other when the cores are oversubscribed")
+                   help="torch threads (default: torch's choice); 1 on a CPU shared with other jobs, where two "
+                        "threads spin-wait on each other when the cores are oversubscribed")
     p.add_argument("--out_dir", default="out/g2p")
     p.add_argument("--num_beams", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="score only the first N test words (a quick look)")
@@ -92,7 +91,8 @@ def main(argv=None):
 
     import tinyformer
     from tinyformer.eval import g2p_error_rates
-    from tinyformer.train import TrainConfig, resolve_data, train
+    from tinyformer.data import load_dataset
+    from tinyformer.train import TrainConfig, train
 
     kw = dict(preset)
     if args.max_minutes is not None:
@@ -132,7 +132,7 @@ def main(argv=None):
     if "ema" in ckpt:  # score the trained weights too, to see what averaging gave
         models = {"average": model, "trained": tinyformer.load(args.out_dir)}
         models["trained"].load_state_dict(ckpt["model"])
-    data = resolve_data(cfg)
+    data = load_dataset(cfg.data)
     rows = []
     for weights, m in models.items():
         for beams in (1, args.num_beams):

@@ -69,6 +69,33 @@ def test_g2p_error_rates_decodes_and_scores_hand_made_outputs(tmp_path):
     assert r == {"wer": 0.0, "per": 0.0, "words": 1}
 
 
+def test_evaluate_reports_greedy_and_beam_rates_on_the_held_out_words(tmp_path, monkeypatch):
+    """`tinyformer eval` on an encoder-decoder (tinyformer.eval.evaluate): the default split "val" means the held-out
+    test words, greedy and then beam search, one line each; the data must be paired and share the model's tokenizer."""
+    from tinyformer.eval import evaluate
+    val = [["cat", ["K AE T"]]]
+    test = [["cat", ["K AE T"]], ["dog", ["D AO G"]]]
+    pairs = _pairs_folder(tmp_path / "p", {"train": val, "val": val, "test": test})
+    model = _Scripted(pairs, {"cat": "K AE T", "dog": "D AA G"})
+    model.config.arch, model.tokenizer = "encoder-decoder", pairs.tokenizer
+    lines = []
+    r = evaluate(model, str(tmp_path / "p"), num_beams=4, log=lines.append)
+    assert list(r) == [1, 4] and model.calls == [(2, 1), (2, 4)]
+    assert r[4] == {"wer": pytest.approx(1 / 2), "per": pytest.approx(1 / 6), "words": 2}
+    assert [line.split(":")[0] for line in lines] == [f"{tmp_path / 'p'} test (2 words), greedy",
+                                                      f"{tmp_path / 'p'} test (2 words), beam 4"]
+    model.calls.clear()
+    assert list(evaluate(model, str(tmp_path / "p"), "train", num_beams=1, log=lines.append)) == [1]
+    assert model.calls == [(1, 1)]  # the split asked for, decoded once when beam search is greedy
+    model.tokenizer = data.char_tokenizer("abc")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        evaluate(model, str(tmp_path / "p"))
+    (tmp_path / "plain.txt").write_text("not pairs\n" * 50)
+    monkeypatch.setenv("TINYFORMER_DATA", str(tmp_path / "cache"))  # where the text is tokenized before the check
+    with pytest.raises(ValueError, match="paired data"):
+        evaluate(model, str(tmp_path / "plain.txt"))
+
+
 def _bucket_data(tmp_path):
     # source lengths 1..19 with uneven counts: buckets <=3 and >=16 merge several lengths
     words = [c * n for n in range(1, 20) for c in "abcdgmot"[: 1 + n % 4]]

@@ -397,3 +397,55 @@ def test_encoding_a_long_text_ignores_the_tokenizers_truncation():
     from tinyformer.eval import _encode
     assert _encode(tok, text).numel() == 300
     assert len(tok.encode(text).ids) == 8  # the caller's tokenizer keeps its setting
+
+
+def test_eval_of_a_prepared_folder_scores_its_split_in_the_datas_tokenizer(corpus):
+    """`tinyformer eval --data FOLDER` (tinyformer.eval.evaluate): a decoder's perplexity and an encoder's masked-LM
+    loss on the folder's split, as computed here; a model with another tokenizer is refused."""
+    import tinyformer
+    from tinyformer.eval import evaluate, masked_lm_loss, perplexity
+    d = data.TokenData(corpus / "prepared")
+    torch.manual_seed(0)
+    dec = tinyformer.build("baby-shakespeare-char", vocab_size=d.vocab_size, n_layer=1, max_seq_len=32)
+    dec.tokenizer = d.tokenizer
+    lines = []
+    for split in ("val", "train"):
+        r = evaluate(dec, str(corpus / "prepared"), split, stride=16, log=lines.append)
+        ids = np.asarray(d.splits[split], dtype=np.int64)
+        assert r["tokens"] == len(ids) and (r["block_size"], r["stride"]) == (32, 16)
+        assert r["perplexity"] == pytest.approx(perplexity(dec, ids, 32, 16), rel=1e-6)
+        assert lines[-1].startswith(f"the {split} split of {corpus / 'prepared'}: {len(ids):,} tokens")
+    with pytest.raises(ValueError, match="not a test split"):
+        evaluate(dec, str(corpus / "prepared"), "test")
+    from tokenizers import Tokenizer
+    masked = Tokenizer.from_str(d.tokenizer.to_str())
+    masked.add_special_tokens(["[MASK]"])
+    enc = tinyformer.build("bert-mini", vocab_size=d.vocab_size + 1, n_layer=1, d_model=32, n_head=2, max_seq_len=32)
+    enc.tokenizer = masked  # the data's tokens and one more, as masked-LM training leaves it
+    r = evaluate(enc, str(corpus / "prepared"), block_size=16, log=lines.append)
+    ids = np.asarray(d.splits["val"], dtype=np.int64)
+    assert (r["loss"], r["masked"]) == masked_lm_loss(enc, ids, 16, d.vocab_size)
+    dec.tokenizer = masked  # a decoder's tokenizer must be the data's exactly
+    with pytest.raises(ValueError, match="another tokenizer"):
+        evaluate(dec, str(corpus / "prepared"))
+    dec.tokenizer = data.char_tokenizer(TEXT + "#")  # another character set: other ids
+    with pytest.raises(ValueError, match="another tokenizer"):
+        evaluate(dec, str(corpus / "prepared"))
+
+
+def test_calibration_windows_are_seeded_slices_of_the_train_text(tmp_path):
+    """`tinyformer compress --calib FILE`: windows at seeded random offsets of the file's first 90% (its train split),
+    never of the last 10% (val)."""
+    from tinyformer.eval import calibration_windows
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list("ab \n"), 900)) + "".join(rng.choice(list("cd"), 100))  # train: a, b; val: c, d
+    (tmp_path / "t.txt").write_text(text)
+    tok = data.char_tokenizer(text)
+    train_ids = data.encode(tok, text[:900]).tolist()
+    w = calibration_windows(tok, str(tmp_path / "t.txt"), 6, 20, seed=3)
+    assert w.shape == (6, 20) and w.dtype == torch.long
+    assert all(any(train_ids[i:i + 20] == row for i in range(len(train_ids) - 19)) for row in w.tolist())
+    assert torch.equal(w, calibration_windows(tok, str(tmp_path / "t.txt"), 6, 20, seed=3))
+    assert not torch.equal(w, calibration_windows(tok, str(tmp_path / "t.txt"), 6, 20, seed=4))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_windows(tok, str(tmp_path / "t.txt"), 1, 900)

@@ -1,4 +1,5 @@
-"""The `tinyformer` command line: demo | prepare | train | sample | eval | compress | bench.
+"""The `tinyformer` command line: demo | prepare | train | sample | eval | compress | bench. It parses arguments and
+calls the library: tinyformer.train (train), tinyformer.eval (eval), tinyformer.data (prepare), tinyformer.compress.
 
 `train` takes nanoGPT's option names (--batch_size, --block_size, --max_iters, --learning_rate, ...) as
 `--key value` or `--key=value`, so a nanoGPT command line carries over; model fields (--n_layer, --n_head, --d_model,
@@ -150,130 +151,16 @@ def cmd_sample(args):
 
 
 def cmd_eval(args):
-    import numpy as np
-
-    from tinyformer.data import CORPORA, TokenData, encode
-    from tinyformer.eval import MLM_PROTOCOL, masked_lm_loss, perplexity
-    model = _load_model(args.model)
-    if model.config.arch == "encoder-decoder":
-        return _eval_seq2seq(model, args)
-    encoder = model.config.arch == "encoder"
-    if encoder and model.config.mlm_head == "none":
-        raise ValueError(f"{args.model} is an encoder without a masked-LM head (its checkpoint ships none, as "
-                         f"sentence-embedding models do): there is no masked-LM loss to measure")
-    mask_id = model.tokenizer.token_to_id("[MASK]") if encoder else None
-    if encoder and mask_id is None:
-        raise ValueError(f"{args.model} is an encoder whose tokenizer has no [MASK] token: its masked-LM loss "
-                         f"cannot be measured")
-    path = Path(args.data)
-    if args.data == "sotu" and not path.exists():
-        if encoder:
-            raise ValueError("--data sotu is the next-token perplexity protocol of decoders; for an encoder's "
-                             "masked-LM loss give a corpus, a .txt file or a prepared dataset folder")
-        return _eval_sotu(model, args)
-    if path.is_dir():
-        data = TokenData(path)
-        vocab, ours = data.tokenizer.get_vocab(), model.tokenizer.get_vocab()
-        same = (all(ours.get(t) == i for t, i in vocab.items()) if encoder  # training added [MASK] to the data's
-                else data.tokenizer.to_str() == model.tokenizer.to_str())
-        if not same:
-            raise ValueError(f"{path} was tokenized with another tokenizer than {args.model}'s")
-        ids = np.asarray(data.splits[args.split], dtype=np.int64)
-        what = f"the {args.split} split of {path}"
-    elif path.is_file():
-        ids, what = encode(model.tokenizer, path.read_text(encoding="utf-8")), str(path)
-    elif args.data in CORPORA:  # the text's first 90% / last 10%, as `tinyformer prepare` splits it
-        if args.split == "test":
-            raise ValueError(f"--data {args.data}: a built-in corpus has a train and a val split, not a test split")
-        ids = _split_ids(model, args.data, args.split).numpy()
-        what = f"the {args.split} split of {args.data} ({'first 90%' if args.split == 'train' else 'last 10%'})"
-    else:
-        raise ValueError(f"--data {args.data}: no such file or prepared dataset folder, and not a built-in corpus "
-                         f"({', '.join(CORPORA)})")
-    block = args.block_size or model.config.max_seq_len
-    import math
-    if encoder:
-        loss, n = masked_lm_loss(model, ids, block, mask_id)
-        print(f"protocol: {MLM_PROTOCOL}")
-        print(f"{what}: {len(ids):,} tokens, block {block}, {n:,} masked positions: masked-LM loss {loss:.4f} "
-              f"nats/token, perplexity {math.exp(loss):.3f}")
-        return
-    ppl = perplexity(model, ids, block, args.stride)
-    print(f"{what}: {len(ids):,} tokens, block {block}, stride {args.stride or block}: "
-          f"loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f}")
-
-
-def _eval_sotu(model, args):
-    import math
-
-    from tinyformer.eval import PROTOCOL, sotu_perplexity
-    window = min(512, model.config.max_seq_len)
-    t = time.perf_counter()
-    ppl = sotu_perplexity(model, window=window)
-    print(f"protocol: {PROTOCOL}" + (f" (windows of {window}: the model's context)" if window != 512 else ""))
-    print(f"{args.model}: loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f} "
-          f"({time.perf_counter() - t:.0f} s)")
-
-
-def _eval_seq2seq(model, args):
-    from tinyformer.eval import g2p_error_rates
-    from tinyformer.train import TrainConfig, resolve_data
-    data = resolve_data(TrainConfig(data=args.data))
-    if not hasattr(data, "words"):
-        raise ValueError(f"--data {args.data}: an encoder-decoder model is evaluated on paired data (cmudict-g2p)")
-    if data.tokenizer.to_str() != model.tokenizer.to_str():
-        raise ValueError(f"{args.data} was tokenized with another tokenizer than {args.model}'s")
-    split = "test" if args.split == "val" and "test" in data.words else args.split
-    for beams in (1, args.num_beams):
-        t = time.perf_counter()
-        r = g2p_error_rates(model, data, split, beams, limit=args.limit)
-        how = "greedy" if beams == 1 else f"beam {beams}"
-        print(f"{args.data} {split} ({r['words']:,} words), {how}: WER {100 * r['wer']:.2f}%, "
-              f"PER {100 * r['per']:.2f}% ({time.perf_counter() - t:.0f} s)")
-
-
-def _split_ids(model, source: str, split: str):
-    """1-D token ids of `source` (a built-in corpus, a .txt file or a prepared dataset folder) under the model's own
-    tokenizer: split "train" = the first 90% of the text, "val" = the last 10% (tinyformer prepare's split)."""
-    import numpy as np
-    import torch
-
-    from tinyformer.data import CORPORA, TokenData, corpus_text, encode
-    path = Path(source)
-    if path.is_dir():
-        data = TokenData(path)
-        if data.tokenizer.to_str() != model.tokenizer.to_str():
-            raise ValueError(f"{path} was tokenized with another tokenizer than the model's")
-        return torch.from_numpy(np.asarray(data.splits[split], dtype=np.int64))
-    if source in CORPORA:
-        text = corpus_text(source)
-    elif path.is_file():
-        text = path.read_text(encoding="utf-8")
-    else:
-        raise ValueError(f"{source!r} is neither a built-in corpus ({', '.join(CORPORA)}), a .txt file nor a "
-                         f"prepared dataset folder")
-    cut = int(len(text) * 0.9)
-    return torch.from_numpy(encode(model.tokenizer, text[:cut] if split == "train" else text[cut:]).astype(np.int64))
-
-
-def _windows(model, source: str, n: int, length: int, seed: int):
-    """(n, length) training windows at random offsets (fixed seed) for calibration, distillation and fine-tuning."""
-    import torch
-
-    from tinyformer.eval import sotu_calibration_ids
-    if source == "sotu" and not Path(source).exists():
-        return sotu_calibration_ids(model.tokenizer, n, length, seed)
-    ids = _split_ids(model, source, "train")
-    if ids.numel() <= length:
-        raise ValueError(f"{source} has {ids.numel()} training tokens, fewer than one window of {length}")
-    starts = torch.randint(0, ids.numel() - length, (n,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([ids[s:s + length] for s in starts.tolist()])  # (n, length)
+    from tinyformer.eval import evaluate
+    evaluate(_load_model(args.model), args.data, split=args.split, block_size=args.block_size, stride=args.stride,
+             num_beams=args.num_beams, limit=args.limit, name=args.model)
 
 
 def cmd_compress(args):
     from tinyformer.checkpoint import write_json
     from tinyformer.compress.recipe import measure, parse_recipe, report_table, run_recipe
-    from tinyformer.eval import perplexity, sotu_perplexity
+    from tinyformer.data import split_ids
+    from tinyformer.eval import calibration_windows, perplexity, sotu_perplexity
     steps = parse_recipe(args.recipe)  # errors before any slow work
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -287,13 +174,13 @@ def cmd_compress(args):
             return sotu_perplexity(m, window=length)
         metric = "sotu perplexity"
     else:
-        val = _split_ids(model, args.eval, "val")
+        val = split_ids(model.tokenizer, args.eval, "val")
 
         def evaluate(m):
             return perplexity(m, val[: args.eval_tokens], length)
         metric = f"{args.eval} val perplexity"
-    calib = _windows(model, args.calib, args.calib_windows, length, seed=0)
-    data = _windows(model, args.calib, args.train_windows, length, seed=1)
+    calib = calibration_windows(model.tokenizer, args.calib, args.calib_windows, length, seed=0)
+    data = calibration_windows(model.tokenizer, args.calib, args.train_windows, length, seed=1)
     print(f"compressing {args.model} with {' -> '.join(v for v, _ in steps)}; calibration {tuple(calib.shape)} "
           f"and training {tuple(data.shape)} windows of {args.calib}")
     rows = [measure(model, evaluate, "original")]
@@ -433,9 +320,9 @@ def build_parser():
                    help="wrap the prompt in the model's chat template as a user turn and stop at its end-of-sequence "
                         "token (default: true when the model has a chat template)")
     s.add_argument("--compile", action="store_true",
-                   help="a bf16 or int8/int4 model decodes on CPU through torch.compile'd steps: faster (SmolLM2-135M "
-                        "bf16 on 2 AVX2 cores: ~41 -> ~55 tokens/s) after a one-off compile of ~5-20 s (needs a C++ "
-                        "compiler: without one it warns and decodes as before); fp32 models ignore it")
+                   help="a bf16 or int8/int4 model decodes on CPU through torch.compile'd steps: faster after a "
+                        "one-off compile of seconds (needs a C++ compiler: without one it warns and decodes as "
+                        "before); fp32 models ignore it")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; the masked-LM loss of an "

@@ -164,22 +164,12 @@ PRESETS: dict[str, dict] = {
     "minilm-l6": dict(arch="encoder", n_layer=6, n_head=12, d_model=384, d_ff=1536, max_seq_len=512,
                       vocab_size=30522, norm_position="post", embed_norm=True, type_vocab_size=2, norm_eps=1e-12,
                       pad_token_id=0),
-    # the grapheme-to-phoneme encoder-decoder of benchmarks/g2p.py (vocab and pad/start ids come from the data).
-    # 3 + 3 layers, 192 wide (cmusphinx g2p-seq2seq's CMUdict transformer: 2 layers, 256): 256 wide (5.6 M params)
-    # took 1.7x as long per batch on the shared 2-core CPU, which a 57-minute budget cannot afford there. Feed-forward
-    # 512 (2.55 M params): the 4x-wide 768 (3.14 M) learned no more per iteration (EMA validation loss 0.910 against
-    # 0.910 at 11k) for ~19% more matmul work a token; in the budget on the AVX2 CPU two seeds of 512 gave WER 26.41%
-    # and 26.75% (beam 5) against 768's 26.97% (README, "Measured here"). 4 encoder + 2 decoder layers (2.40 M) ran
-    # 16% more steps in the budget but gave 26.86%: no better, so 3 + 3. Rotary positions in self-attention (the
-    # cross-attention has none) and a SwiGLU feed-forward 344 wide (the same 2.55 M params and matmul work as GELU's
-    # 512; Su et al. 2021, Shazeer 2020) learn more per iteration: EMA validation loss 0.940 against 0.962-0.964 at
-    # 3k iterations (rotary alone 0.956, SwiGLU alone 0.941: most of it is SwiGLU's), and in the budget beam-5 WER
-    # 25.81% / 25.95% against 26.41% / 26.75% (seeds 1337 / 1, ~the same iterations; only the pair ran that long).
-    # 6 heads of 32 in place of 4 of 48 (the same params and matmuls, 19,061 steps to 18,710): EMA validation loss 0.938
-    # against 0.945 at 3k iterations (seed 1: 0.934 against 0.938; 8 heads of 24: 0.939), and in the budget beam-5
-    # WER / PER 24.96% / 6.01% against 25.81% / 6.27% (seed 1337, fp32 on the AVX2 CPU). Post-LN (0.946) and
-    # 4 + 4 layers 160 wide (2.37 M, 0.945) screened no better. On an AVX512-BF16 CPU (bf16 autocast, ~1.5x the steps:
-    # 29,312 / 28,250) it gave 24.40% / 5.84% and 24.41% / 6.04% (seeds 1337 / 1).
+    # the grapheme-to-phoneme encoder-decoder of benchmarks/g2p.py (vocab and pad/start ids come from the data);
+    # docs/g2p.md has the runs behind each choice. 3 + 3 layers 192 wide (2.55 M params): a wider model takes too long
+    # a batch for a 57-minute budget on 2 CPU cores, and 4 + 2 layers ran more steps for no lower error. Rotary
+    # positions in self-attention (the cross-attention has none; Su et al. 2021) and a SwiGLU feed-forward 344 wide:
+    # the parameters and matmul work of GELU's 512 (Shazeer 2020), and it learns more per iteration. 6 heads of 32:
+    # the same parameters and matmuls as 4 of 48, and a lower error.
     "g2p-cmudict": dict(arch="encoder-decoder", n_layer=3, n_decoder_layer=3, n_head=6, d_model=192, d_ff=344,
                         max_seq_len=40, vocab_size=71, pos="rope", act="swiglu", dropout=0.0, pad_token_id=0,
                         decoder_start_token_id=1),

@@ -6,7 +6,10 @@
 - Tokenizers, all Hugging Face `tokenizers` objects so that every model saves one tokenizer.json: char-level
   (one token per character), byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant), word-level.
 - A prepared dataset is a folder: train.bin and val.bin (a 16-byte header, then the ids as uint16 when the vocabulary
-  fits, else uint32), tokenizer.json and meta.json. Batches are random windows, as nanoGPT's get_batch draws them.
+  fits, else uint32), tokenizer.json and meta.json. Batches are random windows, as nanoGPT's get_batch draws them;
+  an encoder's batches are masked as BERT's (Devlin et al. 2019, `mlm_inputs`).
+- Paired data (sequence to sequence): grapheme-to-phoneme pairs from CMUdict, split by word, in length buckets.
+- `load_dataset` opens what a `--data` argument names; `split_ids` gives a split's token ids under a model's tokenizer.
 """
 from __future__ import annotations
 
@@ -268,6 +271,19 @@ class TokenData:
         return window[:, :-1], window[:, 1:]
 
 
+def mlm_inputs(x, mask_id: int, vocab_size: int, p: float, generator):
+    """BERT's masking: pick each position with probability p; of those, 80% become [MASK], 10% a random token,
+    10% stay. Returns inputs and labels (-100 where not picked)."""
+    r = torch.rand(x.shape, generator=generator)
+    picked = r < p
+    labels = torch.where(picked, x, torch.full_like(x, -100))
+    inputs = x.clone()
+    inputs[picked & (r < p * 0.8)] = mask_id
+    rand = picked & (r >= p * 0.8) & (r < p * 0.9)
+    inputs[rand] = torch.randint(vocab_size, x.shape, generator=generator)[rand]
+    return inputs, labels
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TINYFORMER_DATA", Path.home() / ".cache" / "tinyformer" / "data"))
 
@@ -411,10 +427,7 @@ class PairData:
 
         bucket=True draws one example, then the whole batch among the examples of its bucket (its source length;
         lengths above 16 share one, as do those below 4; and a run of target lengths, `_buckets`): every example is
-        still drawn with probability 1/N, but a batch pads far less. CMUdict, batches of 128: sources are ~49%
-        padding at random, ~0.2% bucketed; targets ~49% at random, ~23% with source-length buckets alone, ~7% with
-        target-length runs of >= 512 examples (the decoder's tokens a batch: 1,235 -> 1,002; ~2.5 repeated
-        examples a batch, against ~1)."""
+        still drawn with probability 1/N, but a batch pads far less (docs/g2p.md has CMUdict's padding shares)."""
         ex = self.examples[split]
         if bucket:
             buckets, bucket_of = self._buckets(split)
@@ -427,3 +440,50 @@ class PairData:
         tgt_in = self.pad([[BOS] + ex[i][1] for i in idx])
         tgt_out = self.pad([ex[i][1] + [EOS] for i in idx])
         return src, (src != PAD).long(), tgt_in, tgt_out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what --data names
+def load_dataset(source: str, tokenizer: str = "char", vocab_size: int = 8192):
+    """The dataset `source` names: a prepared folder (PairData when it holds pairs.json, else TokenData), a paired
+    corpus (cmudict-g2p, prepared once into the cache), or a built-in corpus or .txt file tokenized once into the cache
+    with `tokenizer` ("char" | "bpe" | "word"; vocab_size for BPE)."""
+    path = Path(source)
+    if path.is_dir():
+        return PairData(path) if (path / "pairs.json").exists() else TokenData(path)
+    if source in PAIR_CORPORA:
+        folder = default_cache_dir() / source
+        if not (folder / "meta.json").exists():
+            prepare_g2p(folder)
+        return PairData(folder)
+    if source not in CORPORA and not path.is_file():
+        raise ValueError(f"--data {source!r}: no such file or folder, and not a built-in corpus "
+                         f"({', '.join(CORPORA + PAIR_CORPORA)})")
+    return TokenData(cached_prepare(source, default_cache_dir(), tokenizer, vocab_size))
+
+
+def split_ids(tokenizer, source: str, split: str, extra_tokens: bool = False) -> torch.Tensor:
+    """1-D token ids of the `split` ("train" or "val") of `source` under a model's `tokenizer`: a prepared dataset
+    folder's own split (tokenized with that tokenizer; extra_tokens: the model's may add tokens after the data's, as
+    masked-LM training adds [MASK]), or of a built-in corpus or .txt file the first 90% of the text ("train") or the
+    last 10% ("val"), as `tinyformer prepare` splits it."""
+    if split not in ("train", "val"):
+        raise ValueError(f"--data {source}: a language-model dataset has a train and a val split, not a {split} split")
+    path = Path(source)
+    if path.is_dir():
+        data = TokenData(path)
+        theirs, ours = data.tokenizer.get_vocab(), tokenizer.get_vocab()
+        same = (all(ours.get(t) == i for t, i in theirs.items()) if extra_tokens
+                else data.tokenizer.to_str() == tokenizer.to_str())
+        if not same:
+            raise ValueError(f"{path} was tokenized with another tokenizer than the model's")
+        return torch.from_numpy(np.asarray(data.splits[split], dtype=np.int64))
+    if source in CORPORA:
+        text = corpus_text(source)
+    elif path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
+        raise ValueError(f"--data {source!r}: neither a built-in corpus ({', '.join(CORPORA)}), a .txt file nor a "
+                         f"prepared dataset folder")
+    cut = int(len(text) * 0.9)
+    return torch.from_numpy(encode(tokenizer, text[:cut] if split == "train" else text[cut:]).astype(np.int64))

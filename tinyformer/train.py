@@ -1,8 +1,14 @@
-"""The training loop: AdamW, cosine schedule with warmup, gradient clipping and accumulation, periodic evaluation,
-atomic checkpoints with exact resume, metrics.jsonl, a progress bar, a loss plot; single process or torchrun/DDP.
+"""The training loop, laid out as karpathy/nanoGPT's train.py: `setup` builds a run (data, model, AdamW, the resumed
+state, DDP), `train_step` takes one optimizer step, `evaluate` averages the loss of a few batches per split,
+`save_checkpoint` writes what a resume needs, and `train` is the short loop around them.
 
-Follows karpathy/nanoGPT train.py (same knob names, same schedule, same AdamW parameter groups: weight decay on
-matrices only), with Loshchilov & Hutter 2017 (AdamW) and Loshchilov & Hutter 2016 (SGDR cosine schedule).
+Around that loop: a cosine schedule with linear warmup, over iterations or over a wall-time budget (max_minutes);
+gradient accumulation and clipping; a weight average (WeightEMA); atomic checkpoints with exact resume (model,
+optimizer, schedule, RNG and data position), one on SIGINT/SIGTERM too; metrics.jsonl; a progress bar; a loss plot.
+Objectives: next token (decoder), BERT's masked LM (encoder), teacher forcing (encoder-decoder).
+
+Same knob names, schedule and AdamW parameter groups (weight decay on matrices only) as nanoGPT; Loshchilov & Hutter
+2017 (AdamW), Loshchilov & Hutter 2016 (SGDR cosine schedule), Devlin et al. 2019 (masked LM).
 
 Data-parallel runs (torchrun --nproc_per_node N -m tinyformer train ...) draw the same global batch as one process
 (every rank draws it from the same seeded generator and takes its own rows), so N processes follow the loss curve of
@@ -19,14 +25,14 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
-from tinyformer.data import CORPORA, PAD, PAIR_CORPORA, PairData, TokenData, cached_prepare, default_cache_dir, \
-    prepare_g2p
+from tinyformer.data import PAD, PairData, TokenData, load_dataset, mlm_inputs
 from tinyformer.model import build
 
 
@@ -70,7 +76,8 @@ class TrainConfig:
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"              # "float32" | "bfloat16" | "float16" | "auto": bf16 autocast where the
     #                                  hardware has bf16 (`cpu_has_bf16`, CUDA), else fp32 on CPU and fp16 on CUDA
-    compile: bool = False            # torch.compile the model (2-core AVX2 CPU, baby GPT: as fast as eager, ~1x)
+    compile: bool = False            # torch.compile the model (seconds of compiling; small models on a CPU gain
+    #                                  little from it)
     seed: int = 1337                 # seeds the initialisation and every batch
     resume: bool = False             # continue the run in out_dir from its last complete checkpoint
     on_nan: str = "stop"             # "stop" | "skip": what a non-finite loss or gradient does
@@ -116,30 +123,21 @@ TRAIN_PRESETS = {
                                   learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=0.1,
                                   grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20),
     # the compression benchmarks' own fp32 decoder on sotu (byte-level BPE 8192; the last 10% of the text, which holds
-    # the 10 held-out speeches of the perplexity protocol, is the val split). A 30-minute wall-clock budget on a 2-core
-    # CPU (the cosine decay runs over it): small batches for more updates per token; raise batch_size on a faster
-    # machine. (A 150-iteration version of this preset, run on a machine shared with ~10 other jobs, was too short
-    # to learn anything: val loss 6.65.)
+    # the 10 held-out speeches of the perplexity protocol, is the val split). A 30-minute wall-clock budget with the
+    # cosine decay run over it; small batches for more updates per token on a 2-core CPU (raise batch_size on a
+    # faster machine).
     "sotu-decoder": dict(data="sotu", tokenizer="bpe", bpe_vocab_size=8192, batch_size=4, block_size=256,
                          max_iters=1_000_000, lr_decay_iters=1_000_000, max_minutes=30, learning_rate=2e-3,
                          min_lr=2e-4, warmup_iters=50, beta2=0.99, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
                          eval_interval=500, eval_iters=8),
-    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py): a 57-minute budget on
-    # a 2-core CPU (the issue allows 60), not an iteration count (on a quiet machine with bf16 autocast a batch takes
-    # 0.12-0.19 s: ~23k iterations, ~27 epochs; on a shared one, load ~11-17, it took 1.8-2.9 s: 1-2 epochs). No
-    # dropout: with 0.1 a batch took ~15% longer and 50 minutes gave 17,874 iterations and WER 28.6% / 27.96%
-    # (greedy / beam 5) against 20,205 iterations and 27.9% / 27.56% without. The model overfits within the budget
-    # (validation loss flat at ~0.90-0.92 after ~15k iterations while the training loss still falls): a weight
-    # average (ema_decay 0.999) and weight decay, the regularizer that costs no time per batch. Weight decay 0.3
-    # (25,910 iterations) gave WER 24.84% / PER 6.05% with beam 5, against 25.95% at both 0.1 and 0.6 (every run
-    # and its figures: README, "Measured here"). The preset's 0.4 is for the AVX2 CPU the CI runs on, whose fp32
-    # budget gives ~17-19k iterations: the decay's time scale 1 / (lr * wd) kept at about the same share of the run.
-    # Peak lr 1e-3 (2e-3 measured worse before the average: WER 31.9% against 28.0%, beam 5; 1.4e-3 with it: 26.21%
-    # against 26.41% on the GELU model, inside one seed's spread, and 26.17% against 25.81% on the rotary + SwiGLU
-    # model) and the cosine decay run over the wall-time budget; length buckets (one source length and a run of
-    # target lengths a batch) cut the padding of a batch from ~49% to ~4%;
-    # evaluations every 1000 iterations (each costs ~1.3 s and a checkpoint). Run it with 1 torch thread on a busy
-    # machine (benchmarks/g2p.py --threads 1): a batch took 3.7 s on one thread against 15.8 s on two.
+    # grapheme-to-phoneme on CMUdict with the g2p-cmudict encoder-decoder (benchmarks/g2p.py); docs/g2p.md has the
+    # runs behind each choice. A 57-minute wall-time budget (issue #3 allows 60), not an iteration count, with the
+    # cosine decay run over it, so a slower machine takes fewer steps but still ends annealed. No dropout: it costs
+    # time per batch and did not pay for it. The model overfits within the budget, so a weight average (ema_decay
+    # 0.999) and weight decay, the regularizer that costs no time per batch; 0.4 keeps the decay's time scale
+    # 1 / (lr * wd) at the share of the run that was best (Wang & Aitchison 2024) for the fp32 step count of the AVX2
+    # CPU the CI runs on. Peak lr 1e-3 (higher was no better); length buckets (one source length and a run of target
+    # lengths a batch) cut the padding of a batch; evaluations every 1000 iterations, as each costs a checkpoint.
     "g2p-cmudict": dict(data="cmudict-g2p", batch_size=128, block_size=40, max_iters=1_000_000,
                         lr_decay_iters=1_000_000, max_minutes=57, bucket_by_length=True, learning_rate=1e-3,
                         min_lr=1e-5, warmup_iters=200, beta2=0.98, weight_decay=0.4, grad_clip=1.0, dropout=0.0,
@@ -220,46 +218,17 @@ def lr_at(cfg: TrainConfig, it: int, elapsed_s: float = 0.0) -> float:
 
 
 def make_optimizer(model, cfg: TrainConfig):
-    """AdamW; weight decay on matrices (dim >= 2: linears, embeddings), none on biases and norm weights."""
+    """AdamW, fused (one kernel over all parameters, CPU and CUDA); weight decay on matrices (dim >= 2: linears,
+    embeddings), none on biases and norm weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # fused AdamW (one kernel over all parameters, CPU and CUDA): a whole baby-model iteration took 447 ms with it
-    # against 748 ms with torch's default per-parameter loop, in one interleaved A/B run on a busy 2-core CPU
-    # ... but only over dense parameters: views into a shared buffer (TransformerBase.pack_) get wrong updates from
-    # it, so a model laid out for decoding trains with the per-tensor (foreach) kernels instead.
-    dense = all(p.is_contiguous() or (p.dim() == 2 and p.T.is_contiguous()) for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             **({"fused": True} if dense else {"foreach": True}))
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def resolve_data(cfg: TrainConfig):
-    """TokenData (language modelling) or PairData (sequence to sequence) for --data."""
-    path = Path(cfg.data)
-    if path.is_dir():
-        return PairData(path) if (path / "pairs.json").exists() else TokenData(path)
-    if cfg.data in PAIR_CORPORA:
-        folder = default_cache_dir() / cfg.data
-        if not (folder / "meta.json").exists():
-            prepare_g2p(folder)
-        return PairData(folder)
-    if cfg.data not in CORPORA and not path.is_file():
-        raise ValueError(f"--data {cfg.data!r}: no such file or folder, and not a built-in corpus "
-                         f"({', '.join(CORPORA + PAIR_CORPORA)})")
-    return TokenData(cached_prepare(cfg.data, default_cache_dir(), cfg.tokenizer, cfg.bpe_vocab_size))
-
-
-def mlm_inputs(x, mask_id: int, vocab_size: int, p: float, generator):
-    """BERT's masking: pick each position with probability p; of those, 80% become [MASK], 10% a random token,
-    10% stay. Returns inputs and labels (-100 where not picked)."""
-    r = torch.rand(x.shape, generator=generator)
-    picked = r < p
-    labels = torch.where(picked, x, torch.full_like(x, -100))
-    inputs = x.clone()
-    inputs[picked & (r < p * 0.8)] = mask_id
-    rand = picked & (r >= p * 0.8) & (r < p * 0.9)
-    inputs[rand] = torch.randint(vocab_size, x.shape, generator=generator)[rand]
-    return inputs, labels
+def resolve_data(cfg: TrainConfig) -> Union[TokenData, PairData]:
+    """The dataset of cfg.data (`tinyformer.data.load_dataset`, with cfg's tokenizer for corpora and .txt files)."""
+    return load_dataset(cfg.data, cfg.tokenizer, cfg.bpe_vocab_size)
 
 
 def _dist():
@@ -283,13 +252,14 @@ def _device(cfg, local_rank):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there oneDNN's bf16 GEMMs run 2.2-2.9x the
-    fp32 ones on the baby GPT's shapes (2 Zen 4 cores: ~390 against 135-180 GFLOP/s); without, bf16 is emulated."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there oneDNN's bf16 GEMMs outrun fp32 ones;
+    without, bf16 is emulated and slower than fp32."""
     check = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(f() for f in check if f is not None)
 
 
 def _autocast(cfg, device):
+    """(the autocast context of forward passes, whether fp16 needs a GradScaler) for cfg.dtype on `device`."""
     dtype = cfg.dtype
     if dtype == "auto":
         if device.type == "cpu":
@@ -324,246 +294,343 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) training; returns a summary dict (final losses, tokens/s, paths)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# setup
+@dataclass
+class Run:
+    """One training run: what `setup` built, and the counters the loop advances and a checkpoint keeps."""
+    cfg: TrainConfig
+    data: Union[TokenData, PairData]
+    model: torch.nn.Module            # what the steps call: the model, or the torch.compile / DDP wrapper around it
+    raw_model: torch.nn.Module        # the model itself: its parameters, state dict and save
+    model_config: ModelConfig
+    optimizer: torch.optim.Optimizer
+    ema: Optional[WeightEMA]          # the weight average, when cfg asks for one
+    autocast: object                  # the context of every forward pass (nullcontext() in fp32)
+    scaler: torch.amp.GradScaler      # fp16's loss scaling; disabled (a pass-through) otherwise
+    gen: torch.Generator              # every batch, train and eval, comes from this generator
+    device: torch.device
+    rank: int = 0
+    world: int = 1                    # processes under torchrun: each takes its rows of the global batch
+    it: int = 0                       # the next optimizer step
+    best_val: float = math.inf
+    evaluated_at: int = -1            # the iteration whose evaluation is done
+    last_eval: dict = field(default_factory=dict)  # its losses, carried into the record of that iteration
+    elapsed_before: float = 0.0       # wall time of the runs this one resumes
+    started: float = 0.0              # time.perf_counter() when this process's loop began
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Everything before the first step: the processes (torchrun), device, data, a new model (or, with --resume, the
+    model, optimizer, counters, RNG states and weight average of the checkpoint in out_dir), fused AdamW, the weight
+    average, torch.compile and DDP wrappers, and autocast."""
     rank, world, local_rank = _dist()
-    master = rank == 0
     device = _device(cfg, local_rank)
-    out = Path(cfg.out_dir)
     data = resolve_data(cfg)
     data.check_block_size(cfg.block_size)
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    state = _read_checkpoint(Path(cfg.out_dir)) if cfg.resume else None
+    mcfg = _model_config(cfg, data, state)
+    torch.manual_seed(cfg.seed)
+    model = build(mcfg).to(device)
+    model.tokenizer = data.tokenizer
+    if mcfg.arch == "encoder":
+        from tokenizers import Tokenizer
+        model.tokenizer = Tokenizer.from_str(data.tokenizer.to_str())
+        model.tokenizer.add_special_tokens(["[MASK]"])  # id data.vocab_size
+    ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
+    autocast, use_scaler = _autocast(cfg, device)
+    run = Run(cfg=cfg, data=data, model=model, raw_model=model, model_config=mcfg,
+              optimizer=make_optimizer(model, cfg), ema=ema, autocast=autocast,
+              scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
+              gen=torch.Generator().manual_seed(cfg.seed), device=device, rank=rank, world=world)
+    if state:
+        _restore(run, state)
+    if run.master:
+        run.out.mkdir(parents=True, exist_ok=True)
+    if cfg.compile:
+        run.model = torch.compile(run.model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        run.model = DDP(run.model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return run
 
-    ckpt_path = out / "ckpt.pt"
-    state = None
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint in {out} (expected {ckpt_path})")
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"--resume: {ckpt_path} is unreadable: {e}") from None
 
+def _read_checkpoint(out: Path) -> dict:
+    path = out / "ckpt.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {path})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"--resume: {path} is unreadable: {e}") from None
+
+
+def _model_config(cfg: TrainConfig, data, state: Optional[dict]) -> ModelConfig:
+    """The resumed checkpoint's model config, else the preset with cfg's model fields, the data's vocabulary and the
+    block size as max_seq_len; checked against the data."""
     pairs = isinstance(data, PairData)
     arch = cfg.model.get("arch") or ModelConfig.from_name(cfg.preset).arch
     if pairs != (arch == "encoder-decoder"):
         raise ValueError(f"--data {cfg.data} holds {'paired' if pairs else 'plain'} sequences, which a {arch} model "
                          f"cannot train on (paired data is for encoder-decoder models)")
     vocab = data.vocab_size + (arch == "encoder")  # an encoder's masked-LM needs a [MASK] token
-    model_fields = {"dropout": cfg.dropout, "max_seq_len": cfg.block_size, **cfg.model, "vocab_size": vocab}
+    fields = {"dropout": cfg.dropout, "max_seq_len": cfg.block_size, **cfg.model, "vocab_size": vocab}
     if pairs:
-        model_fields.update(pad_token_id=PAD, decoder_start_token_id=1)
-    mcfg = ModelConfig.from_dict(state["model_config"]) if state else ModelConfig.from_name(cfg.preset,
-                                                                                           **model_fields)
+        fields.update(pad_token_id=PAD, decoder_start_token_id=1)
+    mcfg = ModelConfig.from_dict(state["model_config"]) if state else ModelConfig.from_name(cfg.preset, **fields)
     if mcfg.vocab_size != vocab:
         raise ValueError(f"the checkpoint's vocabulary ({mcfg.vocab_size}) does not match the data's ({vocab})")
     if cfg.block_size > mcfg.max_seq_len:
         raise ValueError(f"--block_size {cfg.block_size} exceeds the model's max_seq_len {mcfg.max_seq_len}")
-    torch.manual_seed(cfg.seed)
-    model = build(mcfg).to(device)
-    model.tokenizer = data.tokenizer
-    if arch == "encoder":
-        from tokenizers import Tokenizer
-        model.tokenizer = Tokenizer.from_str(data.tokenizer.to_str())
-        model.tokenizer.add_special_tokens(["[MASK]"])  # id data.vocab_size
-    optimizer = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)  # every batch (train and eval) comes from this generator
-    it, best_val, evaluated_at = 0, float("inf"), -1  # evaluated_at: the iteration whose evaluation is done
-    last_eval = {}  # its losses, carried into the record of that iteration
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        it, best_val, evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
-        last_eval = state["last_eval"]
-    raw_model = model  # the model itself, whatever torch.compile and DDP wrap it in below
-    ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
-    if state and ema is not None:
+    return mcfg
+
+
+def _restore(run: Run, state: dict) -> None:
+    """Put the run where the checkpoint `state` left it."""
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.gen.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    run.it, run.best_val, run.evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
+    run.last_eval, run.elapsed_before = state["last_eval"], state.get("elapsed_s", 0.0)
+    if run.ema is not None:
         if "ema" not in state:
-            what = f"--ema_decay {cfg.ema_decay}" if cfg.ema_decay > 0 else f"--ema_power {cfg.ema_power}"
-            raise ValueError(f"--resume with {what}: {ckpt_path} holds no weight average (its run had none); "
-                             f"resume without it")
-        ema.load_state_dict(state["ema"])
-    elapsed_before = state.get("elapsed_s", 0.0) if state else 0.0  # wall time of the runs this one resumes
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    autocast, use_scaler = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    per_rank = cfg.batch_size // world
-    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+            what = f"--ema_decay {run.cfg.ema_decay}" if run.cfg.ema_decay > 0 else f"--ema_power {run.cfg.ema_power}"
+            raise ValueError(f"--resume with {what}: {run.out / 'ckpt.pt'} holds no weight average (its run had "
+                             f"none); resume without it")
+        run.ema.load_state_dict(state["ema"])
 
-    def batch(split):
-        bucket = {"bucket": True} if pairs and cfg.bucket_by_length else {}
-        tensors = data.get_batch(split, cfg.batch_size, cfg.block_size, gen, **bucket)
-        if arch == "encoder":  # masked-LM: predict the picked positions of the window
-            tensors = mlm_inputs(tensors[0], data.vocab_size, data.vocab_size, cfg.mlm_probability, gen)
-        return [t[rows].to(device) for t in tensors]
 
-    def loss_of(*b):
-        with autocast:
-            if arch == "decoder":  # next-token prediction
-                x, y = b
-                logits = model(x)
-            elif arch == "encoder":
-                x, y = b
-                logits = raw_model.logits(model(x))
-            else:  # teacher forcing: the decoder reads <s> + target and predicts target + </s>
-                src, src_mask, tgt_in, y = b
-                logits = model(src, tgt_in, attention_mask=src_mask)
-        ignore = PAD if pairs else -100
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=ignore,
-                               label_smoothing=cfg.label_smoothing)
+# ----------------------------------------------------------------------------------------------------------------------
+# one step, evaluation, checkpoint
+def get_batch(run: Run, split: str) -> list[torch.Tensor]:
+    """This rank's rows of the next global batch of `split`, on the device: x, y for a decoder (y = x shifted by one);
+    masked inputs and labels (-100 where not picked) for an encoder; src, src_mask, tgt_in, tgt_out for paired data."""
+    cfg = run.cfg
+    bucket = {"bucket": True} if isinstance(run.data, PairData) and cfg.bucket_by_length else {}
+    tensors = run.data.get_batch(split, cfg.batch_size, cfg.block_size, run.gen, **bucket)
+    if run.model_config.arch == "encoder":  # masked-LM: predict the picked positions of the window
+        tensors = mlm_inputs(tensors[0], run.data.vocab_size, run.data.vocab_size, cfg.mlm_probability, run.gen)
+    per_rank = cfg.batch_size // run.world
+    return [t[run.rank * per_rank:(run.rank + 1) * per_rank].to(run.device) for t in tensors]
 
-    @torch.no_grad()
-    def evaluate():
-        def mean_loss(split):
-            total = torch.zeros((), device=device)
-            for _ in range(cfg.eval_iters):
-                total += loss_of(*batch(split))
-            if world > 1:
-                torch.distributed.all_reduce(total)
-            return total.item() / (cfg.eval_iters * world)
-        model.eval()
-        losses = {"train": mean_loss("train")}
-        before_val = gen.get_state()
-        losses["val"] = mean_loss("val")
-        if ema is not None:  # the same validation batches again, through the averaged weights
-            gen.set_state(before_val)
-            with ema.applied():
-                losses["ema_val"] = mean_loss("val")
-        model.train()
-        return losses
 
-    def save_checkpoint():
-        if not master:
-            return
-        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                "best_val_loss": best_val, "evaluated_at": evaluated_at, "last_eval": last_eval,
-                "elapsed_s": elapsed_before + time.perf_counter() - run_t0,
-                "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                **({"ema": ema.state_dict()} if ema is not None else {})}
-        atomic_write(ckpt_path, lambda f: torch.save(ckpt, f))  # the previous ckpt.pt stays until this is whole
-        with ema.applied() if ema is not None else nullcontext():  # the model a user loads is the average
-            save_model(raw_model, out, extra={"train": dataclasses.asdict(cfg)})
+def compute_loss(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of a batch from `get_batch`, under the run's autocast."""
+    arch = run.model_config.arch
+    with run.autocast:
+        if arch == "decoder":  # next-token prediction
+            x, y = batch
+            logits = run.model(x)  # (B, T, V)
+        elif arch == "encoder":
+            x, y = batch
+            logits = run.raw_model.logits(run.model(x))  # (B, T, V)
+        else:  # teacher forcing: the decoder reads <s> + target and predicts target + </s>
+            src, src_mask, tgt_in, y = batch
+            logits = run.model(src, tgt_in, attention_mask=src_mask)  # (B, T, V)
+    ignore = PAD if arch == "encoder-decoder" else -100
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=ignore,
+                           label_smoothing=run.cfg.label_smoothing)
 
-    metrics = None
-    if master:
-        _trim_metrics(out / "metrics.jsonl", it if state else 0)
-        metrics = open(out / "metrics.jsonl", "a")
+
+def train_step(run: Run, note=print) -> float:
+    """One optimizer step: gradient_accumulation_steps micro-batches, the gradient's norm clipped to grad_clip, AdamW,
+    then the weight average. A non-finite loss or gradient raises TrainingStopped (on_nan=stop) or skips the update
+    and says so through `note` (on_nan=skip). Returns the step's loss, averaged over the ranks."""
+    cfg, micro_steps = run.cfg, run.cfg.gradient_accumulation_steps
+    loss_sum = 0.0
+    for micro in range(micro_steps):
+        sync = micro == micro_steps - 1  # DDP all-reduces the gradients on the last micro-batch only
+        with run.model.no_sync() if run.world > 1 and not sync else nullcontext():
+            loss = compute_loss(run, get_batch(run, "train")) / micro_steps
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.item()
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if not (math.isfinite(loss_sum) and math.isfinite(float(norm))) and not run.scaler.is_enabled():
+        what = "loss" if not math.isfinite(loss_sum) else "gradient norm"  # (fp16's scaler skips such steps itself)
+        if cfg.on_nan == "stop":
+            raise TrainingStopped(f"non-finite {what} at iteration {run.it}: stopping; the last checkpoint in "
+                                  f"{run.out} is untouched (use --on_nan skip to skip such steps)")
+        note(f"skipped iteration {run.it}: non-finite {what}")
+    else:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.world > 1:
+        loss_t = torch.tensor(loss_sum, device=run.device)
+        torch.distributed.all_reduce(loss_t)
+        loss_sum = loss_t.item() / run.world
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """val_loss and train_loss: the mean loss of eval_iters batches of each split, over all ranks; with a weight average
+    also ema_val_loss, the same validation batches through the averaged weights."""
+    def mean_loss(split):
+        total = torch.zeros((), device=run.device)
+        for _ in range(run.cfg.eval_iters):
+            total += compute_loss(run, get_batch(run, split))
+        if run.world > 1:
+            torch.distributed.all_reduce(total)
+        return total.item() / (run.cfg.eval_iters * run.world)
+
+    run.model.eval()
+    train_loss = mean_loss("train")
+    before_val = run.gen.get_state()
+    losses = {"val_loss": mean_loss("val"), "train_loss": train_loss}
+    if run.ema is not None:
+        run.gen.set_state(before_val)
+        with run.ema.applied():
+            losses["ema_val_loss"] = mean_loss("val")
+    run.model.train()
+    return losses
+
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 writes ckpt.pt (everything a resume needs), atomically: a kill at any moment leaves the previous one
+    whole; then the model folder a user loads (config.json, model.safetensors, tokenizer.json), the weight average
+    where the run keeps one."""
+    if not run.master:
+        return
+    cfg = dataclasses.asdict(run.cfg)
+    ckpt = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "iter": run.it,
+            "best_val_loss": run.best_val, "evaluated_at": run.evaluated_at, "last_eval": run.last_eval,
+            "elapsed_s": run.elapsed_before + time.perf_counter() - run.started,
+            "model_config": run.model_config.to_dict(), "train_config": cfg,
+            "data_rng": run.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
+    atomic_write(run.out / "ckpt.pt", lambda f: torch.save(ckpt, f))
+    with run.ema.applied() if run.ema is not None else nullcontext():
+        save_model(run.raw_model, run.out, extra={"train": cfg})
+
+
+def wall_time(run: Run) -> float:
+    """Seconds of training, the resumed runs' included. Under torchrun with max_minutes, the latest clock of all ranks:
+    every rank then sets the same wall-time learning rate and stops at the same iteration."""
+    elapsed = run.elapsed_before + time.perf_counter() - run.started
+    if run.cfg.max_minutes > 0 and run.world > 1:
+        latest = torch.tensor(elapsed, dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(latest, op=torch.distributed.ReduceOp.MAX)
+        elapsed = latest.item()
+    return elapsed
+
+
+class _Progress:
+    """What rank 0 reports: metrics.jsonl records (after dropping those past the resumed iteration), the progress bar,
+    notes above it, and messages through `log`. Other ranks stay silent."""
+
+    def __init__(self, run: Run, log):
+        self.metrics = self.bar = None
+        self.log = log if run.master else None
+        self.log_interval = run.cfg.log_interval
+        if run.master:
+            _trim_metrics(run.out / "metrics.jsonl", run.it)
+            self.metrics = open(run.out / "metrics.jsonl", "a")
+            if run.cfg.progress:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=run.cfg.max_iters, initial=run.it, unit="it", dynamic_ncols=True, desc="train")
+
+    def record(self, row: dict) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def step(self, row: dict) -> None:
+        """A training step's row: to metrics.jsonl every log_interval steps and on evaluations; to the bar always."""
+        if row["iter"] % self.log_interval == 0 or "val_loss" in row:
+            self.record(row)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+
+    def evaluated(self, it: int, losses: dict) -> None:
+        average = f", averaged weights {losses['ema_val_loss']:.4f}" if "ema_val_loss" in losses else ""
+        self.note(f"step {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}{average}")
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def say(self, text: str) -> None:
+        if self.log is not None:
+            self.log(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics:
+            self.metrics.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume) training; returns a summary dict (final losses, tokens/s, paths)."""
+    run = setup(cfg)
+    progress = _Progress(run, log)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    bar = None
-    if master and cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_iters, initial=it, unit="it", dynamic_ncols=True, desc="train")
-    summary = {"out_dir": str(out), "params": raw_model.num_params(), "vocab_size": mcfg.vocab_size}
-    model.train()
-    t0, run_t0, run_it0, last = time.perf_counter(), time.perf_counter(), it, {}
+    first_it, run.started = run.it, time.perf_counter()
+    t0 = run.started
     with _StopSignal() as stop:
         while True:
-            elapsed = elapsed_before + time.perf_counter() - run_t0
-            if cfg.max_minutes > 0 and world > 1:  # rank clocks differ: all take the latest, so that every rank
-                # sets the same learning rate (the wall-time cosine) and stops at the same iteration
-                latest = torch.tensor(elapsed, dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(latest, op=torch.distributed.ReduceOp.MAX)
-                elapsed = latest.item()
+            elapsed = wall_time(run)
             time_up = cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
-            lr = lr_at(cfg, it, elapsed)
-            for group in optimizer.param_groups:
+            lr = lr_at(cfg, run.it, elapsed)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            record = dict(last_eval) if evaluated_at == it else {}  # a resumed run keeps the losses of its eval
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters or time_up) and evaluated_at != it:
-                losses = evaluate()
-                evaluated_at = it
-                last_eval = dict(val_loss=losses["val"], train_loss=losses["train"])
-                if ema is not None:
-                    last_eval["ema_val_loss"] = losses["ema_val"]
-                record.update(last_eval)
-                if losses["val"] < best_val or cfg.always_save_checkpoint:
-                    best_val = min(best_val, losses["val"])
-                    if it > 0:
-                        save_checkpoint()
-                if bar is not None:
-                    ema_note = f", averaged weights {last_eval['ema_val_loss']:.4f}" if ema is not None else ""
-                    bar.write(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{ema_note}")
-            if it >= cfg.max_iters or time_up:
-                if time_up and master:
-                    log(f"max_minutes={cfg.max_minutes} reached at iteration {it}")
-                if metrics and record:
-                    metrics.write(json.dumps({"iter": it, "lr": lr, **record}) + "\n")
-                    metrics.flush()
-                last = record
+            record = dict(run.last_eval) if run.evaluated_at == run.it else {}  # a resumed run keeps its eval's losses
+            if (run.it % cfg.eval_interval == 0 or run.it == cfg.max_iters or time_up) and run.evaluated_at != run.it:
+                losses = evaluate(run)
+                run.evaluated_at, run.last_eval = run.it, losses
+                record.update(losses)
+                if losses["val_loss"] < run.best_val or cfg.always_save_checkpoint:
+                    run.best_val = min(run.best_val, losses["val_loss"])
+                    if run.it > 0:
+                        save_checkpoint(run)
+                progress.evaluated(run.it, losses)
+            done = run.it >= cfg.max_iters or time_up
+            if done:
+                if time_up:
+                    progress.say(f"max_minutes={cfg.max_minutes} reached at iteration {run.it}")
+                if record:
+                    progress.record({"iter": run.it, "lr": lr, **record})
                 break
-            loss_sum = 0.0
-            for micro in range(cfg.gradient_accumulation_steps):
-                sync = micro == cfg.gradient_accumulation_steps - 1
-                ctx = model.no_sync() if world > 1 and not sync else nullcontext()
-                with ctx:
-                    loss = loss_of(*batch("train")) / cfg.gradient_accumulation_steps
-                    scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                  cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not (math.isfinite(loss_sum) and math.isfinite(float(norm))) and not use_scaler:
-                what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
-                if cfg.on_nan == "stop":
-                    raise TrainingStopped(f"non-finite {what} at iteration {it}: stopping; the last checkpoint in "
-                                          f"{out} is untouched (use --on_nan skip to skip such steps)")
-                optimizer.zero_grad(set_to_none=True)
-                if bar is not None:
-                    bar.write(f"skipped iteration {it}: non-finite {what}")
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(run, progress.note)
             t1 = time.perf_counter()
             dt, t0 = t1 - t0, t1
-            if world > 1:
-                loss_t = torch.tensor(loss_sum, device=device)
-                torch.distributed.all_reduce(loss_t)
-                loss_sum = loss_t.item() / world
-            record.update(iter=it, loss=loss_sum, lr=lr, dt_ms=dt * 1000, tokens_per_s=tokens_per_iter / dt)
-            if metrics and (it % cfg.log_interval == 0 or "val_loss" in record):
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_per_iter / dt:,.0f}", refresh=False)
-            it += 1
+            record.update(iter=run.it, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tokens_per_iter / dt)
+            progress.step(record)
+            run.it += 1
             if stop.received:
-                save_checkpoint()
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                if master:
-                    log(f"{stop.received} received: saved a checkpoint at iteration {it} in {out}; continue with "
-                        f"`tinyformer train --out_dir {out} --resume` (and the same options)")
-                summary["interrupted"] = True
                 break
-    if bar is not None:
-        bar.close()
-    elapsed = time.perf_counter() - run_t0
-    if metrics:
-        metrics.close()
-    if not summary.get("interrupted"):
-        save_checkpoint()
-    summary.update(iters=it, val_loss=last.get("val_loss"), train_loss=last.get("train_loss"),
-                   ema_val_loss=last.get("ema_val_loss"),
-                   tokens_per_s=(it - run_it0) * tokens_per_iter / elapsed if it > run_it0 else None,
-                   seconds=elapsed)
-    if master and cfg.plot and not summary.get("interrupted"):
-        summary["plot"] = plot_losses(out / "metrics.jsonl", out / "loss.png")
-    if world > 1:
+        save_checkpoint(run)  # where the run ended, or where a signal stopped it
+    progress.close()
+    interrupted = not done  # the loop ended early only on a signal
+    seconds = time.perf_counter() - run.started
+    summary = {"out_dir": str(run.out), "params": run.raw_model.num_params(),
+               "vocab_size": run.model_config.vocab_size, "iters": run.it, "seconds": seconds,
+               "tokens_per_s": (run.it - first_it) * tokens_per_iter / seconds if run.it > first_it else None,
+               **{k: None if interrupted else record.get(k) for k in ("val_loss", "train_loss", "ema_val_loss")}}
+    if interrupted:
+        progress.say(f"{stop.received} received: saved a checkpoint at iteration {run.it} in {run.out}; continue "
+                     f"with `tinyformer train --out_dir {run.out} --resume` (and the same options)")
+        summary["interrupted"] = True
+    elif run.master and cfg.plot:
+        summary["plot"] = plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+    if run.world > 1:
         torch.distributed.barrier()
     return summary
 
