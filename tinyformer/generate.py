@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
-from tinyformer.kernels import int4_mm, int8_mm
+from tinyformer.kernels import cpu
 from tinyformer.model import Linear, _one_buffer
 from tinyformer.qlinear import Int4Linear, Int8Linear, LowRankLinear, QuantLinear
 
@@ -184,7 +184,7 @@ def _fused_row(mods):
     return _row(_kernel_weights(mods), mods) if len(mods) > 1 else None
 
 
-_FUSED = int8_mm.WeightCache()  # the stacked (int4: and repacked) weights of `_kernel_weights`, per modules' codes
+_FUSED = cpu.WeightCache()  # the stacked (int4: and repacked) weights of `_kernel_weights`, per modules' codes
 
 
 def _kernel_weights(mods):
@@ -206,16 +206,16 @@ def _kernel_weights(mods):
         w, scale = ((m0.weight, m0.scale) if len(mods) == 1 else _FUSED.get(
             tuple(t for m in mods for t in (m.weight, m.scale)), None,
             lambda: (torch.cat([m.weight for m in mods]), torch.cat([m.scale for m in mods]))))  # (sum N, K), (sum N,)
-        if (not int8_mm._have("_weight_int8pack_mm") or w.shape[1] % int8_mm.INT8PACK_K_MULTIPLE
+        if (not cpu._have("_weight_int8pack_mm") or w.shape[1] % cpu.INT8PACK_K_MULTIPLE
                 or not w.is_contiguous() or w.data_ptr() % 64):  # the cases int8_weight_only_matmul_cpu avoids
             return None
         return "int8", w, scale.to(torch.bfloat16)
     if any((m.n_in, m.k_pad, m.group_size) != (m0.n_in, m0.k_pad, m0.group_size) for m in mods):
         return None
-    p = (int4_mm._prepacked(m0.weight_packed, m0.scales, m0.zeros, m0.group_size) if len(mods) == 1 else _FUSED.get(
+    p = (cpu._prepacked(m0.weight_packed, m0.scales, m0.zeros, m0.group_size) if len(mods) == 1 else _FUSED.get(
         tuple(t for m in mods for t in (m.weight_packed, m.scales, m.zeros)), m0.group_size,
-        lambda: int4_mm.Int4PackedCPU(*(torch.cat([getattr(m, n) for m in mods])  # (sum N, ...)
-                                        for n in ("weight_packed", "scales", "zeros")), m0.group_size)))
+        lambda: cpu.Int4PackedCPU(*(torch.cat([getattr(m, n) for m in mods])  # (sum N, ...)
+                                    for n in ("weight_packed", "scales", "zeros")), m0.group_size)))
     return ("int4", p.packed, p.group_size, p.scale_and_zero, m0.n_in, p.K) if p.fast else None  # p.K = m0.k_pad
 
 

@@ -19,8 +19,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyformer.kernels import reference
-from tinyformer.kernels.int8_mm import onednn_bf16
+from tinyformer.kernels import cpu, reference
+from tinyformer.kernels.device import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _backend = os.environ.get("TINYFORMER_BACKEND", "auto")
@@ -69,10 +69,10 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: f
             # training under CPU bf16 autocast: torch's CPU flash-attention backward is ~4x slower in bf16 than in
             # fp32 (baby GPT: 12.4 vs 2.8 ms a step), so attention runs in fp32 and the output goes back to bf16
             with torch.autocast("cpu", enabled=False):
-                out = reference.sdpa_attention(q.float(), k.float(), v.float(), causal, scale, key_padding_mask,
+                out = cpu.sdpa_attention(q.float(), k.float(), v.float(), causal, scale, key_padding_mask,
                                                dropout_p=dropout_p)
             return out.to(q.dtype)
-        return reference.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p)
+        return cpu.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p)
     if backend == "reference":
         return reference.attention(q, k, v, causal, scale, key_padding_mask, upcast=False)
     from tinyformer.kernels import attention as triton_attention
@@ -118,29 +118,29 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
     """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype: weight-only (W8A16), or W8A8 with
     x quantized per token to int8 (exact int32 accumulation). torch backend on CPU: torch's packed int8 kernel
     (bf16 activations) / torch._int_mm."""
-    from tinyformer.kernels import int8_mm, quant
+    from tinyformer.kernels import int8_matmul, int8_weight_only_matmul, quant, quantize_per_token
     backend = get_backend(x.device)
     if backend == "triton":
         if activations:
-            q, s = int8_mm.quantize_per_token(x)
-            return int8_mm.int8_matmul(q, weight, s, scale, bias).to(x.dtype)
-        return int8_mm.int8_weight_only_matmul(x, weight, scale, bias)
+            q, s = quantize_per_token(x)
+            return int8_matmul(q, weight, s, scale, bias).to(x.dtype)
+        return int8_weight_only_matmul(x, weight, scale, bias)
     if activations:
         q, s = quant.quantize_per_token_int8(x)
-        mm = int8_mm.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
+        mm = cpu.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
         return mm(q, weight, s, scale, bias).to(x.dtype)
     if backend == "torch" and x.device.type == "cpu":
-        return int8_mm.int8_weight_only_matmul_cpu(x, weight, scale, bias)
+        return cpu.int8_weight_only_matmul_cpu(x, weight, scale, bias)
     return reference.int8_weight_only_matmul(x, weight, scale, bias)
 
 
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
     backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight."""
-    from tinyformer.kernels import int4_mm
+    from tinyformer.kernels import int4_matmul
     backend = get_backend(x.device)
     if backend == "triton":
-        return int4_mm.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
+        return int4_matmul(x, w_packed, scales, zeros, group_size, bias)
     if backend == "torch" and x.device.type == "cpu":
-        return int4_mm.int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
+        return cpu.int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
     return reference.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
