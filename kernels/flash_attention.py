@@ -741,7 +741,7 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
 
     Arguments are validated before anything is launched (ValueError/TypeError naming the argument). CUDA tensors
     and CPU tensors under TRITON_INTERPRET=1 run the Triton kernels (`plan` says which path); other CPU tensors run
-    torch SDPA (`reference.sdpa_attention`)."""
+    torch SDPA (`cpu.sdpa_attention`)."""
     check_attention_args(q, k, v, key_padding_mask)
     scale = _check_scale(scale, q.shape[-1])
     p = plan(q, k, v, causal, key_padding_mask)
