@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=["tinyformer", "tinyformer.kernels"],
     package_dir={"tinyformer": "tinyformer", "tinyformer.kernels": "kernels"},
+    package_data={"tinyformer.kernels": ["configs.csv"]},  # the kernels' GPU launch configurations
     install_requires=[
         "numpy",
         "torch>=2.4",

@@ -35,7 +35,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # the kernels must be decorated in interpreter mode, so set it before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tinyformer.kernels import flash_attention as fa  # noqa: E402
+from tinyformer.kernels import cpu, device, flash_attention as fa  # noqa: E402
 from tinyformer.kernels import reference as ref  # noqa: E402
 from common import append_rows, versions  # noqa: E402  (benchmarks/common.py)
 
@@ -183,7 +183,7 @@ SWEEP = [  # (B, Hq, Hkv, Tq, Tk, D): ragged, GQA, Tq < Tk, Tq > Tk
 
 def run_cpu_sweep(args):
     """Max error against fp64 of the kernel (interpreter) and of plain torch in the same dtype, fwd and grads."""
-    if not (fa.HAS_TRITON and fa.INTERPRET):
+    if not (device.HAS_TRITON and device.INTERPRET):
         print("correctness sweep skipped: needs triton with TRITON_INTERPRET=1 set before the import")
         return []
     rows = []
@@ -219,7 +219,7 @@ def run_cpu_timing(args):
     from torch.utils import benchmark
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     rows = []
-    provs = {"sdpa_cpu": ref.sdpa_attention, "reference_cpu": ref.attention}
+    provs = {"sdpa_cpu": cpu.sdpa_attention, "reference_cpu": ref.attention}
     for B, Hq, Hkv, T, D, causal in shapes(args, "256,512,1024"):
         for pname, fn in provs.items():
             q, k, v = make_qkv(B, Hq, Hkv, T, D, dtype, "cpu", requires_grad=True)

@@ -28,7 +28,7 @@ def machine_name() -> str:
     except OSError:
         pass
     import torch  # imported here (every script has it already) so that the report's reader side needs no torch
-    from tinyformer.train import cpu_has_bf16
+    from tinyformer.kernels.device import cpu_has_bf16
     isa = torch.backends.cpu.get_cpu_capability() + (" with bf16" if cpu_has_bf16() else "")
     return f"{cpu} ({os.cpu_count()} cpus, {isa})"
 

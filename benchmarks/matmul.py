@@ -7,7 +7,7 @@ bf16, and torch._int_mm, timed replayed from a CUDA graph (triton.testing.do_ben
 `--timer launch`: do_bench, the Python launch path included) (median, 20th and 80th percentiles); TFLOP/s (TOPS for
 int8) = 2 M N K / t and GB/s = bytes of weight + activations + output / t. Default shapes: decode M = 1, 4, 16 and
 prefill M = 512, 1024, 4096 for (K, N) in (1024, 1024), (4096, 4096), (4096, 11008), (8192, 8192).
-On CPU (no interpreter: torch's own kernels, see kernels/int8_mm.py and kernels/int4_mm.py): each path with the
+On CPU (no interpreter: torch's own kernels, see kernels/cpu.py): each path with the
 activation dtype it is fast in (bf16 for torch's packed weight-only kernels, int8 for torch._int_mm), plus the same
 call with fp32 activations (cast inside), against the fp32 torch.matmul anchor; torch.utils.benchmark on --threads
 threads, in --rounds rounds over all paths (per-call times pooled; median, or minimum with --stat min). When the
@@ -81,19 +81,19 @@ def make_operands(M, K, N, G, device):
 
 
 def cpu_paths(o, G) -> List[tuple]:
-    from tinyformer.kernels import int4_mm, int8_mm, quant
+    from tinyformer.kernels import cpu, quant
     x32, w32 = o["x"], o["w"]
     xb = x32.to(torch.bfloat16)
     wb = w32.to(torch.bfloat16)
-    pre = int4_mm.prepack_int4_cpu(o["w4"], o["s4"], o["z4"], G)  # repacked once, as a quantized linear would
+    pre = cpu.prepack_int4_cpu(o["w4"], o["s4"], o["z4"], G)  # repacked once, as a quantized linear would
     paths = [
         ("torch.matmul fp32 (anchor)", "fp32", lambda: x32 @ w32.T),
         ("torch.matmul bf16", "bf16", lambda: xb @ wb.T),
-        ("w8a8 torch._int_mm", "int8", lambda: int8_mm.int8_matmul_cpu(o["a8"], o["w8"], o["a_scale"], o["w8_scale"])),
+        ("w8a8 torch._int_mm", "int8", lambda: cpu.int8_matmul_cpu(o["a8"], o["w8"], o["a_scale"], o["w8_scale"])),
         ("w8a8 + per-token quant", "fp32",
-         lambda: int8_mm.int8_matmul_cpu(*_q(quant, x32, o))),
-        ("int8 weight-only", "bf16", lambda: int8_mm.int8_weight_only_matmul_cpu(xb, o["w8"], o["w8_scale"])),
-        ("int8 weight-only", "fp32", lambda: int8_mm.int8_weight_only_matmul_cpu(x32, o["w8"], o["w8_scale"])),
+         lambda: cpu.int8_matmul_cpu(*_q(quant, x32, o))),
+        ("int8 weight-only", "bf16", lambda: cpu.int8_weight_only_matmul_cpu(xb, o["w8"], o["w8_scale"])),
+        ("int8 weight-only", "fp32", lambda: cpu.int8_weight_only_matmul_cpu(x32, o["w8"], o["w8_scale"])),
         (f"int4 weight-only g{G}", "bf16", lambda: pre.matmul(xb)),
         (f"int4 weight-only g{G}", "fp32", lambda: pre.matmul(x32)),
     ]
@@ -109,7 +109,7 @@ def _q(quant, x32, o):
 
 
 def gpu_paths(o, G) -> List[tuple]:
-    from tinyformer.kernels import int4_mm, int8_mm
+    from tinyformer.kernels import int4_matmul, int8_matmul, int8_weight_only_matmul
     xh, wh = o["x"].half(), o["w"].half()
     xb, wb = o["x"].bfloat16(), o["w"].bfloat16()
     s4h, z4h = o["s4"].half(), o["z4"].half()
@@ -119,20 +119,21 @@ def gpu_paths(o, G) -> List[tuple]:
     paths = [
         ("torch.matmul fp16 (anchor)", "fp16", lambda: xh @ wh.T),
         ("torch.matmul bf16", "bf16", lambda: xb @ wb.T),
-        ("w8a8 triton", "int8", lambda: int8_mm.int8_matmul(o["a8"], o["w8"], o["a_scale"], o["w8_scale"],
-                                                            out_dtype=torch.float16)),
-        ("w8a8 triton + per-token quant", "fp16", lambda: _w8a8_dynamic(int8_mm, xh, o)),
-        ("int8 weight-only triton", "fp16", lambda: int8_mm.int8_weight_only_matmul(xh, o["w8"], o["w8_scale"])),
-        (f"int4 weight-only triton g{G}", "fp16", lambda: int4_mm.int4_matmul(xh, o["w4"], s4h, z4h, G)),
+        ("w8a8 triton", "int8", lambda: int8_matmul(o["a8"], o["w8"], o["a_scale"], o["w8_scale"],
+                                                    out_dtype=torch.float16)),
+        ("w8a8 triton + per-token quant", "fp16", lambda: _w8a8_dynamic(xh, o)),
+        ("int8 weight-only triton", "fp16", lambda: int8_weight_only_matmul(xh, o["w8"], o["w8_scale"])),
+        (f"int4 weight-only triton g{G}", "fp16", lambda: int4_matmul(xh, o["w4"], s4h, z4h, G)),
     ]
     if M > 16 and K % 8 == 0 and N % 8 == 0:  # torch._int_mm's CUDA constraints
         paths.insert(2, ("torch._int_mm", "int8", lambda: torch._int_mm(o["a8"], w8t)))
     return paths
 
 
-def _w8a8_dynamic(int8_mm, xh, o):
-    a, s = int8_mm.quantize_per_token(xh)  # (M, K) int8, (M,) fp32: the fused Triton quantizer
-    return int8_mm.int8_matmul(a, o["w8"], s, o["w8_scale"], out_dtype=torch.float16)
+def _w8a8_dynamic(xh, o):
+    from tinyformer.kernels import int8_matmul, quantize_per_token
+    a, s = quantize_per_token(xh)  # (M, K) int8, (M,) fp32: the fused Triton quantizer
+    return int8_matmul(a, o["w8"], s, o["w8_scale"], out_dtype=torch.float16)
 
 
 def check(paths, o, G):

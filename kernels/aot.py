@@ -1,21 +1,25 @@
 """Ahead-of-time compile report for tinyformer's Triton kernels, on a machine without a GPU.
 
-`python -m tinyformer.kernels.aot [--targets 80,90] [--filter TEXT] [--csv PATH] [--jobs N]` compiles every kernel
-configuration that the launchers can pick (the `aot_specs()` of kernels/flash_attention.py, int8_mm.py and
-int4_mm.py) for sm_80 and sm_90 with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole
-pipeline TTIR -> TTGIR -> LLIR -> PTX -> cubin runs here, with the ptxas bundled in the triton wheel. For each
-kernel and target it prints registers per thread, spill stores/loads (the `ptxas -v` log of triton's own cubin
-step, or ptxas -v run again on the PTX when the cubin came from a warm cache), shared memory
-(`ck.metadata.shared`) and the compile time. Exit status: 1 if any compile fails, if a shipped forward
-configuration spills (other spills are reported as warnings) or if nothing matched, else 0. By default a fresh
-temporary triton cache is used, so the compile times are real (--cache reuses ~/.triton/cache).
+`python -m tinyformer.kernels.aot [--targets 80,90] [--filter TEXT] [--csv PATH] [--jobs N] [--write-configs]`
+compiles every kernel configuration that the launchers can pick (the candidates of configs.csv, as each op's launcher
+looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes) for sm_80 and sm_90 with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR ->
+PTX -> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints registers
+per thread, spill stores/loads (the `ptxas -v` log of triton's own cubin step, or ptxas -v run again on the PTX when
+the cubin came from a warm cache), shared memory (`ck.metadata.shared`) and the compile time. Exit status: 1 if any
+compile fails, if a shipped forward configuration spills (other spills are reported as warnings) or if nothing
+matched, else 0. By default a fresh temporary triton cache is used, so the compile times are real (--cache reuses
+~/.triton/cache). `--write-configs` writes the measurements back into configs.csv (the worst per row over its
+compiles), keeping its rows; without it, a full run says how many rows of configs.csv its measurements contradict.
 
 The interpreter cannot show register pressure or shared-memory overflow; this report can, so CI runs it.
 Measured facts behind it: shared/TRITON_ON_CPU.md ("Ahead-of-time compile for real GPUs, without a GPU").
 
 A spec is a dict: name, fn (a JITFunction), signature {arg: "*fp16" | "i32" | "fp32" | "constexpr" ...},
-constexprs {arg: value}, num_warps, num_stages, optional targets [80, 90], optional divisible_by_16 [arg names the
-JIT would mark 16-aligned], optional shipped_forward (bool: a spill there is an error).
+constexprs {arg: value}, num_warps, num_stages, targets [80 or 90], divisible_by_16 [arg names the JIT would mark
+16-aligned on contiguous tensors], shipped_forward (bool: a spill there is an error) and row (its configs.csv row).
+Specs are typed the way the JIT specialises a call on contiguous tensors: unit strides become constexpr 1 (so loads
+vectorise), pointers and the other strides are marked 16-divisible.
 
 References: Triton's compiler API (triton.compiler.ASTSource, triton.backends.compiler.GPUTarget); NVIDIA ptxas -v
 resource report.
@@ -25,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib
 import io
 import os
 import re
@@ -35,32 +38,212 @@ import tempfile
 import time
 from typing import List, Optional
 
-MODULES = ("flash_attention", "int8_mm", "int4_mm")
+import torch
+
+from . import configs, flash_attention as fa, int4_mm
+from .device import tl
+from .int8_mm import _int8_matmul_kernel
+from .int8_wo_mm import _int8_weight_only_kernel
+from .matmul import matmul_configs
+from .per_token_quant import _quantize_per_token_kernel
+
 DEFAULT_TARGETS = (80, 90)
 _PKG = __package__ or "tinyformer.kernels"
 
 
+# ======================================================================================================================
+# Specs: every configuration each launcher can pick
+# ======================================================================================================================
+def _signature(fn, ptrs: dict, constexprs: dict, floats=()) -> dict:
+    """Argument types of fn: pointers as given, constexprs, fp32 scalars, every other argument i32."""
+    return {n: "constexpr" if n in constexprs else ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
+            for n in fn.arg_names}
+
+
+def _spec(name, fn, ptrs, constexprs, c, arch, divisible_by_16, shipped_forward=True, floats=()) -> dict:
+    return dict(name=name, fn=fn, signature=_signature(fn, ptrs, constexprs, floats), constexprs=constexprs,
+                num_warps=c.num_warps, num_stages=c.num_stages, targets=[arch], divisible_by_16=divisible_by_16,
+                shipped_forward=shipped_forward, row=c.row)
+
+
+ATTN_HEAD_DIMS = (16, 32, 64, 80, 128, 256)  # one per BLOCK_D bucket, plus 80: a padded member of the 128 bucket
+_ATTN_IO_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+_ATTN_FP32_PTRS = ("LSE", "DELTA", "OP", "LP", "KB")
+ATTN_KPM_KERNELS = ("fwd",)  # kernels with a HAS_KPM constexpr; the others always read the key bias
+_ATTN_FNS = {"fwd": "_attn_fwd_kernel", "decode": "_attn_decode_kernel",
+             "decode_combine": "_attn_decode_combine_kernel", "bwd_preprocess": "_attn_bwd_preprocess_kernel",
+             "bwd_dkdv": "_attn_bwd_dkdv_kernel", "bwd_dq": "_attn_bwd_dq_kernel"}
+
+
+def _ty(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def attention_spec(kind: str, head_dim: int, dtype: torch.dtype, arch: int, cfg: fa.KernelConfig,
+                   has_kpm: bool = False) -> dict:
+    """One compile spec of a flash_attention kernel: kind (flash_attention.KERNELS), head dim, fp16/bf16, target,
+    a KernelConfig, and for the forward whether it reads a key padding mask."""
+    fn = getattr(fa, _ATTN_FNS[kind])
+    ce = dict(HEAD_DIM=head_dim, BLOCK_D=fa.block_d(head_dim))
+    if kind in ATTN_KPM_KERNELS:
+        ce.update(HAS_KPM=has_kpm)
+    elif has_kpm:
+        raise ValueError(f"{kind} has no mask variant (it always reads the key bias)")
+    if kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
+        ce.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=False, DOT_PREC="ieee")
+    elif kind == "bwd_preprocess":
+        ce.update(BLOCK_M=cfg.block_m)
+    else:  # decode_combine: BLOCK_S is the split count rounded up to a power of two, at most DECODE_MAX_SPLITS
+        ce.update(BLOCK_S=fa.DECODE_MAX_SPLITS, BLOCK_R=cfg.block_m)
+    ce.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
+    ptrs = {n: "*fp32" for n in _ATTN_FP32_PTRS}
+    ptrs.update({n: "*" + _ty(dtype) for n in _ATTN_IO_PTRS})
+    div16 = [n for n in fn.arg_names if n in ptrs
+             or (n.startswith("stride_") and n[-1] in "bhmn" and not n.startswith("stride_m") and n not in ce)]
+    tile = f"m{cfg.block_m}" + (f"n{cfg.block_n}" if cfg.block_n else "")
+    name = (f"attn_{kind}_d{head_dim}_{_ty(dtype)}{'_kpm' if has_kpm else ''}_{tile}w{cfg.num_warps}"
+            f"s{cfg.num_stages}")
+    return _spec(name, fn, {n: t for n, t in ptrs.items() if n in fn.arg_names}, ce, cfg, arch, div16,
+                 shipped_forward=kind in ("fwd", "decode"), floats=("qk_scale", "sm_scale"))
+
+
+def attention_specs() -> List[dict]:
+    """Every flash_attention config the launchers can pick on sm_80 and sm_90: each kernel x head-dim bucket
+    (ATTN_HEAD_DIMS) x fp16/bf16 x every candidate and decode BLOCK_M. Causal and non-causal share one binary (causal
+    is a runtime offset); the forward with and without a key padding mask; decode, dQ and dK/dV always read the bias.
+    fp32 inputs are not in the set."""
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for dtype in (torch.float16, torch.bfloat16):
+            for D in ATTN_HEAD_DIMS:
+                for kind in fa.KERNELS:
+                    for has_kpm in ((False, True) if kind in ATTN_KPM_KERNELS else (False,)):
+                        for rows in ((16, 64) if kind == "decode" else (1,)):
+                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm):
+                                specs.append(attention_spec(kind, D, dtype, arch, c, has_kpm=has_kpm))
+    return specs
+
+
+def _dot_dtype(ty: str):
+    return tl.float16 if ty == "fp16" else tl.bfloat16
+
+
+def _tile(c) -> str:
+    return f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
+
+
+def int8_specs() -> List[dict]:
+    """W8A8 prefill and decode with the fused epilogue (fp16 output, bias; EPILOGUE off shares the main loop)."""
+    fn = _int8_matmul_kernel
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for kind in ("w8a8", "w8a8_decode"):
+            for c in matmul_configs(kind, arch):
+                ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, EPILOGUE=True, BLOCK_M=c.block_m,
+                          BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+                ptrs = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*fp16", "a_scale_ptr": "*fp32",
+                        "b_scale_ptr": "*fp32", "bias_ptr": "*fp16"}
+                specs.append(_spec(f"int8_mm.{kind}_{_tile(c)}", fn, ptrs, ce, c, arch,
+                                   [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"]))
+    return specs
+
+
+def int8_wo_specs() -> List[dict]:
+    """int8 weight-only prefill (full epilogue) and decode (split-K fp32 partials), fp16 and bf16 activations."""
+    fn = _int8_weight_only_kernel
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for kind in ("wo", "wo_decode"):
+            for c in matmul_configs(kind, arch):
+                for ty in ("fp16", "bf16"):
+                    split = kind == "wo_decode"
+                    ce = dict(stride_xk=1, stride_wk=1, stride_on=1, HAS_BIAS=not split, SPLIT_K=4 if split else 1,
+                              DOT_DTYPE=_dot_dtype(ty), DOT_PREC="ieee",
+                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+                    ptrs = {"x_ptr": f"*{ty}", "w_ptr": "*i8", "s_ptr": "*fp32", "bias_ptr": f"*{ty}",
+                            "out_ptr": "*fp32" if split else f"*{ty}"}
+                    specs.append(_spec(f"int8_wo_mm.{kind}_{ty}_{_tile(c)}", fn, ptrs, ce, c, arch,
+                                       [*ptrs, "N", "K", "stride_xm", "stride_wn", "stride_os", "stride_om",
+                                        "K_SPLIT"]))
+    return specs
+
+
+def per_token_quant_specs() -> List[dict]:
+    """The per-token activation quantizer, fp16 and bf16 inputs."""
+    fn = _quantize_per_token_kernel
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for c in matmul_configs("quant", arch):
+            for ty in ("fp16", "bf16"):
+                ptrs = {"x_ptr": f"*{ty}", "q_ptr": "*i8", "s_ptr": "*fp32"}
+                ce = dict(stride_xk=1, stride_qk=1, BLOCK_K=c.block_k)
+                specs.append(_spec(f"per_token_quant.{ty}_k{c.block_k}_w{c.num_warps}", fn, ptrs, ce, c, arch,
+                                   [*ptrs, "K", "stride_xm", "stride_qm"]))
+    return specs
+
+
+INT4_GROUP_SIZES = (32, 64, 128)  # block_k capped at 32 and 64, and the table's own (G >= 128 compiles like 128)
+
+
+def int4_specs() -> List[dict]:
+    """int4 per path (one row, decode, prefill) x candidate x group-size bucket x fp16/bf16 activations; decode and
+    one-row specs write split-K fp32 partials, prefill specs run the full epilogue with bias."""
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for M, kind in ((2, "i4_decode"), (512, "i4")):
+            split = kind == "i4_decode"
+            for G in INT4_GROUP_SIZES:
+                for c in int4_mm.int4_configs(M, G, arch):
+                    for ty in ("fp16", "bf16"):
+                        ptrs = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
+                                "bias_ptr": f"*{ty}", "out_ptr": "*fp32" if split else f"*{ty}"}
+                        ce = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G,
+                                  HAS_BIAS=not split, SPLIT_K=4 if split else 1, EVEN_K=True,
+                                  DOT_DTYPE=_dot_dtype(ty),
+                                  DOT_PREC="ieee", BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                                  GROUP_M=c.group_m)
+                        specs.append(_spec(f"int4_mm.{kind}_{ty}_g{G}_{_tile(c)}", int4_mm._int4_matmul_kernel,
+                                           ptrs, ce, c, arch,
+                                           [*ptrs, "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
+                                            "stride_os", "stride_om", "K_SPLIT"]))
+        for G in INT4_GROUP_SIZES:  # the one-row kernel: split-K fp32 partials, fp16/bf16 activations
+            for c in int4_mm.int4_configs(1, G, arch):
+                for ty in ("fp16", "bf16"):
+                    ptrs = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
+                            "bias_ptr": f"*{ty}", "out_ptr": "*fp32"}
+                    ce = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, GROUP_SIZE=G, HAS_BIAS=False,
+                              SPLIT_K=4, EVEN_K=True, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+                    specs.append(_spec(f"int4_mm.i4_gemv_{ty}_g{G}_{c.block_n}x{c.block_k}_w{c.num_warps}"
+                                       f"s{c.num_stages}", int4_mm._int4_gemv_kernel, ptrs, ce, c, arch,
+                                       [*ptrs, "N", "K", "stride_wn", "stride_sn", "stride_zn", "stride_os",
+                                        "K_SPLIT"]))
+    return specs
+
+
+# the report's groups: one per op file
+SPEC_GROUPS = {"flash_attention": attention_specs, "int8_mm": int8_specs, "int8_wo_mm": int8_wo_specs,
+               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs}
+MODULES = tuple(SPEC_GROUPS)
+
+
+def all_specs() -> List[dict]:
+    return [s for build in SPEC_GROUPS.values() for s in build()]
+
+
 def _load_specs(modules) -> tuple:
-    """[(module, index, spec)] for every spec; a missing int8_mm/int4_mm is a note, any other import error fails."""
-    rows, notes, failures = [], [], []
+    """[(module, index, spec)] for every spec of the named groups, and the failures (unknown names, import errors)."""
+    rows, failures = [], []
     for name in modules:
+        if name not in SPEC_GROUPS:
+            failures.append(f"unknown module {name!r} (one of {', '.join(MODULES)})")
+            continue
         try:
-            mod = importlib.import_module(f"{_PKG}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{_PKG}.{name}" and name != "flash_attention":
-                notes.append(f"note: {_PKG}.{name} does not exist yet; skipped")
-                continue
-            failures.append(f"import {_PKG}.{name} failed: {e!r}")
+            specs = SPEC_GROUPS[name]()
+        except Exception as e:  # noqa: BLE001 - an import or lookup error is a failure to report
+            failures.append(f"{_PKG}.{name}: building its specs failed: {e!r}")
             continue
-        except Exception as e:  # noqa: BLE001 - any other import error is a failure to report
-            failures.append(f"import {_PKG}.{name} failed: {e!r}")
-            continue
-        if not hasattr(mod, "aot_specs"):
-            failures.append(f"{_PKG}.{name} has no aot_specs()")
-            continue
-        for i, spec in enumerate(mod.aot_specs()):
-            rows.append((name, i, spec))
-    return rows, notes, failures
+        rows += [(name, i, spec) for i, spec in enumerate(specs)]
+    return rows, failures
 
 
 def _interpreted(rows) -> bool:
@@ -71,12 +254,15 @@ def _interpreted(rows) -> bool:
 _SPEC_CACHE: dict = {}
 
 
-def _spec(module: str, index: int) -> dict:
+def _cached_spec(module: str, index: int) -> dict:
     if module not in _SPEC_CACHE:
-        _SPEC_CACHE[module] = importlib.import_module(f"{_PKG}.{module}").aot_specs()
+        _SPEC_CACHE[module] = SPEC_GROUPS[module]()
     return _SPEC_CACHE[module][index]
 
 
+# ======================================================================================================================
+# Compile and report
+# ======================================================================================================================
 def ptxas_usage(ptx: str, arch: int) -> dict:
     """Run the bundled ptxas -v on PTX; returns registers, spill_stores, spill_loads, stack (bytes)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -109,14 +295,14 @@ def parse_ptxas_log(log: str) -> Optional[dict]:
 
 def compile_one(module: str, index: int, arch: int) -> dict:
     """Compile spec `index` of `module` for one target; returns a report row (error set on failure)."""
-    return compile_spec(_spec(module, index), arch, module)
+    return compile_spec(_cached_spec(module, index), arch, module)
 
 
 def compile_spec(spec: dict, arch: int, module: str = "") -> dict:
     """Compile one spec dict for one target; returns a report row (error set on failure)."""
     row = dict(module=module, name=spec["name"], target=f"sm_{arch}", num_warps=spec["num_warps"],
                num_stages=spec["num_stages"], registers="", spill_stores="", spill_loads="", shared="",
-               compile_s="", shipped_forward=bool(spec.get("shipped_forward", False)), error="")
+               compile_s="", shipped_forward=bool(spec.get("shipped_forward", False)), row=spec.get("row"), error="")
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -145,13 +331,15 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m tinyformer.kernels.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)),
                     help="comma-separated CUDA compute capabilities (default 80,90)")
-    ap.add_argument("--modules", default=",".join(MODULES), help="kernel modules to read aot_specs() from")
+    ap.add_argument("--modules", default=",".join(MODULES), help="the op files whose kernels to compile")
     ap.add_argument("--filter", default="", help="only specs whose name contains this text")
     ap.add_argument("--limit", type=int, default=0, help="at most this many specs per target (0 = all)")
     ap.add_argument("--csv", default="", help="also write the rows to this CSV file")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     ap.add_argument("--cache", action="store_true",
                     help="reuse triton's compile cache (default: a fresh temporary one, so compile times are real)")
+    ap.add_argument("--write-configs", nargs="?", const=configs.PATH, default="", metavar="PATH",
+                    help="write the measurements into configs.csv (or PATH), refreshing the rows compiled")
     return ap.parse_args(argv)
 
 
@@ -173,9 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     targets = [int(t) for t in args.targets.split(",") if t.strip()]
-    rows, notes, failures = _load_specs([m.strip() for m in args.modules.split(",") if m.strip()])
-    for n in notes:
-        print(n)
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()]
+    rows, failures = _load_specs(modules)
     if _interpreted(rows):
         print("aot: the kernels were imported under the interpreter in this process; re-running in a clean one",
               flush=True)
@@ -246,6 +433,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             w.writeheader()
             w.writerows(results)
         print(f"aot: wrote {args.csv}")
+    table = list(configs.read())
+    refreshed = configs.refresh(table, results)
+    if args.write_configs:
+        configs.write(refreshed, args.write_configs)
+        print(f"aot: refreshed the measured columns of {len({r['row'] for r in results if r['row'] is not None})} "
+              f"rows of {args.write_configs}")
+    elif not args.filter and not args.limit and set(modules) == set(MODULES) and set(targets) == set(DEFAULT_TARGETS):
+        stale = sum(1 for old, new in zip(table, refreshed) if old != new)
+        if stale:
+            print(f"aot: {stale} rows of configs.csv differ from these measurements (another triton or ptxas?); "
+                  f"`python -m {_PKG}.aot --write-configs` refreshes them")
     return 1 if (errors or failures or spill_errors) else 0
 
 

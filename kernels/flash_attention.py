@@ -1,9 +1,9 @@
 """Fused attention in Triton: FlashAttention-2 forward and backward, and a split-KV decode path.
 
 `attention(q, k, v, causal=False, scale=None, key_padding_mask=None)` is tinyformer's attention op (contract in
-shared/API.md; pure-torch reference `tinyformer.kernels.reference.attention`). It runs Triton kernels on CUDA tensors
+docs/API.md; pure-torch reference `tinyformer.kernels.reference.attention`). It runs Triton kernels on CUDA tensors
 and, under TRITON_INTERPRET=1, on CPU tensors; on CPU without the interpreter (and where triton is not installed) it
-uses torch's fused SDPA (`reference.sdpa_attention`, the same contract).
+uses torch's fused SDPA (`cpu.sdpa_attention`, the same contract).
 
 References:
 - Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning": a Q tile per program
@@ -15,8 +15,8 @@ References:
   softmax with log2(e) folded into the scale, and splitting the key loop into an unmasked part and a masked part.
 - Ainslie et al. 2023 (GQA): query head h reads k/v head h // (Hq // Hkv); repeated K/V are never materialised.
 
-Layout of this file: @triton.jit kernels -> launchers, which take blocks/warps/stages from ONE heuristic
-(`kernel_configs`) -> `_FlashAttention` (torch.autograd.Function) -> public `attention`, `plan` and `aot_specs`.
+Layout of this file: @triton.jit kernels -> ONE heuristic (`kernel_configs`: blocks, warps and stages from
+configs.csv) -> launchers -> `_FlashAttention` (torch.autograd.Function) -> public `attention` and `plan`.
 
 Legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv (group), Tq query length, Tk key length,
 D head dim, BLOCK_D = next power of two >= D (padded lanes are masked), S number of KV splits (decode),
@@ -26,19 +26,20 @@ recomputed P = 2^(s2 - lse2) is exactly 0 there (no NaN).
 """
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
 
+import dataclasses
 import functools
 import math
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-from .device import HAS_TRITON, INTERPRET, tl, triton  # noqa: F401  (HAS_TRITON: public)
-from .device import cdiv, cuda_arch as _cuda_arch, cuda_index as _cuda_index, num_sms as _num_sms
-from .reference import check_attention_args, sdpa_attention
+from .configs import arch_family, candidates
+from .cpu import sdpa_attention
+from .device import INTERPRET, arch_of, backend_of, cdiv, cuda_index, num_sms, tl, triton
+from .reference import check_attention_args
 
 LOG2E = 1.4426950408889634
 
@@ -367,8 +368,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi). The key bias is always read (without a mask: a
-    single 0 with zero strides): BLOCK_N floats per tile next to two (BLOCK_N, D) tiles, fused into the scaling
-    FMA; measured +3 to +35 registers, no spills, and it halves the dQ binaries to compile."""
+    single 0 with zero strides): BLOCK_N floats per tile next to two (BLOCK_N, D) tiles, fused into the scaling FMA,
+    so one dQ binary serves both cases."""
     d_ok = offs_d < HEAD_DIM
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -445,7 +446,7 @@ def _attn_bwd_dq_kernel(
 
 
 # ======================================================================================================================
-# One heuristic: blocks, warps and stages per kernel, head dim, dtype and GPU generation
+# One heuristic: blocks, warps and stages per kernel, head dim, dtype and GPU generation (GPU rows: configs.csv)
 # ======================================================================================================================
 @dataclass(frozen=True)
 class KernelConfig:
@@ -453,87 +454,12 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    row: Optional[int] = dataclasses.field(default=None, compare=False, repr=False)  # its configs.csv row
 
 
 KERNELS = ("fwd", "decode", "decode_combine", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+FIXED_TILE_KERNELS = ("decode_combine", "bwd_preprocess")  # no K/V tile loop: neither dtype nor stage rules apply
 
-# GPU table: (kind, arch family, BLOCK_D[, variant]) -> candidates for fp16/bf16, default first (the only one used
-# when autotuning is off, and for decode and backward). Every entry is compiled for sm_80 and sm_90 by
-# `python -m tinyformer.kernels.aot`, which reports registers/spills/shared memory; the numbers in the comments are
-# its measurements (fp16, triton 3.9 and its bundled ptxas; bf16 gives the same numbers except +-4 registers in the
-# preprocess kernel).
-_GPU_TABLE = {
-    # ---- forward: BLOCK_M x BLOCK_N, warps, stages. A (128, 64) tile on 4 warps spilled 20 B on sm_80 at
-    # D=64 (255 regs); on 8 warps it takes 155 regs.
-    ("fwd", "sm80", 16): [KernelConfig(128, 64, 4, 3)],  # 163 regs
-    ("fwd", "sm80", 32): [KernelConfig(128, 64, 4, 3)],  # 180 regs
-    ("fwd", "sm80", 64): [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3)],  # 155 / 156 regs
-    ("fwd", "sm80", 128): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 8, 3)],  # 219 (D=80: 226) / 194
-    # (128, 64) at D=128 with the key-padding bias: 255 regs + 8 B spills; (128, 32): 200 regs
-    ("fwd", "sm80", 128, "kpm"): [KernelConfig(128, 32, 8, 3)],
-    # D=256: (64, 64) on 8 warps sat at 255 regs (no spill, no margin), so only (64, 32): 174 regs, 182 with mask
-    ("fwd", "sm80", 256): [KernelConfig(64, 32, 8, 2)],
-    ("fwd", "sm90", 16): [KernelConfig(128, 64, 4, 3)],  # 165 regs
-    ("fwd", "sm90", 32): [KernelConfig(128, 64, 4, 3)],  # 200 regs
-    # (128, 64) on 4 warps / 4 stages: 232 regs, 76 B spills with the padding bias; on 8 warps: 115 regs
-    ("fwd", "sm90", 64): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3)],  # 115 / 223 regs
-    ("fwd", "sm90", 64, "kpm"): [KernelConfig(128, 64, 8, 3)],  # 210 regs; (128, 128) spills 44 B
-    ("fwd", "sm90", 128): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3)],  # 181 / 250 regs, 224 KB smem
-    ("fwd", "sm90", 128, "kpm"): [KernelConfig(128, 64, 8, 3)],  # 239 regs; (128, 128) spills 188 B
-    # D=256: (64, 64) on 8 warps spilled 8 B, (128, 32) sat at 255 regs; (64, 32): 204 regs, 223 with mask
-    ("fwd", "sm90", 256): [KernelConfig(64, 32, 8, 2)],
-    # ---- decode (split-KV); variant = BLOCK_M: 16 rows when G * Tq <= 16, else 64. 93-201 regs, no spills.
-    ("decode", "sm80", 16, 16): [KernelConfig(16, 128, 4, 3)],
-    ("decode", "sm80", 32, 16): [KernelConfig(16, 128, 4, 3)],
-    ("decode", "sm80", 64, 16): [KernelConfig(16, 128, 4, 3)],
-    ("decode", "sm80", 128, 16): [KernelConfig(16, 64, 4, 3)],
-    ("decode", "sm80", 256, 16): [KernelConfig(16, 32, 4, 3)],
-    ("decode", "sm80", 16, 64): [KernelConfig(64, 64, 4, 3)],
-    ("decode", "sm80", 32, 64): [KernelConfig(64, 64, 4, 3)],
-    ("decode", "sm80", 64, 64): [KernelConfig(64, 64, 4, 3)],
-    ("decode", "sm80", 128, 64): [KernelConfig(64, 64, 8, 3)],
-    ("decode", "sm80", 256, 64): [KernelConfig(64, 32, 8, 3)],  # (64, 32) on 4 warps spilled 52 B on sm_90
-    ("decode", "sm90", 16, 16): [KernelConfig(16, 128, 4, 3)],
-    ("decode", "sm90", 32, 16): [KernelConfig(16, 128, 4, 3)],
-    ("decode", "sm90", 64, 16): [KernelConfig(16, 128, 4, 3)],
-    ("decode", "sm90", 128, 16): [KernelConfig(16, 64, 4, 3)],
-    ("decode", "sm90", 256, 16): [KernelConfig(16, 32, 4, 3)],
-    ("decode", "sm90", 16, 64): [KernelConfig(64, 64, 4, 3)],
-    ("decode", "sm90", 32, 64): [KernelConfig(64, 64, 4, 3)],
-    ("decode", "sm90", 64, 64): [KernelConfig(64, 64, 4, 3)],
-    ("decode", "sm90", 128, 64): [KernelConfig(64, 64, 8, 3)],
-    ("decode", "sm90", 256, 64): [KernelConfig(64, 32, 8, 3)],
-    # ---- backward dK/dV: BLOCK_M = query tile streamed, BLOCK_N = the K/V tile a program owns (its dK and dV
-    # accumulators live in registers). (32, 64) on 8 warps spilled 60 B at D=80 on sm_90 (252 regs at D=128).
-    # D=128 was swept on an H100 (triton 3.6, bf16, B=4 H=16 T=4096 non-causal, 24 configs per kernel, the whole
-    # backward timed with do_bench while the other kernel kept its config): dK/dV (16, 64) on 8 warps / 2 stages
-    # 14.4 ms, (16, 128) on 8 warps / 3 stages 8.3 ms; the fastest, (64, 64) on 4 warps / 2 stages at 7.1 ms,
-    # spills 372-840 B with triton 3.9 (AOT), as every larger tile does, while (16, 128) w8 s3 does not. dQ: (64, 32)
-    # on 8 warps 14.6 ms, on 4 warps 11.1 ms (the fastest, (128, 64) w8 at 11.0, spills 32 B on sm_80). The whole
-    # forward + backward then ran at 1.04-1.09x SDPA's flash backend at T 4k/16k, causal and not (0.36-0.44x
-    # before). The sm_80 rows take the same configs, unmeasured (no A100 run).
-    ("bwd_dkdv", "sm80", 16): [KernelConfig(32, 128, 4, 3)],  # 234 regs
-    ("bwd_dkdv", "sm80", 32): [KernelConfig(32, 128, 8, 3)],  # 208 regs (4 warps: 252)
-    ("bwd_dkdv", "sm80", 64): [KernelConfig(32, 128, 8, 3)],  # 236 regs
-    ("bwd_dkdv", "sm80", 128): [KernelConfig(16, 128, 8, 3)],  # 255 regs
-    ("bwd_dkdv", "sm80", 256): [KernelConfig(16, 32, 8, 2)],  # 220 regs
-    ("bwd_dkdv", "sm90", 16): [KernelConfig(32, 128, 4, 3)],  # 234 regs
-    ("bwd_dkdv", "sm90", 32): [KernelConfig(32, 128, 8, 3)],  # 194 regs
-    ("bwd_dkdv", "sm90", 64): [KernelConfig(32, 128, 8, 3)],  # 219 regs
-    ("bwd_dkdv", "sm90", 128): [KernelConfig(16, 128, 8, 3)],  # 250 regs
-    ("bwd_dkdv", "sm90", 256): [KernelConfig(16, 32, 8, 2)],  # 210 regs
-    # ---- backward dQ: BLOCK_M = the query tile a program owns, BLOCK_N = key tile streamed. 128-180 regs.
-    ("bwd_dq", "sm80", 16): [KernelConfig(128, 32, 4, 3)],
-    ("bwd_dq", "sm80", 32): [KernelConfig(128, 32, 4, 3)],
-    ("bwd_dq", "sm80", 64): [KernelConfig(128, 32, 8, 3)],
-    ("bwd_dq", "sm80", 128): [KernelConfig(64, 32, 4, 2)],  # 240 regs
-    ("bwd_dq", "sm80", 256): [KernelConfig(32, 32, 8, 2)],
-    ("bwd_dq", "sm90", 16): [KernelConfig(128, 32, 4, 3)],
-    ("bwd_dq", "sm90", 32): [KernelConfig(128, 32, 4, 3)],
-    ("bwd_dq", "sm90", 64): [KernelConfig(128, 32, 8, 3)],
-    ("bwd_dq", "sm90", 128): [KernelConfig(64, 32, 4, 2)],  # 179 regs
-    ("bwd_dq", "sm90", 256): [KernelConfig(32, 64, 8, 2)],  # (32, 32) spilled 8 B with the padding bias
-}
 # Under the interpreter a kernel costs ~ programs x loop iterations x a few ms of numpy: 32-row query tiles against
 # 64-key tiles keep the tests fast and still cover ragged edges, non-square tiles and the causal diagonal.
 _INTERPRET_CONFIG = {
@@ -555,39 +481,36 @@ def block_d(head_dim: int) -> int:
     return max(16, triton_next_pow2(head_dim))
 
 
-def _arch_family(arch: Optional[int]) -> str:
-    """sm_90+ (Hopper: 228 KB shared memory, wgmma) or the sm_80 table (Ampere/Ada)."""
-    return "sm90" if arch is not None and arch >= 90 else "sm80"
+def table_variant(kind: str, rows: int = 1, has_kpm: bool = False) -> str:
+    """The configs.csv variant of a call: the forward has its own rows with a key padding mask (the bias vector per
+    key tile needs smaller tiles in some buckets); decode's BLOCK_M follows the rows packed per kv head (G * Tq)."""
+    if kind == "fwd":
+        return "kpm" if has_kpm else ""
+    if kind == "decode":
+        return "rows16" if rows <= 16 else "rows64"
+    return ""
 
 
 def kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: Optional[int],
                    rows: int = 1, has_kpm: bool = False) -> List[KernelConfig]:
     """THE heuristic: candidate configs for one kernel, default first. arch None = the interpreter (one config).
     rows: for "decode", the rows packed per kv head (G * Tq), which sets BLOCK_M. has_kpm: the forward with a key
-    padding mask holds one more vector per key tile; a few buckets need smaller tiles then."""
+    padding mask. fp16/bf16 read configs.csv as it is; fp32 and sm_86/sm_89 derive from it."""
     if kind not in KERNELS:
         raise ValueError(f"kind must be one of {KERNELS}, got {kind!r}")
-    bd = block_d(head_dim)
     if arch is None:
         return [_INTERPRET_CONFIG[kind]]
-    if kind == "bwd_preprocess":
-        # a row reduction of two fp32-converted (BLOCK_M, BLOCK_D) tiles: 128 rows x 128 lanes on 4 warps spilled
-        # (255 regs, 52 B on sm_80); 4096 elements per tile (32 per thread per tensor) does not
-        return [KernelConfig(max(16, min(128, 4096 // bd)), 0, 4, 1)]
-    if kind == "decode_combine":
-        return [KernelConfig(16, 0, 4, 1)]
-    fam = _arch_family(arch)
-    if kind == "decode":
-        cands = list(_GPU_TABLE[(kind, fam, bd, 16 if rows <= 16 else 64)])
-    else:
-        cands = list((has_kpm and _GPU_TABLE.get((kind, fam, bd, "kpm"))) or _GPU_TABLE[(kind, fam, bd)])
+    found = candidates("attn_" + kind, arch_family(arch), str(block_d(head_dim)), table_variant(kind, rows, has_kpm))
+    cands = [KernelConfig(r["block_m"], r["block_n"], r["num_warps"], r["num_stages"], row=i) for i, r in found]
+    if kind in FIXED_TILE_KERNELS:
+        return cands
     if dtype == torch.float32:  # fp32 tiles take twice the registers and shared memory: halve the streamed block
-        cands = [KernelConfig(max(16, c.block_m // 2), c.block_n, c.num_warps, min(c.num_stages, 2))
+        cands = [dataclasses.replace(c, block_m=max(16, c.block_m // 2), num_stages=min(c.num_stages, 2))
                  if kind == "bwd_dkdv" else
-                 KernelConfig(c.block_m, max(16, c.block_n // 2), c.num_warps, min(c.num_stages, 2))
+                 dataclasses.replace(c, block_n=max(16, c.block_n // 2), num_stages=min(c.num_stages, 2))
                  for c in cands]
     if arch < 90 and arch != 80:  # sm_86/sm_89 have 100 KB of shared memory, not the A100's 164 KB
-        cands = [KernelConfig(c.block_m, c.block_n, c.num_warps, min(c.num_stages, 2)) for c in cands]
+        cands = [dataclasses.replace(c, num_stages=min(c.num_stages, 2)) for c in cands]
     return list(dict.fromkeys(cands))
 
 
@@ -598,13 +521,6 @@ def _autotune_enabled() -> bool:
 # ======================================================================================================================
 # Launchers
 # ======================================================================================================================
-def _arch(device: torch.device) -> Optional[int]:
-    """Compute capability as an int (80, 90, ...) for CUDA tensors; None under the interpreter (one small config)."""
-    if INTERPRET or device.type != "cuda":
-        return None
-    return _cuda_arch(_cuda_index(device))
-
-
 NONCAUSAL_PAD = 1024  # > every BLOCK_N/BLOCK_M: a non-causal call passes causal_off = Tk + this
 
 
@@ -627,10 +543,10 @@ _ZERO_BIAS: dict = {}
 
 def _kpm_args(key_padding_mask, q):
     """The key padding mask as an additive fp32 key bias (B, Tk): 0 where True (attend), -inf where padded, plus
-    its strides. An add fuses into the score scaling (one FMA); a select on the bool mask in the unmasked key loop
-    pushed the sm_80 D=128 forward from 219 registers to 255 + 44 B of spills. Without a mask: one cached 0.0 with
-    strides 0, which the kernels that always read the bias (decode, dQ, dK/dV) see as "attend everywhere"; the
-    forward compiles a variant without it (HAS_KPM=False): its unmasked key loop is the hot path."""
+    its strides. An add fuses into the score scaling (one FMA), where a select on the bool mask in the unmasked key
+    loop costs registers (it spills the sm_80 D=128 forward). Without a mask: one cached 0.0 with strides 0, which
+    the kernels that always read the bias (decode, dQ, dK/dV) see as "attend everywhere"; the forward compiles a
+    variant without it (HAS_KPM=False): its unmasked key loop is the hot path."""
     if key_padding_mask is None:
         key = str(q.device)
         if key not in _ZERO_BIAS:
@@ -658,25 +574,10 @@ DECODE_MIN_TK = 256  # below this one pass over the keys is short; splitting wou
 DECODE_MAX_SPLITS = 64  # the combine kernel holds all splits of a row in one BLOCK_S <= 64 tile
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str):
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 def _backend(q: torch.Tensor) -> str:
     if q.dtype == torch.float64:  # the contract covers fp32/fp16/bf16; fp64 takes the torch path everywhere
         return "sdpa"
-    if q.is_cuda:
-        if not HAS_TRITON:
-            raise RuntimeError("tinyformer.kernels.attention on CUDA tensors needs triton (pip install triton); "
-                               "tinyformer.kernels.reference.sdpa_attention is the torch path")
-        return "triton"
-    if q.device.type == "cpu" and HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-        if INTERPRET:
-            return "triton"
-        _warn_once("TRITON_INTERPRET=1 was set after tinyformer.kernels.flash_attention was imported, so its "
-                   "kernels were built for a GPU; CPU tensors use torch SDPA. Set it before the import.")
-    return "sdpa"
+    return "triton" if backend_of(q, "tinyformer.kernels.attention") == "triton" else "sdpa"
 
 
 def plan(q, k, v, causal: bool = False, key_padding_mask=None, needs_grad: Optional[bool] = None) -> Plan:
@@ -688,14 +589,14 @@ def plan(q, k, v, causal: bool = False, key_padding_mask=None, needs_grad: Optio
         return Plan("sdpa", "sdpa")
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    arch = _arch(q.device)
+    arch = arch_of(q.device)
     if not needs_grad and Tq <= DECODE_MAX_TQ and Tk >= DECODE_MIN_TK:
         G = Hq // Hkv
         c = kernel_configs("decode", D, q.dtype, arch, rows=G * Tq)[0]
         n_tiles = cdiv(Tk, c.block_n)
         if q.is_cuda:  # enough splits for about two waves of programs over the SMs
             base = B * Hkv * cdiv(G * Tq, c.block_m)  # programs without splitting
-            splits = max(1, min(n_tiles, cdiv(2 * _num_sms(_cuda_index(q.device)), base), DECODE_MAX_SPLITS))
+            splits = max(1, min(n_tiles, cdiv(2 * num_sms(cuda_index(q.device)), base), DECODE_MAX_SPLITS))
         else:  # interpreter: the work is the same however it is split; 4 splits exercise the combine
             splits = min(n_tiles, 4)
         chunk = cdiv(n_tiles, splits) * c.block_n  # keys per split, whole tiles
@@ -708,9 +609,9 @@ def _autotuned_fwd(cands: tuple, do_bench=None):
     """The forward wrapped in triton.autotune over the heuristic's candidates (built on first use, never at import).
     Keyed on head dim, mask, dtype and power-of-two buckets of Tq and Tk and causal, so a growing KV cache does not
     retune at every step. do_bench: a timer override (tests pass a CPU timer; GPU uses triton's default)."""
-    configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                             num_stages=c.num_stages) for c in cands]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "HAS_KPM", "TQ_KEY", "TK_KEY", "CAUSAL_KEY"],
+    tconfigs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                              num_stages=c.num_stages) for c in cands]
+    return triton.autotune(configs=tconfigs, key=["HEAD_DIM", "HAS_KPM", "TQ_KEY", "TK_KEY", "CAUSAL_KEY"],
                            do_bench=do_bench)(_attn_fwd_kernel)
 
 
@@ -724,7 +625,7 @@ def _flash_fwd(q, k, v, causal, scale, key_padding_mask, configs=None, do_bench=
     kpm, smb, smn, has_kpm = _kpm_args(key_padding_mask, q)
     upcast, prec = _kernel_flags(q)
     if configs is None:
-        configs = kernel_configs("fwd", D, q.dtype, _arch(q.device), has_kpm=has_kpm)
+        configs = kernel_configs("fwd", D, q.dtype, arch_of(q.device), has_kpm=has_kpm)
         if not _autotune_enabled():
             configs = configs[:1]
     args = (q, k, v, o, lse, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
@@ -759,7 +660,7 @@ def _decode_fwd(q, k, v, causal, scale, key_padding_mask, p: Plan):
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         UPCAST=upcast, DOT_PREC=prec, num_warps=c.num_warps, num_stages=c.num_stages)
     o = torch.empty((B, Hq, Tq, D), device=q.device, dtype=q.dtype)  # contiguous: row r = (b * Hq + h) * Tq + i
-    cc = kernel_configs("decode_combine", D, q.dtype, _arch(q.device))[0]
+    cc = kernel_configs("decode_combine", D, q.dtype, arch_of(q.device))[0]
     _attn_decode_combine_kernel[(cdiv(R, cc.block_m),)](
         op, lp, o, S, R, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_S=max(2, triton_next_pow2(S)), BLOCK_R=cc.block_m,
         num_warps=cc.num_warps, num_stages=cc.num_stages)
@@ -772,7 +673,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
     """Launch preprocess, dK/dV and dQ. Returns dq, dk, dv in the dtypes of q, k, v."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    arch = _arch(q.device)
+    arch = arch_of(q.device)
     upcast, prec = _kernel_flags(q)
     kpm, smb, smn, _ = _kpm_args(key_padding_mask, q)
     dims = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
@@ -840,7 +741,7 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
 
     Arguments are validated before anything is launched (ValueError/TypeError naming the argument). CUDA tensors
     and CPU tensors under TRITON_INTERPRET=1 run the Triton kernels (`plan` says which path); other CPU tensors run
-    torch SDPA (`reference.sdpa_attention`)."""
+    torch SDPA (`cpu.sdpa_attention`)."""
     check_attention_args(q, k, v, key_padding_mask)
     scale = _check_scale(scale, q.shape[-1])
     p = plan(q, k, v, causal, key_padding_mask)
@@ -850,77 +751,3 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
     if p.path == "decode":
         return _decode_fwd(q, k, v, bool(causal), scale, key_padding_mask, p)
     return _FlashAttention.apply(q, k, v, bool(causal), scale, key_padding_mask)
-
-
-# ======================================================================================================================
-# Ahead-of-time compile specs (used by `python -m tinyformer.kernels.aot`)
-# ======================================================================================================================
-AOT_HEAD_DIMS = (16, 32, 64, 80, 128, 256)  # one per BLOCK_D bucket, plus 80: a padded member of the 128 bucket
-_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_IO_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_FP32_PTRS = {"LSE", "DELTA", "OP", "LP", "KB"}
-_FLOAT_ARGS = {"qk_scale", "sm_scale"}
-KPM_KERNELS = ("fwd",)  # kernels with a HAS_KPM constexpr; the others always read the key bias
-_KERNEL_FNS = {"fwd": "_attn_fwd_kernel", "decode": "_attn_decode_kernel",
-               "decode_combine": "_attn_decode_combine_kernel", "bwd_preprocess": "_attn_bwd_preprocess_kernel",
-               "bwd_dkdv": "_attn_bwd_dkdv_kernel", "bwd_dq": "_attn_bwd_dq_kernel"}
-
-
-def aot_spec(kind: str, head_dim: int, dtype: torch.dtype, arch: int, cfg: KernelConfig,
-             has_kpm: bool = False) -> dict:
-    """One compile spec, typed the way the JIT specialises a call on contiguous tensors: head-dim strides equal to
-    1 become constexprs (so loads vectorise) and pointers and the other strides are marked 16-divisible."""
-    fn = globals()[_KERNEL_FNS[kind]]
-    bd = block_d(head_dim)
-    ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd)
-    if kind in KPM_KERNELS:
-        ce.update(HAS_KPM=has_kpm)
-    elif has_kpm:
-        raise ValueError(f"{kind} has no mask variant (it always reads the key bias)")
-    if kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
-        ce.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=False, DOT_PREC="ieee")
-    elif kind == "bwd_preprocess":
-        ce.update(BLOCK_M=cfg.block_m)
-    else:  # decode_combine: BLOCK_S is the split count rounded up to a power of two; 64 = DECODE_MAX_SPLITS
-        ce.update(BLOCK_S=DECODE_MAX_SPLITS, BLOCK_R=cfg.block_m)
-    ce.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
-    sig = {}
-    for name in fn.arg_names:
-        if name in ce:
-            sig[name] = "constexpr"
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name in _IO_PTRS:
-            sig[name] = "*" + _TT[dtype]
-        elif name in _FLOAT_ARGS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    div16 = [n for n in fn.arg_names if n in _IO_PTRS or n in _FP32_PTRS
-             or (n.startswith("stride_") and n[-1] in "bhmn" and not n.startswith("stride_m") and n not in ce)]
-    tile = f"m{cfg.block_m}" + (f"n{cfg.block_n}" if cfg.block_n else "")
-    name = (f"attn_{kind}_d{head_dim}_{_TT[dtype]}{'_kpm' if has_kpm else ''}_{tile}w{cfg.num_warps}"
-            f"s{cfg.num_stages}")
-    return dict(name=name, fn=fn, signature=sig, constexprs=ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                targets=[arch], divisible_by_16=div16, kind=kind, shipped_forward=kind in ("fwd", "decode"))
-
-
-def aot_specs() -> List[dict]:
-    """Every kernel configuration the launchers can pick on sm_80 and sm_90: each kernel x head-dim bucket
-    (AOT_HEAD_DIMS) x fp16/bf16 x every autotune candidate and decode BLOCK_M. Causal and non-causal share one
-    binary (causal is a runtime offset); the forward with and without a key padding mask (the mask's bias vector
-    spilled three forward configs that were clean without it); decode, dQ and dK/dV always read the bias. fp32
-    inputs are not in the set.
-    Keys: name, fn, signature, constexprs, num_warps, num_stages, targets, plus divisible_by_16 (arguments the
-    JIT marks 16-aligned), kind, and shipped_forward (a spill there fails the AOT check)."""
-    specs = []
-    for arch in (80, 90):
-        for dtype in (torch.float16, torch.bfloat16):
-            for D in AOT_HEAD_DIMS:
-                for kind in KERNELS:
-                    masks = (False, True) if kind in KPM_KERNELS else (False,)
-                    for has_kpm in masks:
-                        for rows in ((16, 64) if kind == "decode" else (1,)):
-                            for c in kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm):
-                                specs.append(aot_spec(kind, D, dtype, arch, c, has_kpm=has_kpm))
-    return specs

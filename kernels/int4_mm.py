@@ -1,6 +1,6 @@
-"""Weight-only int4 matmul in Triton (asymmetric, group-wise, two codes per byte), with a fast torch path on plain CPU.
+"""Weight-only int4 matmul in Triton (asymmetric, group-wise, two codes per byte).
 
-`int4_matmul(x, w_packed, scales, zeros, group_size, bias=None)` (contract in shared/API.md; reference
+`int4_matmul(x, w_packed, scales, zeros, group_size, bias=None)` (contract in docs/API.md; reference
 `tinyformer.kernels.reference.int4_matmul`): x float (M, K) @ w.T (+ bias), in x's dtype, where
 w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] and w_packed uint8 (N, K // 2) holds code k = 2j in the low
 nibble and k = 2j + 1 in the high nibble of byte j.
@@ -11,29 +11,19 @@ one group (G is even), so one scale/zero load serves both. Each half is dequanti
 reference's formula), then the halves are interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute +
 reshape), rounded once to the dot dtype (fp16 / bf16 on the GPU; fp32 for fp32 activations, and for bf16 under the
 interpreter, which computes bf16 on raw bits) and fed to ONE tl.dot with the contiguous activation tile; fp32
-accumulation. Measured (python -m tinyformer.kernels.aot): the alternative that skips the interleave, two dots of
-depth BLOCK_K / 2 against the even and odd activation columns, spilled on sm_80 (128x128x64 on 8 warps: 255
-registers + 84 B of spill stores; 128x64x64 on 4 warps: 8 B) because the strided activation loads cannot be
-pipelined as copies; the interleaved single dot takes 194 and 208 registers there with no spill.
+accumulation. The interleave keeps the activation loads contiguous: two half-depth dots against the even and odd
+activation columns would need strided loads, which ptxas cannot pipeline as copies, and spill on sm_80.
 
 Three paths, two kernels: one row (M = 1, a decode step): `_int4_gemv_kernel` on the CUDA cores, BLOCK_N outputs
 per program, split-K when the outputs alone leave the GPU idle; decode (2 <= M <= 16): 16-row tensor-core tiles
 and split-K (each program takes a range of whole groups; fp32 partials are summed afterwards), so a few tokens
 still spread over the GPU instead of wasting a 64-row tile on a few programs; prefill (M > 16): 64/128-row tiles on
 the tensor cores, the whole epilogue in the kernel. When K is a whole number of K tiles (EVEN_K: always for
-power-of-two groups >= 32) the loads carry no mask: a mask along k made ptxas emit one-byte loads of the weight.
+power-of-two groups >= 32) the loads carry no mask: a mask along k makes ptxas emit one-byte loads of the weight.
 
-Measured on an H100 (triton 3.6, fp16 activations, G = 128; timed from a CUDA graph against cuBLAS fp16 in the
-same run, as `python benchmarks/matmul.py` times them, in a config sweep: the benchmark itself was not rerun after
-this change): 1 x 4096 @ 4096^2 13 us vs 10.6 (0.8x), 1 x 8192 @ 8192^2 35 us vs 47.5 (1.35x), 1 x 4096 @
-4096 x 11008 24-27 us vs 35 (1.3-1.5x), 16 x 8192 @ 8192^2 37 us vs 48 (1.3x); prefill 512 x 8192 @ 8192^2 244 us
-vs 103 (0.42x). Before the unmasked loads and the one-row kernel: 21.5, 68, 48, 72 and 341 us. Far from the ~4x
-that 4-bit weights allow at batch 1 (MARLIN): the kernel moves 0.7-1 TB/s of weights.
-
-CPU without the interpreter: torch's `_weight_int4pack_mm_for_cpu` (AVX512 kernel; bf16 activations) on a weight
-repacked ONCE into torch's layout (`prepack_int4_cpu`, cached per weight by `int4_matmul`): their rule is
-w = (q - 8) * scale + zero', so zero' = (8 - zero) * scale. Where that op does not apply (N not a multiple of 16,
-group size not 32/64/128/256) the reference runs.
+Dispatch: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernels; other CPU
+tensors -> torch's packed int4 kernel on a weight repacked once (`cpu.int4_matmul_cpu`, bf16 accuracy); fp64 and
+other devices -> the reference.
 
 References:
 - Frantar et al. 2022, "GPTQ" and Lin et al. 2023, "AWQ": asymmetric group-wise 4-bit weights with per-group scales
@@ -41,23 +31,25 @@ References:
 - The Triton matrix multiplication tutorial (grouped ordering, pointer-arithmetic tiles, masked K loop).
 - Frantar et al. 2024, "MARLIN" (the batch-1 target: ~4x over fp16 is the bandwidth limit of 4-bit weights).
 
+Layout: @triton.jit kernels -> launcher (configs from `matmul.matmul_configs`, block_k capped at the group size) ->
+public function and `plan`.
 Legend: M rows of activations, N output features, K input features, G group size, S number of K splits.
 """
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
 
+import dataclasses
 import math
 from typing import List
 
 import torch
 
-from .device import cdiv
-from .int8_mm import (DECODE_MAX_M, HAS_TRITON, INTERPRET, MatmulConfig, WeightCache, _tile_ids, arch_of, backend_of,
-                      dot_flags, finish_splits, launch, matmul_configs, split_k, tl, triton)
-from .reference import (_need, check_int4_matmul_args, int4_matmul as _int4_matmul_ref, pack_int4,
-                        unpack_int4)
+from .cpu import int4_matmul_cpu
+from .device import arch_of, backend_of, cdiv, tl, triton
+from .matmul import (DECODE_MAX_M, MatmulConfig, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype,
+                     split_k, tile_ids)
+from .reference import _need, check_int4_matmul_args, int4_matmul as int4_matmul_reference
 
-__all__ = ["int4_matmul", "pack_int4", "unpack_int4", "prepack_int4_cpu", "Int4PackedCPU", "int4_matmul_cpu",
-           "plan", "aot_specs"]
+__all__ = ["int4_matmul", "plan"]
 
 
 # ======================================================================================================================
@@ -74,7 +66,7 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out tile (BLOCK_M, BLOCK_N) = x (M, K) @ dequant(w)^T over K columns [pid_k * K_SPLIT, min(.. + K_SPLIT, K)).
     SPLIT_K == 1: + bias, stored in out's dtype; SPLIT_K > 1: fp32 partials at out + pid_k * stride_os."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,7 +164,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
 
 
 # ======================================================================================================================
-# Launcher (configs from int8_mm.matmul_configs, the one heuristic of the low-bit kernels)
+# Launcher
 # ======================================================================================================================
 def int4_kind(M: int) -> str:
     """i4_gemv (one row: the CUDA-core kernel), i4_decode (2-16 rows: 16-row tiles, split-K) or i4 (prefill)."""
@@ -184,8 +176,7 @@ def int4_configs(M: int, group_size: int, arch) -> List[MatmulConfig]:
     group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column)."""
     cands = matmul_configs(int4_kind(M), arch)
     if group_size >= 32 and group_size & (group_size - 1) == 0:
-        cands = [MatmulConfig(c.block_m, c.block_n, min(c.block_k, group_size), c.num_warps, c.num_stages, c.group_m)
-                 for c in cands]
+        cands = [dataclasses.replace(c, block_k=min(c.block_k, group_size)) for c in cands]
     return list(dict.fromkeys(cands))
 
 
@@ -204,12 +195,11 @@ def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
     M, K = x.shape
     N = w_packed.shape[0]
     if M == 0 or N == 0 or K == 0:
-        return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
+        return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
     cands = int4_configs(M, group_size, arch_of(x.device))
     splits, k_split = int4_splits(M, N, K, group_size, cands, x.device)
-    # interpreter: fp32 -> bf16 stores truncate there, so bf16 is stored as fp32 and rounded by torch
-    buf_dtype = torch.float32 if splits > 1 or (x.dtype == torch.bfloat16 and x.device.type == "cpu") else x.dtype
-    buf = torch.empty((splits, M, N), device=x.device, dtype=buf_dtype)  # (S, M, N): partials when S > 1
+    buf = torch.empty((splits, M, N), device=x.device,
+                      dtype=out_buffer_dtype(x.dtype, x.device, splits))  # (S, M, N): partials when S > 1
     even_k = all(K % c.block_k == 0 for c in cands)  # then K_SPLIT and K are whole tiles for every candidate
     if int4_kind(M) == "i4_gemv":
         grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
@@ -232,90 +222,6 @@ def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
 
 
 # ======================================================================================================================
-# CPU fast path: torch's packed int4 kernel, on a weight repacked once
-# ======================================================================================================================
-INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts (it raises on others)
-INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu raises "expect N to be dividable by 16" otherwise
-
-
-def _stand_in(t: torch.Tensor) -> torch.Tensor:
-    """A zero-memory tensor with t's shape, dtype and device (a broadcast view of one element): lets the validator
-    check later calls against a weight without keeping the weight alive."""
-    return torch.empty((1,) * t.dim(), dtype=t.dtype, device=t.device).expand(t.shape)
-
-
-class Int4PackedCPU:
-    """An int4 weight (API.md layout) repacked once for torch's CPU kernel; `.matmul(x, bias=None)` equals
-    `int4_matmul(x, ...)` within bf16 rounding (the kernel computes in bf16: x, scales and zero' are rounded to
-    bf16). `.fast` says whether torch's kernel applies; where it does not, `.matmul` runs the reference (and the
-    object keeps the original tensors for it).
-
-    Torch's rule is w = (q - 8) * scale + zero' with scale_and_zero (K / G, N, 2); ours is w = (q - zero) * scale,
-    so zero' = (8 - zero) * scale. Memory: the packed copy is the size of w_packed (K / 2 bytes per row) plus
-    4 bytes per group and row for the bf16 (scale, zero') pairs."""
-
-    def __init__(self, w_packed, scales, zeros, group_size: int):
-        N, K2 = w_packed.shape if isinstance(w_packed, torch.Tensor) and w_packed.dim() == 2 else (0, 0)
-        dummy = torch.empty((0, 2 * K2), dtype=torch.float32,
-                            device=w_packed.device if isinstance(w_packed, torch.Tensor) else "cpu")
-        check_int4_matmul_args(dummy, w_packed, scales, zeros, group_size)  # ValueError/TypeError, before any work
-        _need(w_packed.device.type == "cpu", lambda: f"w_packed must be a CPU tensor, got {w_packed.device}")
-        self.N, self.K, self.group_size = N, 2 * K2, group_size
-        self.fast = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUP_SIZES
-                     and N % INT4PACK_N_MULTIPLE == 0 and N > 0 and self.K > 0)
-        if self.fast:
-            q = unpack_int4(w_packed).to(torch.int32)  # (N, K) codes 0..15
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K / 2) uint8, their order
-            s = scales.to(torch.float32)
-            zp = (8.0 - zeros.to(torch.float32)) * s  # (N, K / G): zero' so that (q - 8) * s + zero' = (q - zero) * s
-            self.scale_and_zero = torch.stack((s, zp), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            # (N, K / G, 2) -> (K / G, N, 2)
-            self._args = (_stand_in(w_packed), _stand_in(scales), _stand_in(zeros))  # shapes/dtypes for validation
-        else:
-            self._args = (w_packed, scales, zeros)  # the reference needs the real tensors
-
-    def matmul(self, x, bias=None):
-        """x (M, K) float @ w.T (+ bias), in x's dtype. Computed in bf16 on the fast path: fp32/fp16 activations
-        are cast (into this op they are 30-100x slower than bf16: 1 x 4096 @ 4096^2 G128, 2 threads: fp32 29 ms,
-        fp16 36 ms, bf16 0.45-0.9 ms, against 3.3 ms for the fp32 torch.matmul)."""
-        check_int4_matmul_args(x, *self._args, self.group_size, bias)
-        if not self.fast or x.shape[0] == 0:
-            return _int4_matmul_ref(x, *self._args, self.group_size, bias)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
-                                                         self.group_size, self.scale_and_zero)  # (M, N) bf16
-        if bias is not None:
-            out = out.float() + bias.float()
-        return out.to(x.dtype)
-
-    __call__ = matmul
-
-
-def prepack_int4_cpu(w_packed, scales, zeros, group_size: int) -> Int4PackedCPU:
-    """Repack an int4 weight once for the CPU fast path; call `.matmul(x, bias=None)` on the result per step."""
-    return Int4PackedCPU(w_packed, scales, zeros, group_size)
-
-
-# int4_matmul on plain CPU tensors keeps one repacked weight per live w_packed (int8_mm.WeightCache: no strong
-# reference to the tensors, rebuilt on an in-place update, dropped when w_packed dies). Weights torch's kernel
-# refuses are not cached (the reference runs on them directly).
-_PREPACKED = WeightCache()
-
-
-def _prepacked(w_packed, scales, zeros, group_size) -> Int4PackedCPU:
-    if (w_packed.shape[0] % INT4PACK_N_MULTIPLE or group_size not in INT4PACK_GROUP_SIZES
-            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
-        return Int4PackedCPU(w_packed, scales, zeros, group_size)  # .fast is False: nothing worth caching
-    return _PREPACKED.get((w_packed, scales, zeros), group_size,
-                          lambda: Int4PackedCPU(w_packed, scales, zeros, group_size))
-
-
-def int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias=None):
-    """The CPU fast path of int4_matmul (torch's packed int4 kernel, bf16 accuracy), repacking each weight once."""
-    check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
-    return _prepacked(w_packed, scales, zeros, group_size).matmul(x, bias)
-
-
-# ======================================================================================================================
 # Public API
 # ======================================================================================================================
 def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
@@ -326,75 +232,19 @@ def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
     if bias is not None:
         _need(bias.is_floating_point(), lambda: f"bias must be a float tensor, got {bias.dtype}", TypeError)
     if x.dtype == torch.float64:  # the contract covers fp32/fp16/bf16; fp64 takes the reference everywhere
-        return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
-    if backend_of(x, INTERPRET, "tinyformer.kernels.int4_mm") == "triton":
+        return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
+    if backend_of(x, "tinyformer.kernels.int4_matmul") == "triton":
         return _launch_int4(x, w_packed, scales, zeros, group_size, bias)
     if x.device.type == "cpu":
         return int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
-    return _int4_matmul_ref(x, w_packed, scales, zeros, group_size, bias)
+    return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
 
 
 def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:
     """Which path an int4_matmul call takes: backend, kind (i4 / i4_decode / cpu), config, splits."""
     device = torch.device(device)
-    if backend_of(torch.empty(0, device=device), INTERPRET, "tinyformer.kernels.int4_mm") != "triton":
+    if backend_of(torch.empty(0, device=device), "tinyformer.kernels.int4_matmul") != "triton":
         return dict(backend="torch", kind="cpu", config=None, splits=1)
     cands = int4_configs(M, group_size, arch_of(device))
     splits = int4_splits(M, N, K, group_size, cands, device)[0]
     return dict(backend="triton", kind=int4_kind(M), config=cands[0], splits=splits)
-
-
-# ======================================================================================================================
-# AOT specs
-# ======================================================================================================================
-AOT_GROUP_SIZES = (32, 128)  # block_k 32 (G = 32) and the uncapped table block_k (G >= 64 behaves like 128)
-
-
-def aot_specs() -> List[dict]:
-    """One spec per (path, candidate config, group size bucket, fp16/bf16 activations) the GPU launchers can pick on
-    sm_80/sm_90; decode specs write split-K fp32 partials, prefill specs run the full epilogue with bias. Contiguous
-    operands, as the JIT sees them (unit strides constexpr 1, the rest 16-divisible)."""
-    if not HAS_TRITON:
-        return []
-    specs = []
-    for M, kind in ((2, "i4_decode"), (512, "i4")):
-        split = kind == "i4_decode"
-        for G in AOT_GROUP_SIZES:
-            for c in int4_configs(M, G, 80):
-                for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-                    sig = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
-                           "bias_ptr": f"*{ty}", "out_ptr": "*fp32" if split else f"*{ty}",
-                           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
-                           "stride_wn": "i32", "stride_wk": "constexpr", "stride_sn": "i32", "stride_sg": "constexpr",
-                           "stride_zn": "i32", "stride_zg": "constexpr", "stride_os": "i32", "stride_om": "i32",
-                           "stride_on": "constexpr", "K_SPLIT": "i32"}
-                    cx = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G,
-                              HAS_BIAS=not split, SPLIT_K=4 if split else 1, EVEN_K=True,
-                              DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, DOT_PREC="ieee",
-                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
-                    sig.update({k: "constexpr" for k in cx})
-                    tile = f"{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
-                    specs.append(dict(
-                        name=f"int4_mm.{kind}_{ty}_g{G}_{tile}",
-                        fn=_int4_matmul_kernel, signature=sig, constexprs=cx, num_warps=c.num_warps,
-                        num_stages=c.num_stages, shipped_forward=True, targets=[80, 90],
-                        divisible_by_16=["x_ptr", "w_ptr", "scales_ptr", "zeros_ptr", "bias_ptr", "out_ptr", "N",
-                                         "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_os",
-                                         "stride_om", "K_SPLIT"]))
-    for G in AOT_GROUP_SIZES:  # the one-row kernel: split-K fp32 partials, fp16/bf16 activations
-        for c in int4_configs(1, G, 80):
-            for ty in ("fp16", "bf16"):
-                sig = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
-                       "bias_ptr": f"*{ty}", "out_ptr": "*fp32", "N": "i32", "K": "i32", "stride_xk": "constexpr",
-                       "stride_wn": "i32", "stride_wk": "constexpr", "stride_sn": "i32", "stride_sg": "constexpr",
-                       "stride_zn": "i32", "stride_zg": "constexpr", "stride_os": "i32", "K_SPLIT": "i32"}
-                cx = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, GROUP_SIZE=G, HAS_BIAS=False,
-                          SPLIT_K=4, EVEN_K=True, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
-                sig.update({k: "constexpr" for k in cx})
-                specs.append(dict(
-                    name=f"int4_mm.i4_gemv_{ty}_g{G}_{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}",
-                    fn=_int4_gemv_kernel, signature=sig, constexprs=cx, num_warps=c.num_warps,
-                    num_stages=c.num_stages, shipped_forward=True, targets=[80, 90],
-                    divisible_by_16=["x_ptr", "w_ptr", "scales_ptr", "zeros_ptr", "bias_ptr", "out_ptr", "N", "K",
-                                     "stride_wn", "stride_sn", "stride_zn", "stride_os", "K_SPLIT"]))
-    return specs

@@ -40,6 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .reference import quantize_per_token as quantize_per_token_int8  # activations: the fused kernel's reference
+
 __all__ = ["qrange", "n_groups", "group_view", "choose_qparams", "quantize", "dequantize", "quantize_per_token_int8",
            "sqnr"]
 
@@ -160,22 +162,6 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     s = _expand(scale.float(), codes.shape, group_size)
     z = _expand(zero.float(), codes.shape, group_size)
     return _ungrouped((g - z) * s, codes.shape)
-
-
-def quantize_per_token_int8(x: torch.Tensor):
-    """Dynamic per-token (per-row) symmetric int8 quantization of activations x (..., K), the reference of the fused
-    Triton kernel `int8_mm.quantize_per_token`: scale = absmax(row) / 127 (1.0 for an all-zero row),
-    q = clamp(round(x / scale), -127, 127). Returns (q int8 (..., K), scale float32 (...)). SmoothQuant's dynamic
-    per-token activation scheme."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a float tensor")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K)")
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1) / 127.0  # (...)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,13 +1,15 @@
 """Pure-torch references of tinyformer's kernels: the explicit math, one function per kernel.
 
-These are what the Triton kernels are tested against, what the benchmarks compare with, and what runs where Triton
-cannot (macOS/Windows, CPU without TRITON_INTERPRET). Signatures match the kernels in `tinyformer.kernels`
-(see shared/API.md). Each function validates its arguments with the same checks the kernels use, so a wrong shape is
-a ValueError/TypeError naming the argument, never a silent broadcast.
+These are what the Triton kernels are tested against, what the benchmarks compare with, and what runs where neither
+Triton nor a torch fast path (`cpu.py`) applies. Signatures match the ops in `tinyformer.kernels` (docs/API.md).
+The argument checks shared by the references, the launchers and the CPU paths live here too: each function validates
+its arguments, so a wrong shape is a ValueError/TypeError naming the argument, never a silent broadcast.
 
 References:
 - Attention: Vaswani et al. 2017, "Attention Is All You Need" (softmax(QK^T * scale) V); grouped-query heads from
   Ainslie et al. 2023 (GQA); bottom-right causal alignment as in FlashAttention-2 (Dao 2023).
+- int8: absmax int8 with per-row activation and per-channel weight scales, int32 accumulation (Dettmers et al. 2022,
+  "LLM.int8()"); dynamic per-token activation quantization (Xiao et al. 2023, "SmoothQuant").
 - int4 layout: two 4-bit codes per byte, low nibble = even column, asymmetric group-wise quantization as in GPTQ
   (Frantar et al. 2022) / AWQ (Lin et al. 2023).
 
@@ -27,8 +29,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # argument checks shared by the references and the Triton launchers
 def _need(cond: bool, msg, exc=ValueError):
     """Raise exc(msg) unless cond. msg is a string or, where it formats shapes or dtypes, a lambda that builds it:
-    these checks run on every kernel call (a decode step makes hundreds), and formatting each message eagerly cost
-    ~15-25 us a check."""
+    these checks run on every kernel call (a decode step makes hundreds), so a message is formatted only on failure."""
     if not cond:
         raise exc(msg() if callable(msg) else msg)
 
@@ -106,23 +107,6 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
     return (p @ v).to(dtype)  # (B, Hq, Tq, D)
 
 
-def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None,
-                   dropout_p: float = 0.0):
-    """The same contract as `attention`, on torch's fused F.scaled_dot_product_attention (flash kernel on CPU for
-    fp32/bf16/fp16, GQA without repeating k/v). The fast path where Triton does not run; differentiable."""
-    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, kernel=False)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if key_padding_mask is None and (not causal or Tq == Tk or Tq == 1):  # no explicit mask: the flash path
-        # (a single bottom-right-aligned query row sees every key: a decode step needs no mask)
-        causal = True if causal and Tq == Tk else False  # a plain bool: under torch.compile `Tq == Tk` is symbolic
-        return sdpa(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
-    mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)  # (B or 1, 1, Tq, Tk)
-    seen = mask.any(-1, keepdim=True)  # (B or 1, 1, Tq, 1): rows that see at least one key
-    # a row that sees nothing would be NaN (and poison gradients); let it see everything, then zero it
-    out = sdpa(q, k, v, attn_mask=mask | ~seen, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
-    return out.masked_fill(~seen, 0.0)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # int8 matmul (W8A8)
 def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None):
@@ -147,6 +131,26 @@ def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None):
         if t is not None:
             _need(t.device == a.device, lambda: f"{name} is on {t.device}, a on {a.device}")
     return M, N, K
+
+
+def check_out_dtype(out_dtype):
+    _need(out_dtype in (torch.float32, torch.float16, torch.bfloat16),
+          lambda: f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}", TypeError)
+
+
+def quantize_per_token(x):
+    """Dynamic per-token (per-row) symmetric int8 quantization of activations x (..., K): scale = absmax(row) / 127
+    (1.0 for an all-zero row), q = clamp(round(x / scale), -127, 127), round half to even. Returns (q int8 (..., K),
+    scale float32 (...)). SmoothQuant's dynamic per-token activation scheme; the reference of the fused kernel."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a float tensor")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K)")
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 127.0  # (...)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def int8_matmul_int32(a, b):

@@ -55,11 +55,12 @@ def _decode_logits(model, ids, tokens):
 
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "int4-ragged"])
 def test_decoding_without_autograd_uses_prepared_layouts_and_matches(kind, monkeypatch):
-    """Decode steps outside autograd multiply through the prepared layouts (oneDNN's blocked bf16, torch's int8 /
-    int4 packs: `tinyformer.layouts`) and give the logits the same forward gives with autograd on, which takes
-    F.linear and the kernels' own CPU paths; an int8 head too."""
-    from tinyformer import layouts, ops
+    """Decode steps outside autograd multiply through weights laid out once for their kernels (oneDNN's blocked bf16,
+    torch's int8 / int4 packs: `kernels.cpu.prepared`), never F.linear or a reference, and give the logits the same
+    forward gives with autograd on (bf16: F.linear on the plain weights); an int8 head too."""
+    from tinyformer import ops
     from tinyformer.compress import quantize_
+    from tinyformer.kernels import cpu
     if kind == "bf16" and not ops.onednn_bf16():
         pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
     d_model = 96 if kind == "int4-ragged" else 64  # 96 at group 64: a ragged last group
@@ -68,18 +69,21 @@ def test_decoding_without_autograd_uses_prepared_layouts_and_matches(kind, monke
         model.to(torch.bfloat16)
     else:
         quantize_(model, bits=8 if kind == "int8" else 4, group_size=32 if d_model == 64 else 64, head=True)
-    served = []
-    for name in ("linear", "int8_linear", "int4_linear"):
-        real = getattr(layouts, name)
-        monkeypatch.setattr(layouts, name, lambda *a, real=real, name=name, **k: served.append(
-            (name, (y := real(*a, **k)) is not None)) or y)
+    calls = {"prepared": 0, "slow": 0}
+    real_prepared, real_linear = cpu.prepared, ops.F.linear
+
+    def count(what, f):
+        return lambda *a, **k: calls.__setitem__(what, calls[what] + 1) or f(*a, **k)
+    monkeypatch.setattr(cpu, "prepared", count("prepared", real_prepared))
+    monkeypatch.setattr(ops.F, "linear", count("slow", real_linear))
+    for name in ("int8_weight_only_matmul_reference", "int4_matmul_reference"):
+        monkeypatch.setattr(cpu, name, count("slow", getattr(cpu, name)))
     ids = torch.randint(0, 30, (1, 6))
     with torch.no_grad():
         fast = _decode_logits(model, ids, [3, 7, 1, 29])
-    assert served and all(ok for _, ok in served)  # every product of the steps took a prepared layout
-    n = len(served)
-    slow = _decode_logits(model, ids, [3, 7, 1, 29]).detach()  # autograd on: no prepared layout
-    assert len(served) == n
+    n_products = 5 * (7 * 2 + 1)  # prompt + 4 steps, each 7 linears a layer in 2 layers, and the head
+    assert calls == {"prepared": n_products, "slow": 0}
+    slow = _decode_logits(model, ids, [3, 7, 1, 29]).detach()  # autograd on
     tol = 2e-2 if kind == "bf16" else 1e-3  # bf16: oneDNN and aten may sum in another order
     torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
 
@@ -87,7 +91,8 @@ def test_decoding_without_autograd_uses_prepared_layouts_and_matches(kind, monke
 def test_a_prepared_layout_follows_its_weight():
     """The layout is made once per weight and reused; an in-place change of the weight, or a cast of the model,
     prepares a new one, so a product never sees stale weights."""
-    from tinyformer import layouts, ops
+    from tinyformer import ops
+    from tinyformer.kernels import cpu
     if not ops.onednn_bf16():
         pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
     torch.manual_seed(0)
@@ -95,12 +100,12 @@ def test_a_prepared_layout_follows_its_weight():
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         y = ops.linear(x, w)
-        first = layouts._layouts[id(w.untyped_storage())][2]
+        first = cpu._layouts[id(w.untyped_storage())][2]
         torch.testing.assert_close(ops.linear(x, w), y, rtol=0, atol=0)
-        assert layouts._layouts[id(w.untyped_storage())][2] is first  # reused
+        assert cpu._layouts[id(w.untyped_storage())][2] is first  # reused
         w.mul_(-2)
         torch.testing.assert_close(ops.linear(x, w).float(), -2 * y.float(), rtol=2e-2, atol=2e-2)
-        assert layouts._layouts[id(w.untyped_storage())][2] is not first
+        assert cpu._layouts[id(w.untyped_storage())][2] is not first
     model = tiny(act="swiglu", d_model=64)
     ids = torch.randint(0, 30, (1, 6))
     with torch.no_grad():

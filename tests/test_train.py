@@ -180,10 +180,10 @@ def test_schedule_matches_nanogpt():
 
 def test_auto_dtype_is_bf16_autocast_where_the_cpu_has_bf16(monkeypatch):
     from tinyformer import train as tr
-    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(tr.device_probe, "cpu_has_bf16", lambda: True)
     ctx, scaler = tr._autocast(TrainConfig(), torch.device("cpu"))
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and not scaler
-    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(tr.device_probe, "cpu_has_bf16", lambda: False)
     ctx, _ = tr._autocast(TrainConfig(), torch.device("cpu"))
     assert not isinstance(ctx, torch.autocast)  # fp32
     ctx, _ = tr._autocast(TrainConfig(dtype="bfloat16"), torch.device("cpu"))  # asked for: always

@@ -5,7 +5,7 @@ is decided which kernel runs it for the tensors' device, dtype and shape. Three 
   for checking the others.
 - "torch": torch's fused ops (F.scaled_dot_product_attention, F.linear) and its packed int8/int4 CPU kernels: the
   default on CPU. Without autograd (decoding, evaluation) a CPU product of a few rows multiplies by a weight laid out
-  once for its kernel (`tinyformer.layouts`: oneDNN's blocked bf16, torch's int8/int4 packs).
+  once for its kernel (`tinyformer.kernels.cpu`: oneDNN's blocked bf16, torch's int8/int4 packs).
 - "triton": tinyformer's Triton kernels (`tinyformer.kernels`): the default on CUDA when Triton is installed.
   Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears.
 
@@ -22,9 +22,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyformer import layouts
-from tinyformer.kernels import int4_mm, int8_mm, quant, reference
-from tinyformer.kernels.int8_mm import onednn_bf16
+from tinyformer import kernels
+from tinyformer.kernels import cpu, quant, reference
+from tinyformer.kernels.device import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _backend = os.environ.get("TINYFORMER_BACKEND", "auto")
@@ -73,23 +73,17 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: f
             # training under CPU bf16 autocast: torch's CPU flash-attention backward is ~4x slower in bf16 than in
             # fp32 (baby GPT: 12.4 vs 2.8 ms a step), so attention runs in fp32 and the output goes back to bf16
             with torch.autocast("cpu", enabled=False):
-                out = reference.sdpa_attention(q.float(), k.float(), v.float(), causal, scale, key_padding_mask,
+                out = cpu.sdpa_attention(q.float(), k.float(), v.float(), causal, scale, key_padding_mask,
                                                dropout_p=dropout_p)
             return out.to(q.dtype)
-        return reference.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p)
+        return cpu.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p)
     if backend == "reference":
         return reference.attention(q, k, v, causal, scale, key_padding_mask, upcast=False)
-    from tinyformer.kernels import attention as triton_attention
-    return triton_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    return kernels.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
 
 
 BF16_UPCAST_ROWS = 16  # rows from which a bf16 product runs in fp32 on a CPU without oneDNN bf16 (`onednn_bf16`;
 # aten's bf16 matmul costs a GEMV a row there)
-
-
-def _inference_on_cpu(x) -> bool:
-    """A CPU product outside autograd: its weight is laid out once for its kernel (`tinyformer.layouts`)."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def linear(x, weight, bias=None):
@@ -98,9 +92,9 @@ def linear(x, weight, bias=None):
     if backend == "reference":
         y = x @ weight.T
         return y + bias if bias is not None else y
-    if _inference_on_cpu(x) and not torch.compiler.is_compiling():  # compiled with freezing, Inductor packs it
-        y = layouts.linear(x, weight, bias)
-        if y is not None:
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        y = cpu.linear_bf16(x, weight, bias)  # inference: the weight in oneDNN's blocked layout, made once
+        if y is not None:  # (compiled with freezing, Inductor lays weights out itself)
             return y
     if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= BF16_UPCAST_ROWS * x.shape[-1]
             and not onednn_bf16()):  # bf16 in and out, fp32 products (aten's bf16 ones accumulate in fp32 too)
@@ -130,36 +124,29 @@ def rms_norm(x, weight, eps: float = 1e-6):
 def int8_linear(x, weight, scale, bias=None, activations: bool = False):
     """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype: weight-only (W8A16), or W8A8 with
     x quantized per token to int8 (exact int32 accumulation). torch backend on CPU: torch's packed int8 kernel
-    (bf16 activations) / torch._int_mm."""
+    (bf16 activations) / torch._int_mm. The weights are a quantized linear's own, valid by construction: the CPU
+    paths skip the per-call checks (at a decode step they cost more than the product)."""
     backend = get_backend(x.device)
     if backend == "triton":
         if activations:
-            q, s = int8_mm.quantize_per_token(x)
-            return int8_mm.int8_matmul(q, weight, s, scale, bias).to(x.dtype)
-        return int8_mm.int8_weight_only_matmul(x, weight, scale, bias)
+            q, s = kernels.quantize_per_token(x)
+            return kernels.int8_matmul(q, weight, s, scale, bias).to(x.dtype)
+        return kernels.int8_weight_only_matmul(x, weight, scale, bias)
     if activations:
         q, s = quant.quantize_per_token_int8(x)
-        mm = int8_mm.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
+        mm = cpu.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
         return mm(q, weight, s, scale, bias).to(x.dtype)
-    if backend == "torch" and _inference_on_cpu(x):
-        y = layouts.int8_linear(x, weight, scale, bias)
-        if y is not None:
-            return y
     if backend == "torch" and x.device.type == "cpu":
-        return int8_mm.int8_weight_only_matmul_cpu(x, weight, scale, bias)
+        return cpu.int8_weight_only_unchecked(x, weight, scale, bias)
     return reference.int8_weight_only_matmul(x, weight, scale, bias)
 
 
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
-    backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight."""
+    backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight; no per-call checks (as above)."""
     backend = get_backend(x.device)
     if backend == "triton":
-        return int4_mm.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
-    if backend == "torch" and _inference_on_cpu(x):
-        y = layouts.int4_linear(x, w_packed, scales, zeros, group_size, bias)
-        if y is not None:
-            return y
+        return kernels.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
     if backend == "torch" and x.device.type == "cpu":
-        return int4_mm.int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
+        return cpu.int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias)
     return reference.int4_matmul(x, w_packed, scales, zeros, group_size, bias)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
 from tinyformer.data import PAD, PairData, TokenData, load_dataset, mlm_inputs
+from tinyformer.kernels import device as device_probe
 from tinyformer.model import build
 
 
@@ -251,19 +252,12 @@ def _device(cfg, local_rank):
     return dev
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there oneDNN's bf16 GEMMs outrun fp32 ones;
-    without, bf16 is emulated and slower than fp32."""
-    check = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(f() for f in check if f is not None)
-
-
 def _autocast(cfg, device):
     """(the autocast context of forward passes, whether fp16 needs a GradScaler) for cfg.dtype on `device`."""
     dtype = cfg.dtype
     if dtype == "auto":
         if device.type == "cpu":
-            dtype = "bfloat16" if cpu_has_bf16() else "float32"
+            dtype = "bfloat16" if device_probe.cpu_has_bf16() else "float32"
         else:
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype == "float32":

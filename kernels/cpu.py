@@ -1,0 +1,311 @@
+"""torch's own fast kernels for the ops, where the Triton kernels do not run (CPU tensors without the interpreter,
+machines without triton): the same contracts as the public ops, computed by torch.
+
+- `sdpa_attention`: attention on F.scaled_dot_product_attention (a flash kernel on CPU for fp32/bf16/fp16, GQA
+  without repeating k/v); differentiable, and the torch path on CUDA too.
+- `int8_matmul_cpu` / `int8_matmul_int32_cpu`: W8A8 on torch._int_mm (exact int32 accumulation, VNNI).
+- `int8_weight_only_matmul_cpu`: torch's packed int8 kernel (`_weight_int8pack_mm`, bf16 activations), or the weight
+  converted to bf16 and torch's bf16 matmul for many rows.
+- `Int4PackedCPU` / `prepack_int4_cpu` / `int4_matmul_cpu`: torch's packed int4 kernel (`_weight_int4pack_mm_for_cpu`,
+  bf16 activations) on a weight repacked once into torch's layout.
+- `linear_bf16`: a bf16 product outside autograd on oneDNN's blocked layout of the weight.
+
+Every weight a kernel needs in another layout is laid out once (`prepared`) and kept while the weight lives and
+stays unchanged: `model.to(dtype)`, `load_state_dict` or an optimizer step lay it out afresh. The `*_unchecked`
+forms skip the argument checks for callers whose tensors are known good (tinyformer's quantized linears, through
+tinyformer.ops): at a decode step the checks cost more than the product.
+
+The packed kernels compute in bf16 (x, scales and output rounded to bf16) and are far slower with fp32 or fp16
+activations than with bf16, so those are cast to bf16 and the result back. Where a torch kernel does not apply (shapes
+it refuses or crashes on), the reference runs. Each guard below names what it prevents.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from . import device
+from .reference import attention_mask, check_attention_args, check_int4_matmul_args, check_int8_matmul_args
+from .reference import check_int8_weight_only_args, check_out_dtype, _need, unpack_int4
+from .reference import int4_matmul as int4_matmul_reference
+from .reference import int8_matmul_int32 as int8_matmul_int32_reference
+from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
+
+
+# ======================================================================================================================
+# attention
+# ======================================================================================================================
+def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None,
+                   dropout_p: float = 0.0):
+    """The contract of `tinyformer.kernels.attention`, on torch's fused F.scaled_dot_product_attention (flash kernel
+    on CPU for fp32/bf16/fp16, GQA without repeating k/v). The fast path where Triton does not run; differentiable."""
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, kernel=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if key_padding_mask is None and (not causal or Tq == Tk or Tq == 1):  # no explicit mask: the flash path
+        # (a single bottom-right-aligned query row sees every key: a decode step needs no mask)
+        causal = True if causal and Tq == Tk else False  # a plain bool: under torch.compile `Tq == Tk` is symbolic
+        return sdpa(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
+    mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)  # (B or 1, 1, Tq, Tk)
+    seen = mask.any(-1, keepdim=True)  # (B or 1, 1, Tq, 1): rows that see at least one key
+    # a row that sees nothing would be NaN (and poison gradients); let it see everything, then zero it
+    out = sdpa(q, k, v, attn_mask=mask | ~seen, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != Hkv)
+    return out.masked_fill(~seen, 0.0)
+
+
+# ======================================================================================================================
+# prepared weight layouts
+# ======================================================================================================================
+# Each weight is laid out once for the kernel that multiplies by it (oneDNN's blocked bf16, torch's int4 pack, an
+# aligned int8 copy, a transposed int8 copy), and the layout is kept while the weight lives and stays unchanged.
+_layouts: dict = {}  # id(storage of the first source) -> (weak refs to the sources' storages, stamp, layout)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride()
+
+
+def prepared(sources: tuple, make):
+    """The layout `make()` builds from the tensors `sources`, built on first use and kept while they live unchanged.
+    Keyed by their storages (a Parameter keeps its identity across `.to()` and `.data =`; its storage does not, and a
+    freed storage's address is soon reused), checked by their in-place version, shape and strides; an entry goes
+    when the first source's storage does, and holds no reference to the sources."""
+    storages = [t.untyped_storage() for t in sources]
+    key = id(storages[0])
+    stamp = tuple(_stamp(t) for t in sources)
+    hit = _layouts.get(key)
+    if hit is not None and hit[1] == stamp and all(r() is st for r, st in zip(hit[0], storages)):
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable outside inference mode too
+        value = make()
+    table = _layouts  # bound now: at interpreter exit the global may be gone before the callback runs
+    refs = tuple(weakref.ref(st, (lambda _, k=key, d=table: d.pop(k, None)) if i == 0 else None)
+                 for i, st in enumerate(storages))
+    _layouts[key] = (refs, stamp, value)
+    return value
+
+
+def _finish(out, bias, dtype):
+    """A packed kernel's bf16 output (M, N), plus the bias in fp32, in the activations' dtype."""
+    return (out.float() + bias.float()).to(dtype) if bias is not None else out.to(dtype)
+
+
+def _have(op_name: str) -> bool:
+    return hasattr(torch.ops.aten, op_name) if op_name.startswith("_weight") else hasattr(torch, op_name)
+
+
+# ======================================================================================================================
+# float: oneDNN's blocked bf16
+# ======================================================================================================================
+def linear_bf16(x, weight, bias=None):
+    """x (..., K) @ weight (N, K)^T + bias outside autograd, for bf16 activations and weight on a CPU whose oneDNN
+    multiplies bf16, on the weight in oneDNN's blocked layout (F.linear reorders the plain layout on every call, at a
+    fraction of the memory bandwidth); None where that does not apply (the caller runs F.linear)."""
+    if not (x.dtype == weight.dtype == torch.bfloat16 and device.onednn_bf16()):
+        return None
+    packed = prepared((weight,), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1))
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")  # (M, N)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ======================================================================================================================
+# W8A8: torch._int_mm
+# ======================================================================================================================
+# torch._int_mm on CPU returns garbage in the first column for K = 1 with N > 1, and tiny K gains nothing from it:
+# K < INT_MM_MIN_K takes the int64 reference. The int32 accumulator cannot overflow below INT_MM_MAX_K.
+INT_MM_MIN_K = 16
+INT_MM_MAX_K = 2 ** 31 // 2 ** 14
+# Up to INT_MM_ROWWISE rows, torch._int_mm runs one row at a time on the (K, N) view of the (N, K) weight (its fast
+# GEMV); from more rows on, a contiguous (K, N) copy, made once per weight (twice the int8 weight memory on CPU).
+INT_MM_ROWWISE = 4
+
+
+def int8_matmul_int32_cpu(a, b):
+    """a @ b.T as int32 with torch._int_mm (exact); the int64 reference, narrowed, where it does not apply."""
+    M, K = a.shape
+    if not (_have("_int_mm") and INT_MM_MIN_K <= K < INT_MM_MAX_K and M > 0 and b.shape[0] > 0):
+        return int8_matmul_int32_reference(a, b).to(torch.int32)
+    if M <= INT_MM_ROWWISE:  # b (N, K) -> (K, N) column-major view: torch's fast GEMV, no copy of the weight
+        return torch.cat([torch._int_mm(a[i:i + 1], b.T) for i in range(M)])  # (M, N)
+    bt = prepared((b,), lambda: b.T.contiguous())  # (K, N) row-major, made once per weight
+    return torch._int_mm(a, bt)
+
+
+def int8_matmul_cpu(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32):
+    """The W8A8 CPU fast path: torch._int_mm accumulation, then the reference's epilogue (same order of operations,
+    so the result equals `reference.int8_matmul` bit for bit)."""
+    check_int8_matmul_args(a, b, a_scale, b_scale, bias)
+    check_out_dtype(out_dtype)
+    acc = int8_matmul_int32_cpu(a, b).to(torch.float32)  # (M, N)
+    out = acc * a_scale[:, None] * b_scale[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+# ======================================================================================================================
+# int8 weight-only: torch's packed int8 kernel
+# ======================================================================================================================
+# torch.ops.aten._weight_int8pack_mm with bf16 activations segfaults for K not a multiple of 16: only multiples of 32
+# are sent to it.
+INT8PACK_K_MULTIPLE = 32
+# From this many rows on, the packed kernel (a GEMV at heart) is slower than the weight converted to bf16 (exact for
+# int8 codes) and torch's bf16 matmul.
+WO_DEQUANT_MIN_M = 128
+
+
+def int8_weight_only_matmul_cpu(x, w, w_scale, bias=None):
+    """The W8A16 CPU fast path: torch's `_weight_int8pack_mm` (AVX512-BF16) with bf16 activations and bf16 scales;
+    from M = WO_DEQUANT_MIN_M rows on, the weight converted to bf16 and torch's bf16 matmul (fp32 on CPUs without
+    oneDNN bf16, `device.onednn_bf16`). fp32/fp16 activations are cast to bf16 and the result back, so the result has
+    bf16 accuracy (relative error ~2**-8). K not a multiple of INT8PACK_K_MULTIPLE takes the reference."""
+    check_int8_weight_only_args(x, w, w_scale, bias)
+    return int8_weight_only_unchecked(x, w, w_scale, bias)
+
+
+def int8_weight_only_unchecked(x, w, w_scale, bias=None):
+    """`int8_weight_only_matmul_cpu` for a caller whose tensors are valid already (a quantized linear's own buffers):
+    at a decode step the argument checks cost more than the product."""
+    M, K = x.shape
+    if not (_have("_weight_int8pack_mm") and K % INT8PACK_K_MULTIPLE == 0 and M > 0 and w.shape[0] > 0):
+        return int8_weight_only_matmul_reference(x, w, w_scale, bias)
+    if M >= WO_DEQUANT_MIN_M and not device.onednn_bf16():  # aten's bf16 matmul is a GEMV per row there: fp32
+        return _finish((x.float() @ w.float().T) * w_scale.float(), bias, x.dtype)
+    if M >= WO_DEQUANT_MIN_M:  # int8 -> bf16 is exact
+        return _finish((x.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float() * w_scale.float(), bias, x.dtype)
+    rows = torch.ops.tinyformer.int8_rows if torch.compiler.is_compiling() else _int8_rows
+    return _finish(rows(x, w, w_scale), bias, x.dtype)
+
+
+def _int8_rows(x, w, w_scale):
+    """torch's packed int8 kernel on the weight's prepared copy: contiguous, 64-byte aligned (the AVX-512 kernel
+    segfaults on weights that are not), scales in bf16."""
+    def make():
+        wc = w.contiguous()
+        return wc.clone() if wc.data_ptr() % 64 else wc, w_scale.to(torch.bfloat16)
+    wp, s = prepared((w, w_scale), make)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), wp, s)  # (M, N) bf16
+
+
+# ======================================================================================================================
+# int4 weight-only: torch's packed int4 kernel, on a weight repacked once
+# ======================================================================================================================
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts (it raises on others)
+INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu raises "expect N to be dividable by 16" otherwise
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A zero-memory tensor with t's shape, dtype and device (a broadcast view of one element): lets the validator
+    check later calls against a weight without keeping the weight alive."""
+    return torch.empty((1,) * t.dim(), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+class Int4PackedCPU:
+    """An int4 weight (API.md layout) repacked once for torch's CPU kernel; `.matmul(x, bias=None)` equals
+    `int4_matmul(x, ...)` within bf16 rounding (the kernel computes in bf16: x, scales and zero' are rounded to
+    bf16). `.fast` says whether torch's kernel applies; where it does not, `.matmul` runs the reference (and the
+    object keeps the original tensors for it).
+
+    Torch's rule is w = (q - 8) * scale + zero' with scale_and_zero (K / G, N, 2); ours is w = (q - zero) * scale,
+    so zero' = (8 - zero) * scale. Memory: the packed copy is the size of w_packed (K / 2 bytes per row) plus
+    4 bytes per group and row for the bf16 (scale, zero') pairs."""
+
+    def __init__(self, w_packed, scales, zeros, group_size: int):
+        N, K2 = w_packed.shape if isinstance(w_packed, torch.Tensor) and w_packed.dim() == 2 else (0, 0)
+        dummy = torch.empty((0, 2 * K2), dtype=torch.float32,
+                            device=w_packed.device if isinstance(w_packed, torch.Tensor) else "cpu")
+        check_int4_matmul_args(dummy, w_packed, scales, zeros, group_size)  # ValueError/TypeError, before any work
+        _need(w_packed.device.type == "cpu", lambda: f"w_packed must be a CPU tensor, got {w_packed.device}")
+        self.N, self.K, self.group_size = N, 2 * K2, group_size
+        self.fast = (_have("_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUP_SIZES
+                     and N % INT4PACK_N_MULTIPLE == 0 and N > 0 and self.K > 0)
+        if self.fast:
+            q = unpack_int4(w_packed).to(torch.int32)  # (N, K) codes 0..15
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K / 2) uint8, their order
+            s = scales.to(torch.float32)
+            zp = (8.0 - zeros.to(torch.float32)) * s  # (N, K / G): zero' so that (q - 8) * s + zero' = (q - zero) * s
+            self.scale_and_zero = torch.stack((s, zp), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            # (N, K / G, 2) -> (K / G, N, 2)
+            self._args = (_stand_in(w_packed), _stand_in(scales), _stand_in(zeros))  # shapes/dtypes for validation
+        else:
+            self._args = (w_packed, scales, zeros)  # the reference needs the real tensors
+
+    def matmul(self, x, bias=None):
+        """x (M, K) float @ w.T (+ bias), in x's dtype. Computed in bf16 on the fast path: fp32/fp16 activations
+        are cast (into this op they are far slower than bf16)."""
+        check_int4_matmul_args(x, *self._args, self.group_size, bias)
+        if not self.fast or x.shape[0] == 0:
+            return int4_matmul_reference(x, *self._args, self.group_size, bias)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
+                                                         self.group_size, self.scale_and_zero)  # (M, N) bf16
+        if bias is not None:
+            out = out.float() + bias.float()
+        return out.to(x.dtype)
+
+    __call__ = matmul
+
+
+def prepack_int4_cpu(w_packed, scales, zeros, group_size: int) -> Int4PackedCPU:
+    """Repack an int4 weight once for the CPU fast path; call `.matmul(x, bias=None)` on the result per step."""
+    return Int4PackedCPU(w_packed, scales, zeros, group_size)
+
+
+def _prepacked(w_packed, scales, zeros, group_size) -> Int4PackedCPU:
+    """The weight's Int4PackedCPU, repacked once per weight (`prepared`); weights torch's kernel refuses are not
+    cached (the reference runs on them directly)."""
+    if not _int4pack_applies(w_packed, group_size):
+        return Int4PackedCPU(w_packed, scales, zeros, group_size)  # .fast is False: nothing worth caching
+    return prepared((w_packed, scales, zeros), lambda: Int4PackedCPU(w_packed, scales, zeros, group_size))
+
+
+def _int4pack_applies(w_packed, group_size) -> bool:
+    return (_have("_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUP_SIZES
+            and w_packed.shape[0] % INT4PACK_N_MULTIPLE == 0 and w_packed.shape[0] > 0 and w_packed.shape[1] > 0)
+
+
+def int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias=None):
+    """The CPU fast path of int4_matmul (torch's packed int4 kernel, bf16 accuracy), repacking each weight once."""
+    check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
+    return int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias)
+
+
+def int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias=None):
+    """`int4_matmul_cpu` for a caller whose tensors are valid already (a quantized linear's own buffers): at a decode
+    step the argument checks cost more than the product."""
+    if not _int4pack_applies(w_packed, group_size) or x.shape[0] == 0:
+        return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
+    rows = torch.ops.tinyformer.int4_rows if torch.compiler.is_compiling() else _int4_rows
+    return _finish(rows(x, w_packed, scales, zeros, group_size), bias, x.dtype)
+
+
+def _int4_rows(x, w_packed, scales, zeros, group_size: int):
+    p = _prepacked(w_packed, scales, zeros, group_size)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
+                                                      p.scale_and_zero)  # (M, N) bf16
+
+
+# ======================================================================================================================
+# the packed products as single ops for torch.compile
+# ======================================================================================================================
+# A compiled graph calls each with the module's own tensors, and it multiplies through the prepared layout, which no
+# graph could hold (it lives beside the weights, not in them).
+@torch.library.custom_op("tinyformer::int8_rows", mutates_args=())
+def _int8_rows_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    return _int8_rows(x, w, w_scale)
+
+
+@_int8_rows_op.register_fake
+def _(x, w, w_scale):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("tinyformer::int4_rows", mutates_args=())
+def _int4_rows_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    return _int4_rows(x, w_packed, scales, zeros, group_size)
+
+
+@_int4_rows_op.register_fake
+def _(x, w_packed, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], w_packed.shape[0], dtype=torch.bfloat16)

@@ -1,0 +1,161 @@
+"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm): the tile config
+and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum of
+the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
+
+References:
+- The Triton matrix multiplication tutorial (triton-lang/triton, python/tutorials/03-matrix-multiplication.py):
+  grouped program ordering for L2 reuse.
+- Split-K for skinny GEMMs (e.g. CUTLASS's split-K GEMM): decode has M <= 16, so parallelism must come from N and K.
+
+Legend: M rows of activations (tokens), N output features, K input features, S number of K splits.
+"""
+from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .configs import TILE, arch_family, candidates
+from .device import cdiv, cuda_index, num_sms, tl, triton
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    row: Optional[int] = dataclasses.field(default=None, compare=False, repr=False)  # its configs.csv row
+
+
+DECODE_MAX_M = 16  # up to 16 rows (a decode step, or speculative verification) take the 16-row split-K path
+MAX_SPLITS = 32
+
+# Under the interpreter a kernel costs ~ programs x loop iterations x a few ms of numpy, whatever the tile size:
+# 64-wide tiles keep the tests fast; 16-row decode tiles still cover the split-K path.
+INTERPRET_CONFIGS = {
+    "w8a8": MatmulConfig(64, 64, 64, 4, 1),
+    "w8a8_decode": MatmulConfig(16, 64, 64, 4, 1),
+    "wo": MatmulConfig(64, 64, 64, 4, 1),
+    "wo_decode": MatmulConfig(16, 64, 64, 4, 1),
+    "quant": MatmulConfig(1, 0, 256, 4, 1),
+    "i4_gemv": MatmulConfig(1, 32, 64, 4, 1),
+    "i4_decode": MatmulConfig(16, 64, 64, 4, 1),
+    "i4": MatmulConfig(64, 64, 64, 4, 1),
+}
+KINDS = tuple(INTERPRET_CONFIGS)
+
+
+def matmul_configs(kind: str, arch: Optional[int]) -> List[MatmulConfig]:
+    """THE heuristic: candidate configs for one kernel kind, default first, from configs.csv; arch None = the
+    interpreter (one config: @triton.autotune with more than one fails there)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if arch is None:
+        return [INTERPRET_CONFIGS[kind]]
+    cands = [MatmulConfig(*(r[k] for k in TILE), row=i) for i, r in candidates(kind, arch_family(arch))]
+    if arch < 90 and arch != 80:  # sm_86/sm_89: ~100 KB of shared memory, not the A100's 164 KB
+        cands = [dataclasses.replace(c, num_stages=min(c.num_stages, 2)) for c in cands]
+    return list(dict.fromkeys(cands))
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n) in grouped order: GROUP_M row-tiles run next to each other and share the same
+    weight tiles in L2 (Triton matmul tutorial)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+def split_k(M: int, N: int, K: int, c: MatmulConfig, device: torch.device, align: int = 1):
+    """(splits, K_SPLIT) for the decode path: K is cut into `splits` ranges of K_SPLIT columns, a multiple of
+    c.block_k and of `align` (int4: the group size when it is a multiple of block_k, so a tile never straddles two
+    groups). About two waves of programs over the SMs on a GPU; 2 under the interpreter (the work is the same however
+    it is split, and 2 exercises the partial sums)."""
+    unit = math.lcm(c.block_k, align)
+    units = cdiv(K, unit)
+    if device.type == "cuda":
+        base = cdiv(M, c.block_m) * cdiv(N, c.block_n)
+        want = max(1, min(units, MAX_SPLITS, cdiv(2 * num_sms(cuda_index(device)), base)))
+    else:
+        want = min(units, 2)
+    per = cdiv(units, max(1, want))  # whole units per split; no split is left empty
+    return cdiv(units, per), per * unit
+
+
+def finish_splits(buf, bias, dtype):
+    """(S, M, N) kernel output -> (M, N) in dtype: S == 1 holds the finished tile (bias added in the kernel); S > 1
+    holds fp32 partials, summed here in a fixed order (deterministic, unlike atomics), then the bias."""
+    if buf.shape[0] == 1:
+        return buf[0].to(dtype)
+    out = buf.sum(0)  # (M, N) fp32
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(dtype)
+
+
+def out_buffer_dtype(x_dtype: torch.dtype, device: torch.device, splits: int) -> torch.dtype:
+    """What the kernel stores: fp32 partials when K is split; fp32 for bf16 under the interpreter (its fp32 -> bf16
+    stores truncate, so torch rounds afterwards); else the activation dtype."""
+    return torch.float32 if splits > 1 or (x_dtype == torch.bfloat16 and device.type == "cpu") else x_dtype
+
+
+def dot_flags(x_dtype: torch.dtype, device: torch.device):
+    """(DOT_DTYPE, DOT_PREC) for a float activation tile: the interpreter computes bf16 on raw bits, so bf16 tiles are
+    upcast to fp32 right after loading there; fp32 dots follow torch's TF32 switch (IEEE fp32 by default, like torch's
+    own fp32 matmul), so an fp32 call is accurate to fp32 rounding."""
+    if x_dtype == torch.bfloat16:
+        dot = tl.float32 if device.type == "cpu" else tl.bfloat16
+    elif x_dtype == torch.float16:
+        dot = tl.float16
+    else:
+        dot = tl.float32
+    prec = "tf32" if x_dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 \
+        else "ieee"
+    return dot, prec
+
+
+def _tile_kwargs(fn, c: MatmulConfig) -> dict:
+    """The config's tile sizes that fn takes (the one-row int4 kernel has no BLOCK_M / GROUP_M)."""
+    tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+    return {k: v for k, v in tiles.items() if k in fn.arg_names}
+
+
+def launch_kwargs(fn, c: MatmulConfig) -> dict:
+    return dict(_tile_kwargs(fn, c), num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+# A timer for the autotuner: None = triton.testing.do_bench (GPU). Tests set a CPU timer, so the autotuned launch
+# path runs under the interpreter too (with triton's default timer it fails there: "0 active drivers").
+AUTOTUNE_DO_BENCH = None
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned(fn, cands: tuple, key: tuple, do_bench=None):
+    """fn wrapped in triton.autotune over the heuristic's candidates, built on first use (never at import)."""
+    tconfigs = [triton.Config(_tile_kwargs(fn, c), num_warps=c.num_warps, num_stages=c.num_stages) for c in cands]
+    return triton.autotune(configs=tconfigs, key=list(key), do_bench=do_bench)(fn)
+
+
+def launch(fn, grid_fn, cands: List[MatmulConfig], key: tuple, *args, **kwargs):
+    """Launch fn with the single candidate (interpreter, or a one-entry table) or through the autotuner (keyed on
+    `key`: the N, K, flags of a layer, so each layer shape is tuned once)."""
+    if len(cands) == 1:
+        c = cands[0]
+        fn[grid_fn(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n))](*args, **kwargs, **launch_kwargs(fn, c))
+    else:
+        autotuned(fn, tuple(cands), key, AUTOTUNE_DO_BENCH)[grid_fn](*args, **kwargs)

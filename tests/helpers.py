@@ -1,0 +1,29 @@
+"""Helpers shared by the tests: `assert_close`, an elementwise comparison that reports the count and the first indices
+of the mismatches (as the mismatch reporters of Liger-Kernel's and flash-attention's tests do), so a failure says
+where a kernel went wrong, not only by how much."""
+import torch
+
+
+def assert_close(actual, expected, atol=0.0, rtol=0.0, name="tensor", limit=5):
+    """|actual - expected| <= atol + rtol * |expected| elementwise, shapes equal; atol may be a tensor that broadcasts
+    against them (a tolerance per element). NaN, or inf where expected is finite, is a mismatch. Raises
+    AssertionError with the number of mismatches, the max error and the first `limit` indices with their values."""
+    a = actual.detach().cpu().double()
+    e = expected.detach().cpu().double()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+    tol = torch.as_tensor(atol, dtype=torch.float64).cpu() + rtol * e.abs()
+    err = (a - e).abs()
+    bad = ~((err <= tol) | (a == e))
+    if bad.any():
+        idx = bad.nonzero()[:limit].tolist()
+        first = ", ".join(f"{tuple(i)}: got {a[tuple(i)].item():.6g} want {e[tuple(i)].item():.6g}" for i in idx)
+        worst = err.nan_to_num(float("inf")).max().item()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements mismatch (max error {worst:.3g}, "
+                             f"atol {_describe(atol)}, rtol {rtol:.3g}); first: {first}")
+
+
+def _describe(atol) -> str:
+    if isinstance(atol, torch.Tensor) and atol.numel() > 1:
+        return f"{atol.min().item():.3g}..{atol.max().item():.3g}"
+    return f"{float(atol):.3g}"

@@ -1,0 +1,92 @@
+"""Tests of the ahead-of-time compile report (kernels/aot.py): its specs cover every row of configs.csv and every
+config the launchers can pick on sm_80/sm_90 (attention per head-dim bucket, int4 per group size), are typed over
+exactly each kernel's arguments, and one real compile for sm_80 (no GPU needed) reports registers, spills and shared
+memory and writes them back into a copy of configs.csv."""
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinyformer.kernels import aot, configs, device, flash_attention as fa, int4_mm, matmul
+
+needs_triton = pytest.mark.skipif(not device.HAS_TRITON, reason="needs triton")
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return aot.all_specs()
+
+
+@needs_triton
+def test_every_config_row_is_compiled(specs):
+    compiled = {s["row"] for s in specs}
+    missing = [i + 2 for i in range(len(configs.rows())) if i not in compiled]
+    assert not missing, f"configs.csv lines {missing} are in no AOT spec"
+
+
+@needs_triton
+def test_every_launcher_choice_is_compiled(specs):
+    """Whatever the launchers pick on sm_80/sm_90 for fp16/bf16 has been compiled (and spill-checked) by the report:
+    same kernel, head-dim bucket or group size, and tile config."""
+    names = {(s["name"], s["targets"][0]) for s in specs}
+    bucket_rep = {fa.block_d(d): d for d in aot.ATTN_HEAD_DIMS if fa.block_d(d) == d}  # bucket -> its AOT head dim
+    for arch in (80, 90):
+        for dtype in (torch.float16, torch.bfloat16):
+            for D in (16, 24, 40, 64, 80, 96, 112, 128, 160, 256):
+                rep = bucket_rep[fa.block_d(D)]
+                for kind in fa.KERNELS:
+                    for has_kpm in ((False, True) if kind in aot.ATTN_KPM_KERNELS else (False,)):
+                        for rows in ((1, 48) if kind == "decode" else (1,)):
+                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm):
+                                name = aot.attention_spec(kind, rep, dtype, arch, c, has_kpm=has_kpm)["name"]
+                                assert (name, arch) in names, f"{name} (D={D}, sm_{arch}) is not compiled"
+        for G in (32, 64, 128, 256):
+            for M in (1, 3, 100):
+                for c in int4_mm.int4_configs(M, G, arch):
+                    tile = (f"{c.block_n}x{c.block_k}" if M == 1 else f"{c.block_m}x{c.block_n}x{c.block_k}") + \
+                        f"_w{c.num_warps}s{c.num_stages}"
+                    name = f"int4_mm.{int4_mm.int4_kind(M)}_fp16_g{min(G, 128)}_{tile}"
+                    assert (name, arch) in names, f"{name} (G={G}, sm_{arch}) is not compiled"
+        for kind, op in (("w8a8", "int8_mm.w8a8"), ("w8a8_decode", "int8_mm.w8a8_decode"),
+                         ("wo", "int8_wo_mm.wo_fp16"), ("wo_decode", "int8_wo_mm.wo_decode_fp16")):
+            for c in matmul.matmul_configs(kind, arch):
+                assert (f"{op}_{aot._tile(c)}", arch) in names, (kind, c)
+
+
+@needs_triton
+def test_specs_are_typed_over_exactly_the_kernel_arguments(specs):
+    assert len({(s["name"], s["targets"][0]) for s in specs}) == len(specs)  # one compile per name and target
+    for s in specs:
+        arg_names = s["fn"].arg_names
+        assert set(s["signature"]) == set(arg_names), s["name"]
+        assert all(s["signature"][k] == "constexpr" for k in s["constexprs"]), s["name"]
+        assert all(s["signature"][k] != "constexpr" for k in set(arg_names) - set(s["constexprs"])), s["name"]
+        assert set(s["divisible_by_16"]) <= set(arg_names) - set(s["constexprs"]), s["name"]
+        assert s["targets"][0] in aot.DEFAULT_TARGETS and s["num_warps"] in (1, 2, 4, 8, 16), s["name"]
+
+
+@needs_triton
+def test_aot_compiles_a_forward_config_for_sm80_and_writes_it_into_the_table(tmp_path):
+    """`python -m tinyformer.kernels.aot` compiles a shipped forward config for sm_80, reports registers, spills and
+    shared memory, and --write-configs refreshes that config's row of a copy of configs.csv (and no other row).
+    TRITON_INTERPRET=1 is set in this process: the tool must re-run itself without it."""
+    c = fa.kernel_configs("fwd", 64, torch.float16, 80)[0]
+    name = aot.attention_spec("fwd", 64, torch.float16, 80, c)["name"]
+    out_csv, table = tmp_path / "aot.csv", tmp_path / "configs.csv"
+    res = subprocess.run([sys.executable, "-m", "tinyformer.kernels.aot", "--targets", "80", "--filter", name,
+                          "--modules", "flash_attention", "--jobs", "1", "--csv", str(out_csv),
+                          "--write-configs", str(table)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["name"] for r in rows] == [name], rows
+    r = rows[0]
+    assert r["status"] == "ok" and r["target"] == "sm_80", r
+    assert int(r["registers"]) > 0 and int(r["shared"]) > 0, r
+    assert int(r["spill_stores"]) == 0 and int(r["spill_loads"]) == 0, r
+    assert name in res.stdout and "regs" in res.stdout
+    old, new = configs.read(), configs.read(str(table))
+    changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    assert len(new) == len(old) and set(changed) <= {c.row}
+    assert (new[c.row]["registers"], new[c.row]["shared_bytes"]) == (int(r["registers"]), int(r["shared"]))

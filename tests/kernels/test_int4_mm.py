@@ -1,0 +1,134 @@
+"""Tests of the int4 weight-only matmul (kernels/int4_mm.py): the three paths (one row, decode split-K, prefill)
+against the fp32 reference on ragged shapes for every activation dtype and group size, groups that do not divide the
+K tile (the gathered scale path and masked loads), split ranges that fit every autotune candidate, and bad input
+rejected before any launch. The interpreter runs the kernels without a GPU (tests/conftest.py)."""
+import pytest
+import torch
+from helpers import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_inputs import ACT_DTYPES, DEV, gen, magnitude, make_int4, needs_triton
+
+from tinyformer.kernels import cpu, int4_mm, reference
+from tinyformer.kernels.matmul import MatmulConfig
+
+FAST = settings(max_examples=80, deadline=None, derandomize=True)  # interpreter: ~10-100 ms per kernel call
+GROUPS = [32, 64, 128]
+
+
+def _run(x, w_packed, scales, zeros, G, bias=None):
+    return int4_mm.int4_matmul(x.to(DEV), w_packed.to(DEV), scales.to(DEV), zeros.to(DEV), G,
+                               bias.to(DEV) if bias is not None else None)
+
+
+@needs_triton
+@FAST
+@given(M=st.sampled_from([1, 2, 7, 16, 17, 100]), N=st.sampled_from([1, 7, 70, 130]), G=st.sampled_from(GROUPS),
+       groups=st.integers(1, 4), act=st.sampled_from(ACT_DTYPES), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_int4_matmul(M, N, G, groups, act, bias, seed):
+    dtype, rtol, atol = act
+    K = G * groups
+    if M * N * K > 100 * 130 * 256:
+        K = G  # keep interpreter cases small
+    g = gen(seed)
+    w_packed, scales, zeros = make_int4(N, K, G, g, dtype=dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias_t = torch.randn(N, generator=g).to(dtype) if bias else None
+    got = _run(x, w_packed, scales, zeros, G, bias_t)
+    assert got.dtype == dtype and got.shape == (M, N)
+    w = reference.dequantize_int4(w_packed, scales, zeros, G)  # (N, K) fp32
+    want = x.float() @ w.T + (bias_t.float() if bias else 0)  # fp32 reference before the cast to x's dtype
+    assert_close(got, want, atol=atol * magnitude(x, w) + 1e-6, rtol=rtol, name=f"int4 {dtype} G={G}")
+
+
+@needs_triton
+@pytest.mark.parametrize("G", [2, 10, 26])  # groups that do not divide the K tile: the gathered scales path
+@pytest.mark.parametrize("M", [1, 37])  # decode (split-K) and prefill
+def test_int4_matmul_odd_group_sizes(G, M):
+    g = gen(G + M)
+    N, K = 33, 130
+    K = K - K % G
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True)
+    x = torch.randn(M, K, generator=g)
+    got = _run(x, w_packed, scales, zeros, G)
+    want = reference.int4_matmul(x, w_packed, scales, zeros, G)
+    w = reference.dequantize_int4(w_packed, scales, zeros, G)
+    assert_close(got, want, atol=1e-5 * magnitude(x, w), rtol=1e-5, name=f"int4 G={G}")
+
+
+@needs_triton
+def test_int4_decode_path_splits_k_and_matches():
+    """M <= 16 takes the 16-row split-K path; the split count is > 1 for K spanning several groups."""
+    M, N, K, G = 3, 70, 256, 32
+    p = int4_mm.plan(M, N, K, G, device=DEV)
+    assert p["kind"] == "i4_decode" and p["splits"] > 1 and p["config"].block_m == 16
+    assert int4_mm.plan(100, N, K, G, device=DEV)["kind"] == "i4"
+    g = gen(3)
+    w_packed, scales, zeros = make_int4(N, K, G, g)
+    x = torch.randn(M, K, generator=g)
+    got = _run(x, w_packed, scales, zeros, G)
+    assert_close(got, reference.int4_matmul(x, w_packed, scales, zeros, G), atol=1e-4, rtol=1e-5, name="decode")
+
+
+@needs_triton
+@pytest.mark.parametrize("K,G", [(256, 32), (120, 10)])  # whole K tiles (unmasked loads) / a masked, gathered tail
+def test_int4_one_row_kernel_splits_k_and_matches(K, G):
+    """M = 1 takes the one-row CUDA-core kernel (its own tiles, split-K), with the bias added after the split sum."""
+    N = 70
+    p = int4_mm.plan(1, N, K, G, device=DEV)
+    assert p["kind"] == "i4_gemv" and p["splits"] > 1
+    g = gen(K + G)
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True)
+    x, bias = torch.randn(1, K, generator=g), torch.randn(N, generator=g)
+    got = _run(x, w_packed, scales, zeros, G, bias)
+    want = reference.int4_matmul(x, w_packed, scales, zeros, G, bias)
+    w = reference.dequantize_int4(w_packed, scales, zeros, G)
+    assert_close(got, want, atol=1e-5 * magnitude(x, w), rtol=1e-5, name="one row")
+
+
+def test_int4_split_ranges_fit_every_autotune_candidate():
+    """The autotuner may pick any candidate, and whole-tile (unmasked) loads must not cross a split's end: K_SPLIT is
+    a multiple of every candidate's block_k, not only of the first one's."""
+    cands = [MatmulConfig(1, 64, 64, 4, 2), MatmulConfig(1, 32, 128, 4, 2), MatmulConfig(1, 128, 32, 8, 2)]
+    for K in (128 * 7, 128 * 33, 4096):
+        splits, k_split = int4_mm.int4_splits(1, 70, K, 32, cands, torch.device("cpu"))
+        assert splits > 1 and k_split % 128 == 0 and (splits - 1) * k_split < K <= splits * k_split
+
+
+@pytest.mark.parametrize("arch", [80, 86, 90])
+@pytest.mark.parametrize("G", GROUPS)
+def test_gpu_tiles_never_straddle_a_group(arch, G):
+    for M in (1, 3, 100):
+        assert all(G % c.block_k == 0 for c in int4_mm.int4_configs(M, G, arch))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad input: a clear ValueError/TypeError before any launch (the CPU prepack checks the same)
+def _int4_args(M=2, N=4, K=64, G=32):
+    w_packed, scales, zeros = make_int4(N, K, G, gen(0))
+    return [torch.randn(M, K), w_packed, scales, zeros, G]
+
+
+INT4_BAD = [
+    ("K odd", lambda a: [torch.randn(2, 63)] + a[1:], ValueError, "K // 2"),
+    ("K not a multiple of group_size", lambda a: [torch.randn(2, 96), make_int4(4, 96, 32, gen(0))[0]] + a[2:4] + [64],
+     ValueError, "multiple of group_size"),
+    ("x int", lambda a: [a[0].to(torch.int32)] + a[1:], TypeError, "x must be"),
+    ("w_packed int8", lambda a: [a[0], a[1].to(torch.int8)] + a[2:], TypeError, "w_packed must be uint8"),
+    ("shapes do not chain", lambda a: [torch.randn(2, 128)] + a[1:], ValueError, "K // 2"),
+    ("scales shape", lambda a: a[:2] + [a[2][:, :1]] + a[3:], ValueError, "scales must have shape"),
+    ("zeros dtype", lambda a: a[:3] + [a[3].to(torch.int32)] + a[4:], TypeError, "zeros must be float"),
+    ("group_size odd", lambda a: a[:4] + [3], ValueError, "group_size"),
+]
+
+
+@pytest.mark.parametrize("case", INT4_BAD, ids=[c[0] for c in INT4_BAD])
+def test_int4_bad_input_raises_before_launch(monkeypatch, case):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+    monkeypatch.setattr(int4_mm, "launch", refuse)
+    _, mutate, exc, match = case
+    with pytest.raises(exc, match=match):
+        int4_mm.int4_matmul(*mutate(_int4_args()))
+    with pytest.raises(exc, match=match):
+        cpu.prepack_int4_cpu(*mutate(_int4_args())[1:]).matmul(mutate(_int4_args())[0])
