@@ -21,6 +21,8 @@ it refuses or crashes on), the reference runs. Each guard below names what it pr
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
 from typing import Optional
 
@@ -59,11 +61,26 @@ def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None,
 # ======================================================================================================================
 # Each weight is laid out once for the kernel that multiplies by it (oneDNN's blocked bf16, torch's int4 pack, an
 # aligned int8 copy, a transposed int8 copy), and the layout is kept while the weight lives and stays unchanged.
-_layouts: dict = {}  # id(storage of the first source) -> (weak refs to the sources' storages, stamp, layout)
+_layouts: dict = {}  # ids of the sources' storages -> (weak refs to those storages, stamp, layout)
 
 
 def _stamp(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride()
+
+
+_frozen: dict | None = None  # within `frozen_layouts`: ids of the sources -> layout
+
+
+@contextlib.contextmanager
+def frozen_layouts():
+    """Within, the weights stay as they are (a decode loop: no optimizer, no load), so `prepared` finds a layout it
+    has checked once by the identity of its sources alone; at a decode step the check costs as much as a product."""
+    global _frozen
+    outer, _frozen = _frozen, _frozen if _frozen is not None else {}
+    try:
+        yield
+    finally:
+        _frozen = outer
 
 
 def prepared(sources: tuple, make):
@@ -71,8 +88,18 @@ def prepared(sources: tuple, make):
     Keyed by their storages (a Parameter keeps its identity across `.to()` and `.data =`; its storage does not, and a
     freed storage's address is soon reused), checked by their in-place version, shape and strides; an entry goes
     when the first source's storage does, and holds no reference to the sources."""
+    if _frozen is not None:
+        ids = tuple(map(id, sources))
+        hit = _frozen.get(ids)
+        if hit is None:
+            hit = _frozen[ids] = (sources, _prepared(sources, make))  # holding the sources keeps their ids theirs
+        return hit[1]
+    return _prepared(sources, make)
+
+
+def _prepared(sources: tuple, make):
     storages = [t.untyped_storage() for t in sources]
-    key = id(storages[0])
+    key = tuple(id(st) for st in storages)
     stamp = tuple(_stamp(t) for t in sources)
     hit = _layouts.get(key)
     if hit is not None and hit[1] == stamp and all(r() is st for r, st in zip(hit[0], storages)):
@@ -91,6 +118,7 @@ def _finish(out, bias, dtype):
     return (out.float() + bias.float()).to(dtype) if bias is not None else out.to(dtype)
 
 
+@functools.cache
 def _have(op_name: str) -> bool:
     return hasattr(torch.ops.aten, op_name) if op_name.startswith("_weight") else hasattr(torch, op_name)
 
@@ -286,6 +314,70 @@ def _int4_rows(x, w_packed, scales, zeros, group_size: int):
 
 
 # ======================================================================================================================
+# stacked products: several weights that multiply one input, as one product
+# ======================================================================================================================
+# At a decode step a product is a GEMV, and each kernel call costs a fixed overhead besides streaming its weight: the
+# projections that read one input (q/k/v, gate/up) run as one call over a stacked copy of their weights, laid out once
+# (replacing the per-weight layouts for bf16 and int4; a second copy of the codes for int8).
+def stacked_linear_bf16(x, weights: tuple, biases: tuple):
+    """x (..., K) @ cat(weights)^T + cat(biases) -> (..., sum N) outside autograd, for bf16 activations and weights
+    on a CPU whose oneDNN multiplies bf16; None where that does not apply."""
+    if not (x.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in weights) and device.onednn_bf16()):
+        return None
+
+    def make():
+        w = torch.cat([w.detach() for w in weights])  # (sum N, K)
+        b = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1), b
+    packed, b = prepared(tuple(weights) + tuple(t for t in biases if t is not None), make)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, b, "none", [], "")  # (M, sum N)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def stacked_int8_weight_only(x, weights: tuple, scales: tuple, biases: tuple):
+    """x (M, K) @ cat(int8 weights * scales)^T (+ biases) in x's dtype on torch's packed int8 kernel; None where it
+    does not apply (K not a multiple of INT8PACK_K_MULTIPLE, too many rows)."""
+    if (x.shape[0] >= WO_DEQUANT_MIN_M or x.shape[1] % INT8PACK_K_MULTIPLE or x.shape[0] == 0
+            or not _have("_weight_int8pack_mm")):
+        return None
+
+    rows = torch.ops.tinyformer.int8_stacked_rows if torch.compiler.is_compiling() else _int8_stacked_rows
+    return _finish(rows(x, list(weights), list(scales)), _stacked_bias(biases, weights), x.dtype)
+
+
+def _int8_stacked_rows(x, weights, scales):
+    def make():
+        w = torch.cat(weights)  # (sum N, K), contiguous and freshly allocated: aligned
+        return w.clone() if w.data_ptr() % 64 else w, torch.cat(scales).to(torch.bfloat16)
+    w, s = prepared(tuple(weights) + tuple(scales), make)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, s)  # (M, sum N) bf16
+
+
+def stacked_int4(x, packed: tuple, scales: tuple, zeros: tuple, group_size: int, biases: tuple):
+    """x (M, K) @ cat(dequant(int4 weights))^T (+ biases) in x's dtype on torch's packed int4 kernel; None where it
+    does not apply."""
+    if x.shape[0] == 0 or not all(_int4pack_applies(w, group_size) for w in packed):
+        return None
+    rows = torch.ops.tinyformer.int4_stacked_rows if torch.compiler.is_compiling() else _int4_stacked_rows
+    out = rows(x, list(packed), list(scales), list(zeros), group_size)
+    return _finish(out, _stacked_bias(biases, packed), x.dtype)
+
+
+def _int4_stacked_rows(x, packed, scales, zeros, group_size: int):
+    p = prepared(tuple(packed) + tuple(scales) + tuple(zeros), lambda: Int4PackedCPU(
+        torch.cat(packed), torch.cat(scales), torch.cat(zeros), group_size))  # (sum N, ...)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
+                                                      p.scale_and_zero)  # (M, sum N) bf16
+
+
+def _stacked_bias(biases: tuple, weights: tuple):
+    """The biases concatenated along N, zeros for a weight without one; None when none has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b.float() if b is not None else torch.zeros(w.shape[0]) for b, w in zip(biases, weights)])
+
+
+# ======================================================================================================================
 # the packed products as single ops for torch.compile
 # ======================================================================================================================
 # A compiled graph calls each with the module's own tensors, and it multiplies through the prepared layout, which no
@@ -309,3 +401,24 @@ def _int4_rows_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
 @_int4_rows_op.register_fake
 def _(x, w_packed, scales, zeros, group_size):
     return x.new_empty(x.shape[0], w_packed.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("tinyformer::int8_stacked_rows", mutates_args=())
+def _int8_stacked_rows_op(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    return _int8_stacked_rows(x, weights, scales)
+
+
+@_int8_stacked_rows_op.register_fake
+def _(x, weights, scales):
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("tinyformer::int4_stacked_rows", mutates_args=())
+def _int4_stacked_rows_op(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
+                          zeros: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    return _int4_stacked_rows(x, packed, scales, zeros, group_size)
+
+
+@_int4_stacked_rows_op.register_fake
+def _(x, packed, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in packed), dtype=torch.bfloat16)

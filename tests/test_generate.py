@@ -56,8 +56,9 @@ def _decode_logits(model, ids, tokens):
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "int4-ragged"])
 def test_decoding_without_autograd_uses_prepared_layouts_and_matches(kind, monkeypatch):
     """Decode steps outside autograd multiply through weights laid out once for their kernels (oneDNN's blocked bf16,
-    torch's int8 / int4 packs: `kernels.cpu.prepared`), never F.linear or a reference, and give the logits the same
-    forward gives with autograd on (bf16: F.linear on the plain weights); an int8 head too."""
+    torch's int8 / int4 packs: `kernels.cpu.prepared`), q/k/v and gate/up stacked into one product each, never
+    F.linear or a reference, and give the logits the same forward gives with autograd on (one product per layer, on
+    the plain weights); an int8 head too."""
     from tinyformer import ops
     from tinyformer.compress import quantize_
     from tinyformer.kernels import cpu
@@ -81,7 +82,7 @@ def test_decoding_without_autograd_uses_prepared_layouts_and_matches(kind, monke
     ids = torch.randint(0, 30, (1, 6))
     with torch.no_grad():
         fast = _decode_logits(model, ids, [3, 7, 1, 29])
-    n_products = 5 * (7 * 2 + 1)  # prompt + 4 steps, each 7 linears a layer in 2 layers, and the head
+    n_products = 5 * (4 * 2 + 1)  # prompt + 4 steps, each q/k/v, wo, gate/up, down in 2 layers, and the head
     assert calls == {"prepared": n_products, "slow": 0}
     slow = _decode_logits(model, ids, [3, 7, 1, 29]).detach()  # autograd on
     tol = 2e-2 if kind == "bf16" else 1e-3  # bf16: oneDNN and aten may sum in another order
@@ -100,12 +101,12 @@ def test_a_prepared_layout_follows_its_weight():
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         y = ops.linear(x, w)
-        first = cpu._layouts[id(w.untyped_storage())][2]
+        first = cpu._layouts[(id(w.untyped_storage()),)][2]
         torch.testing.assert_close(ops.linear(x, w), y, rtol=0, atol=0)
-        assert cpu._layouts[id(w.untyped_storage())][2] is first  # reused
+        assert cpu._layouts[(id(w.untyped_storage()),)][2] is first  # reused
         w.mul_(-2)
         torch.testing.assert_close(ops.linear(x, w).float(), -2 * y.float(), rtol=2e-2, atol=2e-2)
-        assert cpu._layouts[id(w.untyped_storage())][2] is not first
+        assert cpu._layouts[(id(w.untyped_storage()),)][2] is not first
     model = tiny(act="swiglu", d_model=64)
     ids = torch.randint(0, 30, (1, 6))
     with torch.no_grad():

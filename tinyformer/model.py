@@ -36,6 +36,8 @@ from tinyformer.generate import beam_search, generate, generate_seq2seq
 class Linear(nn.Module):
     """y = x W^T + b with W (out, in): the layer that compression swaps for quantized or low-rank versions."""
 
+    scheme = "float"  # the product it computes, as tinyformer.qlinear's layers name theirs (ops.linears reads it)
+
     def __init__(self, d_in: int, d_out: int, bias: bool = True, init_std: float = 0.02):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
@@ -108,33 +110,43 @@ def sinusoidal_table(n_pos: int, d: int, device=None):
 
 
 class KVCache:
-    """Preallocated keys and values of every self-attention layer, plus the cross-attention keys and values of the
-    encoder memory (computed once). `length` counts the positions written so far."""
+    """Preallocated keys and values of every self-attention layer (`layers`, one `LayerCache` each), plus the
+    cross-attention keys and values of the encoder memory (computed once). `length` counts the positions written."""
 
     def __init__(self, n_kv_heads: list[int], batch: int, max_len: int, head_dim: int, dtype, device):
         # one head count per layer: structured pruning leaves layers with different counts
-        self.k = [torch.zeros(batch, h, max_len, head_dim, dtype=dtype, device=device) for h in n_kv_heads]
-        self.v = [torch.zeros(batch, h, max_len, head_dim, dtype=dtype, device=device) for h in n_kv_heads]
-        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layers = [LayerCache(self, batch, h, max_len, head_dim, dtype, device) for h in n_kv_heads]
         self.max_len, self.length = max_len, 0
-
-    def update(self, layer: int, k, v):
-        """Write k, v (B, Hkv, T, Dh) at positions length..length+T-1; return every key and value so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, Hkv, end, Dh)
 
     def reorder(self, index, cross: bool = True):
         """Row i becomes row index[i] (beam search), for the positions written so far, in place. cross=False leaves
         the cross-attention keys and values alone: right when every row of `index` has the same encoder memory as
         the row it replaces (the beams of one source)."""
-        for t in self.k + self.v:
-            t[:, :, :self.length] = t[index, :, :self.length]  # (B, Hkv, length, Dh)
-        if cross:
-            self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+        for layer in self.layers:
+            for t in (layer.k, layer.v):
+                t[:, :, :self.length] = t[index, :, :self.length]  # (B, Hkv, length, Dh)
+            if cross and layer.cross is not None:
+                layer.cross = tuple(t.index_select(0, index) for t in layer.cross)
+
+
+class LayerCache:
+    """One layer's share of a KVCache: its keys and values k, v (B, Hkv, max_len, Dh), and `cross`, the keys and
+    values of the encoder memory once computed."""
+
+    def __init__(self, cache: KVCache, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        self.cache, self.cross = cache, None
+        self.k = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+
+    def update(self, k, v):
+        """Write k, v (B, Hkv, T, Dh) at positions length..length+T-1; return every key and value so far."""
+        start = self.cache.length
+        end = start + k.shape[2]
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} positions; writing up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, end, Dh)
 
 
 class Attention(nn.Module):
@@ -156,24 +168,25 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n_head, self.head_dim).transpose(1, 2)  # (B, T, h*Dh) -> (B, h, T, Dh)
 
-    def forward(self, x, key_padding_mask=None, rope=None, memory=None, cache: Optional[KVCache] = None,
-                layer: int = 0):
+    def forward(self, x, key_padding_mask=None, rope=None, memory=None, cache: Optional[LayerCache] = None):
         """x (B, T, C) -> (B, T, C). Self-attention reads keys from x (and the cache), cross-attention from `memory`
         (B, S, C); key_padding_mask (B, S) is True where a key may be attended."""
         B, T, _ = x.shape
-        q = self._heads(self.wq(x), self.n_head)  # (B, H, T, Dh)
-        if self.cross and cache is not None and layer in cache.cross:  # the memory's keys and values, made once
-            k, v = cache.cross[layer]
-        else:
-            source = memory if self.cross else x
-            k = self._heads(self.wk(source), self.n_kv_head)  # (B, Hkv, S, Dh)
-            v = self._heads(self.wv(source), self.n_kv_head)  # (B, Hkv, S, Dh)
+        if not self.cross:
+            q, k, v = ops.linears(x, self.wq, self.wk, self.wv)  # (B, T, H*Dh), (B, T, Hkv*Dh) x 2
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
             if self.rope:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None and self.cross:
-                cache.cross[layer] = (k, v)
-            elif cache is not None:
-                k, v = cache.update(layer, k, v)  # (B, Hkv, S, Dh): the whole prefix
+            if cache is not None:
+                k, v = cache.update(k, v)  # (B, Hkv, S, Dh): the whole prefix
+        else:  # keys and values of the encoder memory (B, S, C), made once per cache
+            q = self._heads(self.wq(x), self.n_head)  # (B, H, T, Dh)
+            if cache is not None and cache.cross is not None:
+                k, v = cache.cross
+            else:
+                k, v = self._heads(self.wk(memory), self.n_kv_head), self._heads(self.wv(memory), self.n_kv_head)
+                if cache is not None:
+                    cache.cross = (k, v)
         y = ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, H, T, Dh) -> (B, T, H*Dh)
@@ -192,7 +205,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.act == "swiglu":
-            h = F.silu(self.w1(x)) * self.w3(x)  # (B, T, F)
+            gate, up = ops.linears(x, self.w1, self.w3)  # (B, T, F) each
+            h = F.silu(gate) * up
         else:
             h = activation(self.act, self.w1(x))  # (B, T, F)
         return F.dropout(self.w2(h), self.dropout, self.training)  # (B, T, C)
@@ -219,11 +233,10 @@ class Block(nn.Module):
     def _residual(self, x, norm, f):
         return x + f(norm(x)) if self.pre else norm(x + f(x))
 
-    def forward(self, x, key_padding_mask=None, rope=None, memory=None, memory_mask=None, cache=None, layer=0):
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask, rope, cache=cache, layer=layer))
+    def forward(self, x, key_padding_mask=None, rope=None, memory=None, memory_mask=None, cache=None):
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask, rope, cache=cache))
         if self.cross_attn is not None:
-            x = self._residual(x, self.norm_cross,
-                               lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cache, layer=layer))
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cache))
         return self._residual(x, self.norm2, self.mlp)
 
 
@@ -269,7 +282,7 @@ class Stack(nn.Module):
             x = self.embed_norm(x)
         x = F.dropout(x, cfg.dropout, self.training)
         for i, block in enumerate(self.blocks):
-            x = block(x, key_padding_mask, rope, memory, memory_mask, cache, i)
+            x = block(x, key_padding_mask, rope, memory, memory_mask, cache.layers[i] if cache is not None else None)
         return self.final_norm(x) if self.final_norm is not None else x
 
 

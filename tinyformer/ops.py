@@ -21,6 +21,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from tinyformer import kernels
 from tinyformer.kernels import cpu, quant, reference
@@ -92,15 +93,99 @@ def linear(x, weight, bias=None):
     if backend == "reference":
         y = x @ weight.T
         return y + bias if bias is not None else y
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.compiler.is_compiling() and \
+            x.numel() == x.shape[-1] and x.dtype != torch.float32:
+        # one row, compiled: a reduction Inductor streams the low-precision weight through once, widened to fp32
+        y = (weight.float() * x.float().unsqueeze(-2)).sum(-1)  # (..., 1, K) * (N, K) summed over K -> (..., N)
+        return (y + bias.float() if bias is not None else y).to(x.dtype)
     if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         y = cpu.linear_bf16(x, weight, bias)  # inference: the weight in oneDNN's blocked layout, made once
-        if y is not None:  # (compiled with freezing, Inductor lays weights out itself)
+        if y is not None:
             return y
     if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= BF16_UPCAST_ROWS * x.shape[-1]
             and not onednn_bf16()):  # bf16 in and out, fp32 products (aten's bf16 ones accumulate in fp32 too)
         b = bias.float() if bias is not None else None
         return F.linear(x.float(), weight.float(), b).to(torch.bfloat16)
     return F.linear(x, weight, bias)
+
+
+def linears(x, *modules):
+    """The products of x (..., K) with linear layers that all read it (q/k/v; gate/up): `[m(x) for m in modules]`.
+    Outside autograd on the CPU they run as one product over a stacked copy of their weights (at a decode step a
+    kernel call costs a fixed overhead beside streaming its weight): layers of one `scheme` ("float" bf16, "int8",
+    "int4" of one group size), as each class declares for itself, and without hooks (calibration's see every
+    layer's input). Elsewhere, and for any other layer, one call each."""
+    if len(modules) > 1 and x.device.type == "cpu" and not torch.is_grad_enabled() and get_backend(x.device) == "torch":
+        plan = _make_stack_plan(modules) if torch.compiler.is_compiling() else _stack_plan(modules)
+        ys = plan(x) if plan is not None else None
+        if ys is not None:
+            return ys
+    return [m(x) for m in modules]
+
+
+_plans: dict | None = None  # within `frozen_weights`: ids of the layers -> (layers, their stacked product or None)
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Within, the model's weights stay as they are (generate's decode loop): the dispatch decides once per group of
+    layers whether they stack, and finds each prepared layout by the identity of its tensors
+    (`kernels.cpu.frozen_layouts`); at a decode step those checks cost as much as a product."""
+    global _plans
+    outer, _plans = _plans, _plans if _plans is not None else {}
+    try:
+        with cpu.frozen_layouts():
+            yield
+    finally:
+        _plans = outer
+
+
+def _stack_plan(modules):
+    if _plans is None:
+        return _make_stack_plan(modules)
+    key = tuple(map(id, modules))
+    if key not in _plans:
+        _plans[key] = (modules, _make_stack_plan(modules))  # holding the layers keeps their ids theirs
+    return _plans[key][1]
+
+
+def _make_stack_plan(modules):
+    """x -> [m(x) for m in modules] from one product (None where the kernel refuses the shape), or None where the
+    layers do not stack."""
+    scheme = type(modules[0]).__dict__.get("scheme")  # declared by the class itself, not inherited
+    if (scheme not in ("float", "int8", "int4") or _global_forward_hooks or _global_forward_pre_hooks or any(
+            type(m) is not type(modules[0]) or m._forward_hooks or m._forward_pre_hooks for m in modules)):
+        return None
+    biases = tuple(m.bias for m in modules)
+    if scheme == "float" and torch.compiler.is_compiling():  # Inductor fuses the rows' reductions itself
+        return None
+    if scheme == "float":
+        weights = tuple(m.weight for m in modules)
+        sizes = [w.shape[0] for w in weights]
+
+        def product(x):
+            y = cpu.stacked_linear_bf16(x, weights, biases)  # (..., sum N)
+            return None if y is None else y.split(sizes, dim=-1)
+        return product
+    sizes, m0 = [m.n_out for m in modules], modules[0]
+    if scheme == "int8":
+        weights, scales = tuple(m.weight for m in modules), tuple(m.scale for m in modules)
+
+        def rows(x2):
+            return cpu.stacked_int8_weight_only(x2, weights, scales, biases)
+    elif len({(m.group_size, m.k_pad) for m in modules}) == 1:
+        codes = tuple(tuple(getattr(m, n) for m in modules) for n in ("weight_packed", "scales", "zeros"))
+        pad = m0.k_pad - m0.n_in  # int4: x padded with zeros to whole groups
+
+        def rows(x2):
+            return cpu.stacked_int4(F.pad(x2, (0, pad)) if pad else x2, *codes, m0.group_size, biases)
+    else:
+        return None
+
+    def product(x):
+        y = rows(x.reshape(-1, x.shape[-1]))  # (..., K) -> (M, K) -> (M, sum N)
+        return None if y is None else y.view(*x.shape[:-1], y.shape[-1]).split(sizes, dim=-1)
+    return product
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5):

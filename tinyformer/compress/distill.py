@@ -267,7 +267,7 @@ class Capture:
 
     def _hidden_hook(self, name, i):
         def hook(_module, args, kwargs, output):
-            # Stack calls block(x, key_padding_mask, rope, memory, memory_mask, cache, layer)
+            # Stack calls block(x, key_padding_mask, rope, memory, memory_mask, cache)
             cache = args[5] if len(args) > 5 else kwargs.get("cache")
             if cache is None:
                 self.hidden[name][i] = output
@@ -275,7 +275,7 @@ class Capture:
 
     def _attn_hook(self, name, i):
         def hook(module: Attention, args, kwargs, _output):
-            # Block calls attn(h, key_padding_mask, rope, cache=..., layer=...)
+            # Block calls attn(h, key_padding_mask, rope, cache=...)
             if kwargs.get("cache") is not None:
                 return
             x = args[0]
