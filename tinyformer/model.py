@@ -1,22 +1,17 @@
 """tinyformer's models, written directly on tensors: decoder (GPT/Llama), encoder (BERT) and encoder-decoder.
 
-This file is the math and nothing else, readable top to bottom: Linear -> Norm -> rotary tables -> KV cache ->
-Attention -> FeedForward -> Block -> Stack -> the three models. Every parameter is a plain nn.Parameter; every product,
-norm and attention goes through `tinyformer.ops`, which picks the kernel for the device, dtype and shape. Speed comes
-from beneath this file (ops, prepared weight layouts in `tinyformer.kernels.cpu`, torch.compile of this forward in
-`tinyformer.generate`), never from a second copy of it.
+The math and nothing else, top to bottom: Linear -> Norm -> rotary tables -> KV cache -> Attention -> FeedForward
+-> Block -> Stack -> the three models. Every product, norm and attention goes through `tinyformer.ops`, which picks the
+kernel for the device, dtype and shape; speed comes from beneath this file (ops, weight layouts prepared in
+`tinyformer.kernels.cpu`, torch.compile of this forward in `tinyformer.generate`), never from a copy of it.
 
-References:
-- Vaswani et al. 2017, "Attention Is All You Need" (encoder-decoder, post-norm, sinusoidal positions).
-- Radford et al. 2019, GPT-2 (pre-norm, learned positions, init std 0.02 with residual projections scaled by
-  1/sqrt(2 * n_layer)); karpathy/nanoGPT model.py.
-- Devlin et al. 2018, BERT (post-norm encoder, token types, embedding LayerNorm).
-- Touvron et al. 2023, Llama (RMSNorm, SwiGLU, rotary positions); Su et al. 2021, RoFormer (RoPE, in the
-  "rotate half" layout that Hugging Face Llama checkpoints use); Shazeer 2020, GLU variants.
-- Ainslie et al. 2023, GQA (grouped-query attention); Shazeer 2019 (multi-query attention).
+References: Vaswani et al. 2017 (encoder-decoder, post-norm, sinusoidal positions); Radford et al. 2019, GPT-2 (pre-norm,
+learned positions, residual projections initialised at 0.02/sqrt(2 * n_layer)) and karpathy/nanoGPT model.py; Devlin
+et al. 2018, BERT (token types, embedding LayerNorm); Touvron et al. 2023, Llama (RMSNorm, SwiGLU, rotary positions in
+Hugging Face's "rotate half" layout; Su et al. 2021, Shazeer 2020); Ainslie et al. 2023, GQA; Shazeer 2019, MQA.
 
-Legend: B batch, T query length, S key/memory length, C = d_model, H query heads, Hkv key/value heads,
-Dh head dim, V vocab, F = d_ff, P positions (max_seq_len).
+Legend: B batch, T query length, S key/memory length, C = d_model, H query heads, Hkv key/value heads, Dh head dim,
+V vocab, F = d_ff, P positions (max_seq_len).
 """
 from __future__ import annotations
 
@@ -78,25 +73,23 @@ class Norm(nn.Module):
 
 def activation(name: str, x):
     """GELU (erf), GELU's tanh approximation, or ReLU, elementwise."""
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.relu(x)
+    return F.relu(x) if name == "relu" else F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 def rope_tables(n_pos: int, head_dim: int, theta: float, device=None):
-    """cos, sin tables (P, Dh/2) for rotary positions: angle[p, i] = p * theta^(-2i / Dh)."""
+    """cos, sin tables (P, Dh) for rotary positions: angle[p, i] = angle[p, i + Dh/2] = p * theta^(-2i / Dh)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (Dh/2,)
     angles = torch.arange(n_pos, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (P, Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (P, Dh): each pair (i, i + Dh/2) turns by one angle
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos, sin (B or 1, 1, T, Dh/2), in
-    float32 whatever x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, Dh/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotate the pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos, sin (B or 1, 1, T, Dh):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x[Dh/2:], x[:Dh/2]); in float32 whatever x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 def sinusoidal_table(n_pos: int, d: int, device=None):
@@ -260,8 +253,8 @@ class Stack(nn.Module):
         cfg = self.cfg
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (P, Dh/2)
-            self.register_buffer("rope_sin", sin, persistent=False)  # (P, Dh/2)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (P, Dh)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (P, Dh)
         elif cfg.pos == "sinusoidal":
             self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.d_model, device), persistent=False)
 
@@ -275,7 +268,7 @@ class Stack(nn.Module):
         elif cfg.pos == "sinusoidal":  # token embeddings scaled by sqrt(C) so they are not drowned (Vaswani 3.4)
             x = x * math.sqrt(cfg.d_model) + self.pe[position_ids]
         else:
-            rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])  # (B, 1, T, Dh/2)
+            rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])  # (B, 1, T, Dh)
         if self.wtt is not None:
             x = x + self.wtt[token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)]
         if self.embed_norm is not None:
@@ -326,12 +319,9 @@ class TransformerBase(nn.Module):
         for m in self.modules():
             if isinstance(m, (Linear, Norm)):
                 m.reset_parameters()
-            if isinstance(m, Stack):
-                for p in (m.wpe, m.wtt):
-                    if p is not None:
-                        nn.init.normal_(p, 0.0, self.config.init_std)
-        for p in (self.wte, self.lm_head):
-            if isinstance(p, nn.Parameter):  # a quantized head (a module) keeps its codes
+        tables = [p for m in self.modules() if isinstance(m, Stack) for p in (m.wpe, m.wtt)] + [self.wte, self.lm_head]
+        for p in tables:
+            if isinstance(p, nn.Parameter):  # (a quantized head, a module, keeps its codes)
                 nn.init.normal_(p, 0.0, self.config.init_std)
 
     def init_buffers(self):
@@ -371,8 +361,7 @@ class TransformerBase(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for the self-attention of this model's (decoder) blocks."""
-        stack = self.decoder
-        heads = [b.attn.n_kv_head for b in stack.blocks]  # per layer: structured pruning may have removed some
+        heads = [b.attn.n_kv_head for b in self.decoder.blocks]  # per layer: structured pruning may remove some
         return KVCache(heads, batch, max_len, self.config.head_dim, self.wte.dtype, self.wte.device)
 
     def save(self, path):
