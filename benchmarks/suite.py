@@ -639,7 +639,7 @@ GROUPS = (
     Group("aot", "AOT compile report", ("aot.csv",), "aot"),
     Group("parity", "Parity with transformers",
           what="tinyformer's forward and greedy decoding against Hugging Face transformers on the same weights "
-               "(tests/test_pretrained.py)"),
+               "(tests/test_convert.py)"),
     Group("tests", "Tests, notebooks and the demo",
           what="Wall time and outcome of `make test`, `make notebooks`, `make demo` and the CI script `.ci/run`"),
     Group("g2p", "G2P", ("g2p.csv",),

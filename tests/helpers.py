@@ -1,7 +1,16 @@
-"""Helpers shared by the tests: `assert_close`, an elementwise comparison that reports the count and the first indices
-of the mismatches (as the mismatch reporters of Liger-Kernel's and flash-attention's tests do), so a failure says
-where a kernel went wrong, not only by how much."""
+"""Helpers shared by the tests: `tiny`, a small seeded model of any architecture, and `assert_close`, an elementwise
+comparison that reports the count and the first indices of the mismatches (as the mismatch reporters of
+Liger-Kernel's and flash-attention's tests do), so a failure says where a kernel went wrong, not only by how much."""
 import torch
+
+TINY = dict(n_layer=2, n_head=4, d_model=32, vocab_size=50, max_seq_len=40)
+
+
+def tiny(arch="decoder", seed=0, **overrides):
+    """A freshly initialised tinyformer model of `arch`: TINY's sizes, with `overrides` (any ModelConfig field)."""
+    from tinyformer import ModelConfig, build
+    torch.manual_seed(seed)
+    return build(ModelConfig(arch=arch, **{**TINY, **overrides}))
 
 
 def assert_close(actual, expected, atol=0.0, rtol=0.0, name="tensor", limit=5):

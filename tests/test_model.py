@@ -12,12 +12,7 @@ import tinyformer
 from tinyformer import ModelConfig, build, ops
 from tinyformer.config import ACTIVATIONS, ARCHS, NORM_POSITIONS, NORMS, POSITIONS
 
-TINY = dict(n_layer=2, n_head=4, d_model=32, vocab_size=50, max_seq_len=40)
-
-
-def tiny(arch="decoder", **kw):
-    torch.manual_seed(0)
-    return build(ModelConfig(arch=arch, **{**TINY, **kw}))
+from helpers import tiny
 
 
 def run(model, ids, mask=None):
@@ -136,28 +131,6 @@ def test_attention_backends_agree(arch):
             outs[name] = run(model, ids, None if arch == "decoder" else mask)
     for name, out in outs.items():
         torch.testing.assert_close(out, outs["reference"], rtol=1e-4, atol=1e-4, msg=f"backend {name}")
-
-
-@pytest.mark.parametrize("rows", [1, ops.BF16_UPCAST_ROWS])
-def test_bf16_linear_without_onednn_bf16_runs_in_fp32_and_matches(rows, monkeypatch):
-    """On a CPU without oneDNN bf16 a bf16 product of many rows runs in fp32 (aten's bf16 matmul is a GEMV a row
-    there): the same bf16 values (both accumulate in fp32; at most one bf16 rounding apart), gradients in bf16."""
-    monkeypatch.setattr(ops, "onednn_bf16", lambda: False)
-    used = []
-    real_linear = ops.F.linear
-    monkeypatch.setattr(ops.F, "linear", lambda x, w, b=None: used.append(x.dtype) or real_linear(x, w, b))
-    torch.manual_seed(0)
-    x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(48, 64, dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(48, dtype=torch.bfloat16)
-    y = ops.linear(x, w, b)
-    assert used == [torch.float32 if rows >= ops.BF16_UPCAST_ROWS else torch.bfloat16]
-    assert y.dtype == torch.bfloat16
-    truth = x.detach().double() @ w.detach().double().T + b.double()
-    torch.testing.assert_close(y.double(), truth, rtol=2 ** -7, atol=2 ** -7 * float(truth.abs().max()))
-    y.sum().backward()
-    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(w.grad.double(), x.detach().double().sum(0).expand(48, 64), rtol=2 ** -7, atol=0.1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

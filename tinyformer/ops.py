@@ -110,17 +110,30 @@ def linear(x, weight, bias=None):
 
 
 def linears(x, *modules):
-    """The products of x (..., K) with linear layers that all read it (q/k/v; gate/up): `[m(x) for m in modules]`.
-    Outside autograd on the CPU they run as one product over a stacked copy of their weights (at a decode step a
-    kernel call costs a fixed overhead beside streaming its weight): layers of one `scheme` ("float" bf16, "int8",
-    "int4" of one group size), as each class declares for itself, and without hooks (calibration's see every
-    layer's input). Elsewhere, and for any other layer, one call each."""
+    """The products of x (..., K) with linear layers that all read it (q/k/v; gate/up): `[m(x) for m in modules]`,
+    as one product where the layers stack (`_stackable`): in training over their concatenated float weights (one
+    wider GEMM forward and backward); outside autograd on the CPU over a stacked copy of their weights made once (at a
+    decode step a kernel call costs a fixed overhead beside streaming its weight). Otherwise one call each."""
+    if len(modules) > 1 and torch.is_grad_enabled() and _stackable(modules) == "float":  # training: one GEMM, its
+        w = torch.cat([m.weight for m in modules])  # (sum N, K): fewer, wider products for forward and backward
+        b = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
+        return linear(x, w, b).split([m.weight.shape[0] for m in modules], dim=-1)
     if len(modules) > 1 and x.device.type == "cpu" and not torch.is_grad_enabled() and get_backend(x.device) == "torch":
         plan = _make_stack_plan(modules) if torch.compiler.is_compiling() else _stack_plan(modules)
         ys = plan(x) if plan is not None else None
         if ys is not None:
             return ys
     return [m(x) for m in modules]
+
+
+def _stackable(modules):
+    """The scheme the layers share ("float", "int8", "int4", as each class declares for itself, not inherited), or
+    None where they differ, declare none, or carry hooks (calibration's must see every layer's input)."""
+    scheme = type(modules[0]).__dict__.get("scheme")
+    if (scheme not in ("float", "int8", "int4") or _global_forward_hooks or _global_forward_pre_hooks or any(
+            type(m) is not type(modules[0]) or m._forward_hooks or m._forward_pre_hooks for m in modules)):
+        return None
+    return scheme
 
 
 _plans: dict | None = None  # within `frozen_weights`: ids of the layers -> (layers, their stacked product or None)
@@ -152,9 +165,8 @@ def _stack_plan(modules):
 def _make_stack_plan(modules):
     """x -> [m(x) for m in modules] from one product (None where the kernel refuses the shape), or None where the
     layers do not stack."""
-    scheme = type(modules[0]).__dict__.get("scheme")  # declared by the class itself, not inherited
-    if (scheme not in ("float", "int8", "int4") or _global_forward_hooks or _global_forward_pre_hooks or any(
-            type(m) is not type(modules[0]) or m._forward_hooks or m._forward_pre_hooks for m in modules)):
+    scheme = _stackable(modules)
+    if scheme is None:
         return None
     biases = tuple(m.bias for m in modules)
     if scheme == "float" and torch.compiler.is_compiling():  # Inductor fuses the rows' reductions itself
