@@ -12,7 +12,7 @@ import tinyformer
 from tinyformer import ModelConfig, build, ops
 from tinyformer.config import ACTIVATIONS, ARCHS, NORM_POSITIONS, NORMS, POSITIONS
 
-from helpers import tiny
+from helpers import TINY, tiny
 
 
 def run(model, ids, mask=None):
