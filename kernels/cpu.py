@@ -22,7 +22,6 @@ it refuses or crashes on), the reference runs. Each guard below names what it pr
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from typing import Optional
 
@@ -118,9 +117,12 @@ def _finish(out, bias, dtype):
     return (out.float() + bias.float()).to(dtype) if bias is not None else out.to(dtype)
 
 
-@functools.cache
+_OPS = {name: hasattr(torch.ops.aten, name) for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")}
+_OPS["_int_mm"] = hasattr(torch, "_int_mm")  # which of torch's CPU kernels this torch build has, looked up once
+
+
 def _have(op_name: str) -> bool:
-    return hasattr(torch.ops.aten, op_name) if op_name.startswith("_weight") else hasattr(torch, op_name)
+    return _OPS[op_name]
 
 
 # ======================================================================================================================
