@@ -114,8 +114,8 @@ def linears(x, *modules):
     as one product where the layers stack (`_stackable`): in training over their concatenated float weights (one
     wider GEMM forward and backward); outside autograd on the CPU over a stacked copy of their weights made once (at a
     decode step a kernel call costs a fixed overhead beside streaming its weight). Otherwise one call each."""
-    biases = {m.bias is None for m in modules} if len(modules) > 1 else ()
-    if torch.is_grad_enabled() and len(biases) == 1 and _stackable(modules) == "float":  # training: one GEMM
+    if (len(modules) > 1 and torch.is_grad_enabled() and _stackable(modules) == "float"
+            and len({m.bias is None for m in modules}) == 1):  # training: one GEMM
         w = torch.cat([m.weight for m in modules])  # (sum N, K): fewer, wider products for forward and backward
         b = None if modules[0].bias is None else torch.cat([m.bias for m in modules])  # (sum N,)
         return linear(x, w, b).split([m.weight.shape[0] for m in modules], dim=-1)
