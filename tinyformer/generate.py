@@ -113,7 +113,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
 
 class compiled:
     """`model` with its forward compiled by torch.compile, for decode steps. The cached length is compiled as a
-    dynamic size, so one compile serves every step (about a minute for SmolLM2-135M's 30 layers on 2 cores); Dynamo
+    dynamic size, so one compile serves every step (30-60 s for SmolLM2-135M on 2 cores); Dynamo
     keeps the compiled code per model shape across calls. Where compiling fails (Inductor needs a C++ compiler,
     among other things) it warns once and runs the model as it is."""
 
