@@ -46,7 +46,7 @@ import torch
 from .cpu import int4_matmul_cpu
 from .device import arch_of, backend_of, cdiv, tl, triton
 from .matmul import (DECODE_MAX_M, MatmulConfig, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype,
-                     split_k, tile_ids)
+                     split_k, store_tile, tile_ids)
 from .reference import _need, check_int4_matmul_args, int4_matmul as int4_matmul_reference
 
 __all__ = ["int4_matmul", "plan"]
@@ -104,12 +104,8 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         w = tl.join((lo - z) * s, (hi - z) * s)  # (BLOCK_K / 2, BLOCK_N, 2): [..., 0] = column 2j, [..., 1] = 2j + 1
         w = tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N) = w^T tile
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on, HAS_BIAS,
+               SPLIT_K)
 
 
 @triton.jit

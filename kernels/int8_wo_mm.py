@@ -23,7 +23,8 @@ import torch
 
 from .cpu import int8_weight_only_matmul_cpu
 from .device import arch_of, backend_of, cdiv, tl, triton
-from .matmul import DECODE_MAX_M, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype, split_k, tile_ids
+from .matmul import (DECODE_MAX_M, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype, split_k,
+                     store_tile, tile_ids)
 from .reference import check_int8_weight_only_args
 from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
 
@@ -63,12 +64,8 @@ def _int8_weight_only_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
                     mask=k_mask[:, None], other=0).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N); int8 -> float is exact
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
     acc = acc * tl.load(s_ptr + rn).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on, HAS_BIAS,
+               SPLIT_K)
 
 
 # ======================================================================================================================

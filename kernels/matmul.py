@@ -81,6 +81,19 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     return pid_m, pid_n
 
 
+@triton.jit
+def store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store a weight-only kernel's fp32 tile acc (BLOCK_M, BLOCK_N): SPLIT_K == 1 with the bias added, in out's
+    dtype; SPLIT_K > 1 as split pid_k's fp32 partial at out + pid_k * stride_os (`finish_splits` sums them)."""
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 def split_k(M: int, N: int, K: int, c: MatmulConfig, device: torch.device, align: int = 1):
     """(splits, K_SPLIT) for the decode path: K is cut into `splits` ranges of K_SPLIT columns, a multiple of
     c.block_k and of `align` (int4: the group size when it is a multiple of block_k, so a tile never straddles two
