@@ -128,15 +128,21 @@ def _have(op_name: str) -> bool:
 # ======================================================================================================================
 # float: oneDNN's blocked bf16
 # ======================================================================================================================
-def linear_bf16(x, weight, bias=None):
-    """x (..., K) @ weight (N, K)^T + bias outside autograd, for bf16 activations and weight on a CPU whose oneDNN
-    multiplies bf16, on the weight in oneDNN's blocked layout (F.linear reorders the plain layout on every call, at a
-    fraction of the memory bandwidth); None where that does not apply (the caller runs F.linear)."""
-    if not (x.dtype == weight.dtype == torch.bfloat16 and device.onednn_bf16()):
+def linear_bf16(x, weights: tuple, biases: tuple):
+    """x (..., K) @ cat(weights)^T + cat(biases) -> (..., sum N) outside autograd, for bf16 activations and weights on
+    a CPU whose oneDNN multiplies bf16, on the weights stacked once in oneDNN's blocked layout (F.linear reorders the
+    plain layout on every call, at a fraction of the memory bandwidth); None where that does not apply (the caller
+    runs F.linear)."""
+    if not (x.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in weights) and device.onednn_bf16()):
         return None
-    packed = prepared((weight,), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1))
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")  # (M, N)
-    return out.view(*x.shape[:-1], weight.shape[0])
+
+    def make():
+        w = torch.cat([w.detach() for w in weights])  # (sum N, K)
+        b = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1), b
+    packed, b = prepared(tuple(weights) + tuple(t for t in biases if t is not None), make)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, b, "none", [], "")  # (M, sum N)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ======================================================================================================================
@@ -205,17 +211,17 @@ def int8_weight_only_unchecked(x, w, w_scale, bias=None):
     if M >= WO_DEQUANT_MIN_M:  # int8 -> bf16 is exact
         return _finish((x.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float() * w_scale.float(), bias, x.dtype)
     rows = torch.ops.tinyformer.int8_rows if torch.compiler.is_compiling() else _int8_rows
-    return _finish(rows(x, w, w_scale), bias, x.dtype)
+    return _finish(rows(x, [w], [w_scale]), bias, x.dtype)
 
 
-def _int8_rows(x, w, w_scale):
-    """torch's packed int8 kernel on the weight's prepared copy: contiguous, 64-byte aligned (the AVX-512 kernel
-    segfaults on weights that are not), scales in bf16."""
+def _int8_rows(x, weights, scales):
+    """torch's packed int8 kernel on the weights' prepared copy (M, sum N) bf16: stacked, contiguous, 64-byte aligned
+    (the AVX-512 kernel segfaults on weights that are not), scales in bf16."""
     def make():
-        wc = w.contiguous()
-        return wc.clone() if wc.data_ptr() % 64 else wc, w_scale.to(torch.bfloat16)
-    wp, s = prepared((w, w_scale), make)
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), wp, s)  # (M, N) bf16
+        w = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()  # (sum N, K)
+        return w.clone() if w.data_ptr() % 64 else w, torch.cat(scales).to(torch.bfloat16)
+    w, s = prepared(tuple(weights) + tuple(scales), make)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, s)  # (M, sum N) bf16
 
 
 # ======================================================================================================================
@@ -286,7 +292,15 @@ def _prepacked(w_packed, scales, zeros, group_size) -> Int4PackedCPU:
     cached (the reference runs on them directly)."""
     if not _int4pack_applies(w_packed, group_size):
         return Int4PackedCPU(w_packed, scales, zeros, group_size)  # .fast is False: nothing worth caching
-    return prepared((w_packed, scales, zeros), lambda: Int4PackedCPU(w_packed, scales, zeros, group_size))
+    return _int4_layout((w_packed,), (scales,), (zeros,), group_size)
+
+
+def _int4_layout(packed, scales, zeros, group_size) -> Int4PackedCPU:
+    """The int4 weights `packed` (with their scales and zeros) stacked along N and repacked once (`prepared`)."""
+    def make():
+        stack = [t[0] if len(t) == 1 else torch.cat(t) for t in (packed, scales, zeros)]  # (sum N, ...) each
+        return Int4PackedCPU(*stack, group_size)
+    return prepared(tuple(packed) + tuple(scales) + tuple(zeros), make)
 
 
 def _int4pack_applies(w_packed, group_size) -> bool:
@@ -306,13 +320,14 @@ def int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias=None):
     if not _int4pack_applies(w_packed, group_size) or x.shape[0] == 0:
         return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
     rows = torch.ops.tinyformer.int4_rows if torch.compiler.is_compiling() else _int4_rows
-    return _finish(rows(x, w_packed, scales, zeros, group_size), bias, x.dtype)
+    return _finish(rows(x, [w_packed], [scales], [zeros], group_size), bias, x.dtype)
 
 
-def _int4_rows(x, w_packed, scales, zeros, group_size: int):
-    p = _prepacked(w_packed, scales, zeros, group_size)
+def _int4_rows(x, packed, scales, zeros, group_size: int):
+    """torch's packed int4 kernel on the weights' prepared layout (M, sum N) bf16."""
+    p = _int4_layout(packed, scales, zeros, group_size)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
-                                                      p.scale_and_zero)  # (M, N) bf16
+                                                      p.scale_and_zero)  # (M, sum N) bf16
 
 
 # ======================================================================================================================
@@ -321,38 +336,14 @@ def _int4_rows(x, w_packed, scales, zeros, group_size: int):
 # At a decode step a product is a GEMV, and each kernel call costs a fixed overhead besides streaming its weight: the
 # projections that read one input (q/k/v, gate/up) run as one call over a stacked copy of their weights, laid out once
 # (replacing the per-weight layouts for bf16 and int4; a second copy of the codes for int8).
-def stacked_linear_bf16(x, weights: tuple, biases: tuple):
-    """x (..., K) @ cat(weights)^T + cat(biases) -> (..., sum N) outside autograd, for bf16 activations and weights
-    on a CPU whose oneDNN multiplies bf16; None where that does not apply."""
-    if not (x.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in weights) and device.onednn_bf16()):
-        return None
-
-    def make():
-        w = torch.cat([w.detach() for w in weights])  # (sum N, K)
-        b = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        return torch.ops.mkldnn._reorder_linear_weight(w, 1), b
-    packed, b = prepared(tuple(weights) + tuple(t for t in biases if t is not None), make)
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, b, "none", [], "")  # (M, sum N)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
 def stacked_int8_weight_only(x, weights: tuple, scales: tuple, biases: tuple):
     """x (M, K) @ cat(int8 weights * scales)^T (+ biases) in x's dtype on torch's packed int8 kernel; None where it
     does not apply (K not a multiple of INT8PACK_K_MULTIPLE, too many rows)."""
     if (x.shape[0] >= WO_DEQUANT_MIN_M or x.shape[1] % INT8PACK_K_MULTIPLE or x.shape[0] == 0
             or not _have("_weight_int8pack_mm")):
         return None
-
-    rows = torch.ops.tinyformer.int8_stacked_rows if torch.compiler.is_compiling() else _int8_stacked_rows
+    rows = torch.ops.tinyformer.int8_rows if torch.compiler.is_compiling() else _int8_rows
     return _finish(rows(x, list(weights), list(scales)), _stacked_bias(biases, weights), x.dtype)
-
-
-def _int8_stacked_rows(x, weights, scales):
-    def make():
-        w = torch.cat(weights)  # (sum N, K), contiguous and freshly allocated: aligned
-        return w.clone() if w.data_ptr() % 64 else w, torch.cat(scales).to(torch.bfloat16)
-    w, s = prepared(tuple(weights) + tuple(scales), make)
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, s)  # (M, sum N) bf16
 
 
 def stacked_int4(x, packed: tuple, scales: tuple, zeros: tuple, group_size: int, biases: tuple):
@@ -360,16 +351,9 @@ def stacked_int4(x, packed: tuple, scales: tuple, zeros: tuple, group_size: int,
     does not apply."""
     if x.shape[0] == 0 or not all(_int4pack_applies(w, group_size) for w in packed):
         return None
-    rows = torch.ops.tinyformer.int4_stacked_rows if torch.compiler.is_compiling() else _int4_stacked_rows
+    rows = torch.ops.tinyformer.int4_rows if torch.compiler.is_compiling() else _int4_rows
     out = rows(x, list(packed), list(scales), list(zeros), group_size)
     return _finish(out, _stacked_bias(biases, packed), x.dtype)
-
-
-def _int4_stacked_rows(x, packed, scales, zeros, group_size: int):
-    p = prepared(tuple(packed) + tuple(scales) + tuple(zeros), lambda: Int4PackedCPU(
-        torch.cat(packed), torch.cat(scales), torch.cat(zeros), group_size))  # (sum N, ...)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
-                                                      p.scale_and_zero)  # (M, sum N) bf16
 
 
 def _stacked_bias(biases: tuple, weights: tuple):
@@ -385,42 +369,21 @@ def _stacked_bias(biases: tuple, weights: tuple):
 # A compiled graph calls each with the module's own tensors, and it multiplies through the prepared layout, which no
 # graph could hold (it lives beside the weights, not in them).
 @torch.library.custom_op("tinyformer::int8_rows", mutates_args=())
-def _int8_rows_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    return _int8_rows(x, w, w_scale)
+def _int8_rows_op(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    return _int8_rows(x, weights, scales)
 
 
 @_int8_rows_op.register_fake
-def _(x, w, w_scale):
-    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
-
-
-@torch.library.custom_op("tinyformer::int4_rows", mutates_args=())
-def _int4_rows_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  group_size: int) -> torch.Tensor:
-    return _int4_rows(x, w_packed, scales, zeros, group_size)
-
-
-@_int4_rows_op.register_fake
-def _(x, w_packed, scales, zeros, group_size):
-    return x.new_empty(x.shape[0], w_packed.shape[0], dtype=torch.bfloat16)
-
-
-@torch.library.custom_op("tinyformer::int8_stacked_rows", mutates_args=())
-def _int8_stacked_rows_op(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
-    return _int8_stacked_rows(x, weights, scales)
-
-
-@_int8_stacked_rows_op.register_fake
 def _(x, weights, scales):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights), dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("tinyformer::int4_stacked_rows", mutates_args=())
-def _int4_stacked_rows_op(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
-                          zeros: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    return _int4_stacked_rows(x, packed, scales, zeros, group_size)
+@torch.library.custom_op("tinyformer::int4_rows", mutates_args=())
+def _int4_rows_op(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
+                  zeros: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    return _int4_rows(x, packed, scales, zeros, group_size)
 
 
-@_int4_stacked_rows_op.register_fake
+@_int4_rows_op.register_fake
 def _(x, packed, scales, zeros, group_size):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in packed), dtype=torch.bfloat16)

@@ -99,7 +99,7 @@ def linear(x, weight, bias=None):
         y = (weight.float() * x.float().unsqueeze(-2)).sum(-1)  # (..., 1, K) * (N, K) summed over K -> (..., N)
         return (y + bias.float() if bias is not None else y).to(x.dtype)
     if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        y = cpu.linear_bf16(x, weight, bias)  # inference: the weight in oneDNN's blocked layout, made once
+        y = cpu.linear_bf16(x, (weight,), (bias,))  # inference: the weight in oneDNN's blocked layout, made once
         if y is not None:
             return y
     if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= BF16_UPCAST_ROWS * x.shape[-1]
@@ -177,7 +177,7 @@ def _make_stack_plan(modules):
         sizes = [w.shape[0] for w in weights]
 
         def product(x):
-            y = cpu.stacked_linear_bf16(x, weights, biases)  # (..., sum N)
+            y = cpu.linear_bf16(x, weights, biases)  # (..., sum N)
             return None if y is None else y.split(sizes, dim=-1)
         return product
     sizes, m0 = [m.n_out for m in modules], modules[0]
