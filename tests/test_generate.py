@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from tinyformer import ModelConfig, build
 from tinyformer.eval import perplexity
 from tinyformer.generate import sample_next
 

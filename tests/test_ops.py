@@ -74,8 +74,6 @@ def test_stacked_projections_equal_one_product_each_and_leave_hooked_layers_alon
 def test_a_prepared_layout_follows_its_weight():
     """The layout is made once per weight and reused; an in-place change of the weight, or a cast of the model,
     prepares a new one, so a product never sees stale weights."""
-    from tinyformer import ops
-    from tinyformer.kernels import cpu
     if not ops.onednn_bf16():
         pytest.skip("oneDNN has no bf16 on this CPU (AVX2 only)")
     torch.manual_seed(0)
@@ -98,5 +96,3 @@ def test_a_prepared_layout_follows_its_weight():
     expect = _decode_logits(model, ids, [3, 7]).detach()  # autograd on: F.linear on the weights as they are now
     torch.testing.assert_close(after, expect, rtol=2e-2, atol=2e-2)
     assert (after - before).abs().max() > 0.1
-
-

@@ -123,7 +123,6 @@ def _assemble(config, source: dict, name_of: Callable[[str], str], ignore: Calla
 
     Raises ValueError naming the tensor when one is missing, has the wrong shape, or when `source` holds a tensor
     that nothing uses (and `ignore` does not excuse)."""
-
     with torch.device("meta"):
         model = build(config, init=False)
     state, used = {}, set()
@@ -304,7 +303,6 @@ _BERT_MLM = {  # BertForMaskedLM / BertForPreTraining's token head (its decoder 
 
 
 def _bert_config(hf: dict, where, mlm_head: str = "none"):
-
     act = hf.get("hidden_act", "gelu")
     if act not in _BERT_ACTS:
         raise ValueError(f"{where}: hidden_act {act!r} is not supported (known: {', '.join(_BERT_ACTS)})")
@@ -366,7 +364,6 @@ _LLAMA_BLOCK = {
 
 
 def _llama_config(hf: dict, where):
-
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta / rope_type here
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope else None)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -479,7 +476,6 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
         from gguf import GGUFReader
     except ImportError:
         raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from None
-
 
     path = Path(path)
     where = str(path)

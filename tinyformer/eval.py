@@ -1,7 +1,8 @@
 """Evaluation: perplexity of a decoder with a sliding window, an encoder's masked-LM loss, word and phoneme error
 rates of grapheme-to-phoneme models, the fixed held-out sotu protocol, and `evaluate`, what `tinyformer eval` runs.
 
-Perplexity protocol: a window of `block_size` input tokens ids[b : b + block_size] predicts ids[b + 1 : b + block_size + 1].
+Perplexity protocol: a window of `block_size` input tokens ids[b : b + block_size] predicts
+ids[b + 1 : b + block_size + 1].
 Windows start every `stride` tokens (b = 0, stride, 2 * stride, ...), and each scores only the targets no earlier
 window scored, so every token after the first is scored exactly once and, past the first window, with at least
 block_size - stride tokens of context. stride = block_size gives disjoint blocks (fast); stride = 1 gives every token
@@ -135,6 +136,7 @@ def masked_lm_loss(model, ids, block_size: int, mask_id: int, p: float = 0.15, s
     if count == 0:
         raise ValueError("no position was picked for masking: give more tokens")
     return nll / count, count
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the fixed held-out perplexity protocol for real models and compression results (`tinyformer eval --data sotu`)

@@ -5,10 +5,11 @@ The math and nothing else, top to bottom: Linear -> Norm -> rotary tables -> KV 
 kernel for the device, dtype and shape; speed comes from beneath this file (ops, weight layouts prepared in
 `tinyformer.kernels.cpu`, torch.compile of this forward in `tinyformer.generate`), never from a copy of it.
 
-References: Vaswani et al. 2017 (encoder-decoder, post-norm, sinusoidal positions); Radford et al. 2019, GPT-2 (pre-norm,
-learned positions, residual projections initialised at 0.02/sqrt(2 * n_layer)) and karpathy/nanoGPT model.py; Devlin
-et al. 2018, BERT (token types, embedding LayerNorm); Touvron et al. 2023, Llama (RMSNorm, SwiGLU, rotary positions in
-Hugging Face's "rotate half" layout; Su et al. 2021, Shazeer 2020); Ainslie et al. 2023, GQA; Shazeer 2019, MQA.
+References: Vaswani et al. 2017 (encoder-decoder, post-norm, sinusoidal positions); Radford et al. 2019, GPT-2
+(pre-norm, learned positions, residual projections initialised at 0.02/sqrt(2 * n_layer)) and karpathy/nanoGPT
+model.py; Devlin et al. 2018, BERT (token types, embedding LayerNorm); Touvron et al. 2023, Llama (RMSNorm, SwiGLU,
+rotary positions in Hugging Face's "rotate half" layout; Su et al. 2021, Shazeer 2020); Ainslie et al. 2023, GQA;
+Shazeer 2019, MQA.
 
 Legend: B batch, T query length, S key/memory length, C = d_model, H query heads, Hkv key/value heads, Dh head dim,
 V vocab, F = d_ff, P positions (max_seq_len).
@@ -229,7 +230,8 @@ class Block(nn.Module):
     def forward(self, x, key_padding_mask=None, rope=None, memory=None, memory_mask=None, cache=None):
         x = self._residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask, rope, cache=cache))
         if self.cross_attn is not None:
-            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cache))
+            x = self._residual(x, self.norm_cross,
+                               lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cache))
         return self._residual(x, self.norm2, self.mlp)
 
 
