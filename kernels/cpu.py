@@ -86,7 +86,10 @@ def prepared(sources: tuple, make):
     """The layout `make()` builds from the tensors `sources`, built on first use and kept while they live unchanged.
     Keyed by their storages (a Parameter keeps its identity across `.to()` and `.data =`; its storage does not, and a
     freed storage's address is soon reused), checked by their in-place version, shape and strides; an entry goes
-    when the first source's storage does, and holds no reference to the sources."""
+    when the first source's storage does, and holds no reference to the sources. Compiled with frozen weights
+    (`folding`), `make` becomes part of the graph, which Inductor computes once, at compile time."""
+    if folding():
+        return make()
     if _frozen is not None:
         ids = tuple(map(id, sources))
         hit = _frozen.get(ids)
@@ -110,6 +113,21 @@ def _prepared(sources: tuple, make):
                  for i, st in enumerate(storages))
     _layouts[key] = (refs, stamp, value)
     return value
+
+
+def folding() -> bool:
+    """Tracing for Inductor with frozen weights (`torch._inductor.config.freezing`, as `tinyformer.generate.compiled`
+    compiles): the weights are constants, so Inductor folds what the graph computes from them alone into constants."""
+    if not torch.compiler.is_compiling():
+        return False
+    from torch._inductor import config  # only when compiling: Inductor is imported by then
+    return bool(config.freezing)
+
+
+def _opaque() -> bool:
+    """Compiling without frozen weights: the packed products run as single ops on the module's own tensors (below),
+    multiplying through the layout `prepared` keeps beside the weights, which a graph cannot hold."""
+    return torch.compiler.is_compiling() and not folding()
 
 
 def _finish(out, bias, dtype):
@@ -210,7 +228,7 @@ def int8_weight_only_unchecked(x, w, w_scale, bias=None):
         return _finish((x.float() @ w.float().T) * w_scale.float(), bias, x.dtype)
     if M >= WO_DEQUANT_MIN_M:  # int8 -> bf16 is exact
         return _finish((x.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float() * w_scale.float(), bias, x.dtype)
-    rows = torch.ops.tinyformer.int8_rows if torch.compiler.is_compiling() else _int8_rows
+    rows = torch.ops.tinyformer.int8_rows if _opaque() else _int8_rows
     return _finish(rows(x, [w], [w_scale]), bias, x.dtype)
 
 
@@ -219,7 +237,8 @@ def _int8_rows(x, weights, scales):
     (the AVX-512 kernel segfaults on weights that are not), scales in bf16."""
     def make():
         w = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()  # (sum N, K)
-        return w.clone() if w.data_ptr() % 64 else w, torch.cat(scales).to(torch.bfloat16)
+        aligned = torch.compiler.is_compiling() or w.data_ptr() % 64 == 0  # Inductor's constants are aligned
+        return w if aligned else w.clone(), torch.cat(scales).to(torch.bfloat16)
     w, s = prepared(tuple(weights) + tuple(scales), make)
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w, s)  # (M, sum N) bf16
 
@@ -257,12 +276,7 @@ class Int4PackedCPU:
         self.fast = (_have("_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUP_SIZES
                      and N % INT4PACK_N_MULTIPLE == 0 and N > 0 and self.K > 0)
         if self.fast:
-            q = unpack_int4(w_packed).to(torch.int32)  # (N, K) codes 0..15
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K / 2) uint8, their order
-            s = scales.to(torch.float32)
-            zp = (8.0 - zeros.to(torch.float32)) * s  # (N, K / G): zero' so that (q - 8) * s + zero' = (q - zero) * s
-            self.scale_and_zero = torch.stack((s, zp), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            # (N, K / G, 2) -> (K / G, N, 2)
+            self.packed, self.scale_and_zero = _int4pack(w_packed, scales, zeros)
             self._args = (_stand_in(w_packed), _stand_in(scales), _stand_in(zeros))  # shapes/dtypes for validation
         else:
             self._args = (w_packed, scales, zeros)  # the reference needs the real tensors
@@ -282,24 +296,25 @@ class Int4PackedCPU:
     __call__ = matmul
 
 
+def _int4pack(w_packed, scales, zeros):
+    """An int4 weight in torch's CPU layout: its codes repacked, and (K / G, N, 2) bf16 (scale, zero') pairs."""
+    q = unpack_int4(w_packed).to(torch.int32)  # (N, K) codes 0..15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K / 2) uint8, torch's order
+    s = scales.to(torch.float32)
+    zp = (8.0 - zeros.to(torch.float32)) * s  # (N, K / G): zero' so that (q - 8) * s + zero' = (q - zero) * s
+    return packed, torch.stack((s, zp), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K / G, N, 2)
+
+
 def prepack_int4_cpu(w_packed, scales, zeros, group_size: int) -> Int4PackedCPU:
     """Repack an int4 weight once for the CPU fast path; call `.matmul(x, bias=None)` on the result per step."""
     return Int4PackedCPU(w_packed, scales, zeros, group_size)
 
 
-def _prepacked(w_packed, scales, zeros, group_size) -> Int4PackedCPU:
-    """The weight's Int4PackedCPU, repacked once per weight (`prepared`); weights torch's kernel refuses are not
-    cached (the reference runs on them directly)."""
-    if not _int4pack_applies(w_packed, group_size):
-        return Int4PackedCPU(w_packed, scales, zeros, group_size)  # .fast is False: nothing worth caching
-    return _int4_layout((w_packed,), (scales,), (zeros,), group_size)
-
-
-def _int4_layout(packed, scales, zeros, group_size) -> Int4PackedCPU:
-    """The int4 weights `packed` (with their scales and zeros) stacked along N and repacked once (`prepared`)."""
+def _int4_layout(packed: list, scales: list, zeros: list):
+    """The int4 weights `packed` (with their scales and zeros) stacked along N in torch's layout (`_int4pack`), made
+    once (`prepared`)."""
     def make():
-        stack = [t[0] if len(t) == 1 else torch.cat(t) for t in (packed, scales, zeros)]  # (sum N, ...) each
-        return Int4PackedCPU(*stack, group_size)
+        return _int4pack(*(t[0] if len(t) == 1 else torch.cat(t) for t in (packed, scales, zeros)))  # (sum N, ...)
     return prepared(tuple(packed) + tuple(scales) + tuple(zeros), make)
 
 
@@ -319,15 +334,15 @@ def int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias=None):
     step the argument checks cost more than the product."""
     if not _int4pack_applies(w_packed, group_size) or x.shape[0] == 0:
         return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
-    rows = torch.ops.tinyformer.int4_rows if torch.compiler.is_compiling() else _int4_rows
+    rows = torch.ops.tinyformer.int4_rows if _opaque() else _int4_rows
     return _finish(rows(x, [w_packed], [scales], [zeros], group_size), bias, x.dtype)
 
 
 def _int4_rows(x, packed, scales, zeros, group_size: int):
     """torch's packed int4 kernel on the weights' prepared layout (M, sum N) bf16."""
-    p = _int4_layout(packed, scales, zeros, group_size)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), p.packed, group_size,
-                                                      p.scale_and_zero)  # (M, sum N) bf16
+    w, scale_and_zero = _int4_layout(packed, scales, zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, group_size,
+                                                      scale_and_zero)  # (M, sum N) bf16
 
 
 # ======================================================================================================================
@@ -342,7 +357,7 @@ def stacked_int8_weight_only(x, weights: tuple, scales: tuple, biases: tuple):
     if (x.shape[0] >= WO_DEQUANT_MIN_M or x.shape[1] % INT8PACK_K_MULTIPLE or x.shape[0] == 0
             or not _have("_weight_int8pack_mm")):
         return None
-    rows = torch.ops.tinyformer.int8_rows if torch.compiler.is_compiling() else _int8_rows
+    rows = torch.ops.tinyformer.int8_rows if _opaque() else _int8_rows
     return _finish(rows(x, list(weights), list(scales)), _stacked_bias(biases, weights), x.dtype)
 
 
@@ -351,7 +366,7 @@ def stacked_int4(x, packed: tuple, scales: tuple, zeros: tuple, group_size: int,
     does not apply."""
     if x.shape[0] == 0 or not all(_int4pack_applies(w, group_size) for w in packed):
         return None
-    rows = torch.ops.tinyformer.int4_rows if torch.compiler.is_compiling() else _int4_rows
+    rows = torch.ops.tinyformer.int4_rows if _opaque() else _int4_rows
     out = rows(x, list(packed), list(scales), list(zeros), group_size)
     return _finish(out, _stacked_bias(biases, packed), x.dtype)
 
@@ -366,8 +381,7 @@ def _stacked_bias(biases: tuple, weights: tuple):
 # ======================================================================================================================
 # the packed products as single ops for torch.compile
 # ======================================================================================================================
-# A compiled graph calls each with the module's own tensors, and it multiplies through the prepared layout, which no
-# graph could hold (it lives beside the weights, not in them).
+# For graphs compiled without frozen weights (`_opaque`).
 @torch.library.custom_op("tinyformer::int8_rows", mutates_args=())
 def _int8_rows_op(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
     return _int8_rows(x, weights, scales)

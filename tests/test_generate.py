@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
+from tinyformer.compress import quantize_
 from tinyformer.eval import perplexity
 from tinyformer.generate import sample_next
 
@@ -99,28 +100,56 @@ def test_decoding_leaves_the_parameters_as_they_were():
         assert torch.equal(p, values[k]) and p.is_contiguous(), k
 
 
-def test_generate_compile_gives_the_eager_tokens_and_falls_back_with_a_warning(monkeypatch):
-    """generate(compile=True) runs its decode steps through torch.compile of the model's own forward and gives the
-    tokens eager decoding gives; where compiling fails it warns and decodes without it."""
+@pytest.mark.parametrize("scheme", ["float", "int4"])
+def test_generate_compile_gives_the_eager_tokens_and_follows_weight_changes(scheme, monkeypatch):
+    """generate(compile=True) runs its decode steps through torch.compile of the model's own forward, with the weights
+    frozen into the compiled code (their int4 layouts folded at compile time), and gives the tokens eager decoding
+    gives; after the weights change in place it compiles afresh rather than decoding with the old ones."""
     from tinyformer import generate as gen
-    model = tiny(act="swiglu", d_model=64)
-    ids = torch.randint(0, 30, (1, 5))
-    eager = model.generate(ids, 12, temperature=0)
+    model = tiny(act="swiglu", norm="rmsnorm", d_model=64)
+    if scheme == "int4":
+        model = quantize_(model, bits=4, group_size=32)
+    ids = torch.randint(0, 30, (1, 5), generator=torch.Generator().manual_seed(0))
     calls = []
     real = gen.compiled.__call__
     monkeypatch.setattr(gen.compiled, "__call__", lambda self, *a, **k: calls.append(self.fn is not None) or real(
         self, *a, **k))
-    assert torch.equal(model.generate(ids, 12, temperature=0, compile=True), eager)
-    assert calls == [True] * 11  # every step after the prefill, compiled
+    for _ in range(2):
+        eager = model.generate(ids, 12, temperature=0)
+        assert torch.equal(model.generate(ids, 12, temperature=0, compile=True), eager)
+        assert calls == [True] * 11  # every step after the prefill, compiled
+        calls.clear()
+        g = torch.Generator().manual_seed(len(calls))
+        with torch.no_grad():  # new weights, same tensors: frozen code compiled before would decode the old ones
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.dtype == torch.uint8:
+                    t.bitwise_xor_(0x35)  # every int4 code changes
+                elif t.is_floating_point() and t.dim() > 1:
+                    t.add_(torch.randn(t.shape, generator=g))
+        assert not torch.equal(model.generate(ids, 12, temperature=0), eager)
+
+
+def test_generate_compile_falls_back_with_a_warning(monkeypatch):
+    """Where compiling fails (no C++ compiler, say), generate(compile=True) warns once and decodes without it."""
+    from tinyformer import generate as gen
+    model = tiny(d_model=64)
+    ids = torch.randint(0, 30, (1, 5))
+    eager = model.generate(ids, 12, temperature=0)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(gen.torch, "compile", lambda model, **kw: broken)
-    calls.clear()
+    calls = []
+    real = gen.compiled.__call__
+    monkeypatch.setattr(gen.compiled, "__call__", lambda self, *a, **k: calls.append(self.fn is not None) or real(
+        self, *a, **k))
+    monkeypatch.setattr(gen.torch, "compile", lambda fn, **kw: broken)
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
         assert torch.equal(model.generate(ids, 12, temperature=0, compile=True), eager)
     assert calls == [True] + [False] * 10  # the first step failed over; the rest went straight to eager
+    calls.clear()
+    assert torch.equal(model.generate(ids, 12, temperature=0, compile=True), eager)
+    assert calls == [False] * 11  # and the model is not compiled again
 
 
 def test_sampling_filters():

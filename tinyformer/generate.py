@@ -11,7 +11,10 @@ sequence is longer than the model's context); pytorch-labs/gpt-fast (a compiled 
 """
 from __future__ import annotations
 
+import itertools
+import types
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -112,23 +115,53 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
 
 
 class compiled:
-    """`model` with its forward compiled by torch.compile, for decode steps. The cached length is compiled as a
-    dynamic size, so one compile serves every step (30-60 s for SmolLM2-135M on 2 cores); Dynamo
-    keeps the compiled code per model shape across calls. Where compiling fails (Inductor needs a C++ compiler,
-    among other things) it warns once and runs the model as it is."""
+    """`model` with its forward compiled by torch.compile, for decode steps. Inductor compiles it with frozen weights
+    (`torch._inductor.config.freezing`): the weights are constants of the compiled code, so every layout the dispatch
+    computes from them (stacked q/k/v and gate/up, torch's int4 and int8 packs, oneDNN's blocked bf16) is computed
+    once, at compile time. The cached length is a dynamic size, so one compile serves every step. The compiled code
+    is kept per model and reused while the model's weights stay as they were; where they changed (an optimizer step,
+    `load_state_dict`, `.to()`), it compiles afresh. Where compiling fails (Inductor needs a C++ compiler, among
+    other things) it warns once and runs the model as it is."""
 
     def __init__(self, model):
-        self.model, self.fn = model, torch.compile(model, dynamic=True)
+        import torch._inductor.config as inductor_config  # Inductor loads with torch.compile's first use
+
+        self.model, self.freezing, self.stamp = model, inductor_config.patch(freezing=True), _weights_stamp(model)
+        hit = _compiled.get(model)
+        if hit is None or hit[0] != self.stamp:
+            hit = _compiled[model] = (self.stamp, torch.compile(_fresh(_step), dynamic=True))
+        self.fn = hit[1]
 
     def __call__(self, *args, **kwargs):
         if self.fn is not None:
             try:
-                return self.fn(*args, **kwargs)
+                with self.freezing:
+                    return self.fn(self.model, *args, **kwargs)
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"generate(compile=True): torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
                               f"decoding without it", RuntimeWarning, stacklevel=2)
-                self.fn = None
+                self.fn, _compiled[self.model] = None, (self.stamp, None)
         return self.model(*args, **kwargs)
+
+
+_compiled = weakref.WeakKeyDictionary()  # model -> (its weights' stamp, its compiled step): no reference to the model
+
+
+def _weights_stamp(model) -> tuple:
+    """What a frozen weight's compiled code depends on: each parameter's and buffer's identity, storage, in-place
+    version, dtype and shape."""
+    return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.shape)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _step(model, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+def _fresh(fn):
+    """fn with a code object of its own: Dynamo keeps compiled code per code object, so a copy compiles anew rather
+    than reusing code that froze other weights."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
 
 
 @torch.no_grad()

@@ -94,8 +94,9 @@ def linear(x, weight, bias=None):
         y = x @ weight.T
         return y + bias if bias is not None else y
     if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.compiler.is_compiling() and \
-            x.numel() == x.shape[-1] and x.dtype != torch.float32:
-        # one row, compiled: a reduction Inductor streams the low-precision weight through once, widened to fp32
+            not cpu.folding() and x.numel() == x.shape[-1] and x.dtype != torch.float32:
+        # one row, compiled, weights not frozen: a reduction Inductor streams the low-precision weight through once,
+        # widened to fp32 (with frozen weights, Inductor multiplies by oneDNN's prepacked copy instead)
         y = (weight.float() * x.float().unsqueeze(-2)).sum(-1)  # (..., 1, K) * (N, K) summed over K -> (..., N)
         return (y + bias.float() if bias is not None else y).to(x.dtype)
     if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -111,10 +112,11 @@ def linear(x, weight, bias=None):
 
 def linears(x, *modules):
     """The products of x (..., K) with linear layers that all read it (q/k/v; gate/up): `[m(x) for m in modules]`,
-    as one product where the layers stack (`_stackable`): in training over their concatenated float weights (one
-    wider GEMM forward and backward); outside autograd on the CPU over a stacked copy of their weights made once (at a
-    decode step a kernel call costs a fixed overhead beside streaming its weight). Otherwise one call each."""
-    if (len(modules) > 1 and torch.is_grad_enabled() and _stackable(modules) == "float"
+    as one product where the layers stack (`_stackable`): in training (and compiled with frozen weights, where
+    Inductor folds the concatenation) over their concatenated float weights, one wider GEMM; outside autograd on the
+    CPU over a stacked copy of their weights made once (at a decode step a kernel call costs a fixed overhead beside
+    streaming its weight). Otherwise one call each."""
+    if (len(modules) > 1 and (torch.is_grad_enabled() or cpu.folding()) and _stackable(modules) == "float"
             and len({m.bias is None for m in modules}) == 1):  # training: one GEMM
         w = torch.cat([m.weight for m in modules])  # (sum N, K): fewer, wider products for forward and backward
         b = None if modules[0].bias is None else torch.cat([m.bias for m in modules])  # (sum N,)

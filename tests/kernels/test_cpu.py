@@ -103,11 +103,11 @@ def test_cpu_int4_fallback_and_cache():
     assert not pre.fast
     assert torch.equal(pre.matmul(x), reference.int4_matmul(x, w_packed, scales, zeros, 32))
     w_packed, scales, zeros = make_int4(32, 64, 32, g)
-    first = cpu._prepacked(w_packed, scales, zeros, 32)
-    assert cpu._prepacked(w_packed, scales, zeros, 32) is first  # repacked once per weight
+    first = cpu._int4_layout([w_packed], [scales], [zeros])
+    assert cpu._int4_layout([w_packed], [scales], [zeros]) is first  # repacked once per weight
     y0 = cpu.int4_matmul_cpu(x, w_packed, scales, zeros, 32)
     w_packed.bitwise_xor_(0x11)  # in place: every code changes, the version bumps, the cache repacks
-    assert cpu._prepacked(w_packed, scales, zeros, 32) is not first
+    assert cpu._int4_layout([w_packed], [scales], [zeros]) is not first
     y1 = cpu.int4_matmul_cpu(x, w_packed, scales, zeros, 32)
     want = reference.int4_matmul(x, w_packed, scales, zeros, 32)
     assert not torch.equal(y0, y1)
