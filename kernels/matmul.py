@@ -1,6 +1,6 @@
-"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm): the tile config
-and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum of
-the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
+"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm): the tile
+config and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum
+of the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
 
 References:
 - The Triton matrix multiplication tutorial (triton-lang/triton, python/tutorials/03-matrix-multiplication.py):
@@ -52,6 +52,15 @@ INTERPRET_CONFIGS = {
 KINDS = tuple(INTERPRET_CONFIGS)
 
 
+M_BUCKET_MAX = 8192
+
+
+def m_bucket(M: int) -> int:
+    """M rounded up to a power of two (at most M_BUCKET_MAX): an autotune key, so the first prefill length seen for a
+    layer shape does not fix its config for every M, and prefill lengths that differ a little share one tuning."""
+    return min(M_BUCKET_MAX, 1 << max(0, M - 1).bit_length())
+
+
 def matmul_configs(kind: str, arch: Optional[int]) -> List[MatmulConfig]:
     """THE heuristic: candidate configs for one kernel kind, default first, from configs.csv; arch None = the
     interpreter (one config: @triton.autotune with more than one fails there)."""
@@ -86,7 +95,9 @@ def store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_o
                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Store a weight-only kernel's fp32 tile acc (BLOCK_M, BLOCK_N): SPLIT_K == 1 with the bias added, in out's
     dtype; SPLIT_K > 1 as split pid_k's fp32 partial at out + pid_k * stride_os (`finish_splits` sums them)."""
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    # 64-bit offsets: S*M*N can pass 2^31
+    out_ptrs = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
+                + offs_n[None, :] * stride_on)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -166,7 +177,7 @@ def autotuned(fn, cands: tuple, key: tuple, do_bench=None):
 
 def launch(fn, grid_fn, cands: List[MatmulConfig], key: tuple, *args, **kwargs):
     """Launch fn with the single candidate (interpreter, or a one-entry table) or through the autotuner (keyed on
-    `key`: the N, K, flags of a layer, so each layer shape is tuned once)."""
+    `key`: the N, K, flags and M bucket of a call, so each layer shape is tuned once per bucket of M)."""
     if len(cands) == 1:
         c = cands[0]
         fn[grid_fn(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n))](*args, **kwargs, **launch_kwargs(fn, c))
