@@ -125,7 +125,8 @@ def _attn_fwd_kernel(
     m_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
@@ -185,7 +186,8 @@ def _attn_decode_kernel(
     h = hk * GROUP + g  # (BLOCK_M,) query head of each row
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i.to(tl.int64)[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
@@ -254,9 +256,11 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
+    o = tl.load(O + b * stride_ob + h * stride_oh
+                + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
 
@@ -324,9 +328,11 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n < Tk
     d_ok = offs_d < HEAD_DIM
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(K + b * stride_kb + hk * stride_kh
+                + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(V + b * stride_vb + hk * stride_vh
+                + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -359,9 +365,11 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.where(kp[:, None], dk, 0.0)
     dv = tl.where(kp[:, None], dv, 0.0)
     dk = dk * sm_scale
-    tl.store(DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hk * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hk * stride_dkh
+             + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hk * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hk * stride_dvh
+             + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -379,8 +387,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Tk
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base
+                    + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base
+                    + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -421,9 +431,11 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     qd_mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=qd_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -445,7 +457,8 @@ def _attn_bwd_dq_kernel(
                        offs_m, offs_d, n_full, hi, Tk, causal_off, qk_scale,
                        HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + b * stride_dqb + h * stride_dqh
+             + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
