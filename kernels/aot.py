@@ -48,6 +48,7 @@ import torch
 
 from . import configs, flash_attention as fa, int4_mm
 from .device import tl
+from .fp8_mm import _fp8_matmul_kernel
 from .int8_mm import _int8_matmul_kernel
 from .int8_wo_mm import _int8_weight_only_kernel
 from .matmul import matmul_configs
@@ -176,6 +177,20 @@ def int8_wo_specs() -> List[dict]:
     return specs
 
 
+def fp8_specs() -> List[dict]:
+    """The e4m3 GEMM with its epilogue (bf16 output, bias), sm_90 only (Hopper's fp8 wgmma: QGMMA in the SASS)."""
+    fn = _fp8_matmul_kernel
+    specs = []
+    for c in matmul_configs("fp8", 90):
+        ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                  BLOCK_K=c.block_k, GROUP_M=c.group_m)
+        ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
+                "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
+        specs.append(_spec(f"fp8_mm.fp8_{_tile(c)}", fn, ptrs, ce, c, 90,
+                           [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"], weights=c.block_k * c.block_n))
+    return specs
+
+
 def per_token_quant_specs() -> List[dict]:
     """The per-token activation quantizer, fp16 and bf16 inputs."""
     fn = _quantize_per_token_kernel
@@ -231,7 +246,7 @@ def int4_specs() -> List[dict]:
 
 # the report's groups: one per op file
 SPEC_GROUPS = {"flash_attention": attention_specs, "int8_mm": int8_specs, "int8_wo_mm": int8_wo_specs,
-               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs}
+               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs}
 MODULES = tuple(SPEC_GROUPS)
 
 

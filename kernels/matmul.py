@@ -1,4 +1,4 @@
-"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm): the tile
+"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm, fp8_mm): the tile
 config and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum
 of the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
 
@@ -48,8 +48,10 @@ INTERPRET_CONFIGS = {
     "i4_gemv": MatmulConfig(1, 32, 64, 4, 1),
     "i4_decode": MatmulConfig(16, 64, 64, 4, 1),
     "i4": MatmulConfig(64, 64, 64, 4, 1),
+    "fp8": MatmulConfig(64, 64, 64, 4, 1),
 }
 KINDS = tuple(INTERPRET_CONFIGS)
+SM90_ONLY = ("fp8",)  # kinds with rows for the sm90 table only (e4m3 wgmma: fp8_mm runs Triton on sm_90+)
 
 
 M_BUCKET_MAX = 8192
