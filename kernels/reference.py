@@ -300,3 +300,32 @@ def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
         out = out + bias.to(torch.float32)
     return out.to(x.dtype)
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training ops: RMSNorm, SwiGLU, rotary embedding, linear + cross-entropy
+def rms_norm(x, weight, eps: float = 1e-6):
+    """x / sqrt(mean(x^2) + eps) over the last dim in float32, rounded to x's dtype, times weight (Zhang & Sennrich
+    2019; the rounding of Llama's reference implementation)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def swiglu(gate, up):
+    """silu(gate) * up, each rounded to the inputs' dtype as torch's eager ops do (Shazeer 2020)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope(x, cos, sin):
+    """Rotate the pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos, sin (B or 1, 1, T, Dh):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x[Dh/2:], x[:Dh/2]); in float32 whatever x's dtype
+    (Su et al. 2021, in Hugging Face's "rotate half" layout)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def linear_cross_entropy(h, weight, target, ignore_index: int = -100):
+    """Mean cross-entropy of the logits h @ weight.T (computed in fp32) against target, over the targets that are not
+    ignore_index. h (N, C), weight (V, C), target (N,) int64."""
+    logits = h.float() @ weight.float().T  # (N, V)
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index)
