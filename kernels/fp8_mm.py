@@ -23,7 +23,7 @@ from __future__ import annotations  # kernel annotations stay strings: the modul
 import torch
 
 from .device import arch_of, backend_of, cdiv, tl, triton
-from .matmul import launch, m_bucket, matmul_configs, tile_ids
+from .matmul import ab_tiles, launch, m_bucket, matmul_configs
 from .reference import _need, check_int8_matmul_args, check_out_dtype, fp8_matmul as fp8_matmul_reference
 
 __all__ = ["fp8_matmul", "plan"]
@@ -43,16 +43,9 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C tile (BLOCK_M, BLOCK_N) = (A (M, K) e4m3 @ B (N, K)^T e4m3) in fp32 * a_scale[m] * b_scale[n] (+ bias[n]),
     stored in C's dtype."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rm, rn, a_ptrs, b_ptrs = ab_tiles(a_ptr, b_ptr, M, N, stride_am, stride_ak, stride_bn, stride_bk,
+                                                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # B^T tile: K-major
     offs_k = tl.arange(0, BLOCK_K)
-    # rows/columns past M/N wrap around (in-bounds loads, dropped by the store mask); 64-bit row offsets: M*K and
-    # N*K can pass 2^31
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn  # (BLOCK_K, BLOCK_N): B^T tile, K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0  # the K tail is masked with 0, which adds nothing

@@ -23,7 +23,7 @@ import torch
 
 from .cpu import INT_MM_MAX_K, int8_matmul_cpu, int8_matmul_int32_cpu
 from .device import arch_of, backend_of, cdiv, tl, triton
-from .matmul import DECODE_MAX_M, launch, m_bucket, matmul_configs, tile_ids
+from .matmul import DECODE_MAX_M, ab_tiles, launch, m_bucket, matmul_configs
 from .reference import _need, check_int8_matmul_args, check_out_dtype
 from .reference import int8_matmul as int8_matmul_reference, int8_matmul_int32 as int8_matmul_int32_reference
 
@@ -42,16 +42,9 @@ def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C tile (BLOCK_M, BLOCK_N) = A (M, K) int8 @ B (N, K)^T int8 in int32; EPILOGUE: * a_scale[m] * b_scale[n]
     (+ bias[n]) in fp32, stored in C's dtype; else the int32 accumulator is stored."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rm, rn, a_ptrs, b_ptrs = ab_tiles(a_ptr, b_ptr, M, N, stride_am, stride_ak, stride_bn, stride_bk,
+                                                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # rows/columns past M/N wrap around (tutorial trick): the loads stay in bounds without a mask, the store drops them
-    # 64-bit row offsets: M*K and N*K can pass 2^31
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn  # (BLOCK_K, BLOCK_N): B^T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0  # the K tail is masked with 0, which adds nothing to an integer dot

@@ -93,6 +93,24 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def ab_tiles(a_ptr, b_ptr, M, N, stride_am, stride_ak, stride_bn, stride_bk,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The first K tile of a program of A (M, K) @ B (N, K)^T in grouped order: (offs_m, offs_n, rm, rn, a_ptrs
+    (BLOCK_M, BLOCK_K), b_ptrs (BLOCK_K, BLOCK_N), the B^T tile). Rows/columns past M/N wrap around (rm, rn; the
+    tutorial's trick): the loads stay in bounds without a mask, the store drops them. 64-bit row offsets: M*K and
+    N*K can pass 2^31."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+    return offs_m, offs_n, rm, rn, a_ptrs, b_ptrs
+
+
+@triton.jit
 def store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on,
                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Store a weight-only kernel's fp32 tile acc (BLOCK_M, BLOCK_N): SPLIT_K == 1 with the bias added, in out's

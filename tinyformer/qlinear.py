@@ -49,25 +49,37 @@ class QuantLinear(nn.Module):
         return f"in={self.n_in}, out={self.n_out}, bias={self.bias is not None}, {self.spec()}"
 
 
-class Int8Linear(QuantLinear):
-    """Int8 weight-only (W8A16): symmetric per-output-channel int8 codes, w = q * scale."""
+class PerChannelLinear(QuantLinear):
+    """Base of the per-output-channel schemes: codes (N, K) of `code_dtype` and a float32 scale (N,), w = q * scale;
+    subclasses define `codes(weight) -> (q, scale)`."""
 
-    scheme = "int8"
+    code_dtype = torch.int8
 
     def __init__(self, n_out, n_in, bias, dtype=torch.float32):
         super().__init__(n_out, n_in, bias, dtype)
-        self.register_buffer("weight", torch.zeros(n_out, n_in, dtype=torch.int8))  # (N, K) codes
+        self.register_buffer("weight", torch.zeros(n_out, n_in, dtype=self.code_dtype))  # (N, K) codes
         self.register_buffer("scale", torch.ones(n_out, dtype=torch.float32))  # (N,)
 
     @classmethod
     def from_weight(cls, weight, bias=None):
         m = cls(*weight.shape, bias is not None, bias.dtype if bias is not None else torch.float32)
-        scale, zero = choose_qparams(weight.detach(), 8, group_size=-1, symmetric=True)
-        m.weight.copy_(quantize(weight.detach(), scale, zero, 8, group_size=-1))
+        q, scale = cls.codes(weight.detach())
+        m.weight.copy_(q)
         m.scale.copy_(scale)
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
+
+
+class Int8Linear(PerChannelLinear):
+    """Int8 weight-only (W8A16): symmetric per-output-channel int8 codes, w = q * scale."""
+
+    scheme = "int8"
+
+    @staticmethod
+    def codes(weight):
+        scale, zero = choose_qparams(weight, 8, group_size=-1, symmetric=True)
+        return quantize(weight, scale, zero, 8, group_size=-1), scale
 
     def matmul(self, x):
         return ops.int8_linear(x, self.weight, self.scale, self.bias)
@@ -144,27 +156,17 @@ class Int4Linear(QuantLinear):
         return {"scheme": self.scheme, "group_size": self.group_size}
 
 
-class FP8Linear(QuantLinear):
+class FP8Linear(PerChannelLinear):
     """FP8: e4m3 weights with a per-output-channel scale (absmax / 448), times activations quantized to e4m3 per
     row at run time; fp32 accumulation. The triton backend runs `kernels.fp8_matmul` (the e4m3 tensor cores on
     sm_90+), the others its reference (fp32)."""
 
     scheme = "fp8"
+    code_dtype = torch.float8_e4m3fn
 
-    def __init__(self, n_out, n_in, bias, dtype=torch.float32):
-        super().__init__(n_out, n_in, bias, dtype)
-        self.register_buffer("weight", torch.zeros(n_out, n_in, dtype=torch.float8_e4m3fn))  # (N, K) e4m3
-        self.register_buffer("scale", torch.ones(n_out, dtype=torch.float32))  # (N,)
-
-    @classmethod
-    def from_weight(cls, weight, bias=None):
-        m = cls(*weight.shape, bias is not None, bias.dtype if bias is not None else torch.float32)
-        q, scale = reference.quantize_fp8(weight.detach())
-        m.weight.copy_(q)
-        m.scale.copy_(scale)
-        if bias is not None:
-            m.bias.copy_(bias.detach())
-        return m
+    @staticmethod
+    def codes(weight):
+        return reference.quantize_fp8(weight)
 
     def matmul(self, x):
         q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
