@@ -2,9 +2,9 @@
 
 On a CUDA GPU: TFLOP/s of forward, backward and forward+backward for each sequence length, head dim and causal
 setting given on the command line, timed with triton.testing.do_bench (median, 20th and 80th percentiles), for the
-providers `triton` (tinyformer.kernels.attention), `sdpa_flash` (F.scaled_dot_product_attention restricted to its
-flash backend) and `reference` (tinyformer.kernels.reference.attention; skipped where its (B, H, Tq, Tk) score
-matrix would not fit), with the share of the GPU's dense fp16/bf16 peak.
+providers `triton` (tinyformer.kernels.attention), `sdpa_flash` and `sdpa_cudnn` (F.scaled_dot_product_attention
+restricted to its flash or its cuDNN backend) and `reference` (tinyformer.kernels.reference.attention; skipped where
+its (B, H, Tq, Tk) score matrix would not fit), with the share of the GPU's dense fp16/bf16 peak.
 Without a GPU: says so, runs the interpreter correctness sweep on small shapes (errors against fp64 next to plain
 torch's), and times the CPU path (SDPA vs the reference) with torch.utils.benchmark.
 Every measurement is one CSV row (device, torch/triton versions, timestamp, shape, ms, TFLOP/s, share of peak)
@@ -115,17 +115,20 @@ def providers_gpu(names):
     def triton_attn(q, k, v, causal):
         return fa.attention(q, k, v, causal=causal)
 
-    def sdpa_flash(q, k, v, causal):
-        if q.shape[1] != k.shape[1]:  # flash backend without GQA support in some torch versions: expand k/v
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    def sdpa_on(backend):
+        def sdpa(q, k, v, causal):
+            if q.shape[1] != k.shape[1]:  # backends without GQA support in some torch versions: expand k/v
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return sdpa
 
     def reference(q, k, v, causal):
         return ref.attention(q, k, v, causal=causal)
 
-    table = {"triton": triton_attn, "sdpa_flash": sdpa_flash, "reference": reference}
+    table = {"triton": triton_attn, "sdpa_flash": sdpa_on(SDPBackend.FLASH_ATTENTION),
+             "sdpa_cudnn": sdpa_on(SDPBackend.CUDNN_ATTENTION), "reference": reference}
     return {n: table[n] for n in names}
 
 
@@ -302,7 +305,8 @@ def parse_args(argv=None):
     ap.add_argument("--d-model", type=int, default=2048, help="query heads = d_model // head_dim unless --heads")
     ap.add_argument("--heads", type=int, default=0, help="query heads (default d_model // head_dim)")
     ap.add_argument("--kv-heads", type=int, default=0, help="key/value heads (default = query heads)")
-    ap.add_argument("--providers", default="triton,sdpa_flash,reference", help="GPU providers to time")
+    ap.add_argument("--providers", default="triton,sdpa_flash,sdpa_cudnn,reference",
+                    help="GPU providers to time (triton, sdpa_flash, sdpa_cudnn, reference)")
     ap.add_argument("--reference-max-bytes", type=float, default=24e9,
                     help="skip the reference where its fp32 score matrices exceed this many bytes")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the device peak (TFLOP/s)")

@@ -2,8 +2,9 @@
 torch's float matmul of the same shape, measured in the same run.
 
 On a CUDA GPU: the Triton kernels (`int8_matmul` with fp16 output, `quantize_per_token` + `int8_matmul`,
-`int8_weight_only_matmul` and `int4_matmul` with fp16 activations) against torch.matmul fp16 (cuBLAS, the anchor) and
-bf16, and torch._int_mm, timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph: the GPU work alone;
+`int8_weight_only_matmul` and `int4_matmul` with fp16 activations; on sm_90 `fp8_matmul`, e4m3 with row-wise scales)
+against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_90) torch._scaled_mm with row-wise
+scales, timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph: the GPU work alone;
 `--timer launch`: do_bench, the Python launch path included) (median, 20th and 80th percentiles); TFLOP/s (TOPS for
 int8) = 2 M N K / t and GB/s = bytes of weight + activations + output / t. Default shapes: decode M = 1, 4, 16 and
 prefill M = 512, 1024, 4096 for (K, N) in (1024, 1024), (4096, 4096), (4096, 11008), (8192, 8192).
@@ -76,7 +77,10 @@ def make_operands(M, K, N, G, device):
     s4, z4 = quant.choose_qparams(w, 4, G, symmetric=False)  # (N, K / G)
     w4 = reference.pack_int4(quant.quantize(w, s4, z4, 4, G))  # (N, K / 2) uint8
     a8, a_scale = quant.quantize_per_token_int8(x)  # (M, K) int8, (M,)
-    ops = dict(w=w, x=x, w8=w8, w8_scale=w8_scale, s4=s4, z4=z4, w4=w4, a8=a8, a_scale=a_scale)
+    f8, f8_scale = reference.quantize_fp8(w)  # (N, K) e4m3, (N,)
+    af8, af8_scale = reference.quantize_fp8(x)  # (M, K) e4m3, (M,)
+    ops = dict(w=w, x=x, w8=w8, w8_scale=w8_scale, s4=s4, z4=z4, w4=w4, a8=a8, a_scale=a_scale, f8=f8,
+               f8_scale=f8_scale, af8=af8, af8_scale=af8_scale)
     return {k: v.to(device) for k, v in ops.items()}
 
 
@@ -127,6 +131,12 @@ def gpu_paths(o, G) -> List[tuple]:
     ]
     if M > 16 and K % 8 == 0 and N % 8 == 0:  # torch._int_mm's CUDA constraints
         paths.insert(2, ("torch._int_mm", "int8", lambda: torch._int_mm(o["a8"], w8t)))
+    if torch.cuda.get_device_capability() >= (9, 0):  # e4m3 tensor cores: the fp8 kernel's Triton path, and its anchor
+        from tinyformer.kernels import fp8_matmul
+        sa, sb = o["af8_scale"][:, None], o["f8_scale"][None, :]  # (M, 1), (1, N): row-wise scales
+        paths += [("fp8 triton", "e4m3", lambda: fp8_matmul(o["af8"], o["f8"], o["af8_scale"], o["f8_scale"])),
+                  ("torch._scaled_mm fp8", "e4m3",
+                   lambda: torch._scaled_mm(o["af8"], o["f8"].T, sa, sb, out_dtype=torch.bfloat16))]
     return paths
 
 
@@ -144,14 +154,16 @@ def check(paths, o, G):
         "float": x @ w.T,
         "w8": x @ (o["w8"].float() * o["w8_scale"][:, None]).T,
         "w4": x @ reference.dequantize_int4(o["w4"], o["s4"], o["z4"], G).T,
+        "f8": x @ (o["f8"].float() * o["f8_scale"][:, None]).T,
     }
     for name, dt, fn in paths:
         out = fn().float()
-        key = "w4" if "int4" in name else "w8" if ("int8" in name or "w8a8" in name or "_int_mm" in name) else "float"
+        key = "w4" if "int4" in name else "f8" if "fp8" in name else \
+            "w8" if ("int8" in name or "w8a8" in name or "_int_mm" in name) else "float"
         if name == "torch._int_mm":
             continue  # raw int32 accumulator
         ref = want[key]
-        tol = 0.1 if "w8a8" in name else 0.03  # w8a8 also quantizes activations
+        tol = 0.1 if ("w8a8" in name or "fp8" in name) else 0.03  # these also quantize activations
         err = ((out - ref).norm() / ref.norm()).item()
         if not err < tol:
             raise SystemExit(f"{name} ({dt}) is wrong: relative error {err:.3g} against its reference")

@@ -12,8 +12,9 @@ TRITON_INTERPRET is decided per process at import -- or memory never reaches the
 
     train_speed   benchmarks/train_speed.py: baby GPT training ms/iter, tokens/s, val loss (nanoGPT's train.py too)
     attention     benchmarks/attention.py: Triton FlashAttention-2 vs SDPA (GPU); SDPA vs reference + sweep (CPU)
-    matmul        benchmarks/matmul.py: int8 / int4 matmuls vs the float matmul of the same shape
+    matmul        benchmarks/matmul.py: int8 / int4 (and on sm_90 fp8) matmuls vs the float matmul of the same shape
     generate      benchmarks/generate.py: SmolLM2-135M prefill / decode tokens/s vs transformers
+    fused_ops     benchmarks/fused_ops.py: fused RMSNorm / SwiGLU / RoPE / linear + cross-entropy vs eager torch (GPU)
     compression   benchmarks/compression.py, when it exists (skipped with a note otherwise)
     aot           python -m tinyformer.kernels.aot: registers, spills, shared memory per kernel config, sm_80/sm_90
 
@@ -144,6 +145,13 @@ def _generate(ctx: Context):
     else:  # every dtype of issue #6: fp32 / bf16 against transformers, int8 / int4 against its fp32
         argv += ["--dtypes", "fp32,bf16,int8,int4"]
     return argv
+
+
+def _fused_ops(ctx: Context):
+    if not ctx.cuda:
+        return "needs a CUDA GPU (on a CPU the fused ops run the Triton interpreter: tests, not timings)"
+    argv = [ctx.python, _script("fused_ops.py"), "--results", str(ctx.out / "fused_ops.csv")]
+    return argv + (["--tokens", "4096"] if ctx.quick else [])
 
 
 def _has_option(path: Path, flag: str) -> bool:
@@ -328,8 +336,9 @@ STEPS = (
          _train_speed, csv="train_speed.csv",
          columns=("impl", "device", "threads", "iters", "ms_per_iter", "tokens_per_s", "val_loss",
                   "speed_vs_nanogpt"), headline=_train_headline, plot=_train_plot),
-    Step("attention", "Attention", "tinyformer's Triton FlashAttention-2 kernels against torch SDPA's flash backend "
-         "and the pure-torch reference (GPU: triton.testing.do_bench, TFLOP/s and share of peak); on a CPU, SDPA "
+    Step("attention", "Attention", "tinyformer's Triton FlashAttention-2 kernels against torch SDPA's flash and "
+         "cuDNN backends and the pure-torch reference (GPU: triton.testing.do_bench, TFLOP/s and share of peak); on a "
+         "CPU, SDPA "
          "against the reference with torch.utils.benchmark and, in full mode, the interpreter's correctness sweep",
          _attention, csv="attention.csv",
          columns=("provider", "mode", "dtype", "batch", "heads_q", "heads_kv", "seq_q", "seq_k", "head_dim", "causal",
@@ -345,6 +354,10 @@ STEPS = (
          columns=("impl", "dtype", "threads", "batch", "prompt_tokens", "new_tokens", "prefill_tok_s", "decode_tok_s",
                   "decode_tok_s_best", "weight_mb", "gb_s", "bw_share"), headline=_generate_headline,
          plot=_generate_plot),
+    Step("fused_ops", "Fused training ops", "tinyformer's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy "
+         "against the eager torch ops they replace, forward + backward: ms, speedup and peak memory (GPU only)",
+         _fused_ops, csv="fused_ops.csv",
+         columns=("op", "shape", "dtype", "impl", "ms", "speedup_vs_torch", "peak_mb", "peak_vs_torch")),
     Step("compression", "Compression", "benchmarks/compression.py: quality and size of the compressed models "
          "(its own tables)", _compression, csv="compression.csv"),
     Step("aot", "AOT compile report", "Every kernel configuration the launchers can pick, compiled for sm_80 and "
@@ -631,6 +644,7 @@ GROUPS = (
     Group("attention", "Attention", ("attention.csv",), "attention"),
     Group("matmul", "Low-bit matmul", ("matmul.csv",), "matmul"),
     Group("decode", "Decode", ("generate.csv",), "generate"),
+    Group("fused_ops", "Fused training ops", ("fused_ops.csv",), "fused_ops"),
     Group("compression", "Compression", ("compression*.csv",), "compression",
           what="Quality and size of compressed models: benchmarks/compression.py (quantization), compression_prune.py,"
                " compression_lowrank.py and compression_distill.py. \"sotu perplexity\" is the fixed held-out "

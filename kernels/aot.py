@@ -1,28 +1,34 @@
 """Ahead-of-time compile report for tinyformer's Triton kernels, on a machine without a GPU.
 
 `python -m tinyformer.kernels.aot [--targets 80,90] [--filter TEXT] [--csv PATH] [--jobs N] [--write-configs]`
-compiles every kernel configuration that the launchers can pick (the candidates of configs.csv, as each op's launcher
-looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes) for sm_80 and sm_90 with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR ->
-PTX -> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints registers
-per thread, spill stores/loads (the `ptxas -v` log of triton's own cubin step, or ptxas -v run again on the PTX when
-the cubin came from a warm cache), shared memory (`ck.metadata.shared`) and the compile time. Exit status: 1 if any
-compile fails, if a shipped forward configuration spills (other spills are reported as warnings) or if nothing
-matched, else 0. By default a fresh temporary triton cache is used, so the compile times are real (--cache reuses
-~/.triton/cache). `--write-configs` writes the measurements back into configs.csv (the worst per row over its
-compiles), keeping its rows; without it, a full run says how many rows of configs.csv its measurements contradict.
+compiles every kernel configuration that the launchers can pick (the candidates of configs.csv, as each op's
+launcher looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes) for sm_80 and sm_90
+with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR
+-> PTX -> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints
+registers per thread, spill stores/loads (the `ptxas -v` log of triton's own cubin step, or ptxas -v run again on
+the PTX when the cubin came from a warm cache), shared memory (`ck.metadata.shared`) and the compile time, and from
+the SASS (`cuobjdump -sass`): instructions per weight of the matmul kernels (the main loop's instructions per thread
+over the weights a thread handles in one iteration), the widest global load in bits and the tensor-core instructions
+(HGMMA / IGMMA / QGMMA: wgmma; HMMA / IMMA / QMMA: mma.sync). Exit status: 1 if any compile fails, if a shipped
+forward configuration spills (other spills are reported as warnings), if a kernel multiplies a row index by a stride
+in 32 bits (the PTX check `narrow_stride_products`: such an offset wraps past 2^31), if a one-row int4 config
+exceeds its instruction budget (GEMV_IPW_BUDGET) or if nothing matched, else 0. By default a fresh temporary triton
+cache is used, so the compile times are real (--cache reuses ~/.triton/cache). `--write-configs` writes the
+measurements back into configs.csv (the worst per row over its compiles), keeping its rows; without it, a full run
+says how many rows of configs.csv its measurements contradict.
 
 The interpreter cannot show register pressure or shared-memory overflow; this report can, so CI runs it.
 Measured facts behind it: shared/TRITON_ON_CPU.md ("Ahead-of-time compile for real GPUs, without a GPU").
 
 A spec is a dict: name, fn (a JITFunction), signature {arg: "*fp16" | "i32" | "fp32" | "constexpr" ...},
 constexprs {arg: value}, num_warps, num_stages, targets [80 or 90], divisible_by_16 [arg names the JIT would mark
-16-aligned on contiguous tensors], shipped_forward (bool: a spill there is an error) and row (its configs.csv row).
+16-aligned on contiguous tensors], shipped_forward (bool: a spill there is an error), row (its configs.csv row),
+weights (weight elements per main-loop iteration, matmuls only) and ipw_budget (instructions per weight allowed).
 Specs are typed the way the JIT specialises a call on contiguous tensors: unit strides become constexpr 1 (so loads
 vectorise), pointers and the other strides are marked 16-divisible.
 
 References: Triton's compiler API (triton.compiler.ASTSource, triton.backends.compiler.GPUTarget); NVIDIA ptxas -v
-resource report.
+resource report; the PTX ISA (ld.param, mul.lo / mul.wide) and the SASS opcodes cuobjdump prints.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ import torch
 
 from . import configs, flash_attention as fa, int4_mm
 from .device import tl
+from .fp8_mm import _fp8_matmul_kernel
 from .int8_mm import _int8_matmul_kernel
 from .int8_wo_mm import _int8_weight_only_kernel
 from .matmul import matmul_configs
@@ -60,10 +67,11 @@ def _signature(fn, ptrs: dict, constexprs: dict, floats=()) -> dict:
             for n in fn.arg_names}
 
 
-def _spec(name, fn, ptrs, constexprs, c, arch, divisible_by_16, shipped_forward=True, floats=()) -> dict:
+def _spec(name, fn, ptrs, constexprs, c, arch, divisible_by_16, shipped_forward=True, floats=(), weights=0,
+          ipw_budget=None) -> dict:
     return dict(name=name, fn=fn, signature=_signature(fn, ptrs, constexprs, floats), constexprs=constexprs,
                 num_warps=c.num_warps, num_stages=c.num_stages, targets=[arch], divisible_by_16=divisible_by_16,
-                shipped_forward=shipped_forward, row=c.row)
+                shipped_forward=shipped_forward, row=c.row, weights=weights, ipw_budget=ipw_budget)
 
 
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 128, 256)  # one per BLOCK_D bucket, plus 80: a padded member of the 128 bucket
@@ -144,7 +152,8 @@ def int8_specs() -> List[dict]:
                 ptrs = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*fp16", "a_scale_ptr": "*fp32",
                         "b_scale_ptr": "*fp32", "bias_ptr": "*fp16"}
                 specs.append(_spec(f"int8_mm.{kind}_{_tile(c)}", fn, ptrs, ce, c, arch,
-                                   [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"]))
+                                   [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"],
+                                   weights=c.block_k * c.block_n))
     return specs
 
 
@@ -164,7 +173,21 @@ def int8_wo_specs() -> List[dict]:
                             "out_ptr": "*fp32" if split else f"*{ty}"}
                     specs.append(_spec(f"int8_wo_mm.{kind}_{ty}_{_tile(c)}", fn, ptrs, ce, c, arch,
                                        [*ptrs, "N", "K", "stride_xm", "stride_wn", "stride_os", "stride_om",
-                                        "K_SPLIT"]))
+                                        "K_SPLIT"], weights=c.block_k * c.block_n))
+    return specs
+
+
+def fp8_specs() -> List[dict]:
+    """The e4m3 GEMM with its epilogue (bf16 output, bias), sm_90 only (Hopper's fp8 wgmma: QGMMA in the SASS)."""
+    fn = _fp8_matmul_kernel
+    specs = []
+    for c in matmul_configs("fp8", 90):
+        ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                  BLOCK_K=c.block_k, GROUP_M=c.group_m)
+        ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
+                "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
+        specs.append(_spec(f"fp8_mm.fp8_{_tile(c)}", fn, ptrs, ce, c, 90,
+                           [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"], weights=c.block_k * c.block_n))
     return specs
 
 
@@ -182,6 +205,7 @@ def per_token_quant_specs() -> List[dict]:
     return specs
 
 
+GEMV_IPW_BUDGET = 5.0  # SASS instructions per weight of the one-row int4 kernel: above it, issue-bound, not DRAM-bound
 INT4_GROUP_SIZES = (32, 64, 128)  # block_k capped at 32 and 64, and the table's own (G >= 128 compiles like 128)
 
 
@@ -205,24 +229,24 @@ def int4_specs() -> List[dict]:
                         specs.append(_spec(f"int4_mm.{kind}_{ty}_g{G}_{_tile(c)}", int4_mm._int4_matmul_kernel,
                                            ptrs, ce, c, arch,
                                            [*ptrs, "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
-                                            "stride_os", "stride_om", "K_SPLIT"]))
-        for G in INT4_GROUP_SIZES:  # the one-row kernel: split-K fp32 partials, fp16/bf16 activations
+                                            "stride_os", "stride_om", "K_SPLIT"], weights=c.block_k * c.block_n))
+        for G in INT4_GROUP_SIZES:  # the one-row kernel on the GEMV layout: split-K reduced in the kernel
             for c in int4_mm.int4_configs(1, G, arch):
                 for ty in ("fp16", "bf16"):
-                    ptrs = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
-                            "bias_ptr": f"*{ty}", "out_ptr": "*fp32"}
-                    ce = dict(stride_xk=1, stride_wk=1, stride_sg=1, stride_zg=1, GROUP_SIZE=G, HAS_BIAS=False,
-                              SPLIT_K=4, EVEN_K=True, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+                    ptrs = {"x_ptr": f"*{ty}", "wq_ptr": "*i32", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
+                            "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}", "part_ptr": "*fp32", "count_ptr": "*i32"}
+                    ce = dict(stride_xk=1, GROUP_SIZE=G, HAS_BIAS=True, SPLIT_K=4, BLOCK_N=c.block_n,
+                              BLOCK_K=c.block_k)
                     specs.append(_spec(f"int4_mm.i4_gemv_{ty}_g{G}_{c.block_n}x{c.block_k}_w{c.num_warps}"
                                        f"s{c.num_stages}", int4_mm._int4_gemv_kernel, ptrs, ce, c, arch,
-                                       [*ptrs, "N", "K", "stride_wn", "stride_sn", "stride_zn", "stride_os",
-                                        "K_SPLIT"]))
+                                       [*ptrs, "N", "K", "stride_wk", "stride_sg", "stride_zg", "K_SPLIT"],
+                                       weights=c.block_k * c.block_n, ipw_budget=GEMV_IPW_BUDGET))
     return specs
 
 
 # the report's groups: one per op file
 SPEC_GROUPS = {"flash_attention": attention_specs, "int8_mm": int8_specs, "int8_wo_mm": int8_wo_specs,
-               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs}
+               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs}
 MODULES = tuple(SPEC_GROUPS)
 
 
@@ -293,6 +317,70 @@ def parse_ptxas_log(log: str) -> Optional[dict]:
                 spill_loads=int(spill.group(3)))
 
 
+_PARAM = re.compile(r"ld\.param\.[bsu]32\s+(%r\d+),\s*\[\w+_param_(\d+)\]")
+_MOV32 = re.compile(r"mov\.[bsu]32\s+(%r\d+),\s*(%r\d+);")
+_MUL32 = re.compile(r"(?:mul|mad)\.lo\.[su]32\s+%r\d+,\s*([^;]+);")
+
+
+def narrow_stride_products(ptx: str, spec: dict) -> List[str]:
+    """The stride arguments of `spec` that its PTX multiplies in 32 bits (`mul.lo.s32` / `mad.lo.s32` with an operand
+    read from the stride's parameter): an index times a stride must be widened first, or an offset past 2^31 wraps
+    and the kernel reads and writes out of bounds. Parameters are numbered over the non-constexpr arguments."""
+    runtime = [n for n in spec["fn"].arg_names if spec["signature"][n] != "constexpr"]
+    reg_param = {}
+    for line in ptx.splitlines():
+        m = _PARAM.search(line)
+        if m and int(m.group(2)) < len(runtime) and runtime[int(m.group(2))].startswith("stride_"):
+            reg_param[m.group(1)] = runtime[int(m.group(2))]
+            continue
+        m = _MOV32.search(line)
+        if m and m.group(2) in reg_param:
+            reg_param[m.group(1)] = reg_param[m.group(2)]
+    found = []
+    for line in ptx.splitlines():
+        m = _MUL32.search(line)
+        if m:
+            found += [reg_param[r] for r in re.findall(r"%r\d+", m.group(1)) if r in reg_param]
+    return sorted(set(found))
+
+
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+_LOAD_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def sass_summary(sass: str) -> dict:
+    """From `cuobjdump -sass`: the instructions of the largest loop (the span of the longest backward branch), the
+    widest global load in bits (LDG, or LDGSTS: the cp.async of pipelined tiles; "tma" for tensor-memory loads) and
+    the tensor-core instruction family (HGMMA/IGMMA/QGMMA = wgmma, HMMA/IMMA/QMMA = mma.sync, "" = none)."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS.findall(sass)]
+    loop = 0
+    for addr, op, rest in ins:
+        m = re.match(r"\s*(0x[0-9a-f]+)", rest)
+        if op.startswith("BRA") and m and int(m.group(1), 16) < addr:
+            loop = max(loop, (addr - int(m.group(1), 16)) // 16 + 1)
+    widest = 0
+    for _, op, _ in ins:
+        if op.startswith(("LDG.", "LDGSTS.")) or op in ("LDG", "LDGSTS"):
+            widest = max(widest, max([_LOAD_BITS[p] for p in op.split(".")[1:] if p in _LOAD_BITS] or [32]))
+    tma = any(op.startswith("UTMALDG") for _, op, _ in ins)
+    mma = sorted({op.split(".")[0] for _, op, _ in ins if op.split(".")[0] in
+                  ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "QMMA")})
+    return dict(loop_instrs=loop, widest_load=("tma" if tma else "") + (str(widest) if widest else ""),
+                mma="/".join(mma))
+
+
+def _sass(cubin: bytes) -> str:
+    import triton
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed ({res.returncode}): {res.stderr[-500:]}")
+    return res.stdout
+
+
 def compile_one(module: str, index: int, arch: int) -> dict:
     """Compile spec `index` of `module` for one target; returns a report row (error set on failure)."""
     return compile_spec(_cached_spec(module, index), arch, module)
@@ -302,7 +390,8 @@ def compile_spec(spec: dict, arch: int, module: str = "") -> dict:
     """Compile one spec dict for one target; returns a report row (error set on failure)."""
     row = dict(module=module, name=spec["name"], target=f"sm_{arch}", num_warps=spec["num_warps"],
                num_stages=spec["num_stages"], registers="", spill_stores="", spill_loads="", shared="",
-               compile_s="", shipped_forward=bool(spec.get("shipped_forward", False)), row=spec.get("row"), error="")
+               compile_s="", shipped_forward=bool(spec.get("shipped_forward", False)), row=spec.get("row"), error="",
+               narrow="", ipw="", widest_load="", mma="", ipw_budget=spec.get("ipw_budget"))
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -322,6 +411,11 @@ def compile_spec(spec: dict, arch: int, module: str = "") -> dict:
         row["shared"] = int(ck.metadata.shared)
         usage = parse_ptxas_log(log.getvalue()) or ptxas_usage(ck.asm["ptx"], arch)
         row.update(registers=usage["registers"], spill_stores=usage["spill_stores"], spill_loads=usage["spill_loads"])
+        row["narrow"] = " ".join(narrow_stride_products(ck.asm["ptx"], spec))
+        sass = sass_summary(_sass(ck.asm["cubin"]))
+        row.update(widest_load=sass["widest_load"], mma=sass["mma"])
+        if spec.get("weights"):  # instructions per thread per main-loop iteration / weights per thread in it
+            row["ipw"] = round(sass["loop_instrs"] * 32 * spec["num_warps"] / spec["weights"], 2)
     except Exception as e:  # noqa: BLE001 - a failed compile is a report row, not a crash of the whole run
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
     return row
@@ -403,16 +497,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     wall = time.perf_counter() - t0
 
     cols = ("target", "name", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared",
-            "compile_s")
-    head = ("target", "kernel", "warps", "stages", "regs", "spill_st", "spill_ld", "shared_B", "compile_s")
+            "ipw", "widest_load", "mma", "compile_s")
+    head = ("target", "kernel", "warps", "stages", "regs", "spill_st", "spill_ld", "shared_B", "instr/w", "ld_bits",
+            "mma", "compile_s")
     width = max([len("kernel")] + [len(r["name"]) for r in results])
-    fmt = "{:<7} {:<%d} {:>5} {:>6} {:>5} {:>8} {:>8} {:>8} {:>9}  {}" % width
+    fmt = "{:<7} {:<%d} {:>5} {:>6} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>11} {:>9}  {}" % width
     print(fmt.format(*head, "status"))
     errors = spill_errors = spill_warnings = 0
     for r in results:
         status = "ok"
         if r["error"]:
             status, errors = "FAILED: " + r["error"], errors + 1
+        elif r["narrow"]:
+            status, errors = "FAILED: 32-bit index x stride: " + r["narrow"], errors + 1
+        elif r["ipw_budget"] is not None and (r["ipw"] == "" or r["ipw"] > r["ipw_budget"]):
+            status, errors = f"FAILED: {r['ipw']} instructions per weight, budget {r['ipw_budget']}", errors + 1
         elif (r["spill_stores"] or 0) > 0 or (r["spill_loads"] or 0) > 0:
             if r["shipped_forward"]:
                 status, spill_errors = "SPILLS (shipped forward config: error)", spill_errors + 1

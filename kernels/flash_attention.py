@@ -50,6 +50,7 @@ stats: Counter = Counter()
 # ======================================================================================================================
 # Triton kernels
 # ======================================================================================================================
+# Every row index is widened to 64 bits before it multiplies a stride: B*Tq*Hq*D can pass 2^31 (aot's PTX check).
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
@@ -66,20 +67,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
         offs_n = start_n + offs_n0
         n_ok = offs_n < Tk
         if MASKED:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=d_ok[None, :], other=0.0)
         if UPCAST:  # interpreter: bf16 arithmetic is computed on raw bits there, so compute in fp32
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         if HAS_KPM:  # additive key bias (0 attend, -inf padded) fused into the scaling: one FMA per score
-            kb = tl.load(kb_base + offs_n * stride_mn, mask=n_ok, other=float("-inf"))
+            kb = tl.load(kb_base + offs_n.to(tl.int64) * stride_mn, mask=n_ok, other=float("-inf"))
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale + kb[None, :]  # (BLOCK_M, BLOCK_N), log2 domain
         else:
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
@@ -124,7 +125,8 @@ def _attn_fwd_kernel(
     m_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
@@ -152,7 +154,7 @@ def _attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -184,7 +186,8 @@ def _attn_decode_kernel(
     h = hk * GROUP + g  # (BLOCK_M,) query head of each row
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i.to(tl.int64)[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
@@ -231,7 +234,7 @@ def _attn_decode_combine_kernel(OP, LP, O, S, R,
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for s in range(0, S):
         w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)  # (BLOCK_R,) column s of w
-        o_s = tl.load(OP + (s * R + rows.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :],
+        o_s = tl.load(OP + (tl.cast(s, tl.int64) * R + rows)[:, None] * HEAD_DIM + offs_d[None, :],
                       mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc += w_s[:, None] * o_s
     out = acc / denom[:, None]
@@ -253,9 +256,11 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    o = tl.load(O + b * stride_ob + h * stride_oh
+                + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
 
@@ -272,9 +277,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Tq
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         if UPCAST:
             q = q.to(tl.float32)
@@ -302,15 +307,18 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn,
+    stride_dks, stride_dvs, HEADS_PER,
     Hq, GROUP, Tq, Tk, causal_off, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Grid (cdiv(Tk, BLOCK_N), B * Hkv). One program owns a K/V tile of one kv head and loops over the query tiles
-    of all G query heads that share it, so the GQA reduction of dK/dV happens in registers: deterministic, no
-    atomics."""
+    """Grid (cdiv(Tk, BLOCK_N), B * Hkv, S). One program owns a K/V tile of one kv head and loops over the query
+    tiles of HEADS_PER of the G query heads that share it (split pid 2 takes heads [s * HEADS_PER, ..)), so the GQA
+    reduction of dK/dV happens in registers; with S > 1 each split writes its own fp32 partial at DK + s * stride_dks
+    (and DV), summed by the launcher in a fixed order: deterministic, no atomics."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     Hkv = Hq // GROUP
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
@@ -320,9 +328,11 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n < Tk
     d_ok = offs_d < HEAD_DIM
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(K + b * stride_kb + hk * stride_kh
+                + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(V + b * stride_vb + hk * stride_vh
+                + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -334,7 +344,7 @@ def _attn_bwd_dkdv_kernel(
     m_lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
     m_full = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M, m_lo)
     m_mid = tl.minimum(m_full, Tq)
-    for g in range(0, GROUP):
+    for g in range(pid_s * HEADS_PER, tl.minimum(pid_s * HEADS_PER + HEADS_PER, GROUP)):
         h = hk * GROUP + g
         bh = b * Hq + h
         q_base = Q + b * stride_qb + h * stride_qh
@@ -351,13 +361,15 @@ def _attn_bwd_dkdv_kernel(
                                  HEAD_DIM, BLOCK_M, False, UPCAST, DOT_PREC)
     # a padded key (bias -inf) contributes to no row: its dK/dV rows are exactly 0. Read once per program, so no
     # constexpr variant: without a mask KB is a single 0 with zero strides.
-    kp = tl.load(KB + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=float("-inf")) == 0.0
+    kp = tl.load(KB + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_ok, other=float("-inf")) == 0.0
     dk = tl.where(kp[:, None], dk, 0.0)
     dv = tl.where(kp[:, None], dv, 0.0)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hk * stride_dkh
+             + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hk * stride_dvh
+             + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -375,13 +387,15 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Tk
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base
+                    + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base
+                    + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         # padded keys: bias -inf, so P = 2^(-inf) = 0 there
-        kb = tl.load(kb_base + offs_n * stride_mn, mask=n_ok, other=float("-inf"))
+        kb = tl.load(kb_base + offs_n.to(tl.int64) * stride_mn, mask=n_ok, other=float("-inf"))
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + kb[None, :]  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:  # n_ok too: a key past Tk has k = 0 but 2^(0 - lse) can overflow, and inf * 0 = NaN
@@ -417,9 +431,11 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     qd_mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=qd_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -441,7 +457,8 @@ def _attn_bwd_dq_kernel(
                        offs_m, offs_d, n_full, hi, Tk, causal_off, qk_scale,
                        HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + b * stride_dqb + h * stride_dqh
+             + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -669,6 +686,17 @@ def _decode_fwd(q, k, v, causal, scale, key_padding_mask, p: Plan):
     return o
 
 
+def dkdv_head_splits(programs: int, G: int, device) -> tuple:
+    """(S, heads per split) for the dK/dV kernel: its grid is one program per K/V tile and kv head, so GQA/MQA with
+    few kv heads leaves most SMs idle (MQA, T = 4096, 128-key tiles: 32 programs on 132 SMs); the G query heads are
+    then split over S programs per tile, about one wave in all. Under the interpreter 2 splits exercise the sum."""
+    if G == 1:
+        return 1, 1
+    want = min(G, cdiv(num_sms(cuda_index(device)), programs)) if device.type == "cuda" else 2
+    per = cdiv(G, max(1, want))
+    return cdiv(G, per), per
+
+
 def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
     """Launch preprocess, dK/dV and dQ. Returns dq, dk, dv in the dtypes of q, k, v."""
     B, Hq, Tq, D = q.shape
@@ -686,14 +714,23 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
 
     flags = dict(UPCAST=upcast, DOT_PREC=prec)
     shape_args = (Hq, Hq // Hkv, Tq, Tk, _causal_offset(causal, Tq, Tk), scale * LOG2E, scale)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     c = kernel_configs("bwd_dkdv", D, q.dtype, arch)[0]
-    _attn_bwd_dkdv_kernel[(cdiv(Tk, c.block_n), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, kpm,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), smb, smn,
+    S, per = dkdv_head_splits(B * Hkv * cdiv(Tk, c.block_n), Hq // Hkv, q.device)
+    if S == 1:
+        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+        dks, dvs = dk, dv
+    else:  # (S, B, Hkv, Tk, D) fp32 partials, one per split of the query heads
+        dks = torch.empty((S, *k.shape), device=k.device, dtype=torch.float32)
+        dvs = torch.empty((S, *v.shape), device=v.device, dtype=torch.float32)
+    _attn_bwd_dkdv_kernel[(cdiv(Tk, c.block_n), B * Hkv, S)](
+        q, k, v, do, lse, delta, dks[0] if S > 1 else dks, dvs[0] if S > 1 else dvs, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dks.stride()[-4:], *dvs.stride()[-4:], smb, smn,
+        dks.stride(0) if S > 1 else 0, dvs.stride(0) if S > 1 else 0, per,
         *shape_args, **dims, **flags,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+    if S > 1:
+        dk, dv = dks.sum(0).to(k.dtype), dvs.sum(0).to(v.dtype)
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     c = kernel_configs("bwd_dq", D, q.dtype, arch)[0]

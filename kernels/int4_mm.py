@@ -5,21 +5,25 @@
 w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] and w_packed uint8 (N, K // 2) holds code k = 2j in the low
 nibble and k = 2j + 1 in the high nibble of byte j.
 
-How the kernel reads the weight: a K tile of BLOCK_K codes is BLOCK_K / 2 bytes per output column. The low nibbles
-(`packed & 0xF`) are the even columns and the high nibbles (`packed >> 4`) the odd ones; both nibbles of a byte share
-one group (G is even), so one scale/zero load serves both. Each half is dequantized, (q - zero) * scale in fp32 (the
-reference's formula), then the halves are interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute +
-reshape), rounded once to the dot dtype (fp16 / bf16 on the GPU; fp32 for fp32 activations, and for bf16 under the
-interpreter, which computes bf16 on raw bits) and fed to ONE tl.dot with the contiguous activation tile; fp32
-accumulation. The interleave keeps the activation loads contiguous: two half-depth dots against the even and odd
-activation columns would need strided loads, which ptxas cannot pipeline as copies, and spill on sm_80.
+Rounding, the same at every M for power-of-two groups >= 32 (a K tile then lies in one group): the exact integer
+codes multiply x, the products are summed over the tile in fp32, and the group's scale and zero act on that partial
+sum, acc += s * (sum_k q x - z * sum_k x) (GemLite); the dequantized weight is never rounded. Other group sizes
+dequantize each weight, (q - zero) * scale in fp32 (the reference's formula), round it once to the dot dtype and feed
+one tl.dot, at every M.
 
-Three paths, two kernels: one row (M = 1, a decode step): `_int4_gemv_kernel` on the CUDA cores, BLOCK_N outputs
-per program, split-K when the outputs alone leave the GPU idle; decode (2 <= M <= 16): 16-row tensor-core tiles
-and split-K (each program takes a range of whole groups; fp32 partials are summed afterwards), so a few tokens
-still spread over the GPU instead of wasting a 64-row tile on a few programs; prefill (M > 16): 64/128-row tiles on
-the tensor cores, the whole epilogue in the kernel. When K is a whole number of K tiles (EVEN_K: always for
-power-of-two groups >= 32) the loads carry no mask: a mask along k makes ptxas emit one-byte loads of the weight.
+Three paths, two layouts:
+- one row (M = 1, a decode step), power-of-two groups >= 32: `_int4_gemv_kernel` on the CUDA cores over the weight
+  repacked once into GemLite's GEMV layout (`Int4Gemv`: int32 (K / 8, N), N contiguous, so one 16-byte load brings
+  4 columns x 8 codes; scales and zeros group-major (K / G, N)); codes become floats by OR-ing them into a float's
+  mantissa (no int -> float conversion), about 4.3 SASS instructions per weight (the AOT report checks <= 5); split-K
+  is reduced inside the same launch (the last split of a column tile to finish sums the partials).
+- decode (up to 16 rows, and one row with other group sizes): 16-row tensor-core tiles on the API layout (uint8
+  (N, K / 2)), split-K over whole groups, fp32 partials summed afterwards.
+- prefill (M > 16): 64/128-row tensor-core tiles, the whole epilogue in the kernel.
+The tensor-core kernel reads the packed bytes of a K tile as (BLOCK_K / 2, BLOCK_N): low nibbles are the even
+columns, high nibbles the odd ones, interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute + reshape) so
+the activation loads stay contiguous. When K is a whole number of K tiles (EVEN_K: always for power-of-two groups
+>= 32) the loads carry no mask: a mask along k makes ptxas emit one-byte loads of the weight.
 
 Dispatch: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernels; other CPU
 tensors -> torch's packed int4 kernel on a weight repacked once (`cpu.int4_matmul_cpu`, bf16 accuracy); fp64 and
@@ -29,7 +33,10 @@ References:
 - Frantar et al. 2022, "GPTQ" and Lin et al. 2023, "AWQ": asymmetric group-wise 4-bit weights with per-group scales
   and integer zero points, dequantized on the fly in weight-only kernels.
 - The Triton matrix multiplication tutorial (grouped ordering, pointer-arithmetic tiles, masked K loop).
-- Frantar et al. 2024, "MARLIN" (the batch-1 target: ~4x over fp16 is the bandwidth limit of 4-bit weights).
+- Frantar et al. 2024, "MARLIN" (the batch-1 target: ~4x over fp16 is the bandwidth limit of 4-bit weights; codes
+  turned into floats by OR-ing them into a float's mantissa).
+- GemLite (mobiusml/gemlite): the GEMV layout (codes packed along K into int32 words, N contiguous) and the group
+  scaling of integer-code partial sums.
 
 Layout: @triton.jit kernels -> launcher (configs from `matmul.matmul_configs`, block_k capped at the group size) ->
 public function and `plan`.
@@ -39,15 +46,15 @@ from __future__ import annotations  # kernel annotations stay strings: the modul
 
 import dataclasses
 import math
-from typing import List
+from typing import List, NamedTuple
 
 import torch
 
-from .cpu import int4_matmul_cpu
+from .cpu import int4_matmul_cpu, prepared
 from .device import arch_of, backend_of, cdiv, tl, triton
 from .matmul import (DECODE_MAX_M, MatmulConfig, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype,
-                     split_k, store_tile, tile_ids)
-from .reference import _need, check_int4_matmul_args, int4_matmul as int4_matmul_reference
+                     m_bucket, split_k, store_tile, tile_ids)
+from .reference import _need, check_int4_matmul_args, int4_matmul as int4_matmul_reference, unpack_int4
 
 __all__ = ["int4_matmul", "plan"]
 
@@ -60,7 +67,7 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                         M, N, K,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
                         stride_os, stride_om, stride_on,
-                        K_SPLIT,
+                        K_SPLIT, M_KEY,  # power-of-two bucket of M: unused here, it keys the autotuner
                         GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -72,8 +79,10 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile holds columns 2j (low nibble) and 2j + 1 (high)
-    rm = offs_m % M  # rows/columns past M/N wrap around: in-bounds loads, dropped by the store mask
-    rn = offs_n % N
+    # rows/columns past M/N wrap around (in-bounds loads, dropped by the store mask); 64-bit row offsets: M*K and
+    # N*K/2 can pass 2^31
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)  # even: K is even and K_SPLIT a multiple of BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -88,90 +97,131 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         else:
             x = tl.load(x_ptrs, mask=(offs_k < k_end - k)[None, :], other=0.0).to(DOT_DTYPE)
             packed = tl.load(w_ptrs, mask=k_mask[:, None], other=0)  # uint8
-        lo = (packed & 0xF).to(tl.float32)  # codes of columns 2j
-        hi = (packed >> 4).to(tl.float32)  # codes of columns 2j + 1
-        if GROUP_SIZE % BLOCK_K == 0:  # the whole tile lies in group k // G: one scale and zero per column
+        if GROUP_SIZE % BLOCK_K == 0:
+            # the tile lies in group k // G: the exact codes go through the MMA and the group's scale and zero act on
+            # its fp32 partial, s * (sum q x - z * sum x): the one-row kernel's rounding, so every M rounds alike
             g = k // GROUP_SIZE
             s = tl.load(scales_ptr + rn * stride_sn + g * stride_sg).to(tl.float32)[None, :]  # (1, BLOCK_N)
             z = tl.load(zeros_ptr + rn * stride_zn + g * stride_zg).to(tl.float32)[None, :]
-        else:  # groups smaller than the tile (or not dividing it): gather per (column pair, n)
+            q = tl.join(packed & 0xF, packed >> 4)  # (BLOCK_K / 2, BLOCK_N, 2): [..., 0] = column 2j, [..., 1] = 2j + 1
+            q = tl.reshape(tl.permute(q, (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(DOT_DTYPE)  # codes 0..15: exact
+            part = tl.dot(x, q, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
+            acc += s * (part - z * tl.sum(x.to(tl.float32), axis=1)[:, None])
+        else:  # groups smaller than the tile (or not dividing it): gather per (column pair, n), dequantize per weight
             g = kk // GROUP_SIZE  # (BLOCK_K / 2,): 2j and 2j + 1 share a group since G is even
             s = tl.load(scales_ptr + rn[None, :] * stride_sn + g[:, None] * stride_sg,
                         mask=k_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_K / 2, BLOCK_N)
             z = tl.load(zeros_ptr + rn[None, :] * stride_zn + g[:, None] * stride_zg,
                         mask=k_mask[:, None], other=0.0).to(tl.float32)
-        # (q - zero) * scale in fp32, the reference's formula, rounded once to the dot dtype; masked rows meet x = 0
-        w = tl.join((lo - z) * s, (hi - z) * s)  # (BLOCK_K / 2, BLOCK_N, 2): [..., 0] = column 2j, [..., 1] = 2j + 1
-        w = tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N) = w^T tile
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+            # (q - zero) * scale in fp32, the reference's formula, rounded once to the dot dtype; masked rows meet x = 0
+            w = tl.join(((packed & 0xF).to(tl.float32) - z) * s, ((packed >> 4).to(tl.float32) - z) * s)
+            w = tl.reshape(tl.permute(w, (0, 2, 1)), (BLOCK_K, BLOCK_N)).to(DOT_DTYPE)  # (BLOCK_K, BLOCK_N) = w^T
+            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
     store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on, HAS_BIAS,
                SPLIT_K)
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-                      N, K, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg, stride_os,
-                      K_SPLIT,
-                      GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+def _code_fma(d, word, MASK: tl.constexpr, magic, OFFSET: tl.constexpr, x):
+    """d + q * x[:, None] for the 4-bit codes q at bits MASK of word (below bit 16), with no shift and no int -> float
+    conversion: magic is the bit pattern of the float OFFSET = 2^(23 - shift), whose mantissa step is 2^-shift, so
+    the bits magic | (q << shift) are the float OFFSET + q exactly. Per code: one LOP3, one FADD, one FFMA."""
+    q = ((word & MASK) | magic).to(tl.float32, bitcast=True) - OFFSET
+    return d + q * x[:, None]
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, wq_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                      N, K, stride_xk, stride_wk, stride_sg, stride_zg,
+                      K_SPLIT, MAGIC,
+                      GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One activation row (M = 1): out[n] = sum_k x[k] * w[n, k] over K columns [pid_k * K_SPLIT, ..) for BLOCK_N
-    outputs, on the CUDA cores (a 16-row tensor-core tile would be 15/16 padding). The packed bytes are read as a
-    (BLOCK_N, BLOCK_K / 2) tile along each weight row (contiguous), the even and odd activation columns as two
-    vectors, so no interleave is needed: products accumulate elementwise in fp32 and are summed over k once, after
-    the loop. SPLIT_K == 1: + bias, stored in out's dtype; SPLIT_K > 1: fp32 partials at out + pid_k * stride_os."""
+    """One activation row (M = 1) on the CUDA cores, weights in the GEMV layout (`Int4Gemv`): out[n] = sum_k x[k] *
+    w[n, k] for BLOCK_N outputs over K columns [pid_k * K_SPLIT, ..). wq int32 (K / 8, N), N contiguous: word (j, n)
+    holds the codes of k = 8j + i at bits 4i, so a thread's 4 adjacent columns are one 16-byte load. Each K tile lies
+    in one group (BLOCK_K divides G): acc += s * (sum_k q * x - z * sum_k x), with exact integer codes, the scale and
+    zero applied once per group. SPLIT_K > 1: each split stores an fp32 partial (S, N), and the last split of a column
+    tile to finish (an atomic ticket per tile) sums them in split order, adds the bias, stores out and resets the
+    ticket: one launch, deterministic. MAGIC = 0x4B000000 (the float 2^23), a runtime argument: LOP3 takes one
+    immediate, and ptxas rematerializes a constant second operand once per code but keeps an argument in a register."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N  # columns past N wrap around: in-bounds loads, dropped by the store mask
-    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile holds columns 2j (low nibble) and 2j + 1 (high)
+    n_ok = offs_n < N
+    offs_j = tl.arange(0, BLOCK_K // 8)  # word rows of the tile
     k_begin = pid_k * K_SPLIT
-    k_end = tl.minimum(k_begin + K_SPLIT, K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    k_end = tl.minimum(k_begin + K_SPLIT, K)  # whole tiles: K_SPLIT and K are multiples of BLOCK_K
+    magic4 = MAGIC - (4 << 23)  # the floats 2^19, 2^15, 2^11: codes at bits 4, 8 and 12
+    magic8 = MAGIC - (8 << 23)
+    magic12 = MAGIC - (12 << 23)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(k_begin, k_end, BLOCK_K):
-        kk = k + 2 * offs_j  # (BLOCK_K / 2,) even columns
-        k_mask = kk < k_end
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + (k // 2 + offs_j)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K / 2)
-        if EVEN_K:  # whole tiles: unmasked, vectorized loads
-            xe = tl.load(x_ptr + kk * stride_xk).to(tl.float32)[None, :]  # (1, BLOCK_K / 2)
-            xo = tl.load(x_ptr + (kk + 1) * stride_xk).to(tl.float32)[None, :]
-            packed = tl.load(w_ptrs)  # uint8
-        else:
-            xe = tl.load(x_ptr + kk * stride_xk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            xo = tl.load(x_ptr + (kk + 1) * stride_xk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            packed = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
-        lo = (packed & 0xF).to(tl.float32)
-        hi = (packed >> 4).to(tl.float32)
-        if GROUP_SIZE % BLOCK_K == 0:  # the whole tile lies in group k // G: one scale and zero per row
-            g = k // GROUP_SIZE
-            s = tl.load(scales_ptr + rn * stride_sn + g * stride_sg).to(tl.float32)[:, None]  # (BLOCK_N, 1)
-            z = tl.load(zeros_ptr + rn * stride_zn + g * stride_zg).to(tl.float32)[:, None]
-        else:  # groups smaller than the tile (or not dividing it): gather per (n, column pair)
-            g = kk // GROUP_SIZE  # 2j and 2j + 1 share a group since G is even
-            s = tl.load(scales_ptr + rn[:, None] * stride_sn + g[None, :] * stride_sg,
-                        mask=k_mask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K / 2)
-            z = tl.load(zeros_ptr + rn[:, None] * stride_zn + g[None, :] * stride_zg,
-                        mask=k_mask[None, :], other=0.0).to(tl.float32)
-        acc += (lo - z) * s * xe + (hi - z) * s * xo  # (q - zero) * scale, the reference's formula; masked x = 0
-    out = tl.sum(acc, axis=1)  # (BLOCK_N,)
+        # 64-bit offsets: K/8 * N words can pass 2^31
+        w = tl.load(wq_ptr + (k // 8 + offs_j).to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                    mask=n_ok[None, :], other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
+        wh = w.to(tl.uint32, bitcast=True) >> 16  # codes 4..7 at bits 0..15 (a logical shift: one SHF)
+        x_row = x_ptr + (k + 8 * offs_j) * stride_xk  # (BLOCK_K / 8,): x[8j]; code i of word j multiplies x[8j + i]
+        x0 = tl.load(x_row).to(tl.float32)
+        x1 = tl.load(x_row + stride_xk).to(tl.float32)
+        x2 = tl.load(x_row + 2 * stride_xk).to(tl.float32)
+        x3 = tl.load(x_row + 3 * stride_xk).to(tl.float32)
+        x4 = tl.load(x_row + 4 * stride_xk).to(tl.float32)
+        x5 = tl.load(x_row + 5 * stride_xk).to(tl.float32)
+        x6 = tl.load(x_row + 6 * stride_xk).to(tl.float32)
+        x7 = tl.load(x_row + 7 * stride_xk).to(tl.float32)
+        d = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        d = _code_fma(d, w, 0xF, MAGIC, 8388608.0, x0)
+        d = _code_fma(d, w, 0xF0, magic4, 524288.0, x1)
+        d = _code_fma(d, w, 0xF00, magic8, 32768.0, x2)
+        d = _code_fma(d, w, 0xF000, magic12, 2048.0, x3)
+        d = _code_fma(d, wh, 0xF, MAGIC, 8388608.0, x4)
+        d = _code_fma(d, wh, 0xF0, magic4, 524288.0, x5)
+        d = _code_fma(d, wh, 0xF00, magic8, 32768.0, x6)
+        d = _code_fma(d, wh, 0xF000, magic12, 2048.0, x7)
+        dot = tl.sum(d, axis=0)  # (BLOCK_N,) sum_k q * x over the tile, exact codes
+        x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=0)
+        g = tl.cast(k // GROUP_SIZE, tl.int64)
+        s = tl.load(scales_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + g * stride_zg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += s * (dot - z * x_sum)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            out += tl.load(bias_ptr + rn).to(tl.float32)
-    tl.store(out_ptr + pid_k * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + pid_k.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+        tl.debug_barrier()  # every thread's partial is written before the ticket releases them
+        ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last split of this column tile: the others' partials are visible
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for sk in range(0, SPLIT_K):
+                total += tl.load(part_ptr + sk * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(count_ptr + pid_n, 0)  # the ticket is ready for the next launch
 
 
 # ======================================================================================================================
 # Launcher
 # ======================================================================================================================
-def int4_kind(M: int) -> str:
-    """i4_gemv (one row: the CUDA-core kernel), i4_decode (2-16 rows: 16-row tiles, split-K) or i4 (prefill)."""
-    return "i4_gemv" if M == 1 else "i4_decode" if M <= DECODE_MAX_M else "i4"
+def _pow2_group(group_size: int) -> bool:
+    return group_size >= 32 and group_size & (group_size - 1) == 0
+
+
+def int4_kind(M: int, group_size: int = 128) -> str:
+    """i4_gemv (one row, power-of-two groups >= 32: the CUDA-core kernel on the GEMV layout), i4_decode (up to 16
+    rows: 16-row tiles, split-K) or i4 (prefill)."""
+    if M == 1 and _pow2_group(group_size):
+        return "i4_gemv"
+    return "i4_decode" if M <= DECODE_MAX_M else "i4"
 
 
 def int4_configs(M: int, group_size: int, arch) -> List[MatmulConfig]:
-    """Candidates for this call: the table's entries for int4_kind(M) with block_k capped at the group size when the
-    group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column)."""
-    cands = matmul_configs(int4_kind(M), arch)
-    if group_size >= 32 and group_size & (group_size - 1) == 0:
+    """Candidates for this call: the table's entries for int4_kind(M, G) with block_k capped at the group size when
+    the group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column)."""
+    cands = matmul_configs(int4_kind(M, group_size), arch)
+    if _pow2_group(group_size):
         cands = [dataclasses.replace(c, block_k=min(c.block_k, group_size)) for c in cands]
     return list(dict.fromkeys(cands))
 
@@ -187,31 +237,76 @@ def int4_splits(M: int, N: int, K: int, group_size: int, cands: List[MatmulConfi
     return split_k(M, N, K, c0, device, align=align)
 
 
+class Int4Gemv(NamedTuple):
+    """An int4 weight in the one-row kernel's layout (GemLite's): wq int32 (K / 8, N), N contiguous, word (j, n)
+    holding the codes of k = 8j + i at bits 4i; scales and zeros (K / G, N), group-major, N contiguous."""
+    wq: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def repack_int4_gemv(w_packed, scales, zeros) -> Int4Gemv:
+    """The API layout (w_packed uint8 (N, K / 2), scales and zeros (N, K / G)) -> Int4Gemv; K a multiple of 8."""
+    N, K = w_packed.shape[0], 2 * w_packed.shape[1]
+    _need(K % 8 == 0, lambda: f"the GEMV layout packs 8 codes a word: K must be a multiple of 8, got {K}")
+    q = unpack_int4(w_packed).to(torch.int64).reshape(N, K // 8, 8)  # (N, K / 8, 8) codes
+    words = (q << (4 * torch.arange(8, device=q.device))).sum(-1)  # (N, K / 8) in [0, 2^32)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same bits as int32
+    return Int4Gemv(words.T.contiguous(), scales.T.contiguous(), zeros.T.contiguous())
+
+
+def gemv_layout(w_packed, scales, zeros) -> Int4Gemv:
+    """The weight's Int4Gemv, repacked on first use and kept while the weight lives unchanged (`cpu.prepared`):
+    quantized weights are repacked once, at their first decode step, not per call."""
+    return prepared((w_packed, scales, zeros), lambda: repack_int4_gemv(w_packed, scales, zeros))
+
+
+_TICKETS: dict = {}  # device -> int32 counters of the one-row kernel's split-K reduction, zero between launches
+
+
+def _tickets(device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 tickets on device. Every launch leaves them zeroed; launches of the one-row kernel on
+    two streams at once would share them."""
+    t = _TICKETS.get(str(device))
+    if t is None or t.numel() < n:
+        t = _TICKETS[str(device)] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return t
+
+
+def _launch_gemv(x, g: Int4Gemv, group_size, bias, cands):
+    """x (1, K) @ w.T (+ bias) -> (1, N) in x's dtype, in one launch of the one-row kernel."""
+    K, N = x.shape[1], g.wq.shape[1]
+    splits, k_split = int4_splits(1, N, K, group_size, cands, x.device)
+    out = torch.empty((1, N), device=x.device, dtype=out_buffer_dtype(x.dtype, x.device, 1))
+    part = torch.empty((splits, N), device=x.device, dtype=torch.float32) if splits > 1 else out  # (S, N) partials
+    tickets = _tickets(x.device, cdiv(N, min(c.block_n for c in cands)))
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    launch(_int4_gemv_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K"),
+           x, g.wq, g.scales, g.zeros, bias if bias is not None else g.scales, out, part, tickets,
+           N, K, x.stride(1), g.wq.stride(0), g.scales.stride(0), g.zeros.stride(0), k_split, 0x4B000000,
+           GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits)
+    return out.to(x.dtype)
+
+
 def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
     M, K = x.shape
     N = w_packed.shape[0]
     if M == 0 or N == 0 or K == 0:
         return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
     cands = int4_configs(M, group_size, arch_of(x.device))
+    if int4_kind(M, group_size) == "i4_gemv":
+        return _launch_gemv(x, gemv_layout(w_packed, scales, zeros), group_size, bias, cands)
     splits, k_split = int4_splits(M, N, K, group_size, cands, x.device)
     buf = torch.empty((splits, M, N), device=x.device,
                       dtype=out_buffer_dtype(x.dtype, x.device, splits))  # (S, M, N): partials when S > 1
     even_k = all(K % c.block_k == 0 for c in cands)  # then K_SPLIT and K are whole tiles for every candidate
-    if int4_kind(M) == "i4_gemv":
-        grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
-        launch(_int4_gemv_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K"),
-               x, w_packed, scales, zeros, bias if bias is not None else scales, buf,
-               N, K, x.stride(1), w_packed.stride(0), w_packed.stride(1), scales.stride(0), scales.stride(1),
-               zeros.stride(0), zeros.stride(1), buf.stride(0), k_split,
-               GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits, EVEN_K=even_k)
-        return finish_splits(buf, bias, x.dtype)
     dot_dtype, dot_prec = dot_flags(x.dtype, x.device)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
-    launch(_int4_matmul_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K"),
+    launch(_int4_matmul_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "SPLIT_K", "M_KEY"),
            x, w_packed, scales, zeros, bias if bias is not None else scales, buf,
            M, N, K, x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1),
            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-           buf.stride(0), buf.stride(1), buf.stride(2), k_split,
+           buf.stride(0), buf.stride(1), buf.stride(2), k_split, m_bucket(M),
            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, SPLIT_K=splits, EVEN_K=even_k, DOT_DTYPE=dot_dtype,
            DOT_PREC=dot_prec)
     return finish_splits(buf, bias, x.dtype)
@@ -243,4 +338,4 @@ def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:
         return dict(backend="torch", kind="cpu", config=None, splits=1)
     cands = int4_configs(M, group_size, arch_of(device))
     splits = int4_splits(M, N, K, group_size, cands, device)[0]
-    return dict(backend="triton", kind=int4_kind(M), config=cands[0], splits=splits)
+    return dict(backend="triton", kind=int4_kind(M, group_size), config=cands[0], splits=splits)

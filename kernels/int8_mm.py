@@ -23,7 +23,7 @@ import torch
 
 from .cpu import INT_MM_MAX_K, int8_matmul_cpu, int8_matmul_int32_cpu
 from .device import arch_of, backend_of, cdiv, tl, triton
-from .matmul import DECODE_MAX_M, launch, matmul_configs, tile_ids
+from .matmul import DECODE_MAX_M, ab_tiles, launch, m_bucket, matmul_configs
 from .reference import _need, check_int8_matmul_args, check_out_dtype
 from .reference import int8_matmul as int8_matmul_reference, int8_matmul_int32 as int8_matmul_int32_reference
 
@@ -37,19 +37,14 @@ __all__ = ["int8_matmul", "int8_matmul_int32", "plan"]
 def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                         M, N, K,
                         stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                        M_KEY,  # power-of-two bucket of M: unused here, it keys the autotuner
                         HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C tile (BLOCK_M, BLOCK_N) = A (M, K) int8 @ B (N, K)^T int8 in int32; EPILOGUE: * a_scale[m] * b_scale[n]
     (+ bias[n]) in fp32, stored in C's dtype; else the int32 accumulator is stored."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rm, rn, a_ptrs, b_ptrs = ab_tiles(a_ptr, b_ptr, M, N, stride_am, stride_ak, stride_bn, stride_bk,
+                                                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # rows/columns past M/N wrap around (tutorial trick): the loads stay in bounds without a mask, the store drops them
-    rm = offs_m % M
-    rn = offs_n % N
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn  # (BLOCK_K, BLOCK_N): B^T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0  # the K tail is masked with 0, which adds nothing to an integer dot
@@ -60,7 +55,7 @@ def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn  # M*N can pass 2^31
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if EPILOGUE:
         a_s = tl.load(a_scale_ptr + rm)  # (BLOCK_M,) float32
@@ -93,9 +88,9 @@ def _launch_int8_matmul(a, b, a_scale, b_scale, bias, out_dtype, epilogue: bool)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     a_scale = a_scale if epilogue else c  # dummy pointers when unused
     b_scale = b_scale if epilogue else c
-    launch(_int8_matmul_kernel, grid, cands, ("N", "K", "HAS_BIAS", "EPILOGUE"),
+    launch(_int8_matmul_kernel, grid, cands, ("N", "K", "HAS_BIAS", "EPILOGUE", "M_KEY"),
            a, b, c, a_scale, b_scale, bias if bias is not None else c,
-           M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+           M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), m_bucket(M),
            HAS_BIAS=bias is not None, EPILOGUE=epilogue)
     return c if not epilogue else c.to(out_dtype)
 

@@ -23,8 +23,8 @@ import torch
 
 from .cpu import int8_weight_only_matmul_cpu
 from .device import arch_of, backend_of, cdiv, tl, triton
-from .matmul import (DECODE_MAX_M, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype, split_k,
-                     store_tile, tile_ids)
+from .matmul import (DECODE_MAX_M, dot_flags, finish_splits, launch, m_bucket, matmul_configs, out_buffer_dtype,
+                     split_k, store_tile, tile_ids)
 from .reference import check_int8_weight_only_args
 from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
 
@@ -38,7 +38,7 @@ __all__ = ["int8_weight_only_matmul", "plan"]
 def _int8_weight_only_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
                              M, N, K,
                              stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
-                             K_SPLIT,
+                             K_SPLIT, M_KEY,  # power-of-two bucket of M: unused here, it keys the autotuner
                              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                              DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -51,8 +51,10 @@ def _int8_weight_only_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rm = offs_m % M  # rows/columns past M/N wrap around: in-bounds loads, dropped by the store mask
-    rn = offs_n % N
+    # rows/columns past M/N wrap around (in-bounds loads, dropped by the store mask); 64-bit row offsets: M*K and
+    # N*K can pass 2^31
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -86,10 +88,10 @@ def _launch_weight_only(x, w, w_scale, bias):
     buf = torch.empty((splits, M, N), device=x.device,
                       dtype=out_buffer_dtype(x.dtype, x.device, splits))  # (S, M, N): partials when S > 1
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
-    launch(_int8_weight_only_kernel, grid, cands, ("N", "K", "HAS_BIAS", "SPLIT_K"),
+    launch(_int8_weight_only_kernel, grid, cands, ("N", "K", "HAS_BIAS", "SPLIT_K", "M_KEY"),
            x, w, w_scale, bias if bias is not None else w_scale, buf,
            M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), buf.stride(0), buf.stride(1), buf.stride(2),
-           k_split, HAS_BIAS=bias is not None, SPLIT_K=splits, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
+           k_split, m_bucket(M), HAS_BIAS=bias is not None, SPLIT_K=splits, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
     return finish_splits(buf, bias, x.dtype)
 
 

@@ -1,6 +1,6 @@
-"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm): the tile config
-and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum of
-the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
+"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm, fp8_mm): the tile
+config and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum
+of the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
 
 References:
 - The Triton matrix multiplication tutorial (triton-lang/triton, python/tutorials/03-matrix-multiplication.py):
@@ -48,8 +48,19 @@ INTERPRET_CONFIGS = {
     "i4_gemv": MatmulConfig(1, 32, 64, 4, 1),
     "i4_decode": MatmulConfig(16, 64, 64, 4, 1),
     "i4": MatmulConfig(64, 64, 64, 4, 1),
+    "fp8": MatmulConfig(64, 64, 64, 4, 1),
 }
 KINDS = tuple(INTERPRET_CONFIGS)
+SM90_ONLY = ("fp8",)  # kinds with rows for the sm90 table only (e4m3 wgmma: fp8_mm runs Triton on sm_90+)
+
+
+M_BUCKET_MAX = 8192
+
+
+def m_bucket(M: int) -> int:
+    """M rounded up to a power of two (at most M_BUCKET_MAX): an autotune key, so the first prefill length seen for a
+    layer shape does not fix its config for every M, and prefill lengths that differ a little share one tuning."""
+    return min(M_BUCKET_MAX, 1 << max(0, M - 1).bit_length())
 
 
 def matmul_configs(kind: str, arch: Optional[int]) -> List[MatmulConfig]:
@@ -82,11 +93,31 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def ab_tiles(a_ptr, b_ptr, M, N, stride_am, stride_ak, stride_bn, stride_bk,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The first K tile of a program of A (M, K) @ B (N, K)^T in grouped order: (offs_m, offs_n, rm, rn, a_ptrs
+    (BLOCK_M, BLOCK_K), b_ptrs (BLOCK_K, BLOCK_N), the B^T tile). Rows/columns past M/N wrap around (rm, rn; the
+    tutorial's trick): the loads stay in bounds without a mask, the store drops them. 64-bit row offsets: M*K and
+    N*K can pass 2^31."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+    return offs_m, offs_n, rm, rn, a_ptrs, b_ptrs
+
+
+@triton.jit
 def store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on,
                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Store a weight-only kernel's fp32 tile acc (BLOCK_M, BLOCK_N): SPLIT_K == 1 with the bias added, in out's
     dtype; SPLIT_K > 1 as split pid_k's fp32 partial at out + pid_k * stride_os (`finish_splits` sums them)."""
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    # 64-bit offsets: S*M*N can pass 2^31
+    out_ptrs = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
+                + offs_n[None, :] * stride_on)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -166,7 +197,7 @@ def autotuned(fn, cands: tuple, key: tuple, do_bench=None):
 
 def launch(fn, grid_fn, cands: List[MatmulConfig], key: tuple, *args, **kwargs):
     """Launch fn with the single candidate (interpreter, or a one-entry table) or through the autotuner (keyed on
-    `key`: the N, K, flags of a layer, so each layer shape is tuned once)."""
+    `key`: the N, K, flags and M bucket of a call, so each layer shape is tuned once per bucket of M)."""
     if len(cands) == 1:
         c = cands[0]
         fn[grid_fn(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n))](*args, **kwargs, **launch_kwargs(fn, c))

@@ -109,12 +109,12 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
 
 # ----------------------------------------------------------------------------------------------------------------------
 # int8 matmul (W8A8)
-def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None):
-    """Validate int8_matmul inputs; returns (M, N, K)."""
+def check_int8_matmul_args(a, b, a_scale, b_scale, bias=None, dtype=torch.int8):
+    """Validate int8_matmul inputs (and fp8_matmul's: dtype float8_e4m3fn); returns (M, N, K)."""
     for name, t in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale)):
         _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(a.dtype == torch.int8, lambda: f"a must be int8, got {a.dtype}", TypeError)
-    _need(b.dtype == torch.int8, lambda: f"b must be int8, got {b.dtype}", TypeError)
+    _need(a.dtype == dtype, lambda: f"a must be {str(dtype)[6:]}, got {a.dtype}", TypeError)
+    _need(b.dtype == dtype, lambda: f"b must be {str(dtype)[6:]}, got {b.dtype}", TypeError)
     _need(a.dim() == 2, lambda: f"a must be 2-D (M, K), got shape {tuple(a.shape)}")
     _need(b.dim() == 2, lambda: f"b must be 2-D (N, K) (the nn.Linear weight layout), got shape {tuple(b.shape)}")
     M, K = a.shape
@@ -163,6 +163,33 @@ def int8_matmul(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32):
     check_int8_matmul_args(a, b, a_scale, b_scale, bias)
     acc = int8_matmul_int32(a, b).to(torch.float32)  # (M, N); exact below 2**24, the int32 range rounds like fp32
     out = acc * a_scale[:, None] * b_scale[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FP8 (e4m3) matmul with per-row and per-column scales
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(x, dim: int = -1):
+    """Symmetric e4m3 quantization with one scale per slice along `dim` reduced: scale = absmax / 448 (1 for an
+    all-zero slice), q = (x / scale) rounded to e4m3 (round to nearest even, saturating at 448). x (..., K) with dim=-1
+    gives per-row (per-token) scales (...,), the input side; a weight (N, K) likewise gives per-output-channel ones.
+    Returns (q float8_e4m3fn, scale float32)."""
+    amax = x.detach().abs().amax(dim=dim).to(torch.float32)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (x.to(torch.float32) / scale.unsqueeze(dim)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_matmul(a, b, a_scale, b_scale, bias=None, out_dtype=torch.bfloat16):
+    """(a @ b.T) * a_scale[:, None] * b_scale[None, :] (+ bias) for e4m3 a (M, K) and b (N, K): each product of two
+    e4m3 numbers is exact in fp32, the sums are fp32 (as in the tensor cores' fp32 accumulation)."""
+    check_int8_matmul_args(a, b, a_scale, b_scale, bias, dtype=torch.float8_e4m3fn)
+    check_out_dtype(out_dtype)
+    out = (a.to(torch.float32) @ b.to(torch.float32).T) * a_scale[:, None] * b_scale[None, :]  # (M, N)
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
@@ -272,3 +299,33 @@ def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training ops: RMSNorm, SwiGLU, rotary embedding, linear + cross-entropy
+def rms_norm(x, weight, eps: float = 1e-6):
+    """x / sqrt(mean(x^2) + eps) over the last dim in float32, rounded to x's dtype, times weight (Zhang & Sennrich
+    2019; the rounding of Llama's reference implementation)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def swiglu(gate, up):
+    """silu(gate) * up, each rounded to the inputs' dtype as torch's eager ops do (Shazeer 2020)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope(x, cos, sin):
+    """Rotate the pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos, sin (B or 1, 1, T, Dh):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x[Dh/2:], x[:Dh/2]); in float32 whatever x's dtype
+    (Su et al. 2021, in Hugging Face's "rotate half" layout)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def linear_cross_entropy(h, weight, target, ignore_index: int = -100):
+    """Mean cross-entropy of the logits h @ weight.T (computed in fp32) against target, over the targets that are not
+    ignore_index. h (N, C), weight (V, C), target (N,) int64."""
+    logits = h.float() @ weight.float().T  # (N, V)
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index)

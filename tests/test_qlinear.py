@@ -9,7 +9,7 @@ import tinyformer
 from tinyformer.compress import quantize_
 from tinyformer.kernels.quant import choose_qparams, dequantize, quantize, sqnr
 from tinyformer.kernels.reference import dequantize_int4
-from tinyformer.qlinear import Int4Linear, Int8Linear, W8A8Linear
+from tinyformer.qlinear import FP8Linear, Int4Linear, Int8Linear, W8A8Linear
 
 
 def model_pair(**kw):
@@ -22,13 +22,14 @@ def model_pair(**kw):
 
 # (kwargs, minimum SQNR of the logits in dB): int8 per channel ~ 8 bits, int4 g64 ~ 4 bits of signal
 @pytest.mark.parametrize("kw,min_db", [(dict(bits=8), 30.0), (dict(bits=8, activations=True), 25.0),
-                                       (dict(bits=4, group_size=64), 12.0), (dict(bits=4, group_size=128), 12.0)])
+                                       (dict(bits=4, group_size=64), 12.0), (dict(bits=4, group_size=128), 12.0),
+                                       (dict(dtype="fp8"), 20.0)])
 def test_quantized_model_close_to_float_and_round_trips(kw, min_db, tmp_path):
     float_model, q = model_pair(d_model=192)  # 192 wide: at group 128, groups of 128 and 64 (a ragged last group)
     ids = torch.randint(0, 8192, (2, 40))  # M = 80 rows per matmul
     quantize_(q, **kw)
-    expected = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}
-    kind = "int4" if kw["bits"] == 4 else "w8a8" if kw.get("activations") else "int8"
+    expected = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "fp8": FP8Linear}
+    kind = kw.get("dtype") or ("int4" if kw["bits"] == 4 else "w8a8" if kw.get("activations") else "int8")
     assert type(q.decoder.blocks[0].mlp.w1) is expected[kind]
     with torch.no_grad():
         ref, out = float_model(ids), q(ids)
@@ -68,7 +69,9 @@ def test_each_layer_equals_float_matmul_with_dequantized_weight():
 def test_quantize_rejects_bad_arguments():
     _, q = model_pair()
     for kw, match in [(dict(bits=3), "bits must be 8 or 4"), (dict(method="gptq"), "needs calibration data"),
-                      (dict(bits=4, activations=True), "needs bits=8"), (dict(bits=4, group_size=7), "positive even")]:
+                      (dict(bits=4, activations=True), "needs bits=8"), (dict(bits=4, group_size=7), "positive even"),
+                      (dict(dtype="int2"), "dtype must be None or 'fp8'"),
+                      (dict(dtype="fp8", method="gptq"), "leave method and activations")]:
         with pytest.raises(ValueError, match=match):
             quantize_(q, **kw)
     quantize_(q, bits=8)
@@ -76,7 +79,8 @@ def test_quantize_rejects_bad_arguments():
         quantize_(q, bits=8)
 
 
-@pytest.mark.parametrize("kw", [dict(bits=8), dict(bits=8, activations=True), dict(bits=4, group_size=32)])
+@pytest.mark.parametrize("kw", [dict(bits=8), dict(bits=8, activations=True), dict(bits=4, group_size=32),
+                                dict(dtype="fp8")])
 def test_backends_agree_on_quantized_layers(kw):
     """torch's CPU kernels (bf16 activations for weight-only), the Triton kernels (interpreter) and the reference."""
     _, q = model_pair()

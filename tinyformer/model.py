@@ -88,9 +88,7 @@ def rope_tables(n_pos: int, head_dim: int, theta: float, device=None):
 def apply_rope(x, cos, sin):
     """Rotate the pairs (x[i], x[i + Dh/2]) of x (B, H, T, Dh) by the angles in cos, sin (B or 1, 1, T, Dh):
     x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x[Dh/2:], x[:Dh/2]); in float32 whatever x's dtype."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    return ops.rope(x, cos, sin)
 
 
 def sinusoidal_table(n_pos: int, d: int, device=None):
@@ -200,7 +198,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.act == "swiglu":
             gate, up = ops.linears(x, self.w1, self.w3)  # (B, T, F) each
-            h = F.silu(gate) * up
+            h = ops.swiglu(gate, up)
         else:
             h = activation(self.act, self.w1(x))  # (B, T, F)
         return F.dropout(self.w2(h), self.dropout, self.training)  # (B, T, C)
@@ -378,10 +376,12 @@ class DecoderLM(TransformerBase):
         super().__init__(cfg)
         self.decoder = Stack(cfg, cfg.n_layer, causal=True, cross=False)
 
-    def forward(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None, last_only: bool = False):
+    def forward(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None, last_only: bool = False,
+                hidden_only: bool = False):
         """input_ids (B, T). attention_mask (B, S) covers the cached positions plus these T (1 = real token), for
         left-padded batches; with a cache, the T new tokens are appended to it. last_only: logits of the last
-        position only (B, 1, V), as generation needs."""
+        position only (B, 1, V), as generation needs. hidden_only: the final hidden states (B, T, C) instead of
+        logits, for a loss that applies the head itself (`ops.linear_cross_entropy`)."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
         S = input_ids.shape[1] + (cache.length if cache is not None else 0)
         if S > self.config.max_seq_len:
@@ -393,6 +393,8 @@ class DecoderLM(TransformerBase):
         h = self.decoder(x, _positions(input_ids, mask, cache), key_padding_mask=mask, cache=cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
+        if hidden_only:
+            return h  # (B, T, C)
         return self.logits(h[:, -1:] if last_only else h)  # (B, T or 1, V)
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,

@@ -7,7 +7,8 @@ is decided which kernel runs it for the tensors' device, dtype and shape. Three 
   default on CPU. Without autograd (decoding, evaluation) a CPU product of a few rows multiplies by a weight laid out
   once for its kernel (`tinyformer.kernels.cpu`: oneDNN's blocked bf16, torch's int8/int4 packs).
 - "triton": tinyformer's Triton kernels (`tinyformer.kernels`): the default on CUDA when Triton is installed.
-  Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears.
+  Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears. In
+  training (autograd on) RMSNorm, SwiGLU, RoPE and the output head with its cross-entropy run fused kernels.
 
 Choose with `set_backend(name)`, the `use_backend(name)` context manager, or the TINYFORMER_BACKEND environment
 variable; "auto" (the default) picks per device. The kernels have no dropout, so attention with dropout_p > 0
@@ -214,11 +215,44 @@ def layer_norm(x, weight, bias=None, eps: float = 1e-5):
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in float32 (Zhang & Sennrich 2019)."""
-    if get_backend(x.device) != "reference":
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in float32 (Zhang & Sennrich 2019). triton, in
+    training: the fused kernel (forward and backward, `kernels.rms_norm`); decoding keeps torch's op, which
+    torch.compile fuses."""
+    backend = get_backend(x.device)
+    if backend == "triton" and torch.is_grad_enabled() and weight.dtype == x.dtype:
+        return kernels.rms_norm(x, weight, eps)
+    if backend != "reference":
         return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return reference.rms_norm(x, weight, eps)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up (Shazeer 2020). triton, in training: the fused kernel (`kernels.swiglu`)."""
+    if get_backend(gate.device) == "triton" and torch.is_grad_enabled():
+        return kernels.swiglu(gate, up)
+    return reference.swiglu(gate, up)
+
+
+def rope(x, cos, sin):
+    """x (B, H, T, Dh) rotated by the tables cos, sin (B or 1, 1, T, Dh), "rotate half" pairs, in float32 (Su et al.
+    2021). triton, in training: the fused kernel (`kernels.rope`); a bf16 model's bf16 tables take the torch math."""
+    if get_backend(x.device) == "triton" and torch.is_grad_enabled() and cos.dtype == sin.dtype == torch.float32:
+        return kernels.rope(x, cos, sin)
+    return reference.rope(x, cos, sin)
+
+
+def linear_cross_entropy(h, weight, target, ignore_index: int = -100):
+    """Mean cross-entropy of the logits h (N, C) @ weight (V, C)^T against target (N,), computed in float32 from
+    logits in the product's dtype (under autocast, its dtype). triton: the fused kernel
+    (`kernels.linear_cross_entropy`), which never holds all N x V logits; otherwise `linear`, then F.cross_entropy."""
+    if get_backend(h.device) == "triton":
+        if torch.is_autocast_enabled(h.device.type):  # the kernel's products in autocast's dtype, as F.linear's
+            dtype = torch.get_autocast_dtype(h.device.type)
+            with torch.autocast(h.device.type, enabled=False):
+                return kernels.linear_cross_entropy(h.to(dtype), weight.to(dtype), target, ignore_index)
+        if h.dtype == weight.dtype:
+            return kernels.linear_cross_entropy(h, weight, target, ignore_index)
+    return F.cross_entropy(linear(h, weight).float(), target, ignore_index=ignore_index)
 
 
 def int8_linear(x, weight, scale, bias=None, activations: bool = False):

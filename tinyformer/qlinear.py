@@ -1,5 +1,6 @@
 """Quantized linear layers that a model's `Linear`s are swapped for: int8 weight-only (W8A16), W8A8 (int8 weights
-and dynamically quantized int8 activations), int4 weight-only (group-wise, two codes per byte).
+and dynamically quantized int8 activations), int4 weight-only (group-wise, two codes per byte), FP8 (e4m3 weights
+and dynamically quantized e4m3 activations).
 
 Each holds integer codes and float scales (and zero points) as buffers, so `model.save` writes them to safetensors
 and config.json records which module got which scheme; `tinyformer.load` swaps the same modules in (on the meta
@@ -9,7 +10,7 @@ thin float linears, from tinyformer.compress.lowrank) is recorded and rebuilt th
 
 References: Dettmers et al. 2022 (LLM.int8(): per-channel absmax int8 weights); Xiao et al. 2023 (SmoothQuant:
 W8A8 with per-token activation scales); Frantar et al. 2022 (GPTQ) and Lin et al. 2023 (AWQ): group-wise
-asymmetric int4 weights.
+asymmetric int4 weights; Micikevicius et al. 2022 (FP8 formats: e4m3 with per-channel / per-token scales).
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
-from tinyformer.kernels import pack_int4
+from tinyformer import kernels
+from tinyformer.kernels import pack_int4, reference
 from tinyformer.kernels.quant import choose_qparams, n_groups, quantize
 from tinyformer.model import Linear
 
-SCHEMES = ("int8", "w8a8", "int4", "lowrank")
+SCHEMES = ("int8", "w8a8", "int4", "fp8", "lowrank")
 
 
 class QuantLinear(nn.Module):
@@ -47,25 +49,37 @@ class QuantLinear(nn.Module):
         return f"in={self.n_in}, out={self.n_out}, bias={self.bias is not None}, {self.spec()}"
 
 
-class Int8Linear(QuantLinear):
-    """Int8 weight-only (W8A16): symmetric per-output-channel int8 codes, w = q * scale."""
+class PerChannelLinear(QuantLinear):
+    """Base of the per-output-channel schemes: codes (N, K) of `code_dtype` and a float32 scale (N,), w = q * scale;
+    subclasses define `codes(weight) -> (q, scale)`."""
 
-    scheme = "int8"
+    code_dtype = torch.int8
 
     def __init__(self, n_out, n_in, bias, dtype=torch.float32):
         super().__init__(n_out, n_in, bias, dtype)
-        self.register_buffer("weight", torch.zeros(n_out, n_in, dtype=torch.int8))  # (N, K) codes
+        self.register_buffer("weight", torch.zeros(n_out, n_in, dtype=self.code_dtype))  # (N, K) codes
         self.register_buffer("scale", torch.ones(n_out, dtype=torch.float32))  # (N,)
 
     @classmethod
     def from_weight(cls, weight, bias=None):
         m = cls(*weight.shape, bias is not None, bias.dtype if bias is not None else torch.float32)
-        scale, zero = choose_qparams(weight.detach(), 8, group_size=-1, symmetric=True)
-        m.weight.copy_(quantize(weight.detach(), scale, zero, 8, group_size=-1))
+        q, scale = cls.codes(weight.detach())
+        m.weight.copy_(q)
         m.scale.copy_(scale)
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
+
+
+class Int8Linear(PerChannelLinear):
+    """Int8 weight-only (W8A16): symmetric per-output-channel int8 codes, w = q * scale."""
+
+    scheme = "int8"
+
+    @staticmethod
+    def codes(weight):
+        scale, zero = choose_qparams(weight, 8, group_size=-1, symmetric=True)
+        return quantize(weight, scale, zero, 8, group_size=-1), scale
 
     def matmul(self, x):
         return ops.int8_linear(x, self.weight, self.scale, self.bias)
@@ -142,6 +156,24 @@ class Int4Linear(QuantLinear):
         return {"scheme": self.scheme, "group_size": self.group_size}
 
 
+class FP8Linear(PerChannelLinear):
+    """FP8: e4m3 weights with a per-output-channel scale (absmax / 448), times activations quantized to e4m3 per
+    row at run time; fp32 accumulation. The triton backend runs `kernels.fp8_matmul` (the e4m3 tensor cores on
+    sm_90+), the others its reference (fp32)."""
+
+    scheme = "fp8"
+    code_dtype = torch.float8_e4m3fn
+
+    @staticmethod
+    def codes(weight):
+        return reference.quantize_fp8(weight)
+
+    def matmul(self, x):
+        q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
+        mm = kernels.fp8_matmul if ops.get_backend(x.device) == "triton" else reference.fp8_matmul
+        return mm(q, self.weight, s, self.scale, self.bias, out_dtype=x.dtype)
+
+
 class LowRankLinear(nn.Module):
     """A weight factored into two thin float linears, y = b(a(x)): `a` (rank, in) without bias, `b` (out, rank) with
     the original bias (tinyformer.compress.lowrank makes them). Both are ordinary `Linear`s, so quantize_ and prune_
@@ -180,7 +212,7 @@ class LowRankLinear(nn.Module):
         return f"in={self.n_in}, out={self.n_out}, rank={self.rank}"
 
 
-MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "lowrank": LowRankLinear}
+MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "fp8": FP8Linear, "lowrank": LowRankLinear}
 
 
 def _set(model, name, module):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
 from tinyformer.data import PAD, PairData, TokenData, load_dataset, mlm_inputs
+from tinyformer import ops
 from tinyformer.kernels import device as device_probe
 from tinyformer.model import build
 
@@ -419,10 +420,22 @@ def get_batch(run: Run, split: str) -> list[torch.Tensor]:
     return [t[run.rank * per_rank:(run.rank + 1) * per_rank].to(run.device) for t in tensors]
 
 
+def _float_head(model) -> Optional[torch.Tensor]:
+    """The output head's float weight (V, C) (the tied embedding or lm_head), or None where lm_head is a module (a
+    quantized head)."""
+    if isinstance(model.lm_head, torch.nn.Module):
+        return None
+    return model.lm_head if model.lm_head is not None else model.wte
+
+
 def compute_loss(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of a batch from `get_batch`, under the run's autocast."""
     arch = run.model_config.arch
     with run.autocast:
+        head = _float_head(run.raw_model) if arch == "decoder" and not run.cfg.label_smoothing else None
+        if head is not None:  # next-token prediction, the head inside the loss op: with the triton backend a fused
+            x, y = batch  # kernel that never holds the (B*T, V) logits; otherwise the head's product, then the loss
+            return ops.linear_cross_entropy(run.model(x, hidden_only=True).flatten(0, 1), head, y.flatten())
         if arch == "decoder":  # next-token prediction
             x, y = batch
             logits = run.model(x)  # (B, T, V)

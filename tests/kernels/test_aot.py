@@ -90,3 +90,38 @@ def test_aot_compiles_a_forward_config_for_sm80_and_writes_it_into_the_table(tmp
     changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
     assert len(new) == len(old) and set(changed) <= {c.row}
     assert (new[c.row]["registers"], new[c.row]["shared_bytes"]) == (int(r["registers"]), int(r["shared"]))
+
+
+def _fake_spec():
+    def kern(x_ptr, stride_xm, stride_xk, M, BLOCK: "tl.constexpr"):
+        pass
+    kern.arg_names = ["x_ptr", "stride_xm", "stride_xk", "M", "BLOCK"]
+    return dict(fn=kern, signature={"x_ptr": "*fp16", "stride_xm": "i32", "stride_xk": "constexpr", "M": "i32",
+                                    "BLOCK": "constexpr"})
+
+
+def test_ptx_check_finds_a_row_offset_multiplied_in_32_bits():
+    """A stride read from its parameter (numbered over the runtime arguments) and multiplied by mul.lo.s32 /
+    mad.lo.s32, directly or through a mov, is reported; a widening multiply (mul.wide.s32) is not."""
+    head = "ld.param.b64 %rd1, [k_param_0];\n\tld.param.b32 %r2, [k_param_1];\n\tld.param.b32 %r3, [k_param_2];\n"
+    narrow = head + "\tmul.lo.s32 %r9, %r7, %r2;\n\tmad.wide.s32 %rd4, %r9, 2, %rd1;\n"
+    via_mov = head + "\tmov.b32 %r5, %r2;\n\tmad.lo.s32 %r9, %r7, %r5, %r8;\n"
+    wide = head + "\tmul.wide.s32 %rd3, %r7, %r2;\n\tadd.s64 %rd4, %rd1, %rd3;\n\tmul.lo.s32 %r9, %r3, %r7;\n"
+    spec = _fake_spec()
+    assert aot.narrow_stride_products(narrow, spec) == ["stride_xm"]
+    assert aot.narrow_stride_products(via_mov, spec) == ["stride_xm"]
+    assert aot.narrow_stride_products(wide, spec) == []  # param 2 is M (stride_xk is a constexpr): not a stride
+
+
+def test_sass_summary_reads_the_loop_the_loads_and_the_mma():
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.U16 R2, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.EF.128 R4, desc[UR4][R6.64] ;
+        /*0030*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ ;
+        /*0040*/                   FFMA R8, R9, R10, R8 ;
+        /*0050*/              @!P0 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+"""
+    assert aot.sass_summary(sass) == dict(loop_instrs=5, widest_load="128", mma="HGMMA")

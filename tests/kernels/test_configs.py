@@ -13,7 +13,7 @@ from helpers import assert_close
 from kernel_inputs import DEV, gen, magnitude, make_int4, needs_triton, rand_int8
 
 from tinyformer.kernels import configs, flash_attention as fa, int4_mm, int8_mm, int8_wo_mm, matmul
-from tinyformer.kernels import per_token_quant, reference
+from tinyformer.kernels import fp8_mm, per_token_quant, reference
 from tinyformer.kernels.matmul import MatmulConfig
 
 FP32_ATOL = 2e-4  # fp32 kernels against the fp64 reference: accumulation-order rounding of sums over <= 300 terms
@@ -87,12 +87,13 @@ def _attention_case(kind, bucket, variant, cfg, monkeypatch):
 
 
 MATMUL_MODULES = {"w8a8": int8_mm, "w8a8_decode": int8_mm, "wo": int8_wo_mm, "wo_decode": int8_wo_mm,
-                  "quant": per_token_quant, "i4_gemv": int4_mm, "i4_decode": int4_mm, "i4": int4_mm}
+                  "quant": per_token_quant, "i4_gemv": int4_mm, "i4_decode": int4_mm, "i4": int4_mm, "fp8": fp8_mm}
 
 
 def _matmul_case(kind, cfg, monkeypatch):
     used = _pin(monkeypatch, MATMUL_MODULES[kind], "matmul_configs", kind, cfg)
-    M = {"w8a8": 37, "wo": 37, "i4": 37, "w8a8_decode": 3, "wo_decode": 3, "i4_decode": 3, "i4_gemv": 1}.get(kind)
+    M = {"w8a8": 37, "wo": 37, "i4": 37, "w8a8_decode": 3, "wo_decode": 3, "i4_decode": 3, "i4_gemv": 1,
+         "fp8": 37}.get(kind)
     N, g = 70, gen(sum(map(ord, kind)))  # a seed per kind
     if kind.startswith("w8a8"):
         a, b = rand_int8(M, 200, gen=g).to(DEV), rand_int8(N, 200, gen=g).to(DEV)
@@ -107,6 +108,13 @@ def _matmul_case(kind, cfg, monkeypatch):
         got = int8_wo_mm.int8_weight_only_matmul(x, w, s, bias)
         assert_close(got, reference.int8_weight_only_matmul(x, w, s, bias), rtol=1e-5,
                      atol=1e-5 * magnitude(x, w.float() * s[:, None]), name=f"{kind} {cfg}")
+    elif kind == "fp8":
+        a, sa = reference.quantize_fp8(torch.randn(M, 200, generator=g))
+        b, sb = reference.quantize_fp8(torch.randn(N, 200, generator=g))
+        a, b, sa, sb = (t.to(DEV) for t in (a, b, sa, sb))
+        got = fp8_mm.fp8_matmul(a, b, sa, sb, out_dtype=torch.float32)
+        assert_close(got, reference.fp8_matmul(a, b, sa, sb, out_dtype=torch.float32), atol=1e-5, rtol=1e-5,
+                     name=f"{kind} {cfg}")
     elif kind == "quant":
         x = torch.randn(5, 1100, generator=g).to(DEV)  # one whole K tile and a ragged one
         q, s = per_token_quant.quantize_per_token(x)
@@ -144,7 +152,7 @@ def _launcher_keys():
             for bucket in (16, 32, 64, 128, 256):
                 for variant in {fa.table_variant(kind, rows, kpm) for rows in (1, 64) for kpm in (False, True)}:
                     keys.add(("attn_" + kind, fam, str(bucket), variant))
-        keys.update((kind, fam, "", "") for kind in matmul.KINDS)
+        keys.update((kind, fam, "", "") for kind in matmul.KINDS if fam == "sm90" or kind not in matmul.SM90_ONLY)
     return keys
 
 

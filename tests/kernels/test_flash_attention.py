@@ -224,6 +224,20 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b), f"{name} differs between two identical backward passes"
 
 
+def test_dkdv_grid_widens_for_few_kv_heads(monkeypatch):
+    """The dK/dV grid is one program per K/V tile and kv head: with MQA/GQA and few tiles it splits the query heads
+    over more programs (about a wave on the GPU), never more splits than heads; MHA and full grids stay unsplit."""
+    monkeypatch.setattr(fa, "num_sms", lambda index: 132)
+    monkeypatch.setattr(fa, "cuda_index", lambda device: 0)
+    cuda = torch.device("cuda")
+    for programs, G in ((32, 8), (32, 32), (4, 3), (100, 2)):
+        S, per = fa.dkdv_head_splits(programs, G, cuda)
+        assert S > 1 and (S - 1) * per < G <= S * per and programs * S <= 2 * 132, (programs, G, S, per)
+    assert fa.dkdv_head_splits(1024, 8, cuda) == (1, 8)  # enough programs already
+    assert fa.dkdv_head_splits(32, 1, cuda) == (1, 1)  # MHA: nothing to split
+    assert fa.dkdv_head_splits(4, 3, torch.device("cpu")) == (2, 2)  # interpreter: 2 uneven splits, summed
+
+
 def _cpu_bench(fn, quantiles=None):
     t0 = time.perf_counter()
     fn()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_inputs import ACT_DTYPES, DEV, gen, magnitude, make_int4, needs_triton
 
-from tinyformer.kernels import cpu, int4_mm, reference
+from tinyformer.kernels import cpu, int4_mm, matmul, reference
 from tinyformer.kernels.matmul import MatmulConfig
 
 FAST = settings(max_examples=80, deadline=None, derandomize=True)  # interpreter: ~10-100 ms per kernel call
@@ -71,12 +71,13 @@ def test_int4_decode_path_splits_k_and_matches():
 
 
 @needs_triton
-@pytest.mark.parametrize("K,G", [(256, 32), (120, 10)])  # whole K tiles (unmasked loads) / a masked, gathered tail
-def test_int4_one_row_kernel_splits_k_and_matches(K, G):
-    """M = 1 takes the one-row CUDA-core kernel (its own tiles, split-K), with the bias added after the split sum."""
+@pytest.mark.parametrize("K,G,kind", [(256, 32, "i4_gemv"), (120, 10, "i4_decode")])
+def test_int4_one_row_splits_k_and_matches(K, G, kind):
+    """M = 1 takes the one-row CUDA-core kernel for power-of-two groups >= 32 (split-K reduced in the kernel), the
+    decode tiles for other groups (a masked, gathered tail); the bias is added once, after the split sum."""
     N = 70
     p = int4_mm.plan(1, N, K, G, device=DEV)
-    assert p["kind"] == "i4_gemv" and p["splits"] > 1
+    assert p["kind"] == kind and p["splits"] > 1
     g = gen(K + G)
     w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True)
     x, bias = torch.randn(1, K, generator=g), torch.randn(N, generator=g)
@@ -84,6 +85,68 @@ def test_int4_one_row_kernel_splits_k_and_matches(K, G):
     want = reference.int4_matmul(x, w_packed, scales, zeros, G, bias)
     w = reference.dequantize_int4(w_packed, scales, zeros, G)
     assert_close(got, want, atol=1e-5 * magnitude(x, w), rtol=1e-5, name="one row")
+
+
+def test_gemv_layout_holds_the_codes():
+    """Int4Gemv: word (j, n) of wq holds the code of k = 8j + i at bits 4i (read back here by shifts in torch);
+    scales and zeros are the API's, group-major."""
+    N, K, G = 13, 96, 32
+    w_packed, scales, zeros = make_int4(N, K, G, gen(1))
+    lay = int4_mm.repack_int4_gemv(w_packed, scales, zeros)
+    assert lay.wq.dtype == torch.int32 and lay.wq.shape == (K // 8, N) and lay.wq.is_contiguous()
+    words = lay.wq.to(torch.int64) & 0xFFFFFFFF  # (K / 8, N) unsigned
+    codes = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1).reshape(K, N)  # (K, N), k = 8j + i
+    assert torch.equal(codes.T.to(torch.uint8), reference.unpack_int4(w_packed))
+    assert torch.equal(lay.scales, scales.T) and torch.equal(lay.zeros, zeros.T)
+
+
+def _gemv_configs():
+    """Every one-row config shipped for a GPU (configs.csv, both arch tables), block_k capped at the group size."""
+    from tinyformer.kernels import configs
+    return sorted({MatmulConfig(*(r[k] for k in configs.TILE)) for r in configs.rows() if r["kernel"] == "i4_gemv"},
+                  key=lambda c: (c.block_n, c.block_k, c.num_warps))
+
+
+@needs_triton
+@pytest.mark.parametrize("c", _gemv_configs(), ids=lambda c: f"{c.block_n}x{c.block_k}w{c.num_warps}")
+def test_gemv_every_shipped_config_on_a_ragged_shape(monkeypatch, c):
+    """One pass of each shipped one-row config: N = 300 leaves a partial column tile, 3 K splits reduced in-kernel
+    (the last split of a tile sums them), bias added once; fp16 activations; the tickets end zeroed."""
+    monkeypatch.setattr(int4_mm, "matmul_configs", lambda kind, arch: [c] if kind == "i4_gemv" else
+                        matmul.matmul_configs(kind, arch))
+    monkeypatch.setattr(int4_mm, "split_k", lambda M, N, K, c0, device, align=1: (3, K // 3))
+    N, G = 300, 64
+    K = 3 * max(G, c.block_k)
+    g = gen(c.block_n + c.block_k)
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True, dtype=torch.float16)
+    x, bias = torch.randn(1, K, generator=g).half(), torch.randn(N, generator=g).half()
+    assert int4_mm.plan(1, N, K, G, device=DEV)["splits"] == 3
+    got = _run(x, w_packed, scales, zeros, G, bias)
+    want = reference.int4_matmul(x.float(), w_packed, scales.float(), zeros.float(), G, bias.float())
+    w = reference.dequantize_int4(w_packed, scales, zeros, G)
+    assert_close(got, want, atol=2e-3 * magnitude(x, w), rtol=2e-3, name=f"gemv {c}")
+    assert not int4_mm._TICKETS[str(torch.device(DEV))].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("G", [32, 128])
+def test_same_rounding_at_every_m(G):
+    """Power-of-two groups: the one-row kernel, the decode tiles and the prefill tiles all compute
+    s * (sum q x - z * sum x) in fp32 from exact codes; none rounds the dequantized weight to fp16. The activations
+    are chosen adversarially: x[k] = the sign of the fp16 rounding error of w[0, k], so a kernel that rounded w to
+    fp16 would be off by ~K/2 such errors in output 0, many fp16 ulps; here every M is within one ulp of fp32."""
+    N, K = 70, 8 * G
+    g = gen(G)
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True, dtype=torch.float16)
+    w = reference.dequantize_int4(w_packed, scales, zeros, G)  # (N, K) fp32
+    sign = torch.sign(w[0].half().float() - w[0])
+    sign[sign == 0] = 1.0
+    for M in (1, 3, 20):  # the one-row kernel, decode tiles, prefill tiles
+        x = (sign * torch.tensor([1.0, -1.0, 0.5, -0.25] * 5)[:M, None]).half()  # (M, K) exact in fp16
+        got = _run(x, w_packed, scales, zeros, G)[:, 0].float()
+        want = (x.float() @ w[0])  # exact products, fp32 sums
+        ulp = want.abs() * 2.0 ** -10 + 1e-6 * magnitude(x, w)[:, 0]
+        assert_close(got, want, atol=ulp, rtol=0, name=f"int4 M={M} G={G} output 0")
 
 
 def test_int4_split_ranges_fit_every_autotune_candidate():

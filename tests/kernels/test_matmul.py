@@ -17,11 +17,14 @@ def test_one_config_under_the_interpreter_the_table_on_gpus():
     for kind in matmul.KINDS:
         assert matmul.matmul_configs(kind, None) == [matmul.INTERPRET_CONFIGS[kind]]
         for arch, fam in ((80, "sm80"), (90, "sm90"), (100, "sm90")):
+            if kind in matmul.SM90_ONLY and fam == "sm80":
+                continue
             table = [tuple(r[k] for k in configs.TILE) for _, r in configs.candidates(kind, fam)]
             got = [(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.group_m)
                    for c in matmul.matmul_configs(kind, arch)]
             assert got == table, (kind, arch)
-        assert all(c.num_stages <= 2 for c in matmul.matmul_configs(kind, 86))  # ~100 KB of shared memory
+        if kind not in matmul.SM90_ONLY:
+            assert all(c.num_stages <= 2 for c in matmul.matmul_configs(kind, 86))  # ~100 KB of shared memory
     with pytest.raises(ValueError, match="kind must be one of"):
         matmul.matmul_configs("nope", None)
 
@@ -75,3 +78,34 @@ def test_autotuned_launch_path(monkeypatch):
         assert_close(got, reference.int4_matmul(x, w_packed, scales, zeros, 64), atol=1e-5 * magnitude(x, w4),
                      rtol=1e-5, name=f"int4 M={M}")
     assert matmul.autotuned.cache_info().currsize >= 3
+
+
+def test_m_bucket():
+    assert [matmul.m_bucket(M) for M in (1, 2, 3, 16, 17, 512, 513, 10 ** 6)] == [1, 2, 4, 16, 32, 512, 1024,
+                                                                                    matmul.M_BUCKET_MAX]
+
+
+@needs_triton
+def test_autotune_keys_carry_the_m_bucket(monkeypatch):
+    """Each matmul launcher keys its autotuner on the M bucket: two prefill lengths in different buckets are tuned
+    apart (the first length seen does not fix the config of every M), two in one bucket share a tuning."""
+    def cpu_bench(fn, quantiles=None):
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    tuners = []
+    real = matmul.autotuned  # cached: one tuner per kernel, candidates and key
+
+    def recording(fn, cands, key, do_bench=None):
+        tuners.append(real(fn, cands, key, do_bench))
+        return tuners[-1]
+    two = [MatmulConfig(64, 64, 64, 4, 1), MatmulConfig(32, 64, 32, 4, 1)]
+    monkeypatch.setattr(matmul, "autotuned", recording)
+    monkeypatch.setattr(matmul, "AUTOTUNE_DO_BENCH", cpu_bench)
+    monkeypatch.setattr(int8_mm, "matmul_configs", lambda kind, arch: two)
+    g = gen(2)
+    b = rand_int8(70, 64, gen=g)
+    for M in (20, 40, 60):  # buckets 32, 64, 64
+        int8_mm.int8_matmul_int32(rand_int8(M, 64, gen=g).to(DEV), b.to(DEV))
+    assert "M_KEY" in tuners[0].keys and len({id(t) for t in tuners}) == 1
+    assert len(tuners[0].cache) == 2

@@ -70,7 +70,7 @@ from tinyformer import ops
 from tinyformer.compress.calib import InputStats, blockwise, check_calib
 from tinyformer.kernels.quant import choose_qparams, dequantize, group_view, n_groups, qrange, quantize
 from tinyformer.model import Linear, Norm
-from tinyformer.qlinear import Int4Linear, Int8Linear, W8A8Linear, _set
+from tinyformer.qlinear import FP8Linear, Int4Linear, Int8Linear, W8A8Linear, _set
 
 __all__ = ["quantize_", "qparams", "rtn", "gptq", "output_error", "awq_search", "awq_clip", "smoothquant_scale",
            "InputGroup", "input_groups", "fold_scale_", "fake_quantize", "FakeQuantLinear", "prepare_qat_",
@@ -575,7 +575,7 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
               activations: bool = False, *, symmetric: bool = False, float_zero: bool = False,
               act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128, n_grid: int = 20,
               clip: bool = True, alpha: float = 0.5, steps: int = 100, lr: float = 1e-5, batch_size: int = 8,
-              seed: int = 0, progress: bool = False, head: bool = False):
+              seed: int = 0, progress: bool = False, head: bool = False, dtype: str | None = None):
     """Quantize every float Linear of the model's blocks in place and return the model; head=True also the output
     head (int8 per output row, whatever `bits`; a tied embedding keeps its float copy for the lookup).
 
@@ -585,7 +585,22 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
     "smoothquant" (alpha) | "qat" (steps, lr, batch_size, seed); every method but "rtn" needs calib, token ids (N, T)
     (a pair (src, tgt) for encoder-decoders). batch_size is also the calibration batch of the block-by-block methods.
     clip (GPTQ and AWQ): each group's range from `awq_clip`'s search instead of its min..max; on SmolLM2-135M at
-    group 128 it took GPTQ from +25.5% to +13.2% perplexity (RTN: +32.8%; benchmarks/compression.py)."""
+    group 128 it took GPTQ from +25.5% to +13.2% perplexity (RTN: +32.8%; benchmarks/compression.py).
+    dtype="fp8": e4m3 weights (per output channel) and e4m3 activations (per token, at run time), method "rtn";
+    `bits` and `group_size` do not apply. On CUDA sm_90+ the product runs on the fp8 tensor cores."""
+    if dtype is not None:
+        if dtype != "fp8":
+            raise ValueError(f"dtype must be None or 'fp8', got {dtype!r}")
+        if method != "rtn" or activations:
+            raise ValueError("dtype='fp8' quantizes weights and activations by RTN: leave method and activations")
+        if head and isinstance(model.lm_head, nn.Module):
+            raise ValueError("head=True: the output head is already quantized")
+        targets = _float_linears(model)
+        if not targets:
+            raise ValueError("the model has no float Linear layers to quantize (already quantized?)")
+        for name, lin in targets:
+            _set(model, name, FP8Linear.from_weight(lin.weight, lin.bias).to(lin.weight.device))
+        return _quantize_head_(model) if head else model
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_scheme(bits, group_size, symmetric, float_zero)
