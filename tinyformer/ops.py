@@ -275,6 +275,14 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
     return reference.int8_weight_only_matmul(x, weight, scale, bias)
 
 
+def fp8_linear(x, weight, scale, bias=None):
+    """x (M, K) float, quantized to e4m3 per row at run time, @ (e4m3 weight (N, K) * scale (N,)).T (+ bias) in x's
+    dtype, fp32 accumulation. triton: `kernels.fp8_matmul` (e4m3 tensor cores, sm_90+); otherwise its reference."""
+    q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
+    mm = kernels.fp8_matmul if get_backend(x.device) == "triton" else reference.fp8_matmul
+    return mm(q, weight, s, scale, bias, out_dtype=x.dtype)
+
+
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
     backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight; no per-call checks (as above)."""

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
-from tinyformer import kernels
 from tinyformer.kernels import pack_int4, reference
 from tinyformer.kernels.quant import choose_qparams, n_groups, quantize
 from tinyformer.model import Linear
@@ -158,8 +157,8 @@ class Int4Linear(QuantLinear):
 
 class FP8Linear(PerChannelLinear):
     """FP8: e4m3 weights with a per-output-channel scale (absmax / 448), times activations quantized to e4m3 per
-    row at run time; fp32 accumulation. The triton backend runs `kernels.fp8_matmul` (the e4m3 tensor cores on
-    sm_90+), the others its reference (fp32)."""
+    row at run time; fp32 accumulation (`ops.fp8_linear`: the e4m3 tensor cores on sm_90+ with the triton backend,
+    the reference elsewhere)."""
 
     scheme = "fp8"
     code_dtype = torch.float8_e4m3fn
@@ -169,9 +168,7 @@ class FP8Linear(PerChannelLinear):
         return reference.quantize_fp8(weight)
 
     def matmul(self, x):
-        q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
-        mm = kernels.fp8_matmul if ops.get_backend(x.device) == "triton" else reference.fp8_matmul
-        return mm(q, self.weight, s, self.scale, self.bias, out_dtype=x.dtype)
+        return ops.fp8_linear(x, self.weight, self.scale, self.bias)
 
 
 class LowRankLinear(nn.Module):
