@@ -1,5 +1,6 @@
-"""Loading models: `tinyformer.load(path)` reads a tinyformer folder (written by `model.save`), a Hugging Face BERT or
-Llama folder, or a Llama GGUF file into tinyformer's own modules.
+"""Loading models: `tinyformer.load(path)` reads a tinyformer folder (written by `model.save`), a Hugging Face BERT,
+Llama or GPT-2 folder, or a Llama or GPT-2 GGUF file into tinyformer's own modules. The name tables here are also
+the ones tinyformer.export writes with.
 
 A tinyformer folder: config.json names the model's config and what compression changed (quantized and low-rank
 modules, pruned shapes); the model is built on the meta device with those modules in place, and the memory-mapped
@@ -15,12 +16,14 @@ Formats read (the fields used are listed next to each reader below):
 - Hugging Face `config.json` for BERT (`BertConfig`: hidden_size, num_hidden_layers, num_attention_heads,
   intermediate_size, hidden_act, max_position_embeddings, type_vocab_size, layer_norm_eps, position_embedding_type)
   and Llama (`LlamaConfig`: ... num_key_value_heads, head_dim, rms_norm_eps, rope_theta / rope_parameters,
-  rope_scaling, tie_word_embeddings, attention_bias, mlp_bias), weights in `model.safetensors` or sharded with
+  rope_scaling, tie_word_embeddings, attention_bias, mlp_bias) and GPT-2 (`GPT2Config`: n_embd, n_layer, n_head,
+  n_inner, n_positions, activation_function, layer_norm_epsilon; Conv1D weights (in, out), q | k | v fused), weights in `model.safetensors` or sharded with
   `model.safetensors.index.json`; the tokenizer from `tokenizer.json` (BERT: `vocab.txt` as a fallback) and the chat
   template from `tokenizer_config.json` or `chat_template.jinja`.
 - GGUF v2/v3 (ggml-org/ggml docs/gguf.md), read with the `gguf` package (`GGUFReader`, `quants.dequantize`): the
   `llama.*` metadata keys, llama.cpp's tensor names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`), and
-  the `tokenizer.ggml.*` keys of a "gpt2" (byte-level BPE) vocabulary with its pre-tokenizer type
+  the `gpt2.*` keys and tensors (`position_embd`, `blk.N.attn_qkv`, ...; the GELU is tanh-approximate, as llama.cpp
+  computes it, unless `tinyformer.activation` says "gelu"), the `tokenizer.ggml.*` keys of a "gpt2" (byte-level BPE) vocabulary with its pre-tokenizer type
   (`tokenizer.ggml.pre`, whose split rules follow llama.cpp's llama-vocab.cpp).
 
 Rotary layout: Hugging Face Llama (and tinyformer) rotate the pairs (i, i + Dh/2) of each head ("rotate half").
