@@ -252,8 +252,7 @@ def stage_gptq(model, which, work: Path, rows: Rows, args):
                  f"quantizer", runtime="llama.cpp", value=ref, file_mb=mb(ref_path), tokens=ids.numel())
         for method in args.methods:
             t0 = time.perf_counter()
-            with torch.enable_grad():
-                q = quantize_(copy.deepcopy(model), method=method, calib=calib, **GRIDS[kind])
+            q = quantize_(copy.deepcopy(model), method=method, calib=calib, **GRIDS[kind])
             secs = time.perf_counter() - t0
             path = export_quiet(q, work / f"{which}-{kind}-{method}.gguf", strict=True)
             ppl = llama_perplexity(llama(path, n_ctx=window), ids, window)

@@ -241,6 +241,23 @@ def test_requantizing_warns_with_the_layer_names(tmp_path):
     assert t["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
 
 
+def test_a_grid_no_block_holds_is_written_as_its_f32_weights(tmp_path):
+    m = quantize_(llama(d_ff=80), bits=4, group_size=32)  # w2 reads 80 inputs: no whole 32-blocks
+    with pytest.warns(UserWarning, match=r"2 quantized layer\(s\) written as their F32 weights.*"
+                                         r"decoder.blocks.0.mlp.w2, decoder.blocks.1.mlp.w2"):
+        path = export(m, tmp_path / "x.gguf")
+    _, t = gguf_tensors(path)
+    assert t["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert t["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_1
+    lin = m.decoder.blocks[0].mlp.w2
+    q = unpack_int4(lin.weight_packed).float()[:, :80]
+    want = ((q - lin.zeros.repeat_interleave(32, 1)[:, :80]) * lin.scales.repeat_interleave(32, 1)[:, :80])
+    have = torch.from_numpy(np.array(t["blk.0.ffn_down.weight"].data)).reshape(want.shape)
+    assert_close(have, want, atol=1e-6, name="f32 weights of an int4 layer")
+    with pytest.raises(ExportError, match="not a multiple of 32"):
+        export(m, tmp_path / "y.gguf", quant="q4_1")
+
+
 def test_existing_output_needs_overwrite_and_a_failed_write_leaves_it_whole(tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
     export(llama(), path)

@@ -221,17 +221,14 @@ def _encode(module, kind: str, where: str, strict: bool, requantized: list):
 
 
 def _layer_kind(modules, quant: Optional[str]) -> str:
-    """One GGUF type for a tensor made of these layers (a fused q | k | v shares one)."""
+    """One GGUF type for a tensor made of these layers (a fused q | k | v shares one): `quant`, or the type that
+    holds them all exactly, F32 (their float weights) where no block type does."""
     if quant is not None:
         return quant
     kinds = {_natural_type(m) for m in modules}
     if len(kinds) == 1 and "" not in kinds:
         return kinds.pop()
-    if kinds <= {"q4_0", "q4_1"}:
-        return "q4_1"
-    if kinds == {"f32"}:
-        return "f32"
-    return "q8_0" if "q8_0" in kinds else "q4_1"
+    return "q4_1" if kinds <= {"q4_0", "q4_1"} else "f32"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,7 +346,7 @@ def _write_gguf(model, path: Path, quant: Optional[str], strict: bool, name: str
     family = gguf_family(cfg)
     _check_unpruned(model, "GGUF export")
     tok = _gguf_tokenizer(model, family)  # before any tensor work: a vocabulary error costs nothing
-    tensors, requantized, kinds = [], [], set()
+    tensors, requantized, dequantized, kinds = [], [], [], set()
 
     def add(gguf_name, array, qtype=None):
         tensors.append((gguf_name, array, qtype))
@@ -361,6 +358,8 @@ def _write_gguf(model, path: Path, quant: Optional[str], strict: bool, name: str
     def linear(gguf_name, modules, rope_heads=None):
         kind = _layer_kind(modules, quant)
         parts = []
+        if kind == "f32" and quant is None:
+            dequantized.extend(_module_name(model, m) for m in modules if type(m) is not Linear)
         for m in modules:
             a, qtype = _encode(m, kind, _module_name(model, m), strict, requantized)
             parts.append(a)
@@ -410,6 +409,10 @@ def _write_gguf(model, path: Path, quant: Optional[str], strict: bool, name: str
             linear(f"blk.{i}.ffn_gate", [f.w1])
             linear(f"blk.{i}.ffn_up", [f.w3])
             linear(f"blk.{i}.ffn_down", [f.w2])
+    if dequantized:
+        warnings.warn(f"GGUF export: {len(dequantized)} quantized layer(s) written as their F32 weights (no block type "
+                      f"holds their grid): {', '.join(dequantized[:8])}{' ...' if len(dequantized) > 8 else ''}",
+                      stacklevel=3)
     if requantized:
         warnings.warn(f"GGUF export: {len(requantized)} layer(s) requantized to {quant or 'the file type'} (their "
                       f"grid is not a block's): {', '.join(requantized[:8])}{' ...' if len(requantized) > 8 else ''}",
