@@ -168,8 +168,8 @@ def test_llama_cpp_runs_the_float_export(llama_cpp, tmp_path, family):
     llm, logits = run_llama_cpp(llama_cpp, export(model, tmp_path / "m.gguf"), x[0].tolist())
     with torch.no_grad():
         want = model(x)[0]
-    # gpt2: llama.cpp's GELU reads a float16 table; llama: float32 throughout
-    assert_close(logits, want, atol=1e-3 if family == "llama" else 5e-3, name=f"{family} logits")
+    # llama: float32 throughout (1e-7 seen); gpt2: llama.cpp's GELU reads a float16 table (8e-5 seen)
+    assert_close(logits, want, atol=1e-5 if family == "llama" else 1e-3, name=f"{family} logits")
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == model.tokenizer.encode(TEXT).ids
 
 
@@ -179,8 +179,8 @@ def test_llama_cpp_runs_the_q4_1_codes(llama_cpp, tmp_path):
     _, logits = run_llama_cpp(llama_cpp, export(model, tmp_path / "q.gguf"), x[0].tolist())
     with torch.no_grad(), tinyformer.use_backend("reference"):
         want = model(x)[0]
-    # llama.cpp quantizes the activations to 8 bits (Q8_1) for its Q4_1 dot products
-    assert_close(logits, want, atol=2e-2, name="q4_1 logits")
+    # llama.cpp quantizes the activations to 8 bits (Q8_1) for its Q4_1 dot products (1.8e-3 seen)
+    assert_close(logits, want, atol=1e-2, name="q4_1 logits")
     assert (logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
 
 

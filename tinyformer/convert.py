@@ -652,7 +652,7 @@ def _load_gguf_gpt2(reader, meta: dict, key, where: str, device, dtype):
 # Pre-tokenizer split rules by tokenizer.ggml.pre, as llama.cpp applies them (llama-vocab.cpp). "digits" isolates
 # every digit first (StarCoder / SmolLM vocabularies hold no multi-digit tokens), then GPT-2's split.
 _PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-_PRE_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais", "trillion")
+_PRE_GPT2 = ("gpt-2", "gpt2", "default", "mpt", "olmo", "jais", "trillion")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -280,7 +280,7 @@ def _gguf_tokenizer(model, family: str) -> dict:
         spell = _byte_alphabet()
         vocab = {spell[ord(t)]: i for t, i in vocab.items()}
         first = min(vocab, key=vocab.get)
-        pre_name = "gpt2"
+        pre_name = "gpt-2"
         merges = [f"{first} {first}"]  # gguf needs a merge; this one makes no token, so llama.cpp never applies it
     else:
         raise ExportError(f"GGUF export: a {kind} tokenizer has no llama.cpp equivalent here (byte-level BPE, or a "
@@ -316,7 +316,7 @@ def _pre_name(pre: dict) -> str:
     from tinyformer.convert import _LLAMA3_SPLIT, _QWEN2_SPLIT
 
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers", [])
     types = [p.get("type") for p in parts]
     if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
@@ -328,7 +328,7 @@ def _pre_name(pre: dict) -> str:
         if regex == _QWEN2_SPLIT:
             return "qwen2"
     raise ExportError(f"GGUF export: the byte-level pre-tokenizer {types or pre.get('type')} matches none of "
-                      f"llama.cpp's split rules that tinyformer knows (gpt2, smollm, llama-bpe, qwen2)")
+                      f"llama.cpp's split rules that tinyformer knows (gpt-2, smollm, llama-bpe, qwen2)")
 
 
 def _char_split(pre: dict) -> bool:
