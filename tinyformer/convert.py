@@ -17,14 +17,14 @@ Formats read (the fields used are listed next to each reader below):
   intermediate_size, hidden_act, max_position_embeddings, type_vocab_size, layer_norm_eps, position_embedding_type)
   and Llama (`LlamaConfig`: ... num_key_value_heads, head_dim, rms_norm_eps, rope_theta / rope_parameters,
   rope_scaling, tie_word_embeddings, attention_bias, mlp_bias) and GPT-2 (`GPT2Config`: n_embd, n_layer, n_head,
-  n_inner, n_positions, activation_function, layer_norm_epsilon; Conv1D weights (in, out), q | k | v fused), weights in `model.safetensors` or sharded with
-  `model.safetensors.index.json`; the tokenizer from `tokenizer.json` (BERT: `vocab.txt` as a fallback) and the chat
-  template from `tokenizer_config.json` or `chat_template.jinja`.
+  n_inner, n_positions, activation_function, layer_norm_epsilon; Conv1D weights (in, out), q | k | v fused), weights
+  in `model.safetensors` or sharded with `model.safetensors.index.json`; the tokenizer from `tokenizer.json` (BERT:
+  `vocab.txt` as a fallback) and the chat template from `tokenizer_config.json` or `chat_template.jinja`.
 - GGUF v2/v3 (ggml-org/ggml docs/gguf.md), read with the `gguf` package (`GGUFReader`, `quants.dequantize`): the
   `llama.*` metadata keys, llama.cpp's tensor names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`), and
   the `gpt2.*` keys and tensors (`position_embd`, `blk.N.attn_qkv`, ...; the GELU is tanh-approximate, as llama.cpp
-  computes it, unless `tinyformer.activation` says "gelu"), the `tokenizer.ggml.*` keys of a "gpt2" (byte-level BPE) vocabulary with its pre-tokenizer type
-  (`tokenizer.ggml.pre`, whose split rules follow llama.cpp's llama-vocab.cpp).
+  computes it, unless `tinyformer.activation` says "gelu"), the `tokenizer.ggml.*` keys of a "gpt2" (byte-level BPE)
+  vocabulary with its pre-tokenizer type (`tokenizer.ggml.pre`, whose split rules follow llama.cpp's llama-vocab.cpp).
 
 Rotary layout: Hugging Face Llama (and tinyformer) rotate the pairs (i, i + Dh/2) of each head ("rotate half").
 llama.cpp rotates adjacent pairs (2i, 2i + 1), so its HF -> GGUF converter permutes the rows of wq and wk within
@@ -45,7 +45,8 @@ from tinyformer.config import ModelConfig
 from tinyformer.model import build
 from tinyformer.qlinear import swap_in_empty
 
-__all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer", "gpt2_name", "gpt2_unfuse", "permute_rope_rows"]
+__all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer", "gpt2_name", "gpt2_unfuse",
+           "permute_rope_rows"]
 
 
 def load(path, device="cpu"):
@@ -511,7 +512,8 @@ def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     GGUF row (i, s). Any trailing dims ride along, so a weight's encoded block rows permute the same way."""
     rows = w.shape[0]
     half = rows // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)  # (H, 2, Dh/2, ...) -> (H, Dh/2, 2, ...)
+    w = w.reshape(n_head, 2, half, *w.shape[1:])  # (H * Dh, ...) -> (H, 2, Dh/2, ...)
+    return w.transpose(1, 2).reshape(rows, *w.shape[3:])  # (H, Dh/2, 2, ...) -> (H * Dh, ...)
 
 
 def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:

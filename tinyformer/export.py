@@ -19,8 +19,9 @@ tinyformer's quantized linears map onto them without requantizing where their gr
 multiple of 32 is Q4_1 with d = scale, m = -zero * scale (any zero point, float or integer), and Q4_0 when every
 zero point is 8 (symmetric). So GPTQ's and AWQ's codes reach llama.cpp as they are; only d and m round to float16.
 What a block cannot hold (a requested type that differs from the layer's grid, groups not a multiple of 32, W8A8's
-smoothing divisor, a low-rank pair) is requantized from the layer's exact float weight, with a warning naming the
-layers; `strict=True` refuses instead. A float model with quant "q8_0" / "q4_0" / "q4_1" is first quantized by
+smoothing divisor, a low-rank pair) is requantized from the layer's exact float weight to the requested type, with a
+warning naming the layers (`strict=True` refuses instead); with no type requested it goes in as its exact F32
+weights, with a warning too. A float model with quant "q8_0" / "q4_0" / "q4_1" is first quantized by
 `quantize_` (int8 per row; int4 symmetric or float-zero asymmetric at group 32; RTN, or GPTQ / AWQ with calib).
 
 Hugging Face (transformers' LlamaConfig, GPT2Config, BertConfig and their checkpoints' names): LlamaForCausalLM,
