@@ -75,7 +75,8 @@ def load_model(which: str, args):
         print(f"{which}: no model at {path} (train it: see --help); skipping", flush=True)
         return None
     model = tinyformer.load(path).eval()
-    model.label = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF as fp32)"}.get(which, f"{which} ({path})")
+    shown = Path(path).resolve().relative_to(ROOT) if Path(path).resolve().is_relative_to(ROOT) else path
+    model.label = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF as fp32)"}.get(which, f"{which} ({shown})")
     return model
 
 
