@@ -120,8 +120,6 @@ class Row:
 
 
 def _q(**kw):
-    if kw.get("bits") == 4 and not kw.get("symmetric"):  # the rows' integer zero point unless they say otherwise,
-        kw.setdefault("float_zero", False)  # so that each row measures what its label and earlier rows say
     return lambda model, calib: quantize_(model, calib=calib if kw.get("method", "rtn") != "rtn" else None, **kw)
 
 

@@ -59,9 +59,9 @@ def f16(x):
 # the file as the gguf package reads it
 def test_llama_gguf_names_shapes_types_and_metadata(tmp_path):
     model = llama(tie_embeddings=False)
-    quantize_(model, bits=4, group_size=32)  # float zero point: Q4_1
+    quantize_(model, bits=4, group_size=32, float_zero=True)  # Q4_1's own grid
     b1 = model.decoder.blocks[1]
-    b1.mlp.w2 = type(b1.mlp.w2).from_weight(torch.randn(64, 96), group_size=32)  # integer zero point: still Q4_1
+    b1.mlp.w2 = type(b1.mlp.w2).from_weight(torch.randn(64, 96), group_size=32)  # an integer zero point: Q4_1 too
     path = export(model, tmp_path / "m.gguf")
     r, t = gguf_tensors(path)
     Q41, F32 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.F32

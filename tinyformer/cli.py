@@ -400,7 +400,7 @@ def build_parser():
                                    "refused). --quant on a float model quantizes it first (RTN, or --method gptq / "
                                    "awq on --calib windows).")
     x.add_argument("--model", required=True, help="a model folder (tinyformer or Hugging Face) or a GGUF file")
-    x.add_argument("--format", required=True, choices=["gguf", "hf"])
+    x.add_argument("--format", required=True, choices=["gguf", "hf"], help="gguf (llama.cpp) or hf (transformers)")
     x.add_argument("--out", required=True, help="the .gguf file or the Hugging Face folder to write")
     x.add_argument("--quant", default=None, choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
                    help="GGUF type of the block linears (default: each layer as it is: float -> f32)")

@@ -572,7 +572,7 @@ def _check_number(name, value, lo, hi, kind=float, hi_open=False):
 
 @torch.no_grad()
 def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", calib=None,
-              activations: bool = False, *, symmetric: bool = False, float_zero: Optional[bool] = None,
+              activations: bool = False, *, symmetric: bool = False, float_zero: bool = False,
               act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128, n_grid: int = 20,
               clip: bool = True, alpha: float = 0.5, steps: int = 100, lr: float = 1e-5, batch_size: int = 8,
               seed: int = 0, progress: bool = False, head: bool = False):
@@ -580,10 +580,7 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
     head (int8 per output row, whatever `bits`; a tied embedding keeps its float copy for the lookup).
 
     bits=8: int8 per output channel (symmetric); with activations=True, W8A8 (method "rtn" or "smoothquant").
-    bits=4: int4 per group of `group_size` inputs, asymmetric unless symmetric=True. float_zero (None -> True for
-    asymmetric int4): the zero point stays unrounded, so each group's grid spans its own [min, max]: torchao's int4
-    default and GGUF's Q4_1 block, which `tinyformer.export` writes as it is; float_zero=False rounds it (GPTQ's
-    reference grid, 0.0 exact), which cost SmolLM2-135M at group 32 +22.5% perplexity against -0.01%.
+    bits=4: int4 per group of `group_size` inputs, asymmetric unless symmetric=True (float_zero: unrounded zero point).
     method: "rtn" | "gptq" (act_order, percdamp, blocksize, clip, n_grid) | "awq" (n_grid, clip) |
     "smoothquant" (alpha) | "qat" (steps, lr, batch_size, seed); every method but "rtn" needs calib, token ids (N, T)
     (a pair (src, tgt) for encoder-decoders). batch_size is also the calibration batch of the block-by-block methods.
@@ -592,8 +589,6 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_scheme(bits, group_size, symmetric, float_zero)
-    if float_zero is None:
-        float_zero = bits == 4 and not symmetric
     if activations and bits != 8:
         raise ValueError("activations=True (W8A8) needs bits=8")
     if activations and method not in ("rtn", "smoothquant"):
