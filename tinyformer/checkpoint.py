@@ -9,8 +9,10 @@ structured pruning left (attention heads, feed-forward width), and the pruning s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,22 +21,44 @@ FORMAT_VERSION = 1
 TOKENIZER_EXTRAS = ("chat_template", "bos_token_id", "eos_token_id")  # model attributes kept in config.json
 
 
-def atomic_write(path, write) -> None:
-    """Call write(f) on a temporary binary file beside `path`, fsync it, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` to write; on success fsync it and rename it over `path` (a file or a
+    folder), on failure remove it. An existing folder at `path` is moved aside first and deleted after the rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.rmdir(tmp)  # the caller makes a file or a folder there
+    old = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        if path.is_dir():  # a folder cannot be renamed over a non-empty one: swap it out
+            old = path.with_name(tmp.name + ".old")
+            os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path, write) -> None:
+    """Call write(f) on a temporary binary file beside `path`, fsync it, then rename it over `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+
+
+def _fsync_dir(folder) -> None:
+    try:  # make a rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:

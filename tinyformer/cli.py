@@ -1,5 +1,6 @@
-"""The `tinyformer` command line: demo | prepare | train | sample | eval | compress | bench. It parses arguments and
-calls the library: tinyformer.train (train), tinyformer.eval (eval), tinyformer.data (prepare), tinyformer.compress.
+"""The `tinyformer` command line: demo | prepare | train | sample | eval | compress | export | bench. It parses
+arguments and calls the library: tinyformer.train (train), tinyformer.eval (eval), tinyformer.data (prepare),
+tinyformer.compress, tinyformer.export.
 
 `train` takes nanoGPT's option names (--batch_size, --block_size, --max_iters, --learning_rate, ...) as
 `--key value` or `--key=value`, so a nanoGPT command line carries over; model fields (--n_layer, --n_head, --d_model,
@@ -156,6 +157,28 @@ def cmd_eval(args):
     from tinyformer.eval import evaluate
     evaluate(_load_model(args.model), args.data, split=args.split, block_size=args.block_size, stride=args.stride,
              num_beams=args.num_beams, limit=args.limit, name=args.model)
+
+
+def cmd_export(args):
+    import warnings
+
+    from tinyformer.export import export
+    calib = None
+    if args.method != "rtn":
+        from tinyformer.eval import calibration_windows
+        model = _load_model(args.model)
+        length = min(args.window, model.config.max_seq_len)
+        calib = calibration_windows(model.tokenizer, args.calib, args.calib_windows, length, seed=0)
+    else:
+        model = args.model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export(model, args.out, format=args.format, quant=args.quant, overwrite=args.overwrite,
+                     method=args.method, calib=calib, strict=args.strict)
+    for w in caught:
+        print(f"tinyformer export: warning: {w.message}", file=sys.stderr)
+    size = sum(f.stat().st_size for f in out.rglob("*")) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({args.format}{', ' + args.quant if args.quant else ''}, {size / 1e6:.1f} MB)")
 
 
 def cmd_compress(args):
@@ -367,6 +390,29 @@ def build_parser():
     c.add_argument("--calib_windows", type=int, default=32, help="calibration windows (default 32)")
     c.add_argument("--train_windows", type=int, default=256, help="windows for distill/finetune (default 256)")
     c.set_defaults(func=cmd_compress)
+
+    x = sub.add_parser("export", help="write a model as a GGUF file (llama.cpp) or a Hugging Face folder (transformers)",
+                       description="Export a decoder to GGUF (Llama family as 'llama', GPT-2 family as 'gpt2', with "
+                                   "its tokenizer and chat template), or any Llama / GPT-2 decoder or BERT encoder to "
+                                   "a Hugging Face folder. Quantized layers keep their codes where a GGUF block type "
+                                   "holds them (int8 -> Q8_0, int4 symmetric -> Q4_0, int4 asymmetric -> Q4_1); a "
+                                   "layer a type cannot hold is requantized with a warning naming it (--strict: "
+                                   "refused). --quant on a float model quantizes it first (RTN, or --method gptq / "
+                                   "awq on --calib windows).")
+    x.add_argument("--model", required=True, help="a model folder (tinyformer or Hugging Face) or a GGUF file")
+    x.add_argument("--format", required=True, choices=["gguf", "hf"], help="gguf (llama.cpp) or hf (transformers)")
+    x.add_argument("--out", required=True, help="the .gguf file or the Hugging Face folder to write")
+    x.add_argument("--quant", default=None, choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF type of the block linears (default: each layer as it is: float -> f32)")
+    x.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"],
+                   help="how --quant quantizes a float model (gptq / awq use --calib windows)")
+    x.add_argument("--calib", default="sotu", help="calibration text for gptq / awq (default: sotu's training "
+                                                     "speeches)")
+    x.add_argument("--calib_windows", type=int, default=32, help="calibration windows (default 32)")
+    x.add_argument("--window", type=int, default=512, help="calibration window length (capped at the context)")
+    x.add_argument("--strict", action="store_true", help="refuse layers that would need requantizing")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    x.set_defaults(func=cmd_export)
 
     b = sub.add_parser(
         "bench", help="the benchmark suite and its markdown report; `bench aot`: the AOT compile report alone",

@@ -1,5 +1,6 @@
-"""Loading models: `tinyformer.load(path)` reads a tinyformer folder (written by `model.save`), a Hugging Face BERT or
-Llama folder, or a Llama GGUF file into tinyformer's own modules.
+"""Loading models: `tinyformer.load(path)` reads a tinyformer folder (written by `model.save`), a Hugging Face BERT,
+Llama or GPT-2 folder, or a Llama or GPT-2 GGUF file into tinyformer's own modules. The name tables here are also
+the ones tinyformer.export writes with.
 
 A tinyformer folder: config.json names the model's config and what compression changed (quantized and low-rank
 modules, pruned shapes); the model is built on the meta device with those modules in place, and the memory-mapped
@@ -15,13 +16,15 @@ Formats read (the fields used are listed next to each reader below):
 - Hugging Face `config.json` for BERT (`BertConfig`: hidden_size, num_hidden_layers, num_attention_heads,
   intermediate_size, hidden_act, max_position_embeddings, type_vocab_size, layer_norm_eps, position_embedding_type)
   and Llama (`LlamaConfig`: ... num_key_value_heads, head_dim, rms_norm_eps, rope_theta / rope_parameters,
-  rope_scaling, tie_word_embeddings, attention_bias, mlp_bias), weights in `model.safetensors` or sharded with
-  `model.safetensors.index.json`; the tokenizer from `tokenizer.json` (BERT: `vocab.txt` as a fallback) and the chat
-  template from `tokenizer_config.json` or `chat_template.jinja`.
+  rope_scaling, tie_word_embeddings, attention_bias, mlp_bias) and GPT-2 (`GPT2Config`: n_embd, n_layer, n_head,
+  n_inner, n_positions, activation_function, layer_norm_epsilon; Conv1D weights (in, out), q | k | v fused), weights
+  in `model.safetensors` or sharded with `model.safetensors.index.json`; the tokenizer from `tokenizer.json` (BERT:
+  `vocab.txt` as a fallback) and the chat template from `tokenizer_config.json` or `chat_template.jinja`.
 - GGUF v2/v3 (ggml-org/ggml docs/gguf.md), read with the `gguf` package (`GGUFReader`, `quants.dequantize`): the
   `llama.*` metadata keys, llama.cpp's tensor names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`), and
-  the `tokenizer.ggml.*` keys of a "gpt2" (byte-level BPE) vocabulary with its pre-tokenizer type
-  (`tokenizer.ggml.pre`, whose split rules follow llama.cpp's llama-vocab.cpp).
+  the `gpt2.*` keys and tensors (`position_embd`, `blk.N.attn_qkv`, ...; the GELU is tanh-approximate, as llama.cpp
+  computes it, unless `tinyformer.activation` says "gelu"), the `tokenizer.ggml.*` keys of a "gpt2" (byte-level BPE)
+  vocabulary with its pre-tokenizer type (`tokenizer.ggml.pre`, whose split rules follow llama.cpp's llama-vocab.cpp).
 
 Rotary layout: Hugging Face Llama (and tinyformer) rotate the pairs (i, i + Dh/2) of each head ("rotate half").
 llama.cpp rotates adjacent pairs (2i, 2i + 1), so its HF -> GGUF converter permutes the rows of wq and wk within
@@ -42,7 +45,8 @@ from tinyformer.config import ModelConfig
 from tinyformer.model import build
 from tinyformer.qlinear import swap_in_empty
 
-__all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer"]
+__all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer", "gpt2_name", "gpt2_unfuse",
+           "permute_rope_rows"]
 
 
 def load(path, device="cpu"):
@@ -272,10 +276,21 @@ def load_hf(folder, device="cpu", dtype: torch.dtype = torch.float32):
         bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
         model.bos_token_id = bos[0] if isinstance(bos, list) and bos else bos
         model.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
+    elif model_type == "gpt2":
+        config = _gpt2_config(hf, cfg_path)
+        source = _read_safetensors(folder)
+        prefix = "transformer." if any(k.startswith("transformer.") for k in source) else ""  # "" for GPT2Model
+        source = gpt2_unfuse(source, config, GPT2_HF, prefix)
+        model = _assemble(config, source, lambda n: n, lambda n: n in _GPT2_IGNORE or n.endswith(".attn.bias")
+                          or n.endswith(".attn.masked_bias"), str(folder), device, dtype)
+        model.tokenizer = _hf_tokenizer(folder, bert=False)
+        model.chat_template = _hf_chat_template(folder)
+        model.bos_token_id, model.eos_token_id = hf.get("bos_token_id"), hf.get("eos_token_id")
     else:
         archs = hf.get("architectures")
         raise ValueError(f"{cfg_path}: model_type {model_type!r} (architectures {archs}) is not supported; "
-                         f"tinyformer loads Hugging Face model_type 'bert' and 'llama' folders and llama GGUF files")
+                         f"tinyformer loads Hugging Face model_type 'bert', 'llama' and 'gpt2' folders and llama "
+                         f"and gpt2 GGUF files")
     return model
 
 
@@ -405,6 +420,72 @@ def _llama_ignore(config):
     return ignore
 
 
+# --- GPT-2: GPT2LMHeadModel ("transformer." prefix) or GPT2Model, and llama.cpp's "gpt2" GGUF architecture. Both
+# fuse q, k, v into one product (rows q | k | v); Hugging Face's Conv1D stores its weights (in, out), the transpose
+# of ours. `gpt2_name` maps our names to a table's, with wq / wk / wv all to the fused tensor.
+GPT2_HF = {"wte": "wte.weight", "decoder.wpe": "wpe.weight", "decoder.final_norm": "ln_f", "lm_head": "lm_head.weight",
+           "block": "h.{}.", "norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.wo": "attn.c_proj",
+           "mlp.w1": "mlp.c_fc", "mlp.w2": "mlp.c_proj", "conv1d": True}
+GPT2_GGUF = {"wte": "token_embd.weight", "decoder.wpe": "position_embd.weight", "decoder.final_norm": "output_norm",
+             "lm_head": "output.weight", "block": "blk.{}.", "norm1": "attn_norm", "norm2": "ffn_norm",
+             "attn.qkv": "attn_qkv", "attn.wo": "attn_output", "mlp.w1": "ffn_up", "mlp.w2": "ffn_down",
+             "conv1d": False}
+_GPT2_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_GPT2_IGNORE = {"lm_head.weight"}  # transformers' tied head: a copy of wte
+
+
+def gpt2_name(ours: str, table: dict, prefix: str = "") -> str:
+    """Our parameter name -> the table's (GPT2_HF with its "transformer." prefix, or GPT2_GGUF); wq, wk and wv name
+    the fused attn.qkv tensor."""
+    if ours in ("wte", "decoder.wpe", "lm_head"):
+        return (prefix if ours != "lm_head" else "") + table[ours]
+    if ours.startswith("decoder.final_norm."):
+        return prefix + table["decoder.final_norm"] + "." + ours.rsplit(".", 1)[1]
+    i, rest = _block_index(ours)
+    module, leaf = rest.rsplit(".", 1)
+    module = "attn.qkv" if module in ("attn.wq", "attn.wk", "attn.wv") else module
+    return f"{prefix}{table['block'].format(i)}{table[module]}.{leaf}"
+
+
+def gpt2_conv1d(ours: str, table: dict) -> bool:
+    """Whether the table stores this weight transposed (Hugging Face's Conv1D: (in, out))."""
+    return table["conv1d"] and ours.endswith(".weight") and ".blocks." in ours and ".norm" not in ours
+
+
+def gpt2_unfuse(source: dict, config, table: dict, prefix: str = "") -> dict:
+    """A GPT-2 checkpoint's tensors keyed by our names: the fused q | k | v split, Conv1D weights transposed."""
+    with torch.device("meta"):
+        names = list(build(config, init=False).state_dict())
+    C, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    used = {gpt2_name(n, table, prefix) for n in names}
+    out = {k: v for k, v in source.items() if k not in used}  # what nothing uses stays, for _assemble's check
+    for ours in names:
+        theirs = gpt2_name(ours, table, prefix)
+        if theirs not in source:
+            continue  # reported as missing by _assemble
+        t = source[theirs]
+        if gpt2_conv1d(ours, table):
+            t = t.t()  # (in, out) -> (out, in)
+        if ".attn.w" in ours and ".attn.wo." not in ours:
+            start = {"wq": 0, "wk": C, "wv": C + kv}[ours.split(".")[-2]]
+            t = t[start:start + (C if ".attn.wq." in ours else kv)]  # rows q | k | v of (C + 2 kv, ...)
+        out[ours] = t
+    return out
+
+
+def _gpt2_config(hf: dict, where):
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GPT2_ACTS:
+        raise ValueError(f"{where}: activation_function {act!r} is not supported (known: {', '.join(_GPT2_ACTS)})")
+    d = _need(hf, "n_embd", where)
+    return ModelConfig(
+        arch="decoder", n_layer=_need(hf, "n_layer", where), n_head=_need(hf, "n_head", where), d_model=d,
+        d_ff=hf.get("n_inner") or 4 * d, vocab_size=_need(hf, "vocab_size", where),
+        max_seq_len=hf.get("n_positions", 1024), norm="layernorm", norm_position="pre",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), pos="learned", act=_GPT2_ACTS[act], bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), dropout=0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GGUF
 _GGUF_BLOCK = {
@@ -424,6 +505,15 @@ def _gguf_name(ours: str) -> str:
     i, rest = _block_index(ours)
     module, leaf = rest.rsplit(".", 1)
     return f"blk.{i}.{_GGUF_BLOCK[module]}.{leaf}"
+
+
+def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's HF -> GGUF row permutation of wq / wk (n_head * Dh, ...): within each head, HF row (s, i) goes to
+    GGUF row (i, s). Any trailing dims ride along, so a weight's encoded block rows permute the same way."""
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    w = w.reshape(n_head, 2, half, *w.shape[1:])  # (H * Dh, ...) -> (H, 2, Dh/2, ...)
+    return w.transpose(1, 2).reshape(rows, *w.shape[3:])  # (H, Dh/2, 2, ...) -> (H * Dh, ...)
 
 
 def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -486,8 +576,8 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
             from None
     meta = _gguf_fields(reader)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{where}: general.architecture is {arch!r}; tinyformer loads 'llama' GGUF files only")
+    if arch not in ("llama", "gpt2"):
+        raise ValueError(f"{where}: general.architecture is {arch!r}; tinyformer loads 'llama' and 'gpt2' GGUF files")
 
     def key(name, default=...):
         value = meta.get(f"{arch}.{name}", default)
@@ -497,6 +587,8 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
             raise ValueError(f"{where}: metadata key {arch}.{name} is unreadable: {value}")
         return value
 
+    if arch == "gpt2":
+        return _load_gguf_gpt2(reader, meta, key, where, device, dtype)
     scaling = key("rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ValueError(f"{where}: rope scaling {scaling!r} is not supported (only plain RoPE)")
@@ -524,7 +616,11 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
         for name, heads in ((f"blk.{i}.attn_q.weight", n_head), (f"blk.{i}.attn_k.weight", n_kv_head)):
             if name in tensors and tensors[name].shape[0] == heads * head_dim:
                 tensors[name] = _unpermute_rope_rows(tensors[name], heads)
-    model = _assemble(config, tensors, _gguf_name, lambda n: False, where, device, dtype)
+    return _gguf_vocab(_assemble(config, tensors, _gguf_name, lambda n: False, where, device, dtype), meta, where)
+
+
+def _gguf_vocab(model, meta: dict, where: str):
+    """The model with the file's tokenizer, chat template and bos / eos ids."""
     model.tokenizer = gguf_tokenizer(meta, where) if "tokenizer.ggml.model" in meta else None
     tpl = meta.get("tokenizer.chat_template")
     model.chat_template = tpl if isinstance(tpl, str) else None
@@ -533,11 +629,32 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     return model
 
 
+GGUF_ACT_KEY = "tinyformer.activation"  # a gpt2 file's GELU as tinyformer computed it (llama.cpp: tanh GELU)
+
+
+def _load_gguf_gpt2(reader, meta: dict, key, where: str, device, dtype):
+    """llama.cpp's "gpt2" architecture: LayerNorm, learned positions, GELU (tanh-approximate in llama.cpp's graph,
+    exact where the file says tinyformer.activation = "gelu"), biases, fused q | k | v."""
+    tensors = _gguf_tensors(reader, where)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if isinstance(tokens, list) else tensors["token_embd.weight"].shape[0]
+    act = meta.get(GGUF_ACT_KEY, "gelu_tanh")
+    config = ModelConfig(
+        arch="decoder", n_layer=int(key("block_count")), n_head=int(key("attention.head_count")),
+        d_model=int(key("embedding_length")), d_ff=int(key("feed_forward_length")), vocab_size=int(n_vocab),
+        max_seq_len=int(key("context_length")), norm="layernorm", norm_position="pre",
+        norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)), pos="learned",
+        act=act if act in ("gelu", "gelu_tanh") else "gelu_tanh", bias=True,
+        tie_embeddings="output.weight" not in tensors, dropout=0.0)
+    tensors = gpt2_unfuse(tensors, config, GPT2_GGUF)
+    return _gguf_vocab(_assemble(config, tensors, lambda n: n, lambda n: False, where, device, dtype), meta, where)
+
+
 # --- GGUF tokenizer -> tokenizers.Tokenizer
 # Pre-tokenizer split rules by tokenizer.ggml.pre, as llama.cpp applies them (llama-vocab.cpp). "digits" isolates
 # every digit first (StarCoder / SmolLM vocabularies hold no multi-digit tokens), then GPT-2's split.
 _PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-_PRE_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais", "trillion")
+_PRE_GPT2 = ("gpt-2", "gpt2", "default", "mpt", "olmo", "jais", "trillion")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -588,7 +705,8 @@ def gguf_tokenizer(meta: dict, where: str = "GGUF file"):
         a, sep, b = m.partition(" ")
         if not sep:
             raise ValueError(f"{where}: malformed merge {m!r} in tokenizer.ggml.merges")
-        pairs.append((a, b))
+        if a + b in vocab:  # llama.cpp splits a merged symbol that is no token back into its bytes' tokens
+            pairs.append((a, b))
     pre = meta.get("tokenizer.ggml.pre", "default")
     split = _PRE_SPLITS.get(pre)
     tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False, ignore_merges=split is not None
