@@ -449,3 +449,14 @@ def test_calibration_windows_are_seeded_slices_of_the_train_text(tmp_path):
     assert not torch.equal(w, calibration_windows(tok, str(tmp_path / "t.txt"), 6, 20, seed=4))
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(tok, str(tmp_path / "t.txt"), 1, 900)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_runs_with_one_seed_are_bitwise_equal(corpus, tmp_path, dtype):
+    """Windows of 64 over 64 channels: the embedding's backward is then large enough to run on several threads, where
+    the backward of indexing (wte[ids]) summed repeated ids' rows in a varying order."""
+    sizes = dict(batch_size=12, block_size=64, max_iters=8, lr_decay_iters=8, warmup_iters=2, eval_interval=4,
+                 model=dict(n_layer=1, n_head=2, d_model=64), dtype=dtype)
+    a, b = (train(_cfg(corpus, tmp_path / run, **sizes)) for run in ("a", "b"))
+    assert a["val_loss"] == b["val_loss"]
+    assert [r.get("loss") for r in _losses(tmp_path / "a")] == [r.get("loss") for r in _losses(tmp_path / "b")]
