@@ -21,6 +21,7 @@ modded-nanogpt (time to a target validation loss as the measure of a training re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -62,12 +63,12 @@ def val_loss(logits_of, val_ids: np.ndarray, batches: int, seed: int = 0, batch:
 
 
 def run_nanogpt(nanogpt_dir, data_dir, iters, val_ids, eval_batches):
-    """(seconds of its `iters` iterations, L*: its final model's val_loss)."""
+    """(seconds of its `iters` iterations, their median ms, L*: its final model's val_loss)."""
     work = nanogpt_workdir(nanogpt_dir, data_dir)
     try:
         log = subprocess.run(nanogpt_command(work, iters, always_save=True), cwd=work, capture_output=True,
                              text=True, check=True).stdout
-        seconds = sum(float(t) for it, t in NANOGPT_ITER.findall(log) if int(it) < iters) / 1000
+        ms = [float(t) for it, t in NANOGPT_ITER.findall(log) if int(it) < iters]
         sys.path.insert(0, str(work))
         from model import GPT, GPTConfig  # nanoGPT's model.py, from the checkout
         ckpt = torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
@@ -80,7 +81,7 @@ def run_nanogpt(nanogpt_dir, data_dir, iters, val_ids, eval_batches):
     finally:
         sys.path.remove(str(work)) if str(work) in sys.path else None
         shutil.rmtree(work)
-    return seconds, target
+    return sum(ms) / 1000, float(np.median(ms[5:])), target
 
 
 def run_tinyformer(data_dir, target, seed, options, val_ids, eval_batches):
@@ -90,16 +91,21 @@ def run_tinyformer(data_dir, target, seed, options, val_ids, eval_batches):
     out = tempfile.mkdtemp(prefix="tf-speedrun-")
     cmd = [sys.executable, "-m", "tinyformer", "train", "--data", str(data_dir), "--preset", PRESET,
            "--target_loss", f"{target:.6f}", "--seed", str(seed), "--out_dir", out, "--progress", "false",
-           "--plot", "false", "--eval_iters", str(eval_batches), *options]
+           "--plot", "false", "--eval_iters", str(eval_batches), "--log_interval", "1", *options]
     started = time.perf_counter()
     log = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     process_s = time.perf_counter() - started
     m = re.search(r"for (\d+) iterations in ([\d.]+) s: val loss ([\d.]+)", log)
     model = tinyformer.load(out).eval()
     same = val_loss(model, val_ids, eval_batches)
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     shutil.rmtree(out)
+    # where the time goes: the steps that evaluated (evaluation, checkpoint and their own step) and the others
+    eval_ms = [r["dt_ms"] for r in rows if "dt_ms" in r and "val_loss" in r]
+    step_ms = [r["dt_ms"] for r in rows if "dt_ms" in r and "val_loss" not in r]
     return dict(iters=int(m.group(1)), seconds=float(m.group(2)), val_loss=float(m.group(3)), process_s=process_s,
-                val_same_windows=same, reached=same <= target, stopped_at_target="target_loss=" in log)
+                val_same_windows=same, reached=same <= target, ms_per_iter=float(np.median(step_ms[5:])),
+                steps_s=sum(step_ms) / 1000, eval_s=sum(eval_ms) / 1000)
 
 
 def main(argv=None):
@@ -116,8 +122,8 @@ def main(argv=None):
     from tinyformer.data import TokenData, cached_prepare, default_cache_dir
     data_dir = cached_prepare("shakespeare", default_cache_dir(), "char")
     val_ids = np.asarray(TokenData(data_dir).splits["val"])
-    ng_s, target = run_nanogpt(args.nanogpt, data_dir, args.iters, val_ids, args.eval_batches)
-    print(f"nanoGPT: {args.iters} iterations in {ng_s:.1f} s; L* = {target:.4f} "
+    ng_s, ng_ms, target = run_nanogpt(args.nanogpt, data_dir, args.iters, val_ids, args.eval_batches)
+    print(f"nanoGPT: {args.iters} iterations in {ng_s:.1f} s ({ng_ms:.1f} ms/iter); L* = {target:.4f} "
           f"(mean over {args.eval_batches} batches of 12 x 64)")
     rows = []
     plan = [("all levers", s) for s in range(args.seeds)]
@@ -127,13 +133,17 @@ def main(argv=None):
         r = run_tinyformer(data_dir, target, 1337 + s, ABLATIONS[lever] + args.extra, val_ids, args.eval_batches)
         ratio = r["seconds"] / ng_s
         print(f"{lever:>26} seed {1337 + s}: {r['seconds']:6.1f} s, {r['iters']:4d} iterations, val {r['val_loss']:.4f}"
-              f" (on nanoGPT's windows {r['val_same_windows']:.4f}) -> {ratio:.3f}x nanoGPT's time"
+              f" (on nanoGPT's windows {r['val_same_windows']:.4f}), {r['ms_per_iter']:.1f} ms/iter, steps "
+              f"{r['steps_s']:.1f} s + evaluations {r['eval_s']:.1f} s -> {ratio:.3f}x nanoGPT's time"
               + ("" if r["reached"] else "  (did NOT reach L*)"))
         rows.append(dict(timestamp=now(), machine=machine_name(), torch=torch.__version__,
                          threads=torch.get_num_threads(), lever=lever, seed=1337 + s, nanogpt_iters=args.iters,
-                         nanogpt_s=f"{ng_s:.2f}", target_loss=f"{target:.4f}", eval_batches=args.eval_batches,
+                         nanogpt_s=f"{ng_s:.2f}", nanogpt_ms_per_iter=f"{ng_ms:.2f}", target_loss=f"{target:.4f}",
+                         eval_batches=args.eval_batches,
                          tinyformer_s=f"{r['seconds']:.2f}", process_s=f"{r['process_s']:.2f}", iters=r["iters"],
                          val_loss=f"{r['val_loss']:.4f}", val_same_windows=f"{r['val_same_windows']:.4f}",
+                         ms_per_iter=f"{r['ms_per_iter']:.2f}", steps_s=f"{r['steps_s']:.2f}",
+                         eval_s=f"{r['eval_s']:.2f}",
                          reached=r["reached"], time_vs_nanogpt=f"{ratio:.3f}",
                          options=" ".join(ABLATIONS[lever] + args.extra)))
     main_rows = [r for r in rows if r["lever"] == "all levers"]

@@ -484,3 +484,9 @@ def test_two_runs_with_one_seed_are_bitwise_equal(corpus, tmp_path, dtype):
     a, b = (train(_cfg(corpus, tmp_path / run, **sizes)) for run in ("a", "b"))
     assert a["val_loss"] == b["val_loss"]
     assert [r.get("loss") for r in _losses(tmp_path / "a")] == [r.get("loss") for r in _losses(tmp_path / "b")]
+
+
+def test_speedrun_preset_fits_the_parameter_budget():
+    """Issue: at most 0.85 M parameters with the 67 characters of the 8 plays (shared/DATA.md)."""
+    from tinyformer import ModelConfig, build
+    assert build(ModelConfig.from_name("speedrun-shakespeare-char", vocab_size=67)).num_params() <= 850_000
