@@ -11,6 +11,7 @@ Steps, in this order, each a script run in its own process (so that one step's c
 TRITON_INTERPRET is decided per process at import -- or memory never reaches the next one):
 
     train_speed   benchmarks/train_speed.py: baby GPT training ms/iter, tokens/s, val loss (nanoGPT's train.py too)
+    speedrun      benchmarks/speedrun.py: time to nanoGPT's final val loss, against nanoGPT's time (needs --nanogpt)
     attention     benchmarks/attention.py: Triton FlashAttention-2 vs SDPA (GPU); SDPA vs reference + sweep (CPU)
     matmul        benchmarks/matmul.py: int8 / int4 (and on sm_90 fp8) matmuls vs the float matmul of the same shape
     generate      benchmarks/generate.py: SmolLM2-135M prefill / decode tokens/s vs transformers
@@ -113,6 +114,13 @@ def _train_speed(ctx: Context):
     argv = [ctx.python, _script("train_speed.py"), "--iters", "60" if ctx.quick else "2000",
             "--csv", str(ctx.out / "train_speed.csv")]
     return argv + (["--nanogpt", ctx.nanogpt] if ctx.nanogpt else [])
+
+
+def _speedrun(ctx: Context):
+    if not ctx.nanogpt:
+        return "needs nanoGPT's train.py as the anchor: pass --nanogpt PATH"
+    argv = [ctx.python, _script("speedrun.py"), "--nanogpt", ctx.nanogpt, "--csv", str(ctx.out / "speedrun.csv")]
+    return argv + (["--iters", "60", "--eval_batches", "20", "--seeds", "1"] if ctx.quick else ["--ablation"])
 
 
 def _attention(ctx: Context):
@@ -240,6 +248,17 @@ def _train_headline(rows):
     return s
 
 
+def _speedrun_headline(rows):
+    main = [r for r in rows if r.get("lever") == "all levers"]
+    if not main:
+        return ""
+    ratios = [_f(r["time_vs_nanogpt"]) for r in main]
+    reached = sum(r.get("reached") == "True" for r in main)
+    return (f"tinyformer reaches nanoGPT's {main[0]['nanogpt_iters']}-iteration val loss "
+            f"{_f(main[0]['target_loss']):.4f} in {min(ratios):.2f}-{max(ratios):.2f}x nanoGPT's time "
+            f"({_f(main[0]['nanogpt_s']):.1f} s), {reached} of {len(main)} seeds reaching it")
+
+
 def _train_plot(rows, png):
     labels = [r["impl"] for r in rows]
     _bars(png, labels, [_f(r["tokens_per_s"]) for r in rows], "tokens / s (higher is better)",
@@ -352,6 +371,13 @@ STEPS = (
          _train_speed, csv="train_speed.csv",
          columns=("impl", "device", "threads", "iters", "ms_per_iter", "tokens_per_s", "val_loss",
                   "speed_vs_nanogpt"), headline=_train_headline, plot=_train_plot),
+    Step("speedrun", "Speedrun", "Time to nanoGPT's validation loss after its 2000 baby-GPT iterations (L*, both "
+         "models scored on the same 300 batches of 12 x 64 validation characters): tinyformer's "
+         "speedrun-shakespeare-char preset stops at its first evaluation at or below L*; its wall time over "
+         "nanoGPT's, per seed, and the ablation rows (one lever put back to the baby GPT's choice each)",
+         _speedrun, csv="speedrun.csv",
+         columns=("lever", "seed", "nanogpt_s", "target_loss", "tinyformer_s", "iters", "val_loss",
+                  "val_same_windows", "reached", "time_vs_nanogpt"), headline=_speedrun_headline),
     Step("attention", "Attention", "tinyformer's Triton FlashAttention-2 kernels against torch SDPA's flash and "
          "cuDNN backends and the pure-torch reference (GPU: triton.testing.do_bench, TFLOP/s and share of peak); on a "
          "CPU, SDPA "
@@ -663,6 +689,7 @@ class Group:
 
 GROUPS = (
     Group("training", "Training speed", ("train_speed.csv",), "train_speed"),
+    Group("speedrun", "Speedrun", ("speedrun.csv",), "speedrun"),
     Group("attention", "Attention", ("attention.csv",), "attention"),
     Group("matmul", "Low-bit matmul", ("matmul.csv",), "matmul"),
     Group("decode", "Decode", ("generate.csv",), "generate"),

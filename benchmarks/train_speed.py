@@ -46,8 +46,9 @@ def run_tinyformer(data_dir, iters, extra, device="cpu"):
     return float(np.median(steps)), val
 
 
-def run_nanogpt(nanogpt_dir, data_dir, iters, device="cpu"):
-    """nanoGPT's baby GPT command line on our token files (raw uint16, as its prepare.py writes them)."""
+def nanogpt_workdir(nanogpt_dir, data_dir) -> Path:
+    """A temporary folder holding nanoGPT's train.py, model.py, configurator.py and shakespeare_char config, and our
+    token files as its data/shakespeare_char (raw uint16 and meta.pkl, as its prepare.py writes them)."""
     from tinyformer.data import TokenData
     work = Path(tempfile.mkdtemp(prefix="nanogpt-"))
     for f in ("train.py", "model.py", "configurator.py"):
@@ -63,12 +64,27 @@ def run_nanogpt(nanogpt_dir, data_dir, iters, device="cpu"):
     itos = {i: s for s, i in vocab.items()}
     with open(ddir / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": len(vocab), "itos": itos, "stoi": vocab}, f)
-    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--device={device}", "--compile=False",
-           "--eval_iters=20", f"--eval_interval={eval_interval(iters)}", "--log_interval=1", "--block_size=64",
-           "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}",
-           f"--lr_decay_iters={iters}", "--dropout=0.0", "--always_save_checkpoint=False", f"--out_dir={work / 'out'}"]
-    log = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=True).stdout
-    times = [float(t) for t in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", log)][5:]
+    return work
+
+
+def nanogpt_command(work, iters, device="cpu", always_save=False) -> list:
+    """nanoGPT's baby GPT command line ("I only have a macbook"), logging every iteration's time."""
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--device={device}", "--compile=False",
+            "--eval_iters=20", f"--eval_interval={eval_interval(iters)}", "--log_interval=1", "--block_size=64",
+            "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", "--dropout=0.0", f"--always_save_checkpoint={always_save}",
+            f"--out_dir={Path(work) / 'out'}"]
+
+
+NANOGPT_ITER = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")  # one line per iteration of its log
+
+
+def run_nanogpt(nanogpt_dir, data_dir, iters, device="cpu"):
+    """nanoGPT's baby GPT on our token files: (median ms per iteration, its last validation loss)."""
+    work = nanogpt_workdir(nanogpt_dir, data_dir)
+    log = subprocess.run(nanogpt_command(work, iters, device), cwd=work, capture_output=True, text=True,
+                         check=True).stdout
+    times = [float(t) for _, t in NANOGPT_ITER.findall(log)][5:]
     vals = [float(v) for v in re.findall(r"val loss ([\d.]+)", log)]
     shutil.rmtree(work)
     return float(np.median(times)), vals[-1] if vals else float("nan")

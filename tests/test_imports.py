@@ -6,7 +6,7 @@ Layers, bottom to top (a module may import its own layer or lower ones, never a 
    take any model object, so `model.generate` and `model.save` (the public contract) call down into them;
 2. model (the math);
 3. qlinear (the modules compression swaps in);
-4. compress, convert (`tinyformer.load`), export, data, train, eval;
+4. compress, convert (`tinyformer.load`), export, data, optim, train, eval;
 5. cli and the package itself (__init__, __main__).
 """
 import ast
@@ -18,8 +18,8 @@ LAYERS = [
     {"tinyformer.ops", "tinyformer.generate", "tinyformer.chat", "tinyformer.checkpoint"},
     {"tinyformer.model"},
     {"tinyformer.qlinear"},
-    {"tinyformer.compress", "tinyformer.convert", "tinyformer.export", "tinyformer.data", "tinyformer.train",
-     "tinyformer.eval"},
+    {"tinyformer.compress", "tinyformer.convert", "tinyformer.export", "tinyformer.data", "tinyformer.optim",
+     "tinyformer.train", "tinyformer.eval"},
     {"tinyformer.cli", "tinyformer", "tinyformer.__main__"},
 ]
 

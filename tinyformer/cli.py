@@ -346,7 +346,7 @@ def build_parser():
                         "token (default: true when the model has a chat template)")
     s.add_argument("--compile", action="store_true",
                    help="decode through torch.compile of the model's forward: faster per token after a one-off "
-                        "compile (30-60 s for SmolLM2-135M on 2 cores; needs a C++ compiler: without one it warns "
+                        "compile (26-41 s for SmolLM2-135M on 2 cores; needs a C++ compiler: without one it warns "
                         "and decodes as before)")
     s.set_defaults(func=cmd_sample)
 

@@ -70,7 +70,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
     `on_token(ids (B,))` is called with each new token as it is chosen (for streaming).
     Past the model's context (max_seq_len), the model sees the last max_seq_len tokens, as nanoGPT does.
     compile: decode steps run the model's forward through torch.compile (`compiled`): faster per token after a
-    one-off compile (30-60 s for SmolLM2-135M on 2 cores), so worth it for long generations."""
+    one-off compile (26-41 s for SmolLM2-135M on 2 cores), so worth it for long generations or many calls (the
+    compiled code is kept per model)."""
     check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
     was_training = model.training
     model.eval()

@@ -264,13 +264,14 @@ class Stack(nn.Module):
         cfg = self.cfg
         x, rope = tok_emb, None
         if cfg.pos == "learned":
-            x = x + self.wpe[position_ids]  # (B, T, C)
+            x = x + F.embedding(position_ids, self.wpe)  # (B, T, C)
         elif cfg.pos == "sinusoidal":  # token embeddings scaled by sqrt(C) so they are not drowned (Vaswani 3.4)
             x = x * math.sqrt(cfg.d_model) + self.pe[position_ids]
         else:
             rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])  # (B, 1, T, Dh)
         if self.wtt is not None:
-            x = x + self.wtt[token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)]
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)
+            x = x + F.embedding(types, self.wtt)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = F.dropout(x, cfg.dropout, self.training)
@@ -342,7 +343,9 @@ class TransformerBase(nn.Module):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got {lo}..{hi}")
-        return self.wte[input_ids]  # (B, T, C)
+        # F.embedding, not wte[input_ids]: the backward of indexing adds the rows of repeated ids in an order that
+        # varies with the CPU threads, which made two runs with one seed differ; embedding's backward sums in order
+        return F.embedding(input_ids, self.wte)  # (B, T, C)
 
     def logits(self, hidden):
         """hidden (B, T, C) -> logits (B, T, V) through the tied embedding, the separate head, or a head module

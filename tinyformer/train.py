@@ -35,7 +35,8 @@ from tinyformer.config import ModelConfig
 from tinyformer.data import PAD, PairData, TokenData, load_dataset, mlm_inputs
 from tinyformer import ops
 from tinyformer.kernels import device as device_probe
-from tinyformer.model import build
+from tinyformer.model import Linear, build
+from tinyformer.optim import Muon
 
 
 @dataclass
@@ -62,6 +63,10 @@ class TrainConfig:
     weight_decay: float = 0.1        # AdamW weight decay, on weight matrices and embeddings (not biases, norms)
     beta1: float = 0.9               # AdamW beta1
     beta2: float = 0.99              # AdamW beta2
+    optimizer: str = "adamw"         # "adamw" | "muon": Muon (tinyformer.optim) for the hidden matrices (the blocks'
+    #                                  linear weights), AdamW for embeddings, head, norm gains and biases
+    muon_lr: float = 0.02            # Muon's peak learning rate; the schedule scales it as it scales learning_rate
+    muon_momentum: float = 0.95      # Muon's momentum (Nesterov)
     grad_clip: float = 1.0           # clip the gradient's global norm to this; 0 disables
     dropout: float = 0.0             # dropout on embeddings, attention probabilities and residual branches
     label_smoothing: float = 0.0     # encoder-decoder targets (Szegedy et al. 2016)
@@ -73,6 +78,9 @@ class TrainConfig:
     mlm_probability: float = 0.15    # encoder masked-LM: share of positions predicted (BERT's 80/10/10 rule)
     eval_interval: int = 250         # evaluate (and checkpoint) every this many steps, and at the end
     eval_iters: int = 20             # batches averaged for each split's loss at an evaluation
+    eval_train: bool = True          # false: evaluations estimate the validation loss only (half their cost; the
+    #                                  train batches they skip are not drawn, so later batches differ)
+    target_loss: float = 0.0         # > 0: stop at the first evaluation whose validation loss is at most this
     log_interval: int = 10           # write a metrics.jsonl line every this many steps
     always_save_checkpoint: bool = True  # false: save only when the validation loss improves
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -102,6 +110,12 @@ class TrainConfig:
             bad("tokenizer", f"unknown tokenizer {self.tokenizer!r}; expected char, bpe or word")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("dtype", f"unknown dtype {self.dtype!r}; expected auto, float32, bfloat16 or float16")
+        if self.optimizer not in ("adamw", "muon"):
+            bad("optimizer", f"unknown optimizer {self.optimizer!r}; expected adamw or muon")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            bad("muon_lr", f"needs muon_lr > 0 and muon_momentum in [0, 1), got {self.muon_lr} / {self.muon_momentum}")
+        if self.target_loss < 0:
+            bad("target_loss", f"must be >= 0 (0 disables), got {self.target_loss}")
         if self.on_nan not in ("stop", "skip"):
             bad("on_nan", f"expected stop or skip, got {self.on_nan!r}")
         if not 0 <= self.dropout < 1:
@@ -124,6 +138,14 @@ TRAIN_PRESETS = {
     "baby-shakespeare-char": dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000,
                                   learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, weight_decay=0.1,
                                   grad_clip=1.0, dropout=0.0, eval_interval=250, eval_iters=20),
+    # the time-to-target run of the same task (benchmarks/speedrun.py): Muon for the hidden matrices, a cosine over 1000
+    # iterations with a short warmup (Muon's updates have a fixed size from the first step), bf16 autocast where the
+    # CPU has it, batches of nanoGPT's size; evaluations every 100 iterations estimate the validation loss only, over
+    # the 300 batches of the benchmark's protocol, so that --target_loss stops the run at the first one reaching it.
+    "speedrun-shakespeare-char": dict(batch_size=12, block_size=64, max_iters=1000, lr_decay_iters=1000,
+                                      learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, beta2=0.99, weight_decay=0.1,
+                                      grad_clip=1.0, dropout=0.0, optimizer="muon", muon_lr=0.02,
+                                      eval_interval=100, eval_iters=300, eval_train=False),
     # the compression benchmarks' own fp32 decoder on sotu (byte-level BPE 8192; the last 10% of the text, which holds
     # the 10 held-out speeches of the perplexity protocol, is the val split). A 30-minute wall-clock budget with the
     # cosine decay run over it; small batches for more updates per token on a 2-core CPU (raise batch_size on a
@@ -221,11 +243,19 @@ def lr_at(cfg: TrainConfig, it: int, elapsed_s: float = 0.0) -> float:
 
 def make_optimizer(model, cfg: TrainConfig):
     """AdamW, fused (one kernel over all parameters, CPU and CUDA); weight decay on matrices (dim >= 2: linears,
-    embeddings), none on biases and norm weights."""
+    embeddings), none on biases and norm weights. With cfg.optimizer "muon": Muon for the hidden matrices (the
+    weights of `Linear` layers), without weight decay, and AdamW as above for the rest. A group's `lr_ratio` is its
+    peak learning rate over learning_rate: the loop sets each group's lr to the schedule's times it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    hidden = {id(m.weight) for m in model.modules() if isinstance(m, Linear)} if cfg.optimizer == "muon" else set()
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    adam = dict(use_muon=False, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), lr_ratio=1.0)
+    muon = dict(params=[p for p in params if id(p) in hidden], use_muon=True, lr=cfg.muon_lr,
+                momentum=cfg.muon_momentum, lr_ratio=cfg.muon_lr / cfg.learning_rate)
+    return Muon([muon] + [{**adam, **g} for g in groups])
 
 
 def resolve_data(cfg: TrainConfig) -> Union[TokenData, PairData]:
@@ -393,6 +423,10 @@ def _model_config(cfg: TrainConfig, data, state: Optional[dict]) -> ModelConfig:
 def _restore(run: Run, state: dict) -> None:
     """Put the run where the checkpoint `state` left it."""
     run.raw_model.load_state_dict(state["model"])
+    saved = state.get("train_config", {}).get("optimizer", "adamw")
+    if saved != run.cfg.optimizer:
+        raise ValueError(f"--resume with --optimizer {run.cfg.optimizer}: {run.out / 'ckpt.pt'} holds the state of "
+                         f"{saved}; resume with --optimizer {saved}")
     run.optimizer.load_state_dict(state["optimizer"])
     run.gen.set_state(state["data_rng"])
     torch.set_rng_state(state["torch_rng"])
@@ -483,22 +517,32 @@ def train_step(run: Run, note=print) -> float:
     return loss_sum
 
 
+EVAL_ROWS = 96  # a decoder's evaluation runs this many windows (whole batches of them) a forward pass: a 12-window
+# forward of the baby GPT spends most of its time in per-call overhead on a CPU
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """val_loss and train_loss: the mean loss of eval_iters batches of each split, over all ranks; with a weight average
-    also ema_val_loss, the same validation batches through the averaged weights."""
+    """val_loss and train_loss (unless eval_train is false): the mean loss of eval_iters batches of each split, over
+    all ranks; with a weight average also ema_val_loss, the same validation batches through the averaged weights.
+    A decoder's batches (all of one size, so the mean of their means is the mean over their windows) go through the
+    model several at a time."""
+    per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if run.model_config.arch == "decoder" else 1
+
     def mean_loss(split):
         total = torch.zeros((), device=run.device)
-        for _ in range(run.cfg.eval_iters):
-            total += compute_loss(run, get_batch(run, split))
+        for start in range(0, run.cfg.eval_iters, per_pass):
+            batches = [get_batch(run, split) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
+            joined = [torch.cat(parts) for parts in zip(*batches)]  # k batches of (B, T) -> (k * B, T)
+            total += compute_loss(run, joined) * len(batches)
         if run.world > 1:
             torch.distributed.all_reduce(total)
         return total.item() / (run.cfg.eval_iters * run.world)
 
     run.model.eval()
-    train_loss = mean_loss("train")
+    train_loss = mean_loss("train") if run.cfg.eval_train else None
     before_val = run.gen.get_state()
-    losses = {"val_loss": mean_loss("val"), "train_loss": train_loss}
+    losses = {"val_loss": mean_loss("val"), **({"train_loss": train_loss} if run.cfg.eval_train else {})}
     if run.ema is not None:
         run.gen.set_state(before_val)
         with run.ema.applied():
@@ -566,7 +610,8 @@ class _Progress:
 
     def evaluated(self, it: int, losses: dict) -> None:
         average = f", averaged weights {losses['ema_val_loss']:.4f}" if "ema_val_loss" in losses else ""
-        self.note(f"step {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}{average}")
+        train = f"train loss {losses['train_loss']:.4f}, " if "train_loss" in losses else ""
+        self.note(f"step {it}: {train}val loss {losses['val_loss']:.4f}{average}")
 
     def note(self, text: str) -> None:
         if self.bar is not None:
@@ -597,7 +642,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             time_up = cfg.max_minutes > 0 and elapsed >= 60 * cfg.max_minutes
             lr = lr_at(cfg, run.it, elapsed)
             for group in run.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)
             record = dict(run.last_eval) if run.evaluated_at == run.it else {}  # a resumed run keeps its eval's losses
             if (run.it % cfg.eval_interval == 0 or run.it == cfg.max_iters or time_up) and run.evaluated_at != run.it:
                 losses = evaluate(run)
@@ -608,10 +653,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     if run.it > 0:
                         save_checkpoint(run)
                 progress.evaluated(run.it, losses)
-            done = run.it >= cfg.max_iters or time_up
+            reached = (cfg.target_loss > 0 and run.evaluated_at == run.it
+                       and run.last_eval["val_loss"] <= cfg.target_loss)
+            done = run.it >= cfg.max_iters or time_up or reached
             if done:
                 if time_up:
                     progress.say(f"max_minutes={cfg.max_minutes} reached at iteration {run.it}")
+                if reached:
+                    progress.say(f"target_loss={cfg.target_loss} reached at iteration {run.it}: val loss "
+                                 f"{run.last_eval['val_loss']:.4f}")
                 if record:
                     progress.record({"iter": run.it, "lr": lr, **record})
                 break
