@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer or lower ones, never a higher one):
 0. kernels (tinyformer.kernels.*, which imports nothing else of tinyformer) and config;
-1. ops (the dispatch); generate, chat and checkpoint: generation and saving
+1. ops (the dispatch); cache, generate, chat and checkpoint: generation and saving
    take any model object, so `model.generate` and `model.save` (the public contract) call down into them;
 2. model (the math);
 3. qlinear (the modules compression swaps in);
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"tinyformer.kernels", "tinyformer.config"},
-    {"tinyformer.ops", "tinyformer.generate", "tinyformer.chat", "tinyformer.checkpoint"},
+    {"tinyformer.ops", "tinyformer.cache", "tinyformer.generate", "tinyformer.chat", "tinyformer.checkpoint"},
     {"tinyformer.model"},
     {"tinyformer.qlinear"},
     {"tinyformer.compress", "tinyformer.convert", "tinyformer.export", "tinyformer.data", "tinyformer.optim",

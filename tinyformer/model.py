@@ -1,7 +1,7 @@
 """tinyformer's models, written directly on tensors: decoder (GPT/Llama), encoder (BERT) and encoder-decoder.
 
-The math and nothing else, top to bottom: Linear -> Norm -> rotary tables -> KV cache -> Attention -> FeedForward
--> Block -> Stack -> the three models. Every product, norm and attention goes through `tinyformer.ops`, which picks the
+The math and nothing else, top to bottom: Linear -> Norm -> rotary tables -> Attention -> FeedForward -> Block ->
+Stack -> the three models (the KV cache generation fills is `tinyformer.cache`). Every product, norm and attention goes through `tinyformer.ops`, which picks the
 kernel for the device, dtype and shape; speed comes from beneath this file (ops, weight layouts prepared in
 `tinyformer.kernels.cpu`, torch.compile of this forward in `tinyformer.generate`), never from a copy of it.
 
@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
+from tinyformer.cache import KVCache, LayerCache
 from tinyformer.checkpoint import save_model
 from tinyformer.config import ModelConfig
 from tinyformer.generate import beam_search, generate, generate_seq2seq
@@ -99,46 +100,6 @@ def sinusoidal_table(n_pos: int, d: int, device=None):
     pe[:, 0::2] = angles.sin()
     pe[:, 1::2] = angles.cos()[:, : d // 2]
     return pe  # (P, d)
-
-
-class KVCache:
-    """Preallocated keys and values of every self-attention layer (`layers`, one `LayerCache` each), plus the
-    cross-attention keys and values of the encoder memory (computed once). `length` counts the positions written."""
-
-    def __init__(self, n_kv_heads: list[int], batch: int, max_len: int, head_dim: int, dtype, device):
-        # one head count per layer: structured pruning leaves layers with different counts
-        self.layers = [LayerCache(self, batch, h, max_len, head_dim, dtype, device) for h in n_kv_heads]
-        self.max_len, self.length = max_len, 0
-
-    def reorder(self, index, cross: bool = True):
-        """Row i becomes row index[i] (beam search), for the positions written so far, in place. cross=False leaves
-        the cross-attention keys and values alone: right when every row of `index` has the same encoder memory as
-        the row it replaces (the beams of one source)."""
-        for layer in self.layers:
-            for t in (layer.k, layer.v):
-                t[:, :, :self.length] = t[index, :, :self.length]  # (B, Hkv, length, Dh)
-            if cross and layer.cross is not None:
-                layer.cross = tuple(t.index_select(0, index) for t in layer.cross)
-
-
-class LayerCache:
-    """One layer's share of a KVCache: its keys and values k, v (B, Hkv, max_len, Dh), and `cross`, the keys and
-    values of the encoder memory once computed."""
-
-    def __init__(self, cache: KVCache, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
-        self.cache, self.cross = cache, None
-        self.k = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
-
-    def update(self, k, v):
-        """Write k, v (B, Hkv, T, Dh) at positions length..length+T-1; return every key and value so far."""
-        start = self.cache.length
-        end = start + k.shape[2]
-        if end > self.cache.max_len:
-            raise ValueError(f"KV cache holds {self.cache.max_len} positions; writing up to {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, end, Dh)
 
 
 class Attention(nn.Module):
