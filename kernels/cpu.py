@@ -125,8 +125,9 @@ def folding() -> bool:
 
 
 def _opaque() -> bool:
-    """Compiling without frozen weights: the packed products run as single ops on the module's own tensors (below),
-    multiplying through the layout `prepared` keeps beside the weights, which a graph cannot hold."""
+    """Compiling without frozen weights: the packed products run as single ops on the module's own tensors (the
+    custom ops below, which run `_int8_rows` / `_int4_rows` eagerly), multiplying through the layout `prepared` keeps
+    beside the weights, which a graph cannot hold."""
     return torch.compiler.is_compiling() and not folding()
 
 
@@ -228,13 +229,16 @@ def int8_weight_only_unchecked(x, w, w_scale, bias=None):
         return _finish((x.float() @ w.float().T) * w_scale.float(), bias, x.dtype)
     if M >= WO_DEQUANT_MIN_M:  # int8 -> bf16 is exact
         return _finish((x.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float() * w_scale.float(), bias, x.dtype)
-    rows = torch.ops.tinyformer.int8_rows if _opaque() else _int8_rows
-    return _finish(rows(x, [w], [w_scale]), bias, x.dtype)
+    return _finish(_int8_rows(x, [w], [w_scale]), bias, x.dtype)
 
 
 def _int8_rows(x, weights, scales):
     """torch's packed int8 kernel on the weights' prepared copy (M, sum N) bf16: stacked, contiguous, 64-byte aligned
-    (the AVX-512 kernel segfaults on weights that are not), scales in bf16."""
+    (the AVX-512 kernel segfaults on weights that are not), scales in bf16. Compiled without frozen weights, one
+    opaque op (`_opaque`)."""
+    if _opaque():
+        return torch.ops.tinyformer.int8_rows(x, weights, scales)
+
     def make():
         w = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()  # (sum N, K)
         aligned = torch.compiler.is_compiling() or w.data_ptr() % 64 == 0  # Inductor's constants are aligned
@@ -334,12 +338,14 @@ def int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias=None):
     step the argument checks cost more than the product."""
     if not _int4pack_applies(w_packed, group_size) or x.shape[0] == 0:
         return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
-    rows = torch.ops.tinyformer.int4_rows if _opaque() else _int4_rows
-    return _finish(rows(x, [w_packed], [scales], [zeros], group_size), bias, x.dtype)
+    return _finish(_int4_rows(x, [w_packed], [scales], [zeros], group_size), bias, x.dtype)
 
 
 def _int4_rows(x, packed, scales, zeros, group_size: int):
-    """torch's packed int4 kernel on the weights' prepared layout (M, sum N) bf16."""
+    """torch's packed int4 kernel on the weights' prepared layout (M, sum N) bf16. Compiled without frozen weights,
+    one opaque op (`_opaque`)."""
+    if _opaque():
+        return torch.ops.tinyformer.int4_rows(x, packed, scales, zeros, group_size)
     w, scale_and_zero = _int4_layout(packed, scales, zeros)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, group_size,
                                                       scale_and_zero)  # (M, sum N) bf16
@@ -357,8 +363,7 @@ def stacked_int8_weight_only(x, weights: tuple, scales: tuple, biases: tuple):
     if (x.shape[0] >= WO_DEQUANT_MIN_M or x.shape[1] % INT8PACK_K_MULTIPLE or x.shape[0] == 0
             or not _have("_weight_int8pack_mm")):
         return None
-    rows = torch.ops.tinyformer.int8_rows if _opaque() else _int8_rows
-    return _finish(rows(x, list(weights), list(scales)), _stacked_bias(biases, weights), x.dtype)
+    return _finish(_int8_rows(x, list(weights), list(scales)), _stacked_bias(biases, weights), x.dtype)
 
 
 def stacked_int4(x, packed: tuple, scales: tuple, zeros: tuple, group_size: int, biases: tuple):
@@ -366,8 +371,7 @@ def stacked_int4(x, packed: tuple, scales: tuple, zeros: tuple, group_size: int,
     does not apply."""
     if x.shape[0] == 0 or not all(_int4pack_applies(w, group_size) for w in packed):
         return None
-    rows = torch.ops.tinyformer.int4_rows if _opaque() else _int4_rows
-    out = rows(x, list(packed), list(scales), list(zeros), group_size)
+    out = _int4_rows(x, list(packed), list(scales), list(zeros), group_size)
     return _finish(out, _stacked_bias(biases, packed), x.dtype)
 
 

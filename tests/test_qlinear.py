@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import helpers
 import tinyformer
 from tinyformer.compress import quantize_
 from tinyformer.kernels.quant import choose_qparams, dequantize, quantize, sqnr
@@ -96,3 +97,15 @@ def test_backends_agree_on_quantized_layers(kw):
         err = (outs[name] - outs["reference"]).abs().max()
         bound = 2 ** -7 * outs["reference"].abs().max() if bf16 and name == "torch" else 1e-5
         assert err <= bound, (name, err, bound)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_compiles_without_frozen_weights(bits):
+    """Compiled without freezing (a user's own torch.compile), the packed CPU products run as one opaque op each over
+    the layers' own tensors, in one graph, and give the eager model's logits exactly."""
+    model = quantize_(helpers.tiny(act="swiglu", norm="rmsnorm", pos="rope", d_model=64, vocab_size=64), bits=bits,
+                      group_size=32, head=True).eval()
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+        assert torch.equal(compiled(ids), model(ids))
