@@ -1,7 +1,7 @@
 """tinyformer: tiny transformers written on tensors, with Triton attention and low-bit matmul kernels.
 
-Public contract: docs/API.md. `ModelConfig` + `build` make a model, `load` reads a saved one, `export` writes GGUF / Hugging Face copies, `tinyformer.eval`
-measures it, `tinyformer.kernels` holds the kernels and their references.
+Public contract: docs/API.md. `ModelConfig` + `build` make a model, `load` reads a saved one, `export` writes GGUF /
+Hugging Face copies, `tinyformer.eval` measures it, `tinyformer.kernels` holds the kernels and their references.
 """
 from tinyformer import eval  # noqa: A004  (tinyformer.eval.perplexity is part of the public API)
 from tinyformer.config import ModelConfig

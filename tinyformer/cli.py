@@ -391,7 +391,8 @@ def build_parser():
     c.add_argument("--train_windows", type=int, default=256, help="windows for distill/finetune (default 256)")
     c.set_defaults(func=cmd_compress)
 
-    x = sub.add_parser("export", help="write a model as a GGUF file (llama.cpp) or a Hugging Face folder (transformers)",
+    x = sub.add_parser("export",
+                       help="write a model as a GGUF file (llama.cpp) or a Hugging Face folder (transformers)",
                        description="Export a decoder to GGUF (Llama family as 'llama', GPT-2 family as 'gpt2', with "
                                    "its tokenizer and chat template), or any Llama / GPT-2 decoder or BERT encoder to "
                                    "a Hugging Face folder. Quantized layers keep their codes where a GGUF block type "

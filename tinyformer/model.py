@@ -1,9 +1,10 @@
 """tinyformer's models, written directly on tensors: decoder (GPT/Llama), encoder (BERT) and encoder-decoder.
 
 The math and nothing else, top to bottom: Linear -> Norm -> rotary tables -> Attention -> FeedForward -> Block ->
-Stack -> the three models (the KV cache generation fills is `tinyformer.cache`). Every product, norm and attention goes through `tinyformer.ops`, which picks the
-kernel for the device, dtype and shape; speed comes from beneath this file (ops, weight layouts prepared in
-`tinyformer.kernels.cpu`, torch.compile of this forward in `tinyformer.generate`), never from a copy of it.
+Stack -> the three models (the KV cache generation fills is `tinyformer.cache`). Every product, norm and attention
+goes through `tinyformer.ops`, which picks the kernel for the device, dtype and shape; speed comes from beneath this
+file (ops, weight layouts prepared in `tinyformer.kernels.cpu`, torch.compile of this forward in
+`tinyformer.generate`), never from a copy of it.
 
 References: Vaswani et al. 2017 (encoder-decoder, post-norm, sinusoidal positions); Radford et al. 2019, GPT-2
 (pre-norm, learned positions, residual projections initialised at 0.02/sqrt(2 * n_layer)) and karpathy/nanoGPT

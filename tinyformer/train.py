@@ -30,10 +30,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from tinyformer import ops
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
 from tinyformer.data import PAD, PairData, TokenData, load_dataset, mlm_inputs
-from tinyformer import ops
 from tinyformer.kernels import device as device_probe
 from tinyformer.model import Linear, build
 from tinyformer.optim import Muon
@@ -540,9 +540,9 @@ def evaluate(run: Run) -> dict:
         return total.item() / (run.cfg.eval_iters * run.world)
 
     run.model.eval()
-    train_loss = mean_loss("train") if run.cfg.eval_train else None
+    train = {"train_loss": mean_loss("train")} if run.cfg.eval_train else {}
     before_val = run.gen.get_state()
-    losses = {"val_loss": mean_loss("val"), **({"train_loss": train_loss} if run.cfg.eval_train else {})}
+    losses = {"val_loss": mean_loss("val"), **train}
     if run.ema is not None:
         run.gen.set_state(before_val)
         with run.ema.applied():
