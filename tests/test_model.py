@@ -243,3 +243,61 @@ def test_init_scales_residual_projections():
     std = model.decoder.blocks[0].attn.wo.weight.std().item()
     assert math.isclose(std, 0.02 / math.sqrt(16), rel_tol=0.1)
     assert math.isclose(model.decoder.blocks[0].attn.wq.weight.std().item(), 0.02, rel_tol=0.1)
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_classifier_pools_the_real_tokens_and_ignores_padding(arch):
+    """A right-padded row gets the class logits its unpadded sequence gets: the decoder pools its last real token,
+    the encoder the mean of its real tokens (and "first" its first token)."""
+    model = tiny(arch, pos="rope" if arch == "decoder" else "learned").eval()
+    model.add_classifier(["a", "b", "c"])
+    assert model.config.num_labels == 3 and model.config.label_names == ["a", "b", "c"]
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False  # row 1: 5 real tokens, then padding
+    logits = model.classify(ids, mask)
+    assert logits.shape == (2, 3)
+    alone = model.classify(ids[1:, :5])
+    torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-5)
+    hidden = model(ids[1:, :5]) if arch == "encoder" else model(ids[1:, :5], hidden_only=True)  # (1, 5, C)
+    pooled = hidden.mean(1) if arch == "encoder" else hidden[:, -1]
+    torch.testing.assert_close(alone, model.classifier(pooled), atol=1e-6, rtol=1e-6)
+    model.config.pooling = "first"
+    first = run(model, ids, mask) if arch == "encoder" else model(ids, hidden_only=True)  # (B, T, C)
+    torch.testing.assert_close(model.classify(ids, mask), model.classifier(first[:, 0]), atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_saves_and_loads(tmp_path):
+    model = tiny("encoder").add_classifier(["sport", "tech"], pooling="first").eval()
+    model.save(tmp_path / "m")
+    loaded = tinyformer.load(tmp_path / "m")
+    assert (loaded.config.num_labels, loaded.config.label_names, loaded.config.pooling) == (2, ["sport", "tech"],
+                                                                                            "first")
+    ids = torch.randint(0, 50, (3, 6))
+    assert torch.equal(model.classify(ids), loaded.classify(ids))
+    with pytest.raises(ValueError, match="no classification head"):
+        tiny("decoder").classify(ids)
+    with pytest.raises(ValueError, match="num_labels"):
+        ModelConfig(arch="encoder-decoder", num_labels=2)
+
+
+def test_packed_positions_restart_at_each_document():
+    from tinyformer.model import _positions
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    cu = torch.tensor([0, 2, 5, 6, 10], dtype=torch.int32)  # row 0: docs of 2 and 3; row 1: docs of 1 and 4
+    assert _positions(ids, None, None, cu).tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_activation_checkpointing_gives_the_same_gradients(arch):
+    ids = torch.randint(0, 50, (2, 7))
+    grads = []
+    for recompute in (False, True):
+        model = tiny(arch, seed=3)
+        stack = model.decoder if arch == "decoder" else model.encoder
+        stack.checkpointing = recompute
+        run(model, ids).float().square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)

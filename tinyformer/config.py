@@ -15,6 +15,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 MLM_HEADS = ("tied", "bert", "none")
+POOLINGS = ("auto", "mean", "first", "last")
 
 
 @dataclass
@@ -46,13 +47,18 @@ class ModelConfig:
     mlm_head: str = "tied"             # encoder token logits: "tied" (hidden @ wte^T, what tinyformer's masked-LM
     # training learns), "bert" (BERT's dense + act + norm transform, then wte^T + a bias), "none" (a converted
     # checkpoint that ships no head, e.g. a sentence-embedding model: hidden states only, no token logits)
+    num_labels: int = 0                # > 0: a sequence-classification head (`classifier`) with this many classes
+    label_names: Optional[list] = None  # the classes' names, in the head's order (what `tinyformer eval` prints)
+    pooling: str = "auto"              # the classifier's input: "mean" of the real tokens, the "first" token, the
+    #                                    "last" real token; "auto" = mean for an encoder, last for a decoder
 
     def __post_init__(self):
         def bad(field, msg):
             raise ValueError(f"ModelConfig.{field}: {msg}")
 
         for field, choices in (("arch", ARCHS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
-                               ("pos", POSITIONS), ("act", ACTIVATIONS), ("mlm_head", MLM_HEADS)):
+                               ("pos", POSITIONS), ("act", ACTIVATIONS), ("mlm_head", MLM_HEADS),
+                               ("pooling", POOLINGS)):
             if getattr(self, field) not in choices:
                 bad(field, f"unknown choice {getattr(self, field)!r}; expected one of {', '.join(choices)}")
         if self.n_kv_head is None:
@@ -86,6 +92,12 @@ class ModelConfig:
             bad("mlm_head", f"{self.mlm_head!r} is for encoders; a {self.arch} has its own output head")
         if self.type_vocab_size < 0:
             bad("type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 0 or self.num_labels == 1:
+            bad("num_labels", f"must be 0 (no classifier) or at least 2, got {self.num_labels!r}")
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            bad("label_names", f"{len(self.label_names)} names for num_labels={self.num_labels}")
+        if self.num_labels and self.arch == "encoder-decoder":
+            bad("num_labels", "a classification head is for encoders and decoders, not encoder-decoders")
         for field in ("pad_token_id", "decoder_start_token_id"):
             value = getattr(self, field)
             if value is not None and not (0 <= value < self.vocab_size):

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tinyformer import ops
 from tinyformer.cache import KVCache, LayerCache
@@ -122,9 +123,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n_head, self.head_dim).transpose(1, 2)  # (B, T, h*Dh) -> (B, h, T, Dh)
 
-    def forward(self, x, key_padding_mask=None, rope=None, memory=None, cache: Optional[LayerCache] = None):
+    def forward(self, x, key_padding_mask=None, rope=None, memory=None, cache: Optional[LayerCache] = None,
+                cu_seqlens=None):
         """x (B, T, C) -> (B, T, C). Self-attention reads keys from x (and the cache), cross-attention from `memory`
-        (B, S, C); key_padding_mask (B, S) is True where a key may be attended."""
+        (B, S, C); key_padding_mask (B, S) is True where a key may be attended; cu_seqlens (n + 1,), for packed
+        examples, the offsets of the documents in the B*T tokens, which attend within their own document only."""
         B, T, _ = x.shape
         if not self.cross:
             q, k, v = ops.linears(x, self.wq, self.wk, self.wv)  # (B, T, H*Dh), (B, T, Hkv*Dh) x 2
@@ -142,7 +145,7 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.cross = (k, v)
         y = ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                          dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+                          dropout_p=self.dropout if self.training else 0.0, cu_seqlens=cu_seqlens)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, H, T, Dh) -> (B, T, H*Dh)
         return F.dropout(self.wo(y), self.dropout, self.training)
 
@@ -187,8 +190,10 @@ class Block(nn.Module):
     def _residual(self, x, norm, f):
         return x + f(norm(x)) if self.pre else norm(x + f(x))
 
-    def forward(self, x, key_padding_mask=None, rope=None, memory=None, memory_mask=None, cache=None):
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask, rope, cache=cache))
+    def forward(self, x, key_padding_mask=None, rope=None, memory=None, memory_mask=None, cache=None,
+                cu_seqlens=None):
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, key_padding_mask, rope, cache=cache,
+                                                              cu_seqlens=cu_seqlens))
         if self.cross_attn is not None:
             x = self._residual(x, self.norm_cross,
                                lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cache))
@@ -206,6 +211,8 @@ class Stack(nn.Module):
         self.embed_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(Block(cfg, causal, cross, n_layer) for _ in range(n_layer))
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else None
+        self.checkpointing = False  # True: training recomputes each block's activations in the backward instead of
+        # keeping them (activation checkpointing: memory for one block's activations, a second forward's time)
         self.init_buffers()
 
     def init_buffers(self):
@@ -221,7 +228,7 @@ class Stack(nn.Module):
             self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.d_model, device), persistent=False)
 
     def forward(self, tok_emb, position_ids, key_padding_mask=None, token_type_ids=None, memory=None,
-                memory_mask=None, cache=None):
+                memory_mask=None, cache=None, cu_seqlens=None):
         """tok_emb (B, T, C), position_ids (B or 1, T) -> hidden states (B, T, C)."""
         cfg = self.cfg
         x, rope = tok_emb, None
@@ -237,8 +244,11 @@ class Stack(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = F.dropout(x, cfg.dropout, self.training)
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, key_padding_mask, rope, memory, memory_mask, cache.layers[i] if cache is not None else None)
+            args = (x, key_padding_mask, rope, memory, memory_mask, cache.layers[i] if cache is not None else None,
+                    cu_seqlens)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -254,8 +264,13 @@ def _as_bool_mask(mask, input_ids, name="attention_mask"):
     return mask.to(device=input_ids.device, dtype=torch.bool)
 
 
-def _positions(input_ids, attention_mask, cache):
-    """Position ids (B or 1, T): counting real tokens only when there is a (left-padding) mask."""
+def _positions(input_ids, attention_mask, cache, cu_seqlens=None):
+    """Position ids (B or 1, T): counting real tokens only when there is a (left-padding) mask; from 0 at each
+    document's start in a packed batch (cu_seqlens)."""
+    if cu_seqlens is not None:
+        n = torch.arange(input_ids.numel(), device=input_ids.device)  # (B*T,) flat token index
+        doc = torch.searchsorted(cu_seqlens[1:], n, right=True)  # (B*T,) the document of each token
+        return (n - cu_seqlens[doc]).view(input_ids.shape)  # (B*T,) -> (B, T)
     start = cache.length if cache is not None else 0
     if attention_mask is None:
         return torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
@@ -263,8 +278,23 @@ def _positions(input_ids, attention_mask, cache):
     return pos[:, -input_ids.shape[1]:].clamp(min=0)  # (B, T)
 
 
+def pool(hidden, mask, how: str):
+    """hidden (B, T, C) -> (B, C): the mean over the real tokens (mask (B, T), True = real; None = all), the first
+    token, or the last real token (right or left padding alike)."""
+    if how == "first":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(1) if how == "mean" else hidden[:, -1]
+    if how == "mean":
+        m = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)  # (B,) last real index
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, C)
+
+
 class TransformerBase(nn.Module):
-    """What the three models share: config, token embeddings, output head, init, save, parameter count."""
+    """What the three models share: config, token embeddings, output head, classification head, init, save, parameter
+    count."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -275,6 +305,7 @@ class TransformerBase(nn.Module):
         self.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))  # (V, C)
         head = cfg.arch != "encoder" and not cfg.tie_embeddings
         self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model)) if head else None  # (V, C)
+        self.classifier = Linear(cfg.d_model, cfg.num_labels, True, cfg.init_std) if cfg.num_labels else None
 
     def reset_parameters(self):
         """GPT-2 initialisation: N(0, 0.02) for matrices and embeddings, residual projections N(0, 0.02/sqrt(2L)),
@@ -316,6 +347,28 @@ class TransformerBase(nn.Module):
             return self.lm_head(hidden)
         return ops.linear(hidden, self.lm_head if self.lm_head is not None else self.wte)
 
+    def add_classifier(self, label_names: list, pooling: str = "auto"):
+        """A new sequence-classification head for the classes `label_names` (a pretrained body's fine-tuning):
+        initialised as a Linear is, on the embeddings' device and dtype; the config records it, so it saves."""
+        self.config = ModelConfig.from_dict({**self.config.to_dict(), "num_labels": len(label_names),
+                                             "label_names": [str(n) for n in label_names], "pooling": pooling})
+        self.classifier = Linear(self.config.d_model, len(label_names), True, self.config.init_std)
+        self.classifier.reset_parameters()
+        self.classifier.to(device=self.wte.device, dtype=self.wte.dtype)
+        return self
+
+    def classify(self, input_ids, attention_mask=None):
+        """Class logits (B, num_labels) of input_ids (B, T): the hidden states pooled as config.pooling says (mean
+        of the real tokens for an encoder, the last real token for a decoder by default), through `classifier`."""
+        if self.classifier is None:
+            raise ValueError("this model has no classification head (config.num_labels is 0): add_classifier first")
+        mask = _as_bool_mask(attention_mask, input_ids)
+        if self.config.arch == "encoder":
+            hidden, how = self(input_ids, mask), "mean"  # (B, T, C)
+        else:
+            hidden, how = self(input_ids, mask, hidden_only=True), "last"
+        return self.classifier(pool(hidden, mask, how if self.config.pooling == "auto" else self.config.pooling))
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; non_embedding=True leaves out the token and position embeddings (as nanoGPT reports)."""
         n = sum(p.numel() for p in self.parameters())
@@ -342,11 +395,12 @@ class DecoderLM(TransformerBase):
         self.decoder = Stack(cfg, cfg.n_layer, causal=True, cross=False)
 
     def forward(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None, last_only: bool = False,
-                hidden_only: bool = False):
+                hidden_only: bool = False, cu_seqlens=None):
         """input_ids (B, T). attention_mask (B, S) covers the cached positions plus these T (1 = real token), for
-        left-padded batches; with a cache, the T new tokens are appended to it. last_only: logits of the last
-        position only (B, 1, V), as generation needs. hidden_only: the final hidden states (B, T, C) instead of
-        logits, for a loss that applies the head itself (`ops.linear_cross_entropy`)."""
+        padded batches; with a cache, the T new tokens are appended to it. last_only: logits of the last position
+        only (B, 1, V), as generation needs. hidden_only: the final hidden states (B, T, C) instead of logits, for a
+        loss that applies the head itself (`ops.linear_cross_entropy`). cu_seqlens (n + 1,) int32: packed
+        examples, each a document of the B*T tokens with its own positions from 0 and attention within it."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
         S = input_ids.shape[1] + (cache.length if cache is not None else 0)
         if S > self.config.max_seq_len:
@@ -355,7 +409,8 @@ class DecoderLM(TransformerBase):
             raise ValueError(f"attention_mask must be (B, cached + new) = {(input_ids.shape[0], S)}, "
                              f"got {tuple(attention_mask.shape)}")
         mask = attention_mask.to(torch.bool) if attention_mask is not None else None
-        h = self.decoder(x, _positions(input_ids, mask, cache), key_padding_mask=mask, cache=cache)
+        h = self.decoder(x, _positions(input_ids, mask, cache, cu_seqlens), key_padding_mask=mask, cache=cache,
+                         cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.length += input_ids.shape[1]
         if hidden_only:
@@ -396,18 +451,19 @@ class Encoder(TransformerBase):
             return ops.linear(h, self.wte, self.mlm_bias)  # (B, T, V)
         return super().logits(hidden)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, cu_seqlens=None):
+        """input_ids (B, T) -> hidden states (B, T, C); attention_mask (B, T), 1 = real token; cu_seqlens (n + 1,):
+        packed examples (each attends within itself, positions from 0)."""
         mask = _as_bool_mask(attention_mask, input_ids)
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        return self.encoder(x, _positions(input_ids, None, None), mask, token_type_ids)
+        return self.encoder(x, _positions(input_ids, None, None, cu_seqlens), mask, token_type_ids,
+                            cu_seqlens=cu_seqlens)
 
     @torch.no_grad()
     def embed(self, input_ids, attention_mask=None):
         """Sentence embeddings (B, C): mean of the real tokens' hidden states, L2-normalised (Sentence-BERT)."""
-        h = self(input_ids, attention_mask)  # (B, T, C)
-        m = torch.ones_like(input_ids, dtype=h.dtype) if attention_mask is None else attention_mask.to(h.dtype)
-        pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)  # (B, C)
-        return F.normalize(pooled, dim=-1)
+        mask = _as_bool_mask(attention_mask, input_ids)
+        return F.normalize(pool(self(input_ids, mask), mask, "mean"), dim=-1)  # (B, T, C) -> (B, C)
 
 
 class EncoderDecoder(TransformerBase):

@@ -64,8 +64,11 @@ def use_backend(name: str):
         _backend = previous
 
 
-def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: float = 0.0, scale=None):
+def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: float = 0.0, scale=None,
+              cu_seqlens=None):
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D). Contract of tinyformer.kernels.attention."""
+    if cu_seqlens is not None:
+        raise NotImplementedError("packed attention (cu_seqlens) is not built yet")
     backend = get_backend(q.device)
     lo, hi = reference.KERNEL_HEAD_DIMS
     if backend == "triton" and not lo <= q.shape[-1] <= hi:
