@@ -51,9 +51,17 @@ __all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer", "gp
            "permute_rope_rows"]
 
 
-def load(path, device="cpu"):
+def load(path, device="cpu", adapter=None):
     """A model from a tinyformer folder (`model.save`), a Hugging Face BERT/Llama folder or a Llama GGUF file, in
-    eval mode on `device`."""
+    eval mode on `device`; `adapter`: a PEFT LoRA adapter folder read onto it (`tinyformer.finetune.load_adapter`)."""
+    model = _load(path, device)
+    if adapter is not None:
+        from tinyformer.finetune import load_adapter
+        load_adapter(model, adapter)
+    return model
+
+
+def _load(path, device):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
