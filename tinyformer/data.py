@@ -183,7 +183,7 @@ def read_ids(path) -> np.ndarray:
 def prepare(source: str, out_dir, tokenizer: str = "char", vocab_size: int = 8192, val_fraction: float = 0.1):
     """Tokenize a built-in corpus or a .txt file into out_dir (train.bin, val.bin, tokenizer.json, meta.json).
     The last val_fraction of the text is the validation split (as nanoGPT's prepare.py)."""
-    from tinyformer.checkpoint import atomic_write, write_json
+    from tinyformer.checkpoint import atomic_write
     if source in CORPORA:
         text = corpus_text(source)
     else:
@@ -212,14 +212,22 @@ def prepare(source: str, out_dir, tokenizer: str = "char", vocab_size: int = 819
         train_txt.unlink()
     else:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; expected char, bpe or word")
+    return write_prepared(out, tok, text[:split], text[split:], {"source": source, "tokenizer": tokenizer})
+
+
+def write_prepared(out, tok, train_text: str, val_text: str, meta: dict) -> Path:
+    """A prepared dataset folder from the two splits' text under `tok`: train.bin, val.bin, tokenizer.json, then
+    meta.json (`meta` + sizes) last, so that its presence means the folder is complete."""
+    from tinyformer.checkpoint import atomic_write, write_json
     V = tok.get_vocab_size()
-    train, val = encode(tok, text[:split]), encode(tok, text[split:])
+    train, val = encode(tok, train_text), encode(tok, val_text)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     write_ids(out / "train.bin", train, V)
     write_ids(out / "val.bin", val, V)
     atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
-    write_json(out / "meta.json", {"source": source, "tokenizer": tokenizer, "vocab_size": V,
-                                   "train_tokens": int(train.size), "val_tokens": int(val.size),
-                                   "chars": len(text)})
+    write_json(out / "meta.json", {**meta, "vocab_size": V, "train_tokens": int(train.size), "val_tokens": int(val.size),
+                                   "chars": len(train_text) + len(val_text)})
     return out
 
 
@@ -314,11 +322,21 @@ def cmudict_entries() -> dict[str, list[str]]:
     return entries
 
 
+def g2p_split(entries: dict[str, list[str]], seed: int = 0, test_fraction: float = 0.1,
+              val_fraction: float = 0.025) -> dict[str, list[str]]:
+    """CMUdict's words (`cmudict_entries`) split by word, all pronunciations of a word in one split: split name ->
+    words. The sorted words shuffled by a seeded random.Random: the first test_fraction are "test", the next
+    val_fraction "val", the rest "train" (the G2P benchmark's split; `cmudict_conversations` uses the same words)."""
+    import random
+    words = sorted(entries)
+    random.Random(seed).shuffle(words)
+    n_test, n_val = int(len(words) * test_fraction), int(len(words) * val_fraction)
+    return {"test": words[:n_test], "val": words[n_test:n_test + n_val], "train": words[n_test + n_val:]}
+
+
 def prepare_g2p(out_dir, seed: int = 0, test_fraction: float = 0.1, val_fraction: float = 0.025):
     """Split CMUdict by word (all pronunciations of a word in one split) into out_dir/pairs.json, with one
     word-level tokenizer over letters and phonemes (ids 0, 1, 2 = <pad>, <s>, </s>)."""
-    import random
-
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from tinyformer.checkpoint import atomic_write, write_json
@@ -326,10 +344,8 @@ def prepare_g2p(out_dir, seed: int = 0, test_fraction: float = 0.1, val_fraction
         raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be positive and leave "
                          f"words to train on")
     entries = cmudict_entries()
+    splits = g2p_split(entries, seed, test_fraction, val_fraction)
     words = sorted(entries)
-    random.Random(seed).shuffle(words)
-    n_test, n_val = int(len(words) * test_fraction), int(len(words) * val_fraction)
-    splits = {"test": words[:n_test], "val": words[n_test:n_test + n_val], "train": words[n_test + n_val:]}
     letters = sorted({c for w in words for c in w})
     phones = sorted({p for prons in entries.values() for pron in prons for p in pron.split()})
     vocab = {t: i for i, t in enumerate(SPECIALS + letters + [p for p in phones if p not in letters])}
