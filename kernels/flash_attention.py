@@ -14,6 +14,10 @@ References:
 - The Triton fused-attention tutorial (triton-lang/triton, python/tutorials/06-fused-attention.py): exp2-domain
   softmax with log2(e) folded into the scale, and splitting the key loop into an unmasked part and a masked part.
 - Ainslie et al. 2023 (GQA): query head h reads k/v head h // (Hq // Hkv); repeated K/V are never materialised.
+- flash-attn's variable-length API (Dao-AILab/flash-attention, flash_attn_varlen_func): packed documents given by
+  cu_seqlens. Here every document stays inside one row of the (B, T) batch, so the kernels keep their grid and a
+  VARLEN constexpr adds per-token document bounds: a tile's loop runs over its documents' span only, whole tiles
+  inside every row's document run unmasked, and the masked tiles also test the document.
 
 Layout of this file: @triton.jit kernels -> ONE heuristic (`kernel_configs`: blocks, warps and stages from
 configs.csv) -> launchers -> `_FlashAttention` (torch.autograd.Function) -> public `attention` and `plan`.
@@ -574,11 +578,13 @@ def block_d(head_dim: int) -> int:
     return max(16, triton_next_pow2(head_dim))
 
 
-def table_variant(kind: str, rows: int = 1, has_kpm: bool = False) -> str:
+def table_variant(kind: str, rows: int = 1, has_kpm: bool = False, varlen: bool = False) -> str:
     """The configs.csv variant of a call: the forward has its own rows with a key padding mask (the bias vector per
-    key tile needs smaller tiles in some buckets); decode's BLOCK_M follows the rows packed per kv head (G * Tq)."""
+    key tile needs smaller tiles in some buckets) and with packed documents (the per-row document bounds and the
+    extra masked key loop spill the larger tiles of the 128 bucket); decode's BLOCK_M follows the rows packed per kv
+    head (G * Tq)."""
     if kind == "fwd":
-        return "kpm" if has_kpm else ""
+        return "kpm" if has_kpm else "varlen" if varlen else ""
     if kind == "decode":
         return "rows16" if rows <= 16 else "rows64"
     return ""
@@ -588,13 +594,14 @@ def kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: Optional[
                    rows: int = 1, has_kpm: bool = False, varlen: bool = False) -> List[KernelConfig]:
     """THE heuristic: candidate configs for one kernel, default first. arch None = the interpreter (one config).
     rows: for "decode", the rows packed per kv head (G * Tq), which sets BLOCK_M. has_kpm: the forward with a key
-    padding mask. varlen: the forward and backward kernels with packed documents (VARLEN).
-    fp16/bf16 read configs.csv as it is; fp32 and sm_86/sm_89 derive from it."""
+    padding mask. varlen: the forward with packed documents (the backward kernels share their rows with the plain
+    call). fp16/bf16 read configs.csv as it is; fp32 and sm_86/sm_89 derive from it."""
     if kind not in KERNELS:
         raise ValueError(f"kind must be one of {KERNELS}, got {kind!r}")
     if arch is None:
         return [_INTERPRET_CONFIG[kind]]
-    found = candidates("attn_" + kind, arch_family(arch), str(block_d(head_dim)), table_variant(kind, rows, has_kpm))
+    found = candidates("attn_" + kind, arch_family(arch), str(block_d(head_dim)),
+                       table_variant(kind, rows, has_kpm, varlen))
     cands = [KernelConfig(r["block_m"], r["block_n"], r["num_warps"], r["num_stages"], row=i) for i, r in found]
     if kind in FIXED_TILE_KERNELS:
         return cands
@@ -814,7 +821,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask, docs):
 
     flags = dict(UPCAST=upcast, DOT_PREC=prec, VARLEN=varlen)
     shape_args = (Hq, Hq // Hkv, Tq, Tk, _causal_offset(causal, Tq, Tk), scale * LOG2E, scale)
-    c = kernel_configs("bwd_dkdv", D, q.dtype, arch, varlen=varlen)[0]
+    c = kernel_configs("bwd_dkdv", D, q.dtype, arch)[0]
     S, per = dkdv_head_splits(B * Hkv * cdiv(Tk, c.block_n), Hq // Hkv, q.device)
     if S == 1:
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -834,7 +841,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask, docs):
         dk, dv = dks.sum(0).to(k.dtype), dvs.sum(0).to(v.dtype)
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    c = kernel_configs("bwd_dq", D, q.dtype, arch, varlen=varlen)[0]
+    c = kernel_configs("bwd_dq", D, q.dtype, arch)[0]
     _attn_bwd_dq_kernel[(cdiv(Tq, c.block_m), B * Hq)](
         q, k, v, do, lse, delta, dq, kpm, doc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smn, doc_stride,
