@@ -1,5 +1,6 @@
-"""Fine-tuning data under a pretrained model's own tokenizer and chat template (tinyformer.data): SmolLM2-135M-Instruct's
-real tokenizer and template, read from the packaged GGUF's metadata (no weights: ~4 s instead of a full load).
+"""Fine-tuning data under a pretrained model's own tokenizer and chat template (tinyformer.data):
+SmolLM2-135M-Instruct's real tokenizer and template, read from the packaged GGUF's metadata (no weights: ~4 s instead
+of a full load).
 
 - instruction data: the loss mask covers exactly the assistant tokens and their end-of-turn marker; prompt/completion
   equals the same two-message conversation;
@@ -198,13 +199,16 @@ def test_csv_quoted_commas_and_newlines(tmp_path):
     with open(tmp_path / "l.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     texts, ids = D.read_labelled(tmp_path / "l.csv")
-    assert texts == ["plain", 'a "quoted", comma\nand a second line', "third"] and ids == [2, 1, 0]  # classes "1" < "a" < "b"
+    assert texts == ["plain", 'a "quoted", comma\nand a second line', "third"]
+    assert ids == [2, 1, 0]  # the classes sorted: "1" < "a" < "b"
     with open(tmp_path / "l.csv", "a", newline="") as f:
         csv.writer(f).writerow(["   ", "a"])
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'l.csv'))}, line 6: the text is empty$"):  # after a 2-line row
+    where = re.escape(str(tmp_path / "l.csv"))
+    with pytest.raises(ValueError, match=f"^{where}, line 6: the text is empty$"):  # line 6: after a 2-line record
         D.read_labelled(tmp_path / "l.csv")
     (tmp_path / "cols.csv").write_text("sentence,label\nx,a\n")
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'cols.csv'))}, line 1: a CSV needs .* text and label"):
+    where = re.escape(str(tmp_path / "cols.csv"))
+    with pytest.raises(ValueError, match=f"^{where}, line 1: a CSV needs .* text and label"):
         D.read_labelled(tmp_path / "cols.csv")
 
 
@@ -220,7 +224,7 @@ def test_labelled_data_batches_and_unseen_labels(smol, tmp_path):
     assert (mask.sum(1) == torch.tensor([min(len(data.examples["train"][0][i]), 16) for i in
                                          torch.randint(12, (5,), generator=torch.Generator().manual_seed(0))])).all()
     bad = write_lines(tmp_path / "bad.jsonl", [{"text": "y", "label": "pos"}, {"text": "z", "label": "maybe"}])
-    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}, line 2: the label 'maybe' is not one of the training classes"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}, line 2: the label 'maybe' is not one of"):
         D.read_labelled(bad, data.classes)
     with pytest.raises(ValueError, match=f"^{re.escape(str(train))} holds labelled text"):
         D.finetune_dataset(train, smol, task="lm")

