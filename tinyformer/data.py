@@ -876,13 +876,30 @@ class LabelledData:
         idx = torch.randint(len(ids), (batch_size,), generator=generator)
         room = block_size - len(self.head) - len(self.tail)
         rows = [np.concatenate([self.head, ids[i][:room], self.tail]) for i in idx.tolist()]
-        width = max(len(r) for r in rows)
-        x = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            x[r, :len(row)] = torch.from_numpy(row)
-            mask[r, :len(row)] = 1
-        return [x, mask, labels[idx]]
+        return [*pad_rows(rows, self.pad_id), labels[idx]]
+
+
+def pad_rows(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of any lengths -> input_ids (B, L) right-padded with pad_id to the longest, attention_mask (B, L)
+    int64 (1 on tokens, 0 on padding)."""
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        x[r, :len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+        mask[r, :len(row)] = 1
+    return x, mask
+
+
+def encode_texts(model, texts: list[str], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts as a classifier reads them (LabelledData's rule): the model's tokenizer with its special tokens, each
+    cut to block_size keeping the trailing ones -> input_ids (B, L), attention_mask (B, L), right-padded."""
+    tok = untruncated(model.tokenizer)
+    head, tail = _special_frame(tok, texts[0])
+    room = block_size - len(head) - len(tail)
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    rows = [np.concatenate([head, np.asarray(e.ids[:room], dtype=np.int64), tail]) for e in encoded]
+    return pad_rows(rows, pad_token_id(model))
 
 
 def _special_frame(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
