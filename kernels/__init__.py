@@ -14,7 +14,7 @@ fast kernels, where Triton does not run), `reference` (one pure-torch reference 
 from . import quant, reference
 from .flash_attention import attention
 from .fp8_mm import fp8_matmul
-from .fused_linear_cross_entropy import linear_cross_entropy
+from .fused_linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_rows
 from .fused_rms_norm import rms_norm
 from .fused_rope import rope
 from .fused_swiglu import swiglu
@@ -25,5 +25,5 @@ from .per_token_quant import quantize_per_token
 from .reference import pack_int4, unpack_int4
 
 __all__ = ["attention", "fp8_matmul", "int8_matmul", "int8_weight_only_matmul", "quantize_per_token", "int4_matmul",
-           "pack_int4", "rms_norm", "swiglu", "rope", "linear_cross_entropy",
+           "pack_int4", "rms_norm", "swiglu", "rope", "linear_cross_entropy", "linear_cross_entropy_rows",
            "unpack_int4", "quant", "reference"]

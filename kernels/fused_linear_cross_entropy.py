@@ -13,7 +13,9 @@ the incoming gradient), and the peak extra memory is one chunk of logits, not N 
 logits of 8k tokens are 1.6 GB).
 
 Dispatch: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernel; others ->
-the reference.
+the reference. `linear_cross_entropy_rows` is the same chunk loop with each chunk's rows done by torch ops instead of
+`_ce_kernel` (the CPU training path of `ops.linear_cross_entropy`: chunks of `CPU_CHUNK_ROWS`, so that the head's
+weight streams a few times a step, not once per handful of rows).
 
 References: Liger-Kernel (linkedin/Liger-Kernel, src/liger_kernel/ops/fused_linear_cross_entropy.py and
 cross_entropy.py): chunking over rows, the in-place gradient of the logits, the gradients computed in the forward;
@@ -29,7 +31,7 @@ import torch
 from .device import backend_of, cdiv, tl, triton
 from .reference import _need, linear_cross_entropy as linear_cross_entropy_reference
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_rows"]
 
 BLOCK_V = 1024  # vocabulary entries per step of a row's two passes
 INTERPRET_BLOCK_V = 128
@@ -77,37 +79,57 @@ def chunk_rows(N: int, C: int, V: int) -> int:
     return max(1, min(N, triton.next_power_of_2(cdiv(N, max(1, cdiv(V, C))))))
 
 
-def _loss_and_grads(h, weight, target, ignore_index: int, rows: int, need_grad: bool):
-    """The mean loss (fp32 scalar) and, if need_grad, dh (N, C) and dW (V, C) of the mean loss."""
-    N, V = h.shape[0], weight.shape[0]
+def _kernel_rows(logits, target, loss, ignore_index: int, inv_n: float):
+    """A chunk's rows by `_ce_kernel`: loss (R,) written, logits (R, V) overwritten by d mean loss / d logits."""
+    block_v = INTERPRET_BLOCK_V if logits.device.type == "cpu" else BLOCK_V
+    _ce_kernel[(logits.shape[0],)](logits, target, loss, logits.shape[1], logits.stride(0), ignore_index, inv_n,
+                                   BLOCK_V=block_v, num_warps=8)
+
+
+def _torch_rows(logits, target, loss, ignore_index: int, inv_n: float):
+    """`_kernel_rows`' work in torch ops, in fp32: loss = logsumexp(z) - z[target], then the logits overwritten by
+    (softmax(z) - onehot(target)) * inv_n; 0 for an ignored target."""
+    z = logits.float()  # (R, V)
+    lse = torch.logsumexp(z, dim=-1)  # (R,)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)[:, None]  # (R, 1)
+    loss.copy_(torch.where(valid, lse - z.gather(1, safe)[:, 0], 0.0))
+    grad = z.sub_(lse[:, None]).exp_()  # softmax, in place of z
+    grad.scatter_add_(1, safe, -valid[:, None].to(grad.dtype))
+    logits.copy_(grad.mul_(torch.where(valid, inv_n, 0.0)[:, None]))
+
+
+def _loss_and_grads(h, weight, target, ignore_index: int, rows: int, need_grad: bool, rows_fn=_kernel_rows):
+    """The mean loss (fp32 scalar) and, if need_grad, dh (N, C) and, if weight requires grad, dW (V, C) of the mean
+    loss (a frozen head, as under LoRA, skips dW's products)."""
+    N = h.shape[0]
     n_valid = int((target != ignore_index).sum())
     inv_n = 1.0 / max(n_valid, 1)
     loss = torch.zeros((N,), device=h.device, dtype=torch.float32)
     dh = torch.empty_like(h) if need_grad else None
-    dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-    block_v = INTERPRET_BLOCK_V if h.device.type == "cpu" else BLOCK_V
+    dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight.requires_grad else None
     for r0 in range(0, N, rows):
         hc = h[r0:r0 + rows]  # (R, C)
         logits = hc @ weight.T  # (R, V) in h's dtype
-        _ce_kernel[(hc.shape[0],)](logits, target[r0:r0 + rows], loss[r0:r0 + rows], V, logits.stride(0),
-                                   ignore_index, inv_n, BLOCK_V=block_v, num_warps=8)
+        rows_fn(logits, target[r0:r0 + rows], loss[r0:r0 + rows], ignore_index, inv_n)
         if need_grad:  # logits now holds d loss / d logits
             torch.matmul(logits, weight, out=dh[r0:r0 + rows])  # (R, C)
-            dw += (logits.T @ hc).float()  # (V, C)
-    return loss.sum() * inv_n, dh, (dw.to(weight.dtype) if need_grad else None)
+            if dw is not None:
+                dw += (logits.T @ hc).float()  # (V, C)
+    return loss.sum() * inv_n, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, rows):
-        loss, dh, dw = _loss_and_grads(h, weight, target, ignore_index, rows, need_grad=True)
+    def forward(ctx, h, weight, target, ignore_index, rows, rows_fn):
+        loss, dh, dw = _loss_and_grads(h, weight, target, ignore_index, rows, True, rows_fn)
         ctx.save_for_backward(dh, dw)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), dw * grad.to(dw.dtype), None, None, None
+        return dh * grad.to(dh.dtype), None if dw is None else dw * grad.to(dw.dtype), None, None, None, None
 
 
 # ======================================================================================================================
@@ -116,6 +138,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h, weight, target, ignore_index: int = -100, chunk: int | None = None):
     """Mean cross-entropy of h (N, C) @ weight (V, C)^T against target (N,) int64 over the targets that are not
     ignore_index (0 if none is left); differentiable in h and weight. chunk: rows per chunk (default `chunk_rows`)."""
+    _check(h, weight, target)
+    if backend_of(h, "tinyformer.kernels.linear_cross_entropy") != "triton" or h.shape[0] == 0:
+        return linear_cross_entropy_reference(h, weight, target, ignore_index)
+    return _chunked(h, weight, target, ignore_index, chunk or chunk_rows(h.shape[0], h.shape[1], weight.shape[0]),
+                    _kernel_rows)
+
+
+CPU_CHUNK_ROWS = 256  # a chunk's fp32 logits at V = 49152: 50 MB, against 100 MB a 512-token window's all take
+
+
+def linear_cross_entropy_rows(h, weight, target, ignore_index: int = -100, chunk: int = CPU_CHUNK_ROWS):
+    """`linear_cross_entropy` with each chunk's rows done by torch ops (`_torch_rows`), on any device: the peak
+    extra memory is one chunk of logits, and a frozen weight gets no dW products."""
+    _check(h, weight, target)
+    if h.shape[0] == 0:
+        return linear_cross_entropy_reference(h, weight, target, ignore_index)
+    return _chunked(h, weight, target, ignore_index, chunk, _torch_rows)
+
+
+def _chunked(h, weight, target, ignore_index, rows, rows_fn):
+    """The chunk loop, through the autograd.Function where a gradient is wanted."""
+    h, target = h.contiguous(), target.contiguous()
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, target, int(ignore_index), rows, rows_fn)
+    return _loss_and_grads(h, weight, target, int(ignore_index), rows, False, rows_fn)[0]
+
+
+def _check(h, weight, target):
+    """Both entry points' argument checks: one line naming the argument."""
     _need(isinstance(h, torch.Tensor) and h.dim() == 2 and h.dtype in (torch.float32, torch.float16, torch.bfloat16),
           lambda: f"h must be a 2-D float32/float16/bfloat16 tensor (N, C), got {getattr(h, 'shape', type(h))}")
     _need(isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == h.shape[1],
@@ -124,10 +175,3 @@ def linear_cross_entropy(h, weight, target, ignore_index: int = -100, chunk: int
     _need(isinstance(target, torch.Tensor) and target.dtype == torch.int64 and tuple(target.shape) == (h.shape[0],),
           lambda: f"target must be int64 of shape (N,) = ({h.shape[0]},), got "
                   f"{getattr(target, 'dtype', type(target))} {tuple(getattr(target, 'shape', ()))}")
-    if backend_of(h, "tinyformer.kernels.linear_cross_entropy") != "triton" or h.shape[0] == 0:
-        return linear_cross_entropy_reference(h, weight, target, ignore_index)
-    rows = chunk or chunk_rows(h.shape[0], h.shape[1], weight.shape[0])
-    h, target = h.contiguous(), target.contiguous()
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, target, int(ignore_index), rows)
-    return _loss_and_grads(h, weight, target, int(ignore_index), rows, need_grad=False)[0]

@@ -496,7 +496,7 @@ def test_training_uses_the_fused_kernels_only_where_they_run(monkeypatch):
     torch.manual_seed(0)
     model = tinyformer.build("llama-tiny", n_layer=1, d_model=64, n_head=4, n_kv_head=2, vocab_size=200)
     x, y = torch.randint(0, 200, (2, 9)), torch.randint(0, 200, (2, 9))
-    run = SimpleNamespace(model=model, raw_model=model, model_config=model.config, autocast=nullcontext(),
+    run = SimpleNamespace(model=model, raw_model=model, model_config=model.config, autocast=nullcontext(), data=None,
                           cfg=SimpleNamespace(label_smoothing=0.0))
     results = {}
     for backend in ("torch", "triton"):

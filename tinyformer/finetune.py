@@ -93,11 +93,14 @@ class LoRALinear(nn.Module):
         return self.unmerged_weight is not None
 
     def delta(self, x):
-        """The adapter's term (..., N) for x (..., K), in lora_A's dtype; None while merged (the base holds it)."""
+        """The adapter's term (..., N) for x (..., K), in lora_A's dtype (autocast's under autocast); None while
+        merged (the base holds it)."""
         if self.merged:
             return None
-        h = F.dropout(x, self.dropout, self.training).to(self.lora_A.dtype)
-        return ops.linear(ops.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., K) -> (..., r) -> (..., N)
+        h = F.dropout(x, self.dropout, self.training)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the products take autocast's dtype)
+            h = h.to(self.lora_A.dtype)
+        return ops.linear(ops.linear(h, self.lora_A) * self.scaling, self.lora_B)  # (..., K) -> (..., r) -> (..., N)
 
     def forward(self, x):
         y = self.base(x)

@@ -129,8 +129,10 @@ def linears(x, *modules):
         ys = linears(x, *bases)
         deltas = [m.delta(x) if m is not b else None for m, b in zip(modules, bases)]
         return [y if d is None else y + d.to(y.dtype) for y, d in zip(ys, deltas)]
-    if (len(modules) > 1 and (torch.is_grad_enabled() or cpu.folding()) and _stackable(modules) == "float"
-            and len({m.bias is None for m in modules}) == 1):  # training: one GEMM
+    trains = torch.is_grad_enabled() and any(m.weight.requires_grad for m in modules if hasattr(m, "weight"))
+    if (len(modules) > 1 and (trains or cpu.folding()) and _stackable(modules) == "float"
+            and len({m.bias is None for m in modules}) == 1):  # training: one GEMM (frozen weights, a LoRA base:
+        # one product each, which costs less than concatenating them again at every step)
         w = torch.cat([m.weight for m in modules])  # (sum N, K): fewer, wider products for forward and backward
         b = None if modules[0].bias is None else torch.cat([m.bias for m in modules])  # (sum N,)
         return linear(x, w, b).split([m.weight.shape[0] for m in modules], dim=-1)
@@ -261,15 +263,19 @@ def rope(x, cos, sin):
 
 def linear_cross_entropy(h, weight, target, ignore_index: int = -100):
     """Mean cross-entropy of the logits h (N, C) @ weight (V, C)^T against target (N,), computed in float32 from
-    logits in the product's dtype (under autocast, its dtype). triton: the fused kernel
-    (`kernels.linear_cross_entropy`), which never holds all N x V logits; otherwise `linear`, then F.cross_entropy."""
-    if get_backend(h.device) == "triton":
-        if torch.is_autocast_enabled(h.device.type):  # the kernel's products in autocast's dtype, as F.linear's
-            dtype = torch.get_autocast_dtype(h.device.type)
-            with torch.autocast(h.device.type, enabled=False):
-                return kernels.linear_cross_entropy(h.to(dtype), weight.to(dtype), target, ignore_index)
-        if h.dtype == weight.dtype:
-            return kernels.linear_cross_entropy(h, weight, target, ignore_index)
+    logits in the product's dtype (under autocast, its dtype), without holding all N x V logits: triton, the fused
+    kernel (`kernels.linear_cross_entropy`); torch, the same chunk loop in torch ops
+    (`kernels.linear_cross_entropy_rows`), whose forward also computes the gradients; reference, the head's
+    product, then F.cross_entropy."""
+    backend = get_backend(h.device)
+    if backend != "reference":
+        fused = kernels.linear_cross_entropy if backend == "triton" else kernels.linear_cross_entropy_rows
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        if dtype == torch.bfloat16 and h.device.type == "cpu" and not onednn_bf16():
+            dtype = torch.float32  # (aten's bf16 products cost a GEMV a row on such a CPU: see `linear`)
+        if weight.dtype == h.dtype or torch.is_autocast_enabled(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):  # the products in autocast's dtype, as F.linear's
+                return fused(h.to(dtype), weight.to(dtype), target, ignore_index)
     return F.cross_entropy(linear(h, weight).float(), target, ignore_index=ignore_index)
 
 

@@ -422,6 +422,8 @@ def setup(cfg: TrainConfig) -> Run:
                 m.checkpointing = True
     ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
     autocast, use_scaler = _autocast(cfg, device)
+    if cfg.lora_rank and isinstance(autocast, torch.autocast):
+        _store_frozen_in(model, autocast.fast_dtype)
     run = Run(cfg=cfg, data=data, model=model, raw_model=model, model_config=mcfg,
               optimizer=make_optimizer(model, cfg), ema=ema, autocast=autocast,
               scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
@@ -463,6 +465,17 @@ def from_pretrained(cfg: TrainConfig, device):
         add_lora_(model, cfg.lora_rank, alpha=cfg.lora_alpha or None, dropout=cfg.lora_dropout, targets=targets,
                   train=("classifier",) if classify else ())
     return model.train(), data
+
+
+def _store_frozen_in(model, dtype) -> None:
+    """A LoRA run under bf16 / fp16 autocast keeps the frozen float weights of the blocks' linears in that dtype:
+    autocast would otherwise cast each of them at every forward (and hold both copies); they never change. The
+    adapters, norms, embeddings and head stay float32."""
+    for m in model.modules():
+        if type(m) is Linear and not m.weight.requires_grad and m.weight.dtype != dtype:
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None and not m.bias.requires_grad:
+                m.bias.data = m.bias.data.to(dtype)
 
 
 class _Classify(torch.nn.Module):
