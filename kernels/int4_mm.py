@@ -53,8 +53,9 @@ import torch
 from .cpu import int4_matmul_cpu, prepared
 from .device import arch_of, backend_of, cdiv, tl, triton
 from .matmul import (DECODE_MAX_M, MatmulConfig, dot_flags, finish_splits, launch, matmul_configs, out_buffer_dtype,
-                     m_bucket, split_k, store_tile, tile_ids)
-from .reference import _need, check_int4_matmul_args, int4_matmul as int4_matmul_reference, unpack_int4
+                     m_bucket, split_k, store_tile, tile_ids, with_input_grad)
+from .reference import _need, check_int4_matmul_args, int4_matmul as int4_matmul_reference, int4_matmul_backward, \
+    unpack_int4
 
 __all__ = ["int4_matmul", "plan"]
 
@@ -317,18 +318,23 @@ def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
 # ======================================================================================================================
 def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
     """x (M, K) float @ w.T (+ bias) in x's dtype, w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] with the
-    codes q unpacked from w_packed (N, K // 2) (API.md). Triton on CUDA and under the interpreter; on plain CPU
-    torch's packed int4 kernel in bf16 (`int4_matmul_cpu`)."""
+    codes q unpacked from w_packed (N, K // 2) (API.md); differentiable in x (dx = dy @ w, the weight frozen). Triton
+    on CUDA and under the interpreter; on plain CPU torch's packed int4 kernel in bf16 (`int4_matmul_cpu`)."""
     check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias)
     if bias is not None:
         _need(bias.is_floating_point(), lambda: f"bias must be a float tensor, got {bias.dtype}", TypeError)
     if x.dtype == torch.float64:  # the contract covers fp32/fp16/bf16; fp64 takes the reference everywhere
-        return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
-    if backend_of(x, "tinyformer.kernels.int4_matmul") == "triton":
-        return _launch_int4(x, w_packed, scales, zeros, group_size, bias)
-    if x.device.type == "cpu":
-        return int4_matmul_cpu(x, w_packed, scales, zeros, group_size, bias)
-    return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
+        forward = int4_matmul_reference
+    elif backend_of(x, "tinyformer.kernels.int4_matmul") == "triton":
+        forward = _launch_int4
+    elif x.device.type == "cpu":
+        forward = int4_matmul_cpu
+    else:
+        forward = int4_matmul_reference
+    if torch.is_grad_enabled() and x.requires_grad:
+        return with_input_grad(x, lambda x: forward(x, w_packed, scales, zeros, group_size, bias),
+                               lambda dy: int4_matmul_backward(dy, w_packed, scales, zeros, group_size), bias)
+    return forward(x, w_packed, scales, zeros, group_size, bias)
 
 
 def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:

@@ -4,7 +4,8 @@
 int8_weight_only_matmul`): x (M, K) float @ (w_int8 (N, K) * w_scale (N,)[:, None]).T (+ bias), in x's dtype. The int8
 weight tile is converted in registers (exact) and fed to a float tl.dot with fp32 accumulation; the scale is applied
 once per output column after the K loop. Decode shapes (M <= 16) split K over programs (fp32 partials summed
-afterwards), so one token still fills the GPU.
+afterwards), so one token still fills the GPU. Differentiable in x (QLoRA: dx = dy @ (w_int8 * w_scale), the reference
+`int8_weight_only_matmul_backward`); the weight, scales and bias are frozen.
 
 Dispatch: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernel; other CPU
 tensors -> torch's packed int8 kernel (`cpu.int8_weight_only_matmul_cpu`, bf16 accuracy); elsewhere the reference.
@@ -24,8 +25,8 @@ import torch
 from .cpu import int8_weight_only_matmul_cpu
 from .device import arch_of, backend_of, cdiv, tl, triton
 from .matmul import (DECODE_MAX_M, dot_flags, finish_splits, launch, m_bucket, matmul_configs, out_buffer_dtype,
-                     split_k, store_tile, tile_ids)
-from .reference import check_int8_weight_only_args
+                     split_k, store_tile, tile_ids, with_input_grad)
+from .reference import check_int8_weight_only_args, int8_weight_only_matmul_backward
 from .reference import int8_weight_only_matmul as int8_weight_only_matmul_reference
 
 __all__ = ["int8_weight_only_matmul", "plan"]
@@ -99,14 +100,20 @@ def _launch_weight_only(x, w, w_scale, bias):
 # Public API
 # ======================================================================================================================
 def int8_weight_only_matmul(x, w_int8, w_scale, bias=None):
-    """x (M, K) float @ (w_int8 (N, K) * w_scale (N,)[:, None]).T (+ bias), in x's dtype (W8A16 weight-only).
-    On the CPU fast path (no interpreter) the product is computed in bf16 (see cpu.int8_weight_only_matmul_cpu)."""
+    """x (M, K) float @ (w_int8 (N, K) * w_scale (N,)[:, None]).T (+ bias), in x's dtype (W8A16 weight-only);
+    differentiable in x. On the CPU fast path (no interpreter) the product is computed in bf16 (see
+    cpu.int8_weight_only_matmul_cpu)."""
     check_int8_weight_only_args(x, w_int8, w_scale, bias)
     if backend_of(x, "tinyformer.kernels.int8_weight_only_matmul") == "triton":
-        return _launch_weight_only(x, w_int8, w_scale, bias)
-    if x.device.type == "cpu":
-        return int8_weight_only_matmul_cpu(x, w_int8, w_scale, bias)
-    return int8_weight_only_matmul_reference(x, w_int8, w_scale, bias)
+        forward = _launch_weight_only
+    elif x.device.type == "cpu":
+        forward = int8_weight_only_matmul_cpu
+    else:
+        forward = int8_weight_only_matmul_reference
+    if torch.is_grad_enabled() and x.requires_grad:
+        return with_input_grad(x, lambda x: forward(x, w_int8, w_scale, bias),
+                               lambda dy: int8_weight_only_matmul_backward(dy, w_int8, w_scale), bias)
+    return forward(x, w_int8, w_scale, bias)
 
 
 def plan(M: int, N: int, K: int, device="cpu") -> dict:

@@ -1,6 +1,7 @@
 """Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm, fp8_mm): the tile
 config and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum
-of the split partials, the dot dtype flags, and the launch (one config, or triton.autotune over the candidates).
+of the split partials, the dot dtype flags, the launch (one config, or triton.autotune over the candidates), and the
+autograd.Function that makes a frozen low-bit weight's product differentiable in its input (QLoRA).
 
 References:
 - The Triton matrix multiplication tutorial (triton-lang/triton, python/tutorials/03-matrix-multiplication.py):
@@ -203,3 +204,29 @@ def launch(fn, grid_fn, cands: List[MatmulConfig], key: tuple, *args, **kwargs):
         fn[grid_fn(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n))](*args, **kwargs, **launch_kwargs(fn, c))
     else:
         autotuned(fn, tuple(cands), key, AUTOTUNE_DO_BENCH)[grid_fn](*args, **kwargs)
+
+
+class FrozenWeightMatmul(torch.autograd.Function):
+    """y = product(x) differentiable in x alone, dx = input_grad(dy): the product of a frozen low-bit weight (codes,
+    scales and bias take no gradient: QLoRA trains adapters beside it; Dettmers et al. 2023). Whichever kernel
+    computes the forward, the backward is the op's torch reference (`reference.*_backward`): one dequantization and
+    one float product."""
+
+    @staticmethod
+    def forward(ctx, x, product, input_grad):
+        ctx.input_grad = input_grad
+        return product(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return ctx.input_grad(dy), None, None
+
+
+def with_input_grad(x, product, input_grad, bias=None):
+    """product(x), through FrozenWeightMatmul when autograd needs x's gradient; the plain call otherwise, so inference
+    pays nothing."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return product(x)
+    if bias is not None and bias.requires_grad:
+        raise ValueError("bias of a low-bit product must be frozen (requires_grad=False): its gradient is not computed")
+    return FrozenWeightMatmul.apply(x, product, input_grad)

@@ -231,6 +231,13 @@ def int8_weight_only_matmul(x, w_int8, w_scale, bias=None):
     return out.to(x.dtype)
 
 
+def int8_weight_only_matmul_backward(dy, w_int8, w_scale):
+    """The input gradient of int8_weight_only_matmul for a frozen weight (QLoRA's base): dx = dy (M, N) @
+    (w_int8 * w_scale[:, None]) (N, K), computed in float32, returned in dy's dtype."""
+    w = w_int8.to(torch.float32) * w_scale.to(torch.float32)[:, None]  # (N, K)
+    return (dy.to(torch.float32) @ w).to(dy.dtype)  # (M, K)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # int4 weight-only matmul
 def pack_int4(q):
@@ -299,6 +306,13 @@ def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(x.dtype)
+
+
+def int4_matmul_backward(dy, w_packed, scales, zeros, group_size):
+    """The input gradient of int4_matmul for a frozen weight (QLoRA's base): dx = dy (M, N) @ dequant(w) (N, K),
+    computed in float32, returned in dy's dtype."""
+    w = dequantize_int4(w_packed, scales, zeros, group_size)  # (N, K)
+    return (dy.to(torch.float32) @ w).to(dy.dtype)  # (M, K)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The package's import graph is a DAG that flows one way, counting imports inside functions.
 
 Layers, bottom to top (a module may import its own layer or lower ones, never a higher one):
-0. kernels (tinyformer.kernels.*, which imports nothing else of tinyformer) and config;
+0. kernels (tinyformer.kernels.*, which imports nothing else of tinyformer), config and names (Hugging Face's
+   parameter names);
 1. ops (the dispatch); cache, generate, chat and checkpoint: generation and saving
    take any model object, so `model.generate` and `model.save` (the public contract) call down into them;
 2. model (the math);
 3. qlinear (the modules compression swaps in);
-4. compress, convert (`tinyformer.load`), export, data, optim, train, eval;
+4. compress, convert (`tinyformer.load`), finetune (LoRA), export, data, optim, train, eval;
 5. cli and the package itself (__init__, __main__).
 """
 import ast
@@ -14,12 +15,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
-    {"tinyformer.kernels", "tinyformer.config"},
+    {"tinyformer.kernels", "tinyformer.config", "tinyformer.names"},
     {"tinyformer.ops", "tinyformer.cache", "tinyformer.generate", "tinyformer.chat", "tinyformer.checkpoint"},
     {"tinyformer.model"},
     {"tinyformer.qlinear"},
-    {"tinyformer.compress", "tinyformer.convert", "tinyformer.export", "tinyformer.data", "tinyformer.optim",
-     "tinyformer.train", "tinyformer.eval"},
+    {"tinyformer.compress", "tinyformer.convert", "tinyformer.finetune", "tinyformer.export", "tinyformer.data",
+     "tinyformer.optim", "tinyformer.train", "tinyformer.eval"},
     {"tinyformer.cli", "tinyformer", "tinyformer.__main__"},
 ]
 

@@ -43,15 +43,25 @@ from tinyformer.checkpoint import FORMAT, FORMAT_VERSION, TOKENIZER_EXTRAS, read
 from tinyformer.compress.prune import apply_structure
 from tinyformer.config import ModelConfig
 from tinyformer.model import build
+from tinyformer.names import BERT_MLM as _BERT_MLM
+from tinyformer.names import bert_name as _bert_name, block_index as _block_index, llama_name as _llama_name
 from tinyformer.qlinear import swap_in_empty
 
 __all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer", "gpt2_name", "gpt2_unfuse",
            "permute_rope_rows"]
 
 
-def load(path, device="cpu"):
+def load(path, device="cpu", adapter=None):
     """A model from a tinyformer folder (`model.save`), a Hugging Face BERT/Llama folder or a Llama GGUF file, in
-    eval mode on `device`."""
+    eval mode on `device`; `adapter`: a PEFT LoRA adapter folder read onto it (`tinyformer.finetune.load_adapter`)."""
+    model = _load(path, device)
+    if adapter is not None:
+        from tinyformer.finetune import load_adapter
+        load_adapter(model, adapter)
+    return model
+
+
+def _load(path, device):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -153,14 +163,8 @@ def _assemble(config, source: dict, name_of: Callable[[str], str], ignore: Calla
     return model.eval()
 
 
-def _block_index(name: str) -> tuple[int, str]:
-    """'decoder.blocks.3.attn.wq.weight' -> (3, 'attn.wq.weight')."""
-    parts = name.split(".")
-    return int(parts[2]), ".".join(parts[3:])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Hugging Face folders
+# Hugging Face folders (their parameter names: tinyformer.names)
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -301,20 +305,7 @@ def _need(hf: dict, key: str, where) -> int:
 
 
 # --- BERT: BertModel / BertFor* checkpoints (weights may carry a "bert." prefix)
-_BERT_BLOCK = {
-    "attn.wq": "attention.self.query", "attn.wk": "attention.self.key", "attn.wv": "attention.self.value",
-    "attn.wo": "attention.output.dense", "norm1": "attention.output.LayerNorm",
-    "mlp.w1": "intermediate.dense", "mlp.w2": "output.dense", "norm2": "output.LayerNorm",
-}
 _BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-
-
-_BERT_MLM = {  # BertForMaskedLM / BertForPreTraining's token head (its decoder weight is the word embeddings)
-    "mlm_dense.weight": "cls.predictions.transform.dense.weight",
-    "mlm_dense.bias": "cls.predictions.transform.dense.bias",
-    "mlm_norm.weight": "cls.predictions.transform.LayerNorm.weight",
-    "mlm_norm.bias": "cls.predictions.transform.LayerNorm.bias", "mlm_bias": "cls.predictions.bias",
-}
 
 
 def _bert_config(hf: dict, where, mlm_head: str = "none"):
@@ -332,23 +323,6 @@ def _bert_config(hf: dict, where, mlm_head: str = "none"):
         norm_eps=hf.get("layer_norm_eps", 1e-12), pos="learned", act=_BERT_ACTS[act], bias=True,
         embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=hf.get("pad_token_id", 0),
         tie_embeddings=True, dropout=0.0, mlm_head=mlm_head)
-
-
-def _bert_name(ours: str) -> str:
-    """Our parameter name -> BertModel's (BertForMaskedLM's for the masked-LM head)."""
-    if ours in _BERT_MLM:
-        return _BERT_MLM[ours]
-    if ours == "wte":
-        return "embeddings.word_embeddings.weight"
-    if ours == "encoder.wpe":
-        return "embeddings.position_embeddings.weight"
-    if ours == "encoder.wtt":
-        return "embeddings.token_type_embeddings.weight"
-    if ours.startswith("encoder.embed_norm."):
-        return "embeddings.LayerNorm." + ours.rsplit(".", 1)[1]
-    i, rest = _block_index(ours)
-    module, leaf = rest.rsplit(".", 1)
-    return f"encoder.layer.{i}.{_BERT_BLOCK[module]}.{leaf}"
 
 
 def _bert_ignore(name: str) -> bool:
@@ -371,13 +345,6 @@ def _normalize_bert_source(source: dict) -> dict:
 
 
 # --- Llama: LlamaForCausalLM ("model." prefix + lm_head) or LlamaModel
-_LLAMA_BLOCK = {
-    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-    "attn.wo": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj",
-    "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
-}
-
-
 def _llama_config(hf: dict, where):
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta / rope_type here
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope else None)
@@ -399,18 +366,6 @@ def _llama_config(hf: dict, where):
         norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope",
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))), act="swiglu", bias=attn_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=0.0)
-
-
-def _llama_name(ours: str, prefix: str) -> str:
-    if ours == "wte":
-        return prefix + "embed_tokens.weight"
-    if ours == "lm_head":
-        return "lm_head.weight"
-    if ours == "decoder.final_norm.weight":
-        return prefix + "norm.weight"
-    i, rest = _block_index(ours)
-    module, leaf = rest.rsplit(".", 1)
-    return f"{prefix}layers.{i}.{_LLAMA_BLOCK[module]}.{leaf}"
 
 
 def _llama_ignore(config):

@@ -26,6 +26,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from tinyformer import kernels
 from tinyformer.kernels import cpu, quant, reference
+from tinyformer.kernels.matmul import with_input_grad
 from tinyformer.kernels.device import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -119,7 +120,15 @@ def linears(x, *modules):
     as one product where the layers stack (`_stackable`): in training (and compiled with frozen weights, where
     Inductor folds the concatenation) over their concatenated float weights, one wider GEMM; outside autograd on the
     CPU over a stacked copy of their weights made once (at a decode step a kernel call costs a fixed overhead beside
-    streaming its weight). Otherwise one call each."""
+    streaming its weight). Otherwise one call each.
+
+    Adapted layers (LoRA: `scheme = "lora"`, a `base` and a `delta(x)`, tinyformer.finetune) take part through their
+    bases, which stack as above, and each adds its own low-rank term."""
+    if len(modules) > 1 and any(type(m).__dict__.get("scheme") == "lora" for m in modules) and not _hooked(modules):
+        bases = [m.base if type(m).__dict__.get("scheme") == "lora" else m for m in modules]
+        ys = linears(x, *bases)
+        deltas = [m.delta(x) if m is not b else None for m, b in zip(modules, bases)]
+        return [y if d is None else y + d.to(y.dtype) for y, d in zip(ys, deltas)]
     if (len(modules) > 1 and (torch.is_grad_enabled() or cpu.folding()) and _stackable(modules) == "float"
             and len({m.bias is None for m in modules}) == 1):  # training: one GEMM
         w = torch.cat([m.weight for m in modules])  # (sum N, K): fewer, wider products for forward and backward
@@ -137,10 +146,16 @@ def _stackable(modules):
     """The scheme the layers share ("float", "int8", "int4", as each class declares for itself, not inherited), or
     None where they differ, declare none, or carry hooks (calibration's must see every layer's input)."""
     scheme = type(modules[0]).__dict__.get("scheme")
-    if (scheme not in ("float", "int8", "int4") or _global_forward_hooks or _global_forward_pre_hooks or any(
-            type(m) is not type(modules[0]) or m._forward_hooks or m._forward_pre_hooks for m in modules)):
+    if scheme not in ("float", "int8", "int4") or _hooked(modules) or any(type(m) is not type(modules[0])
+                                                                          for m in modules):
         return None
     return scheme
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook must see each of these layers called on its own."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 _plans: dict | None = None  # within `frozen_weights`: ids of the layers -> (layers, their stacked product or None)
@@ -262,7 +277,8 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
     """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype: weight-only (W8A16), or W8A8 with
     x quantized per token to int8 (exact int32 accumulation). torch backend on CPU: torch's packed int8 kernel
     (bf16 activations) / torch._int_mm. The weights are a quantized linear's own, valid by construction: the CPU
-    paths skip the per-call checks (at a decode step they cost more than the product)."""
+    paths skip the per-call checks (at a decode step they cost more than the product). Weight-only: differentiable in
+    x on every backend (QLoRA; `kernels.matmul.with_input_grad`, only when autograd needs it)."""
     backend = get_backend(x.device)
     if backend == "triton":
         if activations:
@@ -273,9 +289,12 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
         q, s = quant.quantize_per_token_int8(x)
         mm = cpu.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
         return mm(q, weight, s, scale, bias).to(x.dtype)
-    if backend == "torch" and x.device.type == "cpu":
-        return cpu.int8_weight_only_unchecked(x, weight, scale, bias)
-    return reference.int8_weight_only_matmul(x, weight, scale, bias)
+    mm = cpu.int8_weight_only_unchecked if backend == "torch" and x.device.type == "cpu" else \
+        reference.int8_weight_only_matmul
+    if torch.is_grad_enabled() and x.requires_grad:  # the check first: decoding builds no closures
+        return with_input_grad(x, lambda x: mm(x, weight, scale, bias),
+                               lambda dy: reference.int8_weight_only_matmul_backward(dy, weight, scale), bias)
+    return mm(x, weight, scale, bias)
 
 
 def fp8_linear(x, weight, scale, bias=None):
@@ -288,10 +307,13 @@ def fp8_linear(x, weight, scale, bias=None):
 
 def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
-    backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight; no per-call checks (as above)."""
+    backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight; no per-call checks (as above).
+    Differentiable in x on every backend, as int8_linear."""
     backend = get_backend(x.device)
     if backend == "triton":
         return kernels.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
-    if backend == "torch" and x.device.type == "cpu":
-        return cpu.int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias)
-    return reference.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
+    mm = cpu.int4_matmul_unchecked if backend == "torch" and x.device.type == "cpu" else reference.int4_matmul
+    if torch.is_grad_enabled() and x.requires_grad:
+        return with_input_grad(x, lambda x: mm(x, w_packed, scales, zeros, group_size, bias),
+                               lambda dy: reference.int4_matmul_backward(dy, w_packed, scales, zeros, group_size), bias)
+    return mm(x, w_packed, scales, zeros, group_size, bias)
