@@ -124,12 +124,15 @@ def subprocess_env() -> dict:
 
 def run_worker(spec: dict) -> dict:
     """Run `spec` in a fresh process of this script (--worker) and return the dict it reports on its last line."""
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                          env=subprocess_env())
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(f"worker {spec['job']} {spec.get('framework', '')} {spec.get('config', '')} failed "
                            f"(exit {out.returncode}):\n{out.stderr[-3000:]}")
+    print(f"  {spec['job']} {spec.get('framework', '')} {spec.get('config', '')}: {time.perf_counter() - t0:.0f} s",
+          flush=True)
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -153,8 +156,11 @@ def reset_peak() -> None:
 
 
 def job_prepare(spec: dict) -> dict:
-    """The GGUF's fp32 weights as a tinyformer folder and a transformers folder, and the token windows."""
+    """The GGUF's fp32 weights as a tinyformer folder and a transformers folder, and the token windows (kept in the
+    cache too: encoding the training speeches takes seconds)."""
     import tinyformer
+    from tokenizers import Tokenizer
+
     from tinyformer.eval import sotu_calibration_ids
     tf_dir, hf_dir = Path(spec["tf_dir"]), Path(spec["hf_dir"])
     if not (tf_dir / "config.json").exists():
@@ -169,9 +175,12 @@ def job_prepare(spec: dict) -> dict:
         save_model(hf, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf_dir)
         hf.config.to_json_file(hf_dir / "config.json")  # last: its presence means the folder is complete
-    tok = tinyformer.load(tf_dir).tokenizer
-    windows = sotu_calibration_ids(tok, spec["n_windows"], spec["seq"] + 1, seed=spec["seed"])  # (n, seq + 1)
-    torch.save(windows, spec["windows"])
+    windows = Path(spec["windows"])
+    if not windows.exists():
+        tok = Tokenizer.from_file(str(tf_dir / "tokenizer.json"))
+        ids = sotu_calibration_ids(tok, spec["n_windows"], spec["seq"] + 1, seed=spec["seed"])  # (n, seq + 1)
+        torch.save(ids, windows.with_suffix(".tmp"))
+        os.replace(windows.with_suffix(".tmp"), windows)
     return {}
 
 
@@ -273,11 +282,13 @@ def stage_peft(rows: Rows, work: Path, args):
     gguf = smollm2_gguf()
     key = f"{gguf.stem}-{gguf.stat().st_size}"
     n_steps = args.warmup + args.steps
+    n_windows = n_steps * args.batch
     common = dict(gguf=str(gguf), tf_dir=str(cache_dir() / f"{key}-tinyformer"), hf_dir=str(cache_dir() / f"{key}-hf"),
-                  windows=str(work / "windows.pt"), init_adapter=str(work / "initial-adapter"), seq=args.seq,
+                  windows=str(cache_dir() / f"{key}-sotu-windows-{n_windows}x{args.seq + 1}-seed{args.seed}.pt"),
+                  init_adapter=str(work / "initial-adapter"), seq=args.seq,
                   batch=args.batch, seed=args.seed, rank=16, alpha=32,
                   bnb=importlib.util.find_spec("bitsandbytes") is not None)
-    run_worker({**common, "job": "prepare", "n_windows": n_steps * args.batch})
+    run_worker({**common, "job": "prepare", "n_windows": n_windows})
     tokens = args.batch * args.seq
     for config in args.configs:
         lr = args.lr_full if config == "full" else args.lr_lora
@@ -504,9 +515,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="every stage a smoke run (few steps, small subsets)")
     p.add_argument("--configs", default=None, help="peft stage: comma list of full, lora, qlora (default all; "
                                                    "--quick: lora)")
-    p.add_argument("--steps", type=int, default=None, help="peft stage: timed steps (default 10; --quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="peft stage: timed steps (default 10; --quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="peft stage: untimed steps first (default 2; --quick 1)")
-    p.add_argument("--seq", type=int, default=None, help="tokens a window (default 512; --quick 64)")
+    p.add_argument("--seq", type=int, default=None, help="tokens a window (default 512; --quick 32)")
     p.add_argument("--batch", type=int, default=2, help="windows a step (peft and sotu stages)")
     p.add_argument("--lr-full", type=float, default=2e-5, help="AdamW learning rate of full fine-tuning")
     p.add_argument("--lr-lora", type=float, default=2e-4, help="AdamW learning rate of LoRA")
@@ -529,9 +540,9 @@ def main(argv=None):
         return []
     q = args.quick
     args.configs = [c for c in (args.configs or ("lora" if q else ",".join(CONFIGS))).split(",") if c]
-    args.steps = args.steps or (2 if q else 10)
+    args.steps = args.steps or (1 if q else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
-    args.seq = args.seq or (64 if q else 512)
+    args.seq = args.seq or (32 if q else 512)
     args.words = args.words or (8 if q else 200)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = Rows(args)
