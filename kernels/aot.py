@@ -78,6 +78,7 @@ ATTN_HEAD_DIMS = (16, 32, 64, 80, 128, 256)  # one per BLOCK_D bucket, plus 80: 
 _ATTN_IO_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 _ATTN_FP32_PTRS = ("LSE", "DELTA", "OP", "LP", "KB")
 ATTN_KPM_KERNELS = ("fwd",)  # kernels with a HAS_KPM constexpr; the others always read the key bias
+ATTN_VARLEN_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")  # kernels with a VARLEN constexpr (packed documents)
 _ATTN_FNS = {"fwd": "_attn_fwd_kernel", "decode": "_attn_decode_kernel",
              "decode_combine": "_attn_decode_combine_kernel", "bwd_preprocess": "_attn_bwd_preprocess_kernel",
              "bwd_dkdv": "_attn_bwd_dkdv_kernel", "bwd_dq": "_attn_bwd_dq_kernel"}
@@ -88,15 +89,20 @@ def _ty(dtype: torch.dtype) -> str:
 
 
 def attention_spec(kind: str, head_dim: int, dtype: torch.dtype, arch: int, cfg: fa.KernelConfig,
-                   has_kpm: bool = False) -> dict:
+                   has_kpm: bool = False, varlen: bool = False) -> dict:
     """One compile spec of a flash_attention kernel: kind (flash_attention.KERNELS), head dim, fp16/bf16, target,
-    a KernelConfig, and for the forward whether it reads a key padding mask."""
+    a KernelConfig, for the forward whether it reads a key padding mask, and for the forward and backward kernels
+    whether they confine attention to packed documents (VARLEN; never with a key padding mask)."""
     fn = getattr(fa, _ATTN_FNS[kind])
     ce = dict(HEAD_DIM=head_dim, BLOCK_D=fa.block_d(head_dim))
     if kind in ATTN_KPM_KERNELS:
         ce.update(HAS_KPM=has_kpm)
     elif has_kpm:
         raise ValueError(f"{kind} has no mask variant (it always reads the key bias)")
+    if kind in ATTN_VARLEN_KERNELS:
+        ce.update(VARLEN=varlen)
+    if varlen and (has_kpm or kind not in ATTN_VARLEN_KERNELS):
+        raise ValueError(f"{kind} has no packed-document variant" + (" with a key padding mask" if has_kpm else ""))
     if kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
         ce.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=False, DOT_PREC="ieee")
     elif kind == "bwd_preprocess":
@@ -105,12 +111,12 @@ def attention_spec(kind: str, head_dim: int, dtype: torch.dtype, arch: int, cfg:
         ce.update(BLOCK_S=fa.DECODE_MAX_SPLITS, BLOCK_R=cfg.block_m)
     ce.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
     ptrs = {n: "*fp32" for n in _ATTN_FP32_PTRS}
-    ptrs.update({n: "*" + _ty(dtype) for n in _ATTN_IO_PTRS})
+    ptrs.update({n: "*" + _ty(dtype) for n in _ATTN_IO_PTRS}, DOC="*i32")
     div16 = [n for n in fn.arg_names if n in ptrs
              or (n.startswith("stride_") and n[-1] in "bhmn" and not n.startswith("stride_m") and n not in ce)]
     tile = f"m{cfg.block_m}" + (f"n{cfg.block_n}" if cfg.block_n else "")
-    name = (f"attn_{kind}_d{head_dim}_{_ty(dtype)}{'_kpm' if has_kpm else ''}_{tile}w{cfg.num_warps}"
-            f"s{cfg.num_stages}")
+    name = (f"attn_{kind}_d{head_dim}_{_ty(dtype)}{'_kpm' if has_kpm else ''}{'_varlen' if varlen else ''}_{tile}"
+            f"w{cfg.num_warps}s{cfg.num_stages}")
     return _spec(name, fn, {n: t for n, t in ptrs.items() if n in fn.arg_names}, ce, cfg, arch, div16,
                  shipped_forward=kind in ("fwd", "decode"), floats=("qk_scale", "sm_scale"))
 
@@ -118,18 +124,25 @@ def attention_spec(kind: str, head_dim: int, dtype: torch.dtype, arch: int, cfg:
 def attention_specs() -> List[dict]:
     """Every flash_attention config the launchers can pick on sm_80 and sm_90: each kernel x head-dim bucket
     (ATTN_HEAD_DIMS) x fp16/bf16 x every candidate and decode BLOCK_M. Causal and non-causal share one binary (causal
-    is a runtime offset); the forward with and without a key padding mask; decode, dQ and dK/dV always read the bias.
-    fp32 inputs are not in the set."""
+    is a runtime offset); the forward with and without a key padding mask; decode, dQ and dK/dV always read the bias;
+    the forward, dQ and dK/dV also with packed documents. fp32 inputs are not in the set."""
     specs = []
     for arch in DEFAULT_TARGETS:
         for dtype in (torch.float16, torch.bfloat16):
             for D in ATTN_HEAD_DIMS:
                 for kind in fa.KERNELS:
-                    for has_kpm in ((False, True) if kind in ATTN_KPM_KERNELS else (False,)):
+                    for has_kpm, varlen in attention_variants(kind):
                         for rows in ((16, 64) if kind == "decode" else (1,)):
-                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm):
-                                specs.append(attention_spec(kind, D, dtype, arch, c, has_kpm=has_kpm))
+                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm,
+                                                       varlen=varlen):
+                                specs.append(attention_spec(kind, D, dtype, arch, c, has_kpm=has_kpm, varlen=varlen))
     return specs
+
+
+def attention_variants(kind: str) -> list:
+    """(has_kpm, varlen) pairs the launchers compile for one kernel kind."""
+    return ([(False, False)] + [(True, False)] * (kind in ATTN_KPM_KERNELS)
+            + [(False, True)] * (kind in ATTN_VARLEN_KERNELS))
 
 
 def _dot_dtype(ty: str):

@@ -8,13 +8,14 @@ Each row is one candidate a launcher may pick, and what the ahead-of-time compil
                   (per_token_quant.py); i4_gemv, i4_decode, i4 (int4_mm.py); fp8 (fp8_mm.py, sm90 only)
     arch          sm80 (Ampere and Ada, with a stage cap for sm_86/sm_89 applied by the launchers) or sm90 (Hopper)
     bucket        attention: BLOCK_D, the head dim rounded up to a power of two >= 16; matmuls: empty
-    variant       attn_fwd: "" or "kpm" (with a key padding mask); attn_decode: "rows16" or "rows64" (query rows
-                  packed per kv head, G * Tq, up to 16 or more); otherwise empty
+    variant       attn_fwd: "", "kpm" (with a key padding mask) or "varlen" (packed documents); attn_decode:
+                  "rows16" or "rows64" (query rows packed per kv head, G * Tq, up to 16 or more); otherwise empty
     block_m, block_n, block_k, num_warps, num_stages, group_m
                   the tile config; 0 where the kernel has no such parameter
     registers, spill_stores, spill_loads, shared_bytes
                   the worst over the compiles the row stands for (fp16 and bf16, every AOT head dim of the bucket,
-                  both attention mask variants of decode and backward, int4 group-size buckets), on the report's
+                  both attention mask variants of decode and backward, the backward with and without packed
+                  documents, int4 group-size buckets), on the report's
                   triton and ptxas; empty until measured
     note          a present-tense reason, where a row needs one
 

@@ -14,6 +14,10 @@ References:
 - The Triton fused-attention tutorial (triton-lang/triton, python/tutorials/06-fused-attention.py): exp2-domain
   softmax with log2(e) folded into the scale, and splitting the key loop into an unmasked part and a masked part.
 - Ainslie et al. 2023 (GQA): query head h reads k/v head h // (Hq // Hkv); repeated K/V are never materialised.
+- flash-attn's variable-length API (Dao-AILab/flash-attention, flash_attn_varlen_func): packed documents given by
+  cu_seqlens. Here every document stays inside one row of the (B, T) batch, so the kernels keep their grid and a
+  VARLEN constexpr adds per-token document bounds: a tile's loop runs over its documents' span only, whole tiles
+  inside every row's document run unmasked, and the masked tiles also test the document.
 
 Layout of this file: @triton.jit kernels -> ONE heuristic (`kernel_configs`: blocks, warps and stages from
 configs.csv) -> launchers -> `_FlashAttention` (torch.autograd.Function) -> public `attention` and `plan`.
@@ -39,7 +43,7 @@ import torch
 from .configs import arch_family, candidates
 from .cpu import sdpa_attention
 from .device import INTERPRET, arch_of, backend_of, cdiv, cuda_index, num_sms, tl, triton
-from .reference import check_attention_args
+from .reference import check_attention_args, document_ids
 
 LOG2E = 1.4426950408889634
 
@@ -54,13 +58,14 @@ stats: Counter = Counter()
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-               q_pos, offs_d, lo, hi, Tk, causal_off, qk_scale,
+               q_pos, offs_d, lo, hi, Tk, causal_off, qk_scale, doc_lo, doc_hi,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
     """Online softmax over key tiles [lo, hi). q: (BLOCK_M, BLOCK_D); q_pos: (BLOCK_M,) query positions for the
     causal rule key j <= q_pos + causal_off (non-causal calls pass an offset past every key). MASKED adds the
     key-boundary and causal masks: only the last tiles need them, so callers split their loop and the bulk of the
-    tiles runs without a select per score."""
+    tiles runs without a select per score. VARLEN (packed documents) adds to the masks that key j lies in the
+    query's document [doc_lo, doc_hi), (BLOCK_M,) positions in the row."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -85,7 +90,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
         else:
             s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
-            s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None] + causal_off), s, float("-inf"))
+            ok = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None] + causal_off)  # (BLOCK_M, BLOCK_N)
+            if VARLEN:
+                ok = ok & (offs_n[None, :] >= doc_lo[:, None]) & (offs_n[None, :] < doc_hi[:, None])
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_KPM:  # a row with every key masked so far keeps m = -inf: shift by 0, not by -inf
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,20 +107,32 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
 
 
 @triton.jit
+def _doc_tiles(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """Packed documents: split a tile's span [lo, hi) of the other side's rows into masked tiles [lo, a), whole
+    tiles [a, b) inside [full_lo, full_hi), the part every row of the tile sees (no mask), and masked tiles [b, hi).
+    Tiles are counted from lo, so the three loops never cover a row twice."""
+    a = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK) * BLOCK, hi)
+    b = a + tl.maximum(full_hi - a, 0) // BLOCK * BLOCK
+    return a, b
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KB,
+    Q, K, V, O, LSE, KB, DOC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, doc_stride,
     Hq, GROUP, Tq, Tk, causal_off, qk_scale,
     TQ_KEY, TK_KEY, CAUSAL_KEY,  # power-of-two buckets of Tq/Tk and causal: unused here, they key the autotuner
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (cdiv(Tq, BLOCK_M), B * Hq). Writes O (B, Hq, Tq, D) and LSE (B, Hq, Tq) fp32 (log2 domain).
-    Query i sees keys j <= i + causal_off: Tk - Tq for bottom-right causal, past every key otherwise."""
+    Query i sees keys j <= i + causal_off: Tk - Tq for bottom-right causal, past every key otherwise.
+    VARLEN: DOC (2, B, T) int32 holds each token's document start, then end (doc_stride = B * T apart), as positions
+    in its row; query i also needs key j in its document, and the tile's keys run over its documents' span only."""
     pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)  # causal: the last tiles see the most keys, start them first
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -140,14 +160,31 @@ def _attn_fwd_kernel(
     hi = tl.minimum(Tk, start_m + BLOCK_M + causal_off)  # keys past the horizon of the tile's last row: skipped
     # key tiles that are whole and visible to the tile's FIRST row run without masks
     n_full = tl.minimum(Tk, tl.maximum(start_m + causal_off + 1, 0)) // BLOCK_N * BLOCK_N
+    n_lo = 0
+    doc_lo = 0
+    doc_hi = Tk
+    if VARLEN:  # keys from the first row's document start to the last row's document end; then as above
+        doc_base = DOC + b * Tq
+        last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+        doc_lo = tl.load(doc_base + offs_m, mask=m_ok, other=0)  # (BLOCK_M,)
+        doc_hi = tl.load(doc_base + doc_stride + offs_m, mask=m_ok, other=0)
+        lo = tl.load(doc_base + start_m)
+        hi = tl.minimum(hi, tl.load(doc_base + doc_stride + last))
+        n_lo, n_full = _doc_tiles(lo, tl.load(doc_base + last),
+                                  tl.minimum(tl.load(doc_base + doc_stride + start_m), start_m + causal_off + 1),
+                                  hi, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                   offs_m, offs_d, lo, n_lo, Tk, causal_off, qk_scale, doc_lo, doc_hi,
+                                   HEAD_DIM, BLOCK_N, True, HAS_KPM, UPCAST, DOT_PREC, VARLEN)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                               offs_m, offs_d, 0, n_full, Tk, causal_off, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, HAS_KPM, UPCAST, DOT_PREC)
+                               offs_m, offs_d, n_lo, n_full, Tk, causal_off, qk_scale, doc_lo, doc_hi,
+                               HEAD_DIM, BLOCK_N, False, HAS_KPM, UPCAST, DOT_PREC, VARLEN)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                               offs_m, offs_d, n_full, hi, Tk, causal_off, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, HAS_KPM, UPCAST, DOT_PREC)
+                               offs_m, offs_d, n_full, hi, Tk, causal_off, qk_scale, doc_lo, doc_hi,
+                               HEAD_DIM, BLOCK_N, True, HAS_KPM, UPCAST, DOT_PREC, VARLEN)
 
     empty = l_i == 0.0  # the row saw no key: output 0, lse +inf (so the backward's P is 0)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -199,8 +236,8 @@ def _attn_decode_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh,
                                V + b * stride_vb + hk * stride_vh, KB + b * stride_mb,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                               i, offs_d, lo, hi, Tk, causal_off, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, True, UPCAST, DOT_PREC)
+                               i, offs_d, lo, hi, Tk, causal_off, qk_scale, 0, Tk,
+                               HEAD_DIM, BLOCK_N, True, True, UPCAST, DOT_PREC, False)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -268,11 +305,12 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     stride_qm, stride_qd, stride_dom, stride_dod,
-                    offs_n, offs_d, lo, hi, Tq, causal_off, qk_scale,
+                    offs_n, offs_d, lo, hi, Tq, causal_off, qk_scale, doc_lo, doc_hi,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form (keys on rows).
-    Padded query rows load lse = +inf, so their P is 0; keys past Tk only produce rows that are never stored."""
+    Padded query rows load lse = +inf, so their P is 0; keys past Tk only produce rows that are never stored.
+    VARLEN: the masks also need query i in key j's document [doc_lo, doc_hi), (BLOCK_N,) positions in the row."""
     d_ok = offs_d < HEAD_DIM
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -289,7 +327,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
         pt = tl.math.exp2(st - lse[None, :])
         if MASKED:
-            pt = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pt, 0.0)
+            ok = offs_n[:, None] <= offs_m[None, :] + causal_off  # (BLOCK_N, BLOCK_M)
+            if VARLEN:
+                ok = ok & (offs_m[None, :] >= doc_lo[:, None]) & (offs_m[None, :] < doc_hi[:, None])
+            pt = tl.where(ok, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
         dst = pt * (dpt - delta[None, :])
@@ -299,23 +340,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KB, DOC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, doc_stride,
     stride_dks, stride_dvs, HEADS_PER,
     Hq, GROUP, Tq, Tk, causal_off, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid (cdiv(Tk, BLOCK_N), B * Hkv, S). One program owns a K/V tile of one kv head and loops over the query
     tiles of HEADS_PER of the G query heads that share it (split pid 2 takes heads [s * HEADS_PER, ..)), so the GQA
     reduction of dK/dV happens in registers; with S > 1 each split writes its own fp32 partial at DK + s * stride_dks
-    (and DV), summed by the launcher in a fixed order: deterministic, no atomics."""
+    (and DV), summed by the launcher in a fixed order: deterministic, no atomics. VARLEN: DOC as in the forward;
+    the query loop runs over the span of the tile's keys' documents only."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -344,6 +386,18 @@ def _attn_bwd_dkdv_kernel(
     m_lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
     m_full = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M, m_lo)
     m_mid = tl.minimum(m_full, Tq)
+    m_end = Tq
+    doc_lo = 0
+    doc_hi = Tq
+    if VARLEN:  # queries from the first key's document start (or its causal horizon) to the last key's document end
+        doc_base = DOC + b * Tk
+        last = tl.minimum(start_n + BLOCK_N, Tk) - 1
+        doc_lo = tl.load(doc_base + offs_n, mask=n_ok, other=0)  # (BLOCK_N,)
+        doc_hi = tl.load(doc_base + doc_stride + offs_n, mask=n_ok, other=0)
+        m_lo = tl.maximum(tl.load(doc_base + start_n), start_n - causal_off)
+        m_hi = tl.load(doc_base + doc_stride + last)
+        m_mid, m_end = _doc_tiles(m_lo, tl.maximum(tl.load(doc_base + last), last - causal_off),
+                                  tl.load(doc_base + doc_stride + start_n), m_hi, BLOCK_M)
     for g in range(pid_s * HEADS_PER, tl.minimum(pid_s * HEADS_PER + HEADS_PER, GROUP)):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -353,12 +407,17 @@ def _attn_bwd_dkdv_kernel(
         delta_base = DELTA + bh * Tq
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, offs_d, m_lo, m_mid, Tq, causal_off, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, UPCAST, DOT_PREC)
+                                 offs_n, offs_d, m_lo, m_mid, Tq, causal_off, qk_scale, doc_lo, doc_hi,
+                                 HEAD_DIM, BLOCK_M, True, UPCAST, DOT_PREC, VARLEN)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 offs_n, offs_d, m_full, Tq, Tq, causal_off, qk_scale,
-                                 HEAD_DIM, BLOCK_M, False, UPCAST, DOT_PREC)
+                                 offs_n, offs_d, m_mid, m_end, Tq, causal_off, qk_scale, doc_lo, doc_hi,
+                                 HEAD_DIM, BLOCK_M, False, UPCAST, DOT_PREC, VARLEN)
+        if VARLEN:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     stride_qm, stride_qd, stride_dom, stride_dod,
+                                     offs_n, offs_d, m_end, m_hi, Tq, causal_off, qk_scale, doc_lo, doc_hi,
+                                     HEAD_DIM, BLOCK_M, True, UPCAST, DOT_PREC, VARLEN)
     # a padded key (bias -inf) contributes to no row: its dK/dV rows are exactly 0. Read once per program, so no
     # constexpr variant: without a mask KB is a single 0 with zero strides.
     kp = tl.load(KB + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_ok, other=float("-inf")) == 0.0
@@ -376,12 +435,12 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                  offs_m, offs_d, lo, hi, Tk, causal_off, qk_scale,
+                  offs_m, offs_d, lo, hi, Tk, causal_off, qk_scale, doc_lo, doc_hi,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi). The key bias is always read (without a mask: a
     single 0 with zero strides): BLOCK_N floats per tile next to two (BLOCK_N, D) tiles, fused into the scaling FMA,
-    so one dQ binary serves both cases."""
+    so one dQ binary serves both cases. VARLEN: as in `_fwd_inner`."""
     d_ok = offs_d < HEAD_DIM
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -399,7 +458,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + kb[None, :]  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:  # n_ok too: a key past Tk has k = 0 but 2^(0 - lse) can overflow, and inf * 0 = NaN
-            p = tl.where(n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off), p, 0.0)
+            ok = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + causal_off)  # (BLOCK_M, BLOCK_N)
+            if VARLEN:
+                ok = ok & (offs_n[None, :] >= doc_lo[:, None]) & (offs_n[None, :] < doc_hi[:, None])
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
@@ -408,18 +470,19 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KB,
+    Q, K, V, DO, LSE, DELTA, DQ, KB, DOC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, doc_stride,
     Hq, GROUP, Tq, Tk, causal_off, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Grid (cdiv(Tq, BLOCK_M), B * Hq). One program owns a query tile and streams the key tiles it can see."""
+    """Grid (cdiv(Tq, BLOCK_M), B * Hq). One program owns a query tile and streams the key tiles it can see.
+    VARLEN: DOC and the key span as in the forward."""
     pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -448,14 +511,31 @@ def _attn_bwd_dq_kernel(
     kb_base = KB + b * stride_mb
     hi = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
     n_full = tl.minimum(Tk, tl.maximum(start_m + causal_off + 1, 0)) // BLOCK_N * BLOCK_N
+    n_lo = 0
+    doc_lo = 0
+    doc_hi = Tk
+    if VARLEN:  # the forward's key span
+        doc_base = DOC + b * Tq
+        last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+        doc_lo = tl.load(doc_base + offs_m, mask=m_ok, other=0)  # (BLOCK_M,)
+        doc_hi = tl.load(doc_base + doc_stride + offs_m, mask=m_ok, other=0)
+        lo = tl.load(doc_base + start_m)
+        hi = tl.minimum(hi, tl.load(doc_base + doc_stride + last))
+        n_lo, n_full = _doc_tiles(lo, tl.load(doc_base + last),
+                                  tl.minimum(tl.load(doc_base + doc_stride + start_m), start_m + causal_off + 1),
+                                  hi, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                           offs_m, offs_d, lo, n_lo, Tk, causal_off, qk_scale, doc_lo, doc_hi,
+                           HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC, VARLEN)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                       offs_m, offs_d, 0, n_full, Tk, causal_off, qk_scale,
-                       HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PREC)
+                       offs_m, offs_d, n_lo, n_full, Tk, causal_off, qk_scale, doc_lo, doc_hi,
+                       HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PREC, VARLEN)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                       offs_m, offs_d, n_full, hi, Tk, causal_off, qk_scale,
-                       HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+                       offs_m, offs_d, n_full, hi, Tk, causal_off, qk_scale, doc_lo, doc_hi,
+                       HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC, VARLEN)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh
              + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -498,26 +578,30 @@ def block_d(head_dim: int) -> int:
     return max(16, triton_next_pow2(head_dim))
 
 
-def table_variant(kind: str, rows: int = 1, has_kpm: bool = False) -> str:
+def table_variant(kind: str, rows: int = 1, has_kpm: bool = False, varlen: bool = False) -> str:
     """The configs.csv variant of a call: the forward has its own rows with a key padding mask (the bias vector per
-    key tile needs smaller tiles in some buckets); decode's BLOCK_M follows the rows packed per kv head (G * Tq)."""
+    key tile needs smaller tiles in some buckets) and with packed documents (the per-row document bounds and the
+    extra masked key loop spill the larger tiles of the 128 bucket); decode's BLOCK_M follows the rows packed per kv
+    head (G * Tq)."""
     if kind == "fwd":
-        return "kpm" if has_kpm else ""
+        return "kpm" if has_kpm else "varlen" if varlen else ""
     if kind == "decode":
         return "rows16" if rows <= 16 else "rows64"
     return ""
 
 
 def kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: Optional[int],
-                   rows: int = 1, has_kpm: bool = False) -> List[KernelConfig]:
+                   rows: int = 1, has_kpm: bool = False, varlen: bool = False) -> List[KernelConfig]:
     """THE heuristic: candidate configs for one kernel, default first. arch None = the interpreter (one config).
     rows: for "decode", the rows packed per kv head (G * Tq), which sets BLOCK_M. has_kpm: the forward with a key
-    padding mask. fp16/bf16 read configs.csv as it is; fp32 and sm_86/sm_89 derive from it."""
+    padding mask. varlen: the forward with packed documents (the backward kernels share their rows with the plain
+    call). fp16/bf16 read configs.csv as it is; fp32 and sm_86/sm_89 derive from it."""
     if kind not in KERNELS:
         raise ValueError(f"kind must be one of {KERNELS}, got {kind!r}")
     if arch is None:
         return [_INTERPRET_CONFIG[kind]]
-    found = candidates("attn_" + kind, arch_family(arch), str(block_d(head_dim)), table_variant(kind, rows, has_kpm))
+    found = candidates("attn_" + kind, arch_family(arch), str(block_d(head_dim)),
+                       table_variant(kind, rows, has_kpm, varlen))
     cands = [KernelConfig(r["block_m"], r["block_n"], r["num_warps"], r["num_stages"], row=i) for i, r in found]
     if kind in FIXED_TILE_KERNELS:
         return cands
@@ -556,6 +640,7 @@ def _kernel_flags(q: torch.Tensor):
 
 
 _ZERO_BIAS: dict = {}
+_NO_DOCS: dict = {}
 
 
 def _kpm_args(key_padding_mask, q):
@@ -572,6 +657,23 @@ def _kpm_args(key_padding_mask, q):
     kb = torch.zeros(key_padding_mask.shape, device=q.device, dtype=torch.float32)
     kb.masked_fill_(~key_padding_mask, float("-inf"))  # (B, Tk)
     return kb, kb.stride(0), kb.stride(1), True
+
+
+def _doc_args(cu_seqlens, q):
+    """Packed documents for the kernels: DOC (2, B * T) int32, each token's document start, then end, as positions
+    in its row (computed on the device, no host sync), and its row stride B * T; True. Without cu_seqlens: a cached
+    empty int32 tensor the VARLEN=False kernels never read, 0, False."""
+    if cu_seqlens is None:
+        key = str(q.device)
+        if key not in _NO_DOCS:
+            _NO_DOCS[key] = torch.zeros(1, device=q.device, dtype=torch.int32)
+        return _NO_DOCS[key], 0, False
+    B, T = q.shape[0], q.shape[2]
+    ids = document_ids(cu_seqlens, B, T).view(-1)  # (B, T) -> (B * T,) document of each token
+    cu = cu_seqlens.long()
+    pos = torch.arange(B * T, device=q.device)  # (B * T,) flat token index
+    row0 = pos - pos % T  # (B * T,) flat index of the token's row start
+    return torch.stack((cu[ids] - row0, cu[ids + 1] - row0)).to(torch.int32), B * T, True  # (2, B * T)
 
 
 @dataclass(frozen=True)
@@ -597,17 +699,19 @@ def _backend(q: torch.Tensor) -> str:
     return "triton" if backend_of(q, "tinyformer.kernels.attention") == "triton" else "sdpa"
 
 
-def plan(q, k, v, causal: bool = False, key_padding_mask=None, needs_grad: Optional[bool] = None) -> Plan:
+def plan(q, k, v, causal: bool = False, key_padding_mask=None, needs_grad: Optional[bool] = None,
+         cu_seqlens=None) -> Plan:
     """The dispatch decision for these inputs (validated first). needs_grad defaults to whether autograd records
-    this call; the decode path is forward-only, so a call that needs gradients takes the flash path."""
-    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask)
+    this call; the decode path is forward-only, so a call that needs gradients takes the flash path. Packed
+    documents (cu_seqlens, Tq == Tk) always take the flash path."""
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, cu_seqlens=cu_seqlens)
     backend = _backend(q)
     if backend == "sdpa":
         return Plan("sdpa", "sdpa")
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     arch = arch_of(q.device)
-    if not needs_grad and Tq <= DECODE_MAX_TQ and Tk >= DECODE_MIN_TK:
+    if not needs_grad and cu_seqlens is None and Tq <= DECODE_MAX_TQ and Tk >= DECODE_MIN_TK:
         G = Hq // Hkv
         c = kernel_configs("decode", D, q.dtype, arch, rows=G * Tq)[0]
         n_tiles = cdiv(Tk, c.block_n)
@@ -618,7 +722,8 @@ def plan(q, k, v, causal: bool = False, key_padding_mask=None, needs_grad: Optio
             splits = min(n_tiles, 4)
         chunk = cdiv(n_tiles, splits) * c.block_n  # keys per split, whole tiles
         return Plan("triton", "decode", c, cdiv(Tk, chunk), chunk)
-    return Plan("triton", "flash", kernel_configs("fwd", D, q.dtype, arch, has_kpm=key_padding_mask is not None)[0])
+    return Plan("triton", "flash", kernel_configs("fwd", D, q.dtype, arch, has_kpm=key_padding_mask is not None,
+                                                  varlen=cu_seqlens is not None)[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -628,27 +733,28 @@ def _autotuned_fwd(cands: tuple, do_bench=None):
     retune at every step. do_bench: a timer override (tests pass a CPU timer; GPU uses triton's default)."""
     tconfigs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                               num_stages=c.num_stages) for c in cands]
-    return triton.autotune(configs=tconfigs, key=["HEAD_DIM", "HAS_KPM", "TQ_KEY", "TK_KEY", "CAUSAL_KEY"],
+    return triton.autotune(configs=tconfigs, key=["HEAD_DIM", "HAS_KPM", "VARLEN", "TQ_KEY", "TK_KEY", "CAUSAL_KEY"],
                            do_bench=do_bench)(_attn_fwd_kernel)
 
 
-def _flash_fwd(q, k, v, causal, scale, key_padding_mask, configs=None, do_bench=None):
-    """Launch the forward. Returns out (B, Hq, Tq, D) in q's dtype and lse2 (B, Hq, Tq) fp32.
+def _flash_fwd(q, k, v, causal, scale, key_padding_mask, docs=None, configs=None, do_bench=None):
+    """Launch the forward. Returns out (B, Hq, Tq, D) in q's dtype and lse2 (B, Hq, Tq) fp32. docs: `_doc_args`.
     configs: override the heuristic's candidates (tests); more than one goes through triton.autotune."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     o = torch.empty((B, Hq, Tq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
     kpm, smb, smn, has_kpm = _kpm_args(key_padding_mask, q)
+    doc, doc_stride, varlen = docs if docs is not None else _doc_args(None, q)
     upcast, prec = _kernel_flags(q)
     if configs is None:
-        configs = kernel_configs("fwd", D, q.dtype, arch_of(q.device), has_kpm=has_kpm)
+        configs = kernel_configs("fwd", D, q.dtype, arch_of(q.device), has_kpm=has_kpm, varlen=varlen)
         if not _autotune_enabled():
             configs = configs[:1]
-    args = (q, k, v, o, lse, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn,
+    args = (q, k, v, o, lse, kpm, doc, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smn, doc_stride,
             Hq, Hq // Hkv, Tq, Tk, _causal_offset(causal, Tq, Tk), scale * LOG2E,
             triton_next_pow2(Tq), triton_next_pow2(Tk), int(causal))
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_KPM=has_kpm, UPCAST=upcast, DOT_PREC=prec)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_KPM=has_kpm, UPCAST=upcast, DOT_PREC=prec, VARLEN=varlen)
     if len(configs) > 1:
         grid = lambda m: (cdiv(Tq, m["BLOCK_M"]), B * Hq)  # noqa: E731
         _autotuned_fwd(tuple(configs), do_bench)[grid](*args, **meta)
@@ -697,13 +803,14 @@ def dkdv_head_splits(programs: int, G: int, device) -> tuple:
     return cdiv(G, per), per
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
-    """Launch preprocess, dK/dV and dQ. Returns dq, dk, dv in the dtypes of q, k, v."""
+def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask, docs):
+    """Launch preprocess, dK/dV and dQ. Returns dq, dk, dv in the dtypes of q, k, v. docs: `_doc_args`."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     arch = arch_of(q.device)
     upcast, prec = _kernel_flags(q)
     kpm, smb, smn, _ = _kpm_args(key_padding_mask, q)
+    doc, doc_stride, varlen = docs
     dims = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
 
     delta = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
@@ -712,7 +819,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
         o, do, delta, *o.stride(), *do.stride(), Hq, Tq, **dims, BLOCK_M=c.block_m,
         num_warps=c.num_warps, num_stages=c.num_stages)
 
-    flags = dict(UPCAST=upcast, DOT_PREC=prec)
+    flags = dict(UPCAST=upcast, DOT_PREC=prec, VARLEN=varlen)
     shape_args = (Hq, Hq // Hkv, Tq, Tk, _causal_offset(causal, Tq, Tk), scale * LOG2E, scale)
     c = kernel_configs("bwd_dkdv", D, q.dtype, arch)[0]
     S, per = dkdv_head_splits(B * Hkv * cdiv(Tk, c.block_n), Hq // Hkv, q.device)
@@ -724,8 +831,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
         dks = torch.empty((S, *k.shape), device=k.device, dtype=torch.float32)
         dvs = torch.empty((S, *v.shape), device=v.device, dtype=torch.float32)
     _attn_bwd_dkdv_kernel[(cdiv(Tk, c.block_n), B * Hkv, S)](
-        q, k, v, do, lse, delta, dks[0] if S > 1 else dks, dvs[0] if S > 1 else dvs, kpm,
+        q, k, v, do, lse, delta, dks[0] if S > 1 else dks, dvs[0] if S > 1 else dvs, kpm, doc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dks.stride()[-4:], *dvs.stride()[-4:], smb, smn,
+        doc_stride,
         dks.stride(0) if S > 1 else 0, dvs.stride(0) if S > 1 else 0, per,
         *shape_args, **dims, **flags,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -735,8 +843,8 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     c = kernel_configs("bwd_dq", D, q.dtype, arch)[0]
     _attn_bwd_dq_kernel[(cdiv(Tq, c.block_m), B * Hq)](
-        q, k, v, do, lse, delta, dq, kpm,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smn,
+        q, k, v, do, lse, delta, dq, kpm, doc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smn, doc_stride,
         *shape_args, **dims, **flags,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
     stats["flash_bwd"] += 1
@@ -748,17 +856,18 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, key_padding_mask):
 # ======================================================================================================================
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, key_padding_mask):
-        o, lse = _flash_fwd(q, k, v, causal, scale, key_padding_mask)
-        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
-        ctx.causal, ctx.scale = causal, scale
+    def forward(ctx, q, k, v, causal, scale, key_padding_mask, cu_seqlens):
+        docs = _doc_args(cu_seqlens, q)
+        o, lse = _flash_fwd(q, k, v, causal, scale, key_padding_mask, docs)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, docs[0])
+        ctx.causal, ctx.scale, ctx.doc_args = causal, scale, docs[1:]
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, key_padding_mask)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, key_padding_mask, doc = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, key_padding_mask, (doc, *ctx.doc_args))
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_scale(scale, D: int) -> float:
@@ -771,20 +880,25 @@ def _check_scale(scale, D: int) -> float:
     return float(scale)
 
 
-def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None):
+def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None,
+              cu_seqlens=None):
     """softmax(q k^T * scale + mask) v, fused. q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0;
     causal is bottom-right aligned (query i sees keys j <= i + Tk - Tq); key_padding_mask bool (B, Tk), True =
     attend. A query row that sees no key gives 0. Differentiable in q, k, v. Returns (B, Hq, Tq, D) in q's dtype.
+    cu_seqlens: packed documents, flash-attn's varlen convention (int32/int64 (n_docs + 1,) offsets into the B * T
+    tokens, every row boundary among them; self-attention only): each document attends only to itself, causally
+    or bidirectionally; not with key_padding_mask (a row's padding is its last document).
 
     Arguments are validated before anything is launched (ValueError/TypeError naming the argument). CUDA tensors
     and CPU tensors under TRITON_INTERPRET=1 run the Triton kernels (`plan` says which path); other CPU tensors run
     torch SDPA (`cpu.sdpa_attention`)."""
-    check_attention_args(q, k, v, key_padding_mask)
+    check_attention_args(q, k, v, key_padding_mask, cu_seqlens=cu_seqlens)
     scale = _check_scale(scale, q.shape[-1])
-    p = plan(q, k, v, causal, key_padding_mask)
+    p = plan(q, k, v, causal, key_padding_mask, cu_seqlens=cu_seqlens)
     if p.backend == "sdpa":
         stats["sdpa"] += 1
-        return sdpa_attention(q, k, v, causal=bool(causal), scale=scale, key_padding_mask=key_padding_mask)
+        return sdpa_attention(q, k, v, causal=bool(causal), scale=scale, key_padding_mask=key_padding_mask,
+                              cu_seqlens=cu_seqlens)
     if p.path == "decode":
         return _decode_fwd(q, k, v, bool(causal), scale, key_padding_mask, p)
-    return _FlashAttention.apply(q, k, v, bool(causal), scale, key_padding_mask)
+    return _FlashAttention.apply(q, k, v, bool(causal), scale, key_padding_mask, cu_seqlens)

@@ -7,7 +7,9 @@ its arguments, so a wrong shape is a ValueError/TypeError naming the argument, n
 
 References:
 - Attention: Vaswani et al. 2017, "Attention Is All You Need" (softmax(QK^T * scale) V); grouped-query heads from
-  Ainslie et al. 2023 (GQA); bottom-right causal alignment as in FlashAttention-2 (Dao 2023).
+  Ainslie et al. 2023 (GQA); bottom-right causal alignment as in FlashAttention-2 (Dao 2023). Packed sequences
+  (documents confined to themselves) take flash-attn's `cu_seqlens` convention (flash_attn_varlen_func: cumulative
+  offsets of the documents in the flattened tokens).
 - int8: absmax int8 with per-row activation and per-channel weight scales, int32 accumulation (Dettmers et al. 2022,
   "LLM.int8()"); dynamic per-token activation quantization (Xiao et al. 2023, "SmoothQuant").
 - int4 layout: two 4-bit codes per byte, low nibble = even column, asymmetric group-wise quantization as in GPTQ
@@ -18,6 +20,7 @@ M rows of activations, N output features, K input features, G group size.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -37,9 +40,9 @@ def _need(cond: bool, msg, exc=ValueError):
 KERNEL_HEAD_DIMS = (16, 256)  # head dims the Triton kernel supports; the torch paths take any
 
 
-def check_attention_args(q, k, v, key_padding_mask=None, kernel: bool = True):
+def check_attention_args(q, k, v, key_padding_mask=None, kernel: bool = True, cu_seqlens=None):
     """Validate attention inputs; returns (B, Hq, Hkv, Tq, Tk, D). kernel=True also checks the Triton kernel's
-    head-dim range (the torch paths accept any head dim)."""
+    head-dim range (the torch paths accept any head dim). cu_seqlens: see `check_cu_seqlens`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
         _need(t.dim() == 4, lambda: f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
@@ -66,7 +69,56 @@ def check_attention_args(q, k, v, key_padding_mask=None, kernel: bool = True):
               lambda: f"key_padding_mask must have shape (B, Tk) = {(B, Tk)}, got {tuple(key_padding_mask.shape)}")
         _need(key_padding_mask.device == q.device,
               lambda: f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if cu_seqlens is not None:
+        _need(key_padding_mask is None, "cu_seqlens and key_padding_mask cannot be combined: a row's padding is its "
+                                        "last document in cu_seqlens")
+        _need(Tq == Tk, lambda: f"cu_seqlens needs self-attention (Tq == Tk), got Tq={Tq}, Tk={Tk}")
+        check_cu_seqlens(cu_seqlens, B, Tq, q.device)
     return B, Hq, Hkv, Tq, Tk, D
+
+
+_checked_cu: list = [None]  # (weak ref, version, B, T) of the last cu_seqlens that passed: a model's layers share one,
+# and on CUDA each value check is a device-to-host copy
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device=None):
+    """Validate packed-sequence offsets (flash-attn's cu_seqlens): int32/int64, 1-D (n_docs + 1,), starting at 0,
+    ending at B * T, non-decreasing, with every row boundary (a multiple of T) among them, so no document crosses
+    rows of the (B, T) batch (a row's trailing padding is one more document). Raises ValueError."""
+    _need(isinstance(cu_seqlens, torch.Tensor),
+          lambda: f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    _need(cu_seqlens.dtype in (torch.int32, torch.int64) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
+          lambda: f"cu_seqlens must be a 1-D int32/int64 tensor (n_docs + 1,), got {cu_seqlens.dtype} of shape "
+                  f"{tuple(cu_seqlens.shape)}")
+    _need(device is None or cu_seqlens.device == device,
+          lambda: f"cu_seqlens is on {cu_seqlens.device}, q on {device}")
+    last = _checked_cu[0]
+    if last is not None and last[0]() is cu_seqlens and last[1:] == (cu_seqlens._version, B, T):
+        return
+    c = cu_seqlens.detach().to("cpu", torch.int64)
+    _need(c[0].item() == 0, lambda: f"cu_seqlens must start at 0, got {c[0].item()}")
+    _need(c[-1].item() == B * T, lambda: f"cu_seqlens must end at B * T = {B * T}, got {c[-1].item()}")
+    _need(bool((c[1:] >= c[:-1]).all()), lambda: f"cu_seqlens must be non-decreasing, got {c.tolist()}")
+    rows = torch.arange(0, B * T + 1, T)  # (B + 1,) row boundaries
+    missing = rows[~torch.isin(rows, c)]
+    _need(missing.numel() == 0, lambda: f"cu_seqlens must hold every row boundary (multiples of T = {T}): a document "
+                                        f"cannot cross rows; missing {missing.tolist()}")
+    _checked_cu[0] = (weakref.ref(cu_seqlens), cu_seqlens._version, B, T)
+
+
+def document_ids(cu_seqlens, B: int, T: int):
+    """(B, T) int64: the index in cu_seqlens of each token's document (no host sync: a search on the device)."""
+    pos = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)  # (B * T,) flat token index
+    return (torch.searchsorted(cu_seqlens, pos, right=True) - 1).view(B, T)  # (B * T,) -> (B, T)
+
+
+def document_mask(cu_seqlens, B: int, T: int, causal: bool):
+    """(B, 1, T, T) bool, True = may attend: query and key in one document (and, causal, key j <= query i)."""
+    ids = document_ids(cu_seqlens, B, T)
+    mask = ids[:, None, :, None] == ids[:, None, None, :]  # (B, 1, T, T)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    return mask
 
 
 def attention_mask(Tq: int, Tk: int, causal: bool, key_padding_mask=None, device=None):
@@ -84,12 +136,13 @@ def attention_mask(Tq: int, Tk: int, causal: bool, key_padding_mask=None, device
 
 
 def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_padding_mask=None,
-              upcast: bool = True):
+              upcast: bool = True, cu_seqlens=None):
     """softmax(q k^T * scale + mask) v with GQA heads; a query row that may see no key gives 0.
 
     upcast=True computes in float32 (float64 stays float64) and casts back to q's dtype; upcast=False computes in
-    q's own dtype ("plain torch at the same precision", the yardstick for kernel error)."""
-    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, kernel=False)
+    q's own dtype ("plain torch at the same precision", the yardstick for kernel error). cu_seqlens: packed documents
+    (`check_cu_seqlens`), each attending only to itself (causal within it, or bidirectional)."""
+    B, Hq, Hkv, Tq, Tk, D = check_attention_args(q, k, v, key_padding_mask, kernel=False, cu_seqlens=cu_seqlens)
     scale = D ** -0.5 if scale is None else scale
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
@@ -98,7 +151,10 @@ def attention(q, k, v, causal: bool = False, scale: Optional[float] = None, key_
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D)
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D)
     s = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
-    mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)
+    if cu_seqlens is not None:
+        mask = document_mask(cu_seqlens, B, Tq, causal)
+    else:
+        mask = attention_mask(Tq, Tk, causal, key_padding_mask, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)

@@ -321,7 +321,11 @@ def test_adapter_errors(hf_llama, tmp_path):
 
 def test_save_adapter_is_atomic(hf_llama, tmp_path, monkeypatch):
     model = _randomize_b(ft.add_lora_(tinyformer.load(hf_llama), rank=4))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ckpt.pt").write_text("a training run's checkpoint")
     ft.save_adapter(model, tmp_path / "a")
+    ft.save_adapter(model, tmp_path / "a")  # a run's out_dir: the adapter is rewritten, the rest stays
+    assert (tmp_path / "a" / "ckpt.pt").read_text() == "a training run's checkpoint"
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     import safetensors.torch
 

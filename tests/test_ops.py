@@ -1,13 +1,14 @@
 """The dispatch (tinyformer.ops): which product runs a linear for a device, dtype and shape, and that each gives the
 plain product's values: bf16 rows in fp32 where oneDNN has no bf16, stacked projections (q/k/v, gate/up) as one
-product outside autograd, prepared weight layouts that follow their weights."""
+product outside autograd, prepared weight layouts that follow their weights. And attention over packed documents
+(cu_seqlens) on every backend: each document gets the output and gradients it gets alone."""
 import pytest
 import torch
 
 import helpers
 from tinyformer import ops
 from tinyformer.compress import quantize_
-from tinyformer.kernels import cpu
+from tinyformer.kernels import cpu, device
 
 
 def _decode_logits(model, ids, tokens):
@@ -96,3 +97,44 @@ def test_a_prepared_layout_follows_its_weight():
     expect = _decode_logits(model, ids, [3, 7]).detach()  # autograd on: F.linear on the weights as they are now
     torch.testing.assert_close(after, expect, rtol=2e-2, atol=2e-2)
     assert (after - before).abs().max() > 0.1
+
+
+# (backend, dtype, tolerance): the documents alone and packed differ only in summation order (fp32: ~1 ulp of
+# sums over <= 40 terms); bf16 on the torch path runs attention in fp32 (the CPU training note in ops.attention),
+# so packed and alone round to the same bf16 values up to one bf16 step
+PACKED_BACKENDS = [
+    pytest.param("reference", torch.float32, 1e-5, id="reference"),
+    pytest.param("torch", torch.float32, 1e-5, id="torch"),
+    pytest.param("torch", torch.bfloat16, 2 ** -7, id="torch-bf16"),
+    pytest.param("triton", torch.float32, 1e-5, id="triton", marks=pytest.mark.skipif(
+        not device.HAS_TRITON or not (torch.cuda.is_available() or device.INTERPRET),
+        reason="needs triton and a CUDA device or TRITON_INTERPRET=1")),
+]
+
+
+@pytest.mark.parametrize("backend, dtype, tol", PACKED_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_documents_attend_as_if_alone(backend, dtype, tol, causal):
+    """Two rows of T = 48 packing documents of 5, 30 and 13 (the last: the row's padding) and 1, 40 and 7 tokens:
+    ops.attention with cu_seqlens gives each document the output, and q/k/v gradients, that it gets alone in a
+    batch of its own. q is a transposed (B, T, H, D) view, as the model passes it."""
+    lens, B, T, Hq, Hkv, D = [5, 30, 13, 1, 40, 7], 2, 48, 4, 2, 16
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, Hq, D, generator=g).to(dev, dtype).transpose(1, 2).requires_grad_()  # (B, Hq, T, D)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype).requires_grad_() for _ in range(2))
+    do = torch.randn(B, Hq, T, D, generator=g).to(dev, dtype)
+    with ops.use_backend(backend):
+        out = ops.attention(q, k, v, causal=causal, cu_seqlens=cu)
+        out.backward(do)
+        starts = cu.tolist()
+        for s, e in zip(starts[:-1], starts[1:]):
+            b, i, j = s // T, s % T, s % T + (e - s)
+            leaves = [t.detach()[b:b + 1, :, i:j].clone().requires_grad_() for t in (q, k, v)]  # (1, H, e - s, D)
+            alone = ops.attention(*leaves, causal=causal)
+            alone.backward(do[b:b + 1, :, i:j])
+            for name, packed, single in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad),
+                                            (alone, *(t.grad for t in leaves))):
+                helpers.assert_close(packed[b:b + 1, :, i:j], single, atol=tol * max(1.0, single.abs().max().item()),
+                                     name=f"{backend} {name} of document [{s}, {e})")

@@ -34,9 +34,11 @@ def _typed(default):
 def _train_parser(sub):
     from tinyformer.config import ModelConfig, field_docs
     from tinyformer.train import TRAIN_PRESETS, TrainConfig
-    p = sub.add_parser("train", help="train a model (nanoGPT-style options)",
+    p = sub.add_parser("train", help="train a model (nanoGPT-style options), or fine-tune one (--init_from)",
                        description="Train a model. Options take nanoGPT's names; the preset sets the model and, "
-                                   f"for {', '.join(TRAIN_PRESETS)}, the training hyperparameters too.")
+                                   f"for {', '.join(TRAIN_PRESETS)}, the training hyperparameters too. With "
+                                   "--init_from PATH, fine-tune that pretrained model on --data (plain text, chat or "
+                                   "prompt/completion .jsonl, labelled .jsonl/.csv), in full or with --lora_rank.")
     g = p.add_argument_group("training (TrainConfig)")
     docs = field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -49,8 +51,8 @@ def _train_parser(sub):
     m = p.add_argument_group("model (ModelConfig fields override the preset)")
     docs = field_docs(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
-        if f.name in ("vocab_size", "dropout"):
-            continue  # vocab comes from the data; dropout is a training option
+        if f.name in ("vocab_size", "dropout", "num_labels", "label_names", "pooling"):
+            continue  # vocab and classes come from the data; dropout and pooling are training options
         typ = {"n_kv_head": int, "d_ff": int, "n_decoder_layer": int, "head_dim": int, "pad_token_id": int}.get(
             f.name, _typed(f.default))
         m.add_argument(f"--{f.name}", type=typ, default=argparse.SUPPRESS, metavar="V",
@@ -351,7 +353,8 @@ def build_parser():
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="perplexity of a decoder on a dataset or text file; the masked-LM loss of an "
-                                    "encoder; WER/PER of a G2P model")
+                                    "encoder; WER/PER of a G2P model; accuracy, macro-F1 and the confusion matrix "
+                                    "of a classifier on labelled .jsonl/.csv")
     e.add_argument("--model", required=True,
                    help="a tinyformer model folder, a Hugging Face BERT or Llama folder, or a Llama GGUF file")
     e.add_argument("--data", required=True,
@@ -359,7 +362,7 @@ def build_parser():
                         "corpus (shakespeare, shakespeare-all, ptb: its --split, the first 90%% or last 10%% of the "
                         "text, in the model's own tokenizer), or `sotu`: the fixed held-out perplexity protocol (last "
                         "10 State of the Union speeches, first 16,384 tokens of the model's own tokenizer, 32 windows "
-                        "of 512)")
+                        "of 512); for a classifier, a labelled .jsonl ({\"text\", \"label\"}) or .csv (text,label)")
     e.add_argument("--split", default="val", choices=["train", "val", "test"],
                    help="language models: val by default; paired data: the held-out test split")
     e.add_argument("--num_beams", type=int, default=5, help="encoder-decoder: beam width (greedy is reported too)")

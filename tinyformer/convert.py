@@ -53,7 +53,20 @@ __all__ = ["load", "load_foreign", "load_hf", "load_gguf", "gguf_tokenizer", "gp
 
 def load(path, device="cpu", adapter=None):
     """A model from a tinyformer folder (`model.save`), a Hugging Face BERT/Llama folder or a Llama GGUF file, in
-    eval mode on `device`; `adapter`: a PEFT LoRA adapter folder read onto it (`tinyformer.finetune.load_adapter`)."""
+    eval mode on `device`; `adapter`: a PEFT LoRA adapter folder read onto it (`tinyformer.finetune.load_adapter`).
+    `path` may also be an adapter folder alone (a LoRA run's out_dir): its base is the one adapter_config.json names
+    (base_model_name_or_path)."""
+    path = Path(path)
+    if adapter is None and path.is_dir() and (path / "adapter_config.json").exists() and \
+            not (path / "config.json").exists():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / 'adapter_config.json'} is not valid JSON: {e}") from None
+        if not base or not Path(base).exists():
+            raise ValueError(f"{path} is a LoRA adapter whose base model ({base!r}) is not a path here: load it with "
+                             f"tinyformer.load(BASE, adapter='{path}')")
+        path, adapter = Path(base), path
     model = _load(path, device)
     if adapter is not None:
         from tinyformer.finetune import load_adapter

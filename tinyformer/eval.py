@@ -1,5 +1,6 @@
 """Evaluation: perplexity of a decoder with a sliding window, an encoder's masked-LM loss, word and phoneme error
-rates of grapheme-to-phoneme models, the fixed held-out sotu protocol, and `evaluate`, what `tinyformer eval` runs.
+rates of grapheme-to-phoneme models, the fixed held-out sotu protocol, a classifier's accuracy, macro-F1 and confusion
+matrix, and `evaluate`, what `tinyformer eval` runs.
 
 Perplexity protocol: a window of `block_size` input tokens ids[b : b + block_size] predicts
 ids[b + 1 : b + block_size + 1].
@@ -18,8 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from tinyformer.data import CORPORA, EOS, PairData, encode, load_dataset, mlm_inputs, package_dir, split_ids, \
-    untokenizable, untruncated
+from tinyformer.data import CORPORA, EOS, PairData, encode, encode_texts, load_dataset, mlm_inputs, package_dir, \
+    read_labelled, split_ids, untokenizable, untruncated
 
 
 @torch.no_grad()
@@ -226,11 +227,15 @@ def evaluate(model, source: str, split: str = "val", block_size: Optional[int] =
       a prepared dataset folder's split, a whole .txt file, or a built-in corpus's split (`data.split_ids`); or, for
       source "sotu", the fixed held-out protocol (`evaluate_sotu`);
     - an encoder with a masked-LM head: its masked-LM loss (MLM_PROTOCOL) on the same sources, sotu excepted;
-    - an encoder-decoder: word and phoneme error rates on paired data (`evaluate_g2p`).
+    - an encoder-decoder: word and phoneme error rates on paired data (`evaluate_g2p`);
+    - a classifier (a model with a classification head) on labelled text: accuracy, macro-F1 and the confusion
+      matrix (`evaluate_classifier`).
     `name` names the model in what is reported (its path). Returns the figures."""
     arch = model.config.arch
     if arch == "encoder-decoder":
         return evaluate_g2p(model, source, split, num_beams, limit, log)
+    if model.config.num_labels and Path(source).suffix in (".jsonl", ".csv"):
+        return evaluate_classifier(model, source, block_size, log=log)
     encoder = arch == "encoder"
     if encoder and model.config.mlm_head == "none":
         raise ValueError(f"{name} is an encoder without a masked-LM head (its checkpoint ships none, as "
@@ -267,6 +272,42 @@ def evaluate(model, source: str, split: str = "val", block_size: Optional[int] =
         f"perplexity {ppl:.3f}")
     return {"tokens": len(ids), "block_size": block, "stride": stride or block, "loss": math.log(ppl),
             "perplexity": ppl}
+
+
+def classification_metrics(predicted, gold, n_classes: int) -> dict:
+    """Accuracy, macro-F1 (the unweighted mean over classes of 2PR / (P + R); a class never predicted nor present
+    scores 0, as scikit-learn's zero_division=0 does) and the confusion matrix (rows: true class, columns: predicted)
+    of label ids."""
+    predicted, gold = torch.as_tensor(predicted).long(), torch.as_tensor(gold).long()
+    confusion = torch.bincount(gold * n_classes + predicted, minlength=n_classes * n_classes).view(n_classes, -1)
+    tp = confusion.diag().double()  # (n,) true positives per class
+    precision = tp / confusion.sum(0).double().clamp(min=1)  # over what was predicted as the class
+    recall = tp / confusion.sum(1).double().clamp(min=1)  # over what is the class
+    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+    return {"examples": len(gold), "accuracy": (predicted == gold).double().mean().item(),
+            "macro_f1": f1.mean().item(), "f1": f1.tolist(), "confusion": confusion.tolist()}
+
+
+@torch.no_grad()
+def evaluate_classifier(model, source: str, block_size: Optional[int] = None, batch_size: int = 32,
+                        log=print) -> dict:
+    """A classifier's metrics (`classification_metrics`) on labelled text (.jsonl {"text", "label"} or .csv
+    text,label) whose labels are among the model's classes, reported through `log` with the confusion matrix."""
+    names = model.config.label_names or [str(i) for i in range(model.config.num_labels)]
+    texts, gold = read_labelled(source, classes=names)
+    block = min(block_size or model.config.max_seq_len, model.config.max_seq_len)
+    predicted = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = encode_texts(model, texts[start:start + batch_size], block)  # (b, L) each
+        predicted.append(model.classify(ids.to(model.wte.device), mask.to(model.wte.device)).argmax(-1).cpu())
+    r = classification_metrics(torch.cat(predicted), gold, len(names))
+    log(f"{source}: {r['examples']:,} examples, {len(names)} classes: accuracy {100 * r['accuracy']:.2f}%, "
+        f"macro-F1 {100 * r['macro_f1']:.2f}%")
+    width = max(len(n) for n in names)
+    log("confusion matrix (rows: true class, columns: predicted, in the order of the rows)")
+    for name, row in zip(names, r["confusion"]):
+        log(f"  {name:>{width}} " + " ".join(f"{c:6d}" for c in row))
+    return {**r, "classes": names}
 
 
 def evaluate_sotu(model, name: str = "the model", log=print) -> dict:

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyformer import ops
-from tinyformer.checkpoint import atomic_path
+from tinyformer.checkpoint import atomic_write, write_json
 from tinyformer.model import Linear
 from tinyformer.names import BERT_BLOCK, LLAMA_BLOCK, bert_name, llama_name
 from tinyformer.qlinear import Int4Linear, Int8Linear
@@ -280,8 +280,8 @@ def _suffixes(hf: str, adapted: set[str], every: set[str]) -> str:
 
 
 def save_adapter(model, path, base_model_name_or_path: str | None = None) -> None:
-    """Write `path`/adapter_config.json + adapter_model.safetensors in PEFT's layout and names (see the module's
-    docstring), atomically: the folder appears complete or not at all."""
+    """Write `path`/adapter_model.safetensors + adapter_config.json in PEFT's layout and names (see the module's
+    docstring), each file atomically (whole or not at all; other files in the folder stay)."""
     from safetensors.torch import save
 
     adapters = lora_modules(model)
@@ -313,12 +313,13 @@ def save_adapter(model, path, base_model_name_or_path: str | None = None) -> Non
         "use_rslora": first.use_rslora, "use_dora": False, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
     }
+    if model.config.num_labels:  # a trained classification head: its classes, for load_adapter to rebuild it (PEFT
+        # warns about the key and ignores it, as a transformers user gives num_labels to from_pretrained)
+        config["tinyformer"] = {"label_names": model.config.label_names, "pooling": model.config.pooling}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        (tmp / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    path.mkdir(parents=True, exist_ok=True)  # (a training run's out_dir, which holds its checkpoint and metrics too)
+    atomic_write(path / ADAPTER_WEIGHTS, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    write_json(path / ADAPTER_CONFIG, config)
 
 
 def _pattern_value(hf: str, pattern: dict, default):
@@ -353,6 +354,11 @@ def load_adapter(model, path):
     if config.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: bias={config['bias']!r} is not supported; only 'none'")
     state = load_file(weights)
+    head = state.get(PEFT_PREFIX + "classifier.weight")
+    if head is not None and model.classifier is None:  # a classifier's adapter on its pretrained body: the head anew
+        extras = config.get("tinyformer") or {}
+        model.add_classifier(extras.get("label_names") or [str(i) for i in range(head.shape[0])],
+                             extras.get("pooling", "auto"))
     modules = {_unwrapped(n): m for n, m in model.named_modules()}  # a wrapper's name, not its base's
     modules.update({n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     ours_of = {hf: n for n, m in modules.items() if type(m) in BASES or isinstance(m, LoRALinear)

@@ -67,9 +67,8 @@ def use_backend(name: str):
 
 def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: float = 0.0, scale=None,
               cu_seqlens=None):
-    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D). Contract of tinyformer.kernels.attention."""
-    if cu_seqlens is not None:
-        raise NotImplementedError("packed attention (cu_seqlens) is not built yet")
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D). Contract of tinyformer.kernels.attention; cu_seqlens
+    (packed documents, flash-attn's varlen offsets into the B * T tokens) confines each document to itself."""
     backend = get_backend(q.device)
     lo, hi = reference.KERNEL_HEAD_DIMS
     if backend == "triton" and not lo <= q.shape[-1] <= hi:
@@ -80,12 +79,13 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: f
             # fp32 (baby GPT: 12.4 vs 2.8 ms a step), so attention runs in fp32 and the output goes back to bf16
             with torch.autocast("cpu", enabled=False):
                 out = cpu.sdpa_attention(q.float(), k.float(), v.float(), causal, scale, key_padding_mask,
-                                               dropout_p=dropout_p)
+                                         dropout_p=dropout_p, cu_seqlens=cu_seqlens)
             return out.to(q.dtype)
-        return cpu.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p)
+        return cpu.sdpa_attention(q, k, v, causal, scale, key_padding_mask, dropout_p=dropout_p, cu_seqlens=cu_seqlens)
     if backend == "reference":
-        return reference.attention(q, k, v, causal, scale, key_padding_mask, upcast=False)
-    return kernels.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        return reference.attention(q, k, v, causal, scale, key_padding_mask, upcast=False, cu_seqlens=cu_seqlens)
+    return kernels.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                             cu_seqlens=cu_seqlens)
 
 
 BF16_UPCAST_ROWS = 16  # rows from which a bf16 product runs in fp32 on a CPU without oneDNN bf16 (`onednn_bf16`;

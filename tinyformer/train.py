@@ -7,6 +7,11 @@ gradient accumulation and clipping; a weight average (WeightEMA); atomic checkpo
 optimizer, schedule, RNG and data position), one on SIGINT/SIGTERM too; metrics.jsonl; a progress bar; a loss plot.
 Objectives: next token (decoder), BERT's masked LM (encoder), teacher forcing (encoder-decoder).
 
+Fine-tuning (`init_from`, `from_pretrained`): the same loop from a pretrained model, on data read with its own
+tokenizer: plain text (next token), instruction data (next token on the assistant's tokens only, short examples packed
+into windows), labelled text (cross-entropy of a classification head); in full, or LoRA adapters alone (over a float
+or a quantized base, QLoRA), whose run saves the adapter in PEFT's layout and checkpoints the trainable tensors only.
+
 Same knob names, schedule and AdamW parameter groups (weight decay on matrices only) as nanoGPT; Loshchilov & Hutter
 2017 (AdamW), Loshchilov & Hutter 2016 (SGDR cosine schedule), Devlin et al. 2019 (masked LM).
 
@@ -33,9 +38,10 @@ import torch.nn.functional as F
 from tinyformer import ops
 from tinyformer.checkpoint import atomic_write, save_model
 from tinyformer.config import ModelConfig
-from tinyformer.data import PAD, PairData, TokenData, load_dataset, mlm_inputs
+from tinyformer.data import (PAD, LabelledData, PairData, SFTData, TokenData, finetune_dataset, load_dataset,
+                             mlm_inputs)
 from tinyformer.kernels import device as device_probe
-from tinyformer.model import Linear, build
+from tinyformer.model import Linear, Stack, build
 from tinyformer.optim import Muon
 
 
@@ -93,6 +99,24 @@ class TrainConfig:
     on_nan: str = "stop"             # "stop" | "skip": what a non-finite loss or gradient does
     progress: bool = True            # a tqdm progress bar with loss and tokens/s
     plot: bool = True                # write loss.png (matplotlib) at the end
+    # fine-tuning a pretrained model (tinyformer.finetune; the data is read with the model's own tokenizer)
+    init_from: str = ""              # start from this model (anything tinyformer.load reads: a tinyformer folder,
+    #                                  a Hugging Face Llama/BERT folder, a Llama GGUF file) instead of a new one
+    task: str = "auto"               # "lm" (next token; on instruction data, assistant tokens only) | "classify" (a
+    #                                  classification head on labelled text) | "auto" (from the data's records)
+    val_data: str = ""               # a separate validation file; else val_fraction of the examples is held out
+    val_fraction: float = 0.05       # share of the fine-tuning examples held out for validation
+    packed: bool = True              # instruction data: several whole examples a window, each attending within
+    #                                  itself with positions from 0 (false: one example a window, padded)
+    truncate: bool = False           # cut examples longer than block_size instead of stopping with an error
+    pooling: str = "auto"            # a new classification head's input: mean | first | last token | auto
+    lora_rank: int = 0               # > 0: train LoRA adapters of this rank (Hu et al. 2021); 0 = full fine-tuning
+    lora_alpha: float = 0.0          # LoRA's scale numerator (the update is B A * alpha / rank); 0 = PEFT's 8
+    lora_dropout: float = 0.0        # dropout on the adapters' input
+    lora_targets: str = ""           # comma-separated module-name patterns (wq, q_proj, attn.*, ...); "" = all the
+    #                                  blocks' attention and feed-forward projections
+    base_bits: int = 0               # 8 | 4: LoRA over a frozen int8 / int4 (RTN, group 128) base (QLoRA)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def __post_init__(self):
         def bad(name, msg):
@@ -128,6 +152,22 @@ class TrainConfig:
             bad("ema_decay", f"must be in [0, 1) (0 disables), got {self.ema_decay}")
         if self.ema_power < 0:
             bad("ema_power", f"must be >= 0 (0 disables), got {self.ema_power}")
+        if self.task not in ("auto", "lm", "classify"):
+            bad("task", f"unknown task {self.task!r}; expected auto, lm or classify")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.lora_rank < 0 or self.lora_alpha < 0 or not 0 <= self.lora_dropout < 1:
+            bad("lora_rank", f"needs lora_rank >= 0, lora_alpha >= 0 and lora_dropout in [0, 1), got "
+                             f"{self.lora_rank} / {self.lora_alpha} / {self.lora_dropout}")
+        if self.base_bits not in (0, 4, 8):
+            bad("base_bits", f"must be 8 or 4 (0: a float base), got {self.base_bits}")
+        if self.base_bits and not self.lora_rank:
+            bad("base_bits", "a quantized base is frozen: it trains LoRA adapters only, so give --lora_rank too")
+        if self.init_from and self.model:
+            bad("init_from", f"the pretrained model's architecture is fixed: model fields {sorted(self.model)} do not "
+                             f"apply")
+        if (self.lora_rank or self.task != "auto") and not self.init_from:
+            bad("init_from", "LoRA and --task fine-tune a pretrained model: give --init_from PATH")
         if self.ema_power > 0 and self.ema_decay > 0:
             bad("ema_power", f"cannot be combined with ema_decay {self.ema_decay}: they are two different weight "
                              f"averages, set one of them")
@@ -359,19 +399,27 @@ def setup(cfg: TrainConfig) -> Run:
     average, torch.compile and DDP wrappers, and autocast."""
     rank, world, local_rank = _dist()
     device = _device(cfg, local_rank)
-    data = resolve_data(cfg)
-    data.check_block_size(cfg.block_size)
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
     state = _read_checkpoint(Path(cfg.out_dir)) if cfg.resume else None
-    mcfg = _model_config(cfg, data, state)
     torch.manual_seed(cfg.seed)
-    model = build(mcfg).to(device)
-    model.tokenizer = data.tokenizer
-    if mcfg.arch == "encoder":
-        from tokenizers import Tokenizer
-        model.tokenizer = Tokenizer.from_str(data.tokenizer.to_str())
-        model.tokenizer.add_special_tokens(["[MASK]"])  # id data.vocab_size
+    if cfg.init_from:
+        model, data = from_pretrained(cfg, device)
+        mcfg = model.config
+    else:
+        data = resolve_data(cfg)
+        data.check_block_size(cfg.block_size)
+        mcfg = _model_config(cfg, data, state)
+        model = build(mcfg).to(device)
+        model.tokenizer = data.tokenizer
+        if mcfg.arch == "encoder":
+            from tokenizers import Tokenizer
+            model.tokenizer = Tokenizer.from_str(data.tokenizer.to_str())
+            model.tokenizer.add_special_tokens(["[MASK]"])  # id data.vocab_size
+    if cfg.activation_checkpointing:
+        for m in model.modules():
+            if isinstance(m, Stack):
+                m.checkpointing = True
     ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
     autocast, use_scaler = _autocast(cfg, device)
     run = Run(cfg=cfg, data=data, model=model, raw_model=model, model_config=mcfg,
@@ -382,12 +430,51 @@ def setup(cfg: TrainConfig) -> Run:
         _restore(run, state)
     if run.master:
         run.out.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, LabelledData):
+        run.model = _Classify(model)
     if cfg.compile:
         run.model = torch.compile(run.model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.model = DDP(run.model, device_ids=[local_rank] if device.type == "cuda" else None)
     return run
+
+
+def from_pretrained(cfg: TrainConfig, device):
+    """Fine-tuning's model and data: the model of cfg.init_from; cfg.data read with its tokenizer (and chat template);
+    a new classification head where the data is labelled (unless the model has one for the same classes); with
+    base_bits the base's linears quantized (RTN) and frozen; with lora_rank LoRA adapters, the only parameters that
+    train besides a classification head."""
+    from tinyformer.convert import load
+    from tinyformer.finetune import add_lora_
+    model = load(cfg.init_from, device=device)
+    data = finetune_dataset(cfg.data, model, task=cfg.task, block_size=cfg.block_size, val_data=cfg.val_data or None,
+                            val_fraction=cfg.val_fraction, truncate=cfg.truncate, packed=cfg.packed, seed=cfg.seed)
+    if cfg.block_size > model.config.max_seq_len:
+        raise ValueError(f"--block_size {cfg.block_size} exceeds {cfg.init_from}'s context of "
+                         f"{model.config.max_seq_len} tokens")
+    if cfg.base_bits:
+        from tinyformer.compress import quantize_
+        quantize_(model, bits=cfg.base_bits)
+    classify = isinstance(data, LabelledData)
+    if classify and (model.classifier is None or model.config.label_names != data.classes):
+        model.add_classifier(data.classes, cfg.pooling)
+    if cfg.lora_rank:
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or None
+        add_lora_(model, cfg.lora_rank, alpha=cfg.lora_alpha or None, dropout=cfg.lora_dropout, targets=targets,
+                  train=("classifier",) if classify else ())
+    return model.train(), data
+
+
+class _Classify(torch.nn.Module):
+    """`model.classify` as a module's forward, so that torch.compile and DDP wrap it as they wrap a model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model.classify(input_ids, attention_mask)  # (B, num_labels)
 
 
 def _read_checkpoint(out: Path) -> dict:
@@ -422,7 +509,15 @@ def _model_config(cfg: TrainConfig, data, state: Optional[dict]) -> ModelConfig:
 
 def _restore(run: Run, state: dict) -> None:
     """Put the run where the checkpoint `state` left it."""
-    run.raw_model.load_state_dict(state["model"])
+    saved_rank = state.get("train_config", {}).get("lora_rank", 0)
+    if saved_rank != run.cfg.lora_rank:
+        raise ValueError(f"--resume with --lora_rank {run.cfg.lora_rank}: {run.out / 'ckpt.pt'} holds a run with "
+                         f"--lora_rank {saved_rank}; resume with the options it was started with")
+    if run.cfg.lora_rank:  # the trainable tensors only: the frozen base came from init_from again
+        missing = sorted(set(_resumed_state(run.raw_model, run.cfg)) - set(state["model"]))
+        if missing:
+            raise ValueError(f"--resume: {run.out / 'ckpt.pt'} lacks the adapter tensors {missing[:3]}")
+    run.raw_model.load_state_dict(state["model"], strict=not run.cfg.lora_rank)
     saved = state.get("train_config", {}).get("optimizer", "adamw")
     if saved != run.cfg.optimizer:
         raise ValueError(f"--resume with --optimizer {run.cfg.optimizer}: {run.out / 'ckpt.pt'} holds the state of "
@@ -443,15 +538,22 @@ def _restore(run: Run, state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # one step, evaluation, checkpoint
 def get_batch(run: Run, split: str) -> list[torch.Tensor]:
-    """This rank's rows of the next global batch of `split`, on the device: x, y for a decoder (y = x shifted by one);
-    masked inputs and labels (-100 where not picked) for an encoder; src, src_mask, tgt_in, tgt_out for paired data."""
+    """This rank's rows of the next global batch of `split`, on the device: x, y for a decoder (y = x shifted by one,
+    -100 where no loss), plus cu_seqlens for packed instruction data; masked inputs and labels (-100 where not
+    picked) for an encoder; src, src_mask, tgt_in, tgt_out for paired data; ids, mask, labels for labelled text."""
     cfg = run.cfg
     bucket = {"bucket": True} if isinstance(run.data, PairData) and cfg.bucket_by_length else {}
     tensors = run.data.get_batch(split, cfg.batch_size, cfg.block_size, run.gen, **bucket)
-    if run.model_config.arch == "encoder":  # masked-LM: predict the picked positions of the window
+    if run.model_config.arch == "encoder" and isinstance(run.data, TokenData):  # masked-LM: predict picked positions
         tensors = mlm_inputs(tensors[0], run.data.vocab_size, run.data.vocab_size, cfg.mlm_probability, run.gen)
     per_rank = cfg.batch_size // run.world
-    return [t[run.rank * per_rank:(run.rank + 1) * per_rank].to(run.device) for t in tensors]
+    lo, hi = run.rank * per_rank, (run.rank + 1) * per_rank
+    if isinstance(run.data, SFTData) and len(tensors) == 3:  # packed: this rank's rows and the documents in them
+        x, y, cu = tensors
+        T = x.shape[1]
+        cu = cu[(cu >= lo * T) & (cu <= hi * T)] - lo * T  # row boundaries are document boundaries
+        return [x[lo:hi].to(run.device), y[lo:hi].to(run.device), cu.to(device=run.device, dtype=torch.int32)]
+    return [t[lo:hi].to(run.device) for t in tensors]
 
 
 def _float_head(model) -> Optional[torch.Tensor]:
@@ -465,14 +567,20 @@ def _float_head(model) -> Optional[torch.Tensor]:
 def compute_loss(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of a batch from `get_batch`, under the run's autocast."""
     arch = run.model_config.arch
+    if isinstance(run.data, LabelledData):
+        ids, mask, labels = batch
+        with run.autocast:
+            logits = run.model(ids, mask)  # (B, num_labels): the _Classify wrapper
+        return F.cross_entropy(logits.float(), labels)
     with run.autocast:
         head = _float_head(run.raw_model) if arch == "decoder" and not run.cfg.label_smoothing else None
         if head is not None:  # next-token prediction, the head inside the loss op: with the triton backend a fused
-            x, y = batch  # kernel that never holds the (B*T, V) logits; otherwise the head's product, then the loss
-            return ops.linear_cross_entropy(run.model(x, hidden_only=True).flatten(0, 1), head, y.flatten())
+            x, y, *packed = batch  # kernel that never holds the (B*T, V) logits; otherwise the head's product, then
+            h = run.model(x, hidden_only=True, cu_seqlens=packed[0] if packed else None)  # the loss
+            return ops.linear_cross_entropy(h.flatten(0, 1), head, y.flatten())
         if arch == "decoder":  # next-token prediction
-            x, y = batch
-            logits = run.model(x)  # (B, T, V)
+            x, y, *packed = batch
+            logits = run.model(x, cu_seqlens=packed[0] if packed else None)  # (B, T, V)
         elif arch == "encoder":
             x, y = batch
             logits = run.raw_model.logits(run.model(x))  # (B, T, V)
@@ -527,7 +635,8 @@ def evaluate(run: Run) -> dict:
     all ranks; with a weight average also ema_val_loss, the same validation batches through the averaged weights.
     A decoder's batches (all of one size, so the mean of their means is the mean over their windows) go through the
     model several at a time."""
-    per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if run.model_config.arch == "decoder" else 1
+    joins = run.model_config.arch == "decoder" and type(run.data) is TokenData  # windows of one length, no packing
+    per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if joins else 1
 
     def mean_loss(split):
         total = torch.zeros((), device=run.device)
@@ -558,7 +667,7 @@ def save_checkpoint(run: Run) -> None:
     if not run.master:
         return
     cfg = dataclasses.asdict(run.cfg)
-    ckpt = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "iter": run.it,
+    ckpt = {"model": _resumed_state(run.raw_model, run.cfg), "optimizer": run.optimizer.state_dict(), "iter": run.it,
             "best_val_loss": run.best_val, "evaluated_at": run.evaluated_at, "last_eval": run.last_eval,
             "elapsed_s": run.elapsed_before + time.perf_counter() - run.started,
             "model_config": run.model_config.to_dict(), "train_config": cfg,
@@ -566,7 +675,20 @@ def save_checkpoint(run: Run) -> None:
             **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
     atomic_write(run.out / "ckpt.pt", lambda f: torch.save(ckpt, f))
     with run.ema.applied() if run.ema is not None else nullcontext():
-        save_model(run.raw_model, run.out, extra={"train": cfg})
+        if run.cfg.lora_rank:  # the adapter in PEFT's layout, for tinyformer.load(out_dir) and PEFT
+            from tinyformer.finetune import save_adapter
+            save_adapter(run.raw_model, run.out, base_model_name_or_path=str(Path(run.cfg.init_from).resolve()))
+        else:
+            save_model(run.raw_model, run.out, extra={"train": cfg})
+
+
+def _resumed_state(model, cfg: TrainConfig) -> dict:
+    """The model state a checkpoint keeps: all of it, or in a LoRA run only what trains (the adapters, a new head);
+    the frozen base is read again from init_from on resume."""
+    if not cfg.lora_rank:
+        return model.state_dict()
+    from tinyformer.finetune import trainable_state_dict
+    return {k: v.detach() for k, v in trainable_state_dict(model).items()}
 
 
 def wall_time(run: Run) -> float:

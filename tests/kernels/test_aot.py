@@ -29,7 +29,7 @@ def test_every_config_row_is_compiled(specs):
 @needs_triton
 def test_every_launcher_choice_is_compiled(specs):
     """Whatever the launchers pick on sm_80/sm_90 for fp16/bf16 has been compiled (and spill-checked) by the report:
-    same kernel, head-dim bucket or group size, and tile config."""
+    same kernel, head-dim bucket or group size, variant (key padding mask, packed documents) and tile config."""
     names = {(s["name"], s["targets"][0]) for s in specs}
     bucket_rep = {fa.block_d(d): d for d in aot.ATTN_HEAD_DIMS if fa.block_d(d) == d}  # bucket -> its AOT head dim
     for arch in (80, 90):
@@ -37,10 +37,12 @@ def test_every_launcher_choice_is_compiled(specs):
             for D in (16, 24, 40, 64, 80, 96, 112, 128, 160, 256):
                 rep = bucket_rep[fa.block_d(D)]
                 for kind in fa.KERNELS:
-                    for has_kpm in ((False, True) if kind in aot.ATTN_KPM_KERNELS else (False,)):
+                    for has_kpm, varlen in aot.attention_variants(kind):
                         for rows in ((1, 48) if kind == "decode" else (1,)):
-                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm):
-                                name = aot.attention_spec(kind, rep, dtype, arch, c, has_kpm=has_kpm)["name"]
+                            for c in fa.kernel_configs(kind, D, dtype, arch, rows=rows, has_kpm=has_kpm,
+                                                       varlen=varlen):
+                                name = aot.attention_spec(kind, rep, dtype, arch, c, has_kpm=has_kpm,
+                                                          varlen=varlen)["name"]
                                 assert (name, arch) in names, f"{name} (D={D}, sm_{arch}) is not compiled"
         for G in (32, 64, 128, 256):
             for M in (1, 3, 100):

@@ -69,6 +69,12 @@ def _attention_case(kind, bucket, variant, cfg, monkeypatch):
         assert fa.stats["decode_split_kv"] == before + 1
         want = reference.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=kpm)
         assert_close(out, want, atol=FP32_ATOL, name=f"decode out, {cfg}")
+    elif variant == "varlen":  # the packed-document forward: documents of 1, 40 and 52 tokens in one row
+        q, k, v, _ = _qkv(1, 2, 1, 93, 93, D, seed=bucket)
+        cu = torch.tensor([0, 1, 41, 93], dtype=torch.int32, device=DEV)
+        out = fa.attention(q, k, v, causal=True, cu_seqlens=cu)
+        want = reference.attention(q.double(), k.double(), v.double(), causal=True, cu_seqlens=cu)
+        assert_close(out, want, atol=FP32_ATOL, name=f"varlen out, {cfg}")
     else:  # the forward, or the forward + one pinned backward kernel
         q, k, v, kpm = _qkv(1, 2, 1, 77, 93, D, seed=bucket)  # GQA 2, Tq < Tk: causal rows see 17..93 keys
         kpm = kpm if variant == "kpm" or kind != "fwd" else None
@@ -150,7 +156,8 @@ def _launcher_keys():
     for fam in ("sm80", "sm90"):
         for kind in fa.KERNELS:
             for bucket in (16, 32, 64, 128, 256):
-                for variant in {fa.table_variant(kind, rows, kpm) for rows in (1, 64) for kpm in (False, True)}:
+                for variant in {fa.table_variant(kind, rows, kpm, varlen) for rows in (1, 64)
+                                for kpm, varlen in ((False, False), (True, False), (False, True))}:
                     keys.add(("attn_" + kind, fam, str(bucket), variant))
         keys.update((kind, fam, "", "") for kind in matmul.KINDS if fam == "sm90" or kind not in matmul.SM90_ONLY)
     return keys

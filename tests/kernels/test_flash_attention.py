@@ -330,3 +330,80 @@ def test_cpu_path_without_interpreter(mode, tmp_path):
     script.write_text(_CPU_SCRIPT)
     res = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "CPU-PATH-OK" in res.stdout, res.stdout + res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# packed documents (cu_seqlens, flash-attn's varlen convention)
+def make_cu_seqlens(lens, device=DEVICE):
+    """(n_docs + 1,) int32 offsets of documents with these lengths, in order."""
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+VARLEN_SHAPES = [  # (B, Hq, Hkv, T, D, document lengths over all rows): under the interpreter's 32x64 tiles,
+    # tiles straddle documents, documents span several tiles, and long documents have whole unmasked key tiles
+    (1, 2, 1, 105, 64, [1, 7, 33, 64]),  # GQA 2
+    (2, 3, 3, 100, 16, [70, 30, 1, 99]),
+    (2, 4, 2, 130, 80, [129, 1, 5, 0, 100, 25]),  # an empty document; GQA 2, D padded to 128
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B, Hq, Hkv, T, D, lens", VARLEN_SHAPES, ids=[f"T{s[3]}d{s[4]}" for s in VARLEN_SHAPES])
+def test_varlen_forward_backward(B, Hq, Hkv, T, D, lens, causal, dtype, floor):
+    """The varlen kernels against the fp64 reference, forward and dq, dk, dv, by the 2x-plain-torch rule; q is a
+    transposed (B, T, H, D) view, as a model's projection gives it."""
+    cu = make_cu_seqlens(lens)
+    q, k, v = make_inputs(B, Hq, Hkv, T, T, D, dtype, layout="bthd", seed=T)
+    do = torch.randn(B, Hq, T, D, generator=torch.Generator().manual_seed(T + 1)).to(device=DEVICE, dtype=dtype)
+
+    def grads(fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, causal=causal, cu_seqlens=cu)
+        out.backward(cast(do))
+        return [out] + [t.grad for t in leaves]
+
+    before = fa.stats["flash_bwd"]
+    got = grads(fa.attention, lambda t: t)
+    assert fa.stats["flash_bwd"] == before + 1, "the Triton backward did not run"
+    want = grads(ref.attention, lambda t: t.double())
+    plain = grads(lambda *a, **kw: ref.attention(*a, **kw, upcast=False), lambda t: t)
+    for name, g_, w_, p_ in zip(("out", "dq", "dk", "dv"), got, want, plain):
+        assert g_.dtype == dtype and g_.shape == w_.shape
+        assert_close_by_rule(f"varlen {name} [{dtype}, causal={causal}, docs {lens}]", g_, w_, p_, floor)
+
+
+def test_document_mask_is_block_diagonal():
+    """Documents [0, 2) and [2, 3) of row 0 and the whole row 1 (T = 3): attention stays inside each."""
+    cu = torch.tensor([0, 2, 3, 6])
+    m = ref.document_mask(cu, 2, 3, causal=False)[:, 0].int().tolist()
+    assert m == [[[1, 1, 0], [1, 1, 0], [0, 0, 1]], [[1, 1, 1], [1, 1, 1], [1, 1, 1]]]
+    m = ref.document_mask(cu, 2, 3, causal=True)[:, 0].int().tolist()
+    assert m == [[[1, 0, 0], [1, 1, 0], [0, 0, 1]], [[1, 0, 0], [1, 1, 0], [1, 1, 1]]]
+
+
+BAD_CU_SEQLENS = [  # (id, cu_seqlens for B=2, T=8, other kwargs, text in message)
+    ("float", torch.tensor([0.0, 8.0, 16.0]), {}, "int32/int64"),
+    ("2d", torch.tensor([[0, 8, 16]], dtype=torch.int32), {}, "1-D"),
+    ("not_tensor", [0, 8, 16], {}, "torch.Tensor"),
+    ("start", torch.tensor([1, 8, 16], dtype=torch.int32), {}, "start at 0"),
+    ("end", torch.tensor([0, 8, 15], dtype=torch.int32), {}, "end at B \\* T = 16"),
+    ("decreasing", torch.tensor([0, 8, 5, 16], dtype=torch.int32), {}, "non-decreasing"),
+    ("crosses_rows", torch.tensor([0, 5, 12, 16], dtype=torch.int64), {}, "row boundary"),
+    ("with_mask", torch.tensor([0, 8, 16], dtype=torch.int32),
+     {"key_padding_mask": torch.ones(2, 8, dtype=torch.bool)}, "key_padding_mask"),
+    ("cross_attention", torch.tensor([0, 8, 16], dtype=torch.int32), {"k_len": 9}, "Tq == Tk"),
+]
+
+
+@pytest.mark.parametrize("name, cu, kwargs, text", BAD_CU_SEQLENS, ids=[b[0] for b in BAD_CU_SEQLENS])
+def test_wrong_cu_seqlens_raise_before_launch(name, cu, kwargs, text):
+    kwargs = dict(kwargs)
+    Tk = kwargs.pop("k_len", 8)
+    q, k, v = _t(2, 2, 8, 16), _t(2, 1, Tk, 16), _t(2, 1, Tk, 16)
+    before = dict(fa.stats)
+    for fn in (fa.attention, ref.attention):
+        with pytest.raises(ValueError, match=text):
+            fn(q, k, v, cu_seqlens=cu, **kwargs)
+    assert dict(fa.stats) == before, "something was launched before the arguments were rejected"
