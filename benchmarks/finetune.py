@@ -51,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -348,14 +347,6 @@ def tinyformer_train(out: Path, init_from, data, options: list, args) -> list:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"dt_ms"' in line]
 
 
-def load_trained(out: Path, base):
-    """The fine-tuned model: the base with the run's adapter where it saved one, else the saved model."""
-    import tinyformer
-    if (out / "adapter_config.json").exists():
-        return tinyformer.load(base, adapter=out)
-    return tinyformer.load(out)
-
-
 def step_stats(metrics: list) -> tuple[int, float]:
     """(steps, median ms of a step after the first few)."""
     ms = sorted(r["dt_ms"] for r in metrics[min(3, len(metrics) - 1):])
@@ -378,7 +369,7 @@ def stage_sotu(rows: Rows, work: Path, args):
         metrics = tinyformer_train(out, gguf, text, ["--block_size", str(args.seq), "--batch_size", str(args.batch),
                                                      *lora_options(config == "lora", args), *budget(args)], args)
         steps, ms = step_stats(metrics)
-        after = sotu_perplexity(load_trained(out, gguf), n_tokens=n_tokens)
+        after = sotu_perplexity(tinyformer.load(out), n_tokens=n_tokens)
         rows.add(stage="sotu", framework="tinyformer", config=config, measure="sotu held-out perplexity",
                  value=after, reference=before, ratio=after / before, target="lower than the base", met=after < before,
                  steps=steps, tokens=n_tokens,
@@ -455,7 +446,7 @@ def stage_cmudict(rows: Rows, work: Path, args):
         out = work / f"cmudict-{config}"
         metrics = tinyformer_train(out, gguf, train_path, block + lora_options(config == "lora", args) + budget(args),
                                    args)
-        acc = word_accuracy(load_trained(out, gguf), answers)
+        acc = word_accuracy(tinyformer.load(out), answers)
         steps, _ = step_stats(metrics)
         rows.add(stage="cmudict", framework="tinyformer", config=config, measure="word accuracy", value=100 * acc,
                  unit="%", reference=100 * before, steps=steps, tokens=len(answers),
@@ -484,6 +475,7 @@ def stage_cmudict(rows: Rows, work: Path, args):
 
 # ----------------------------------------------------------------------------------------------------------------------
 def stage_classify(rows: Rows, work: Path, args):
+    import tinyformer
     from tinyformer.data import bbc_news_split, write_jsonl
     from tinyformer.eval import evaluate_classifier
     split = bbc_news_split(args.seed)
@@ -498,9 +490,7 @@ def stage_classify(rows: Rows, work: Path, args):
                    *lora_options(lora, args, BERT_TARGETS if "MiniLM" in name else TARGETS), *budget(args)]
         metrics = tinyformer_train(out, base, train_path, options, args)
         steps, _ = step_stats(metrics)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = evaluate_classifier(load_trained(out, base), test_path)
+        r = evaluate_classifier(tinyformer.load(out), test_path)
         for measure, key in (("test accuracy", "accuracy"), ("test macro-F1", "macro_f1")):
             rows.add(stage="classify", framework="tinyformer", config=name, measure=measure, value=100 * r[key],
                      unit="%", reference=94.6 if key == "accuracy" else None, steps=steps, tokens=len(test),
