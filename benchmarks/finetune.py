@@ -173,7 +173,9 @@ def job_prepare(spec: dict) -> dict:
         hf_dir.mkdir(parents=True, exist_ok=True)
         save_model(hf, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf_dir)
-        hf.config.to_json_file(hf_dir / "config.json")  # last: its presence means the folder is complete
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)  # the GGUF's: these weights are plain fp32 (bitsandbytes refuses both)
+        (hf_dir / "config.json").write_text(json.dumps(config, indent=2))  # last: present means the folder is complete
     windows = Path(spec["windows"])
     if not windows.exists():
         tok = Tokenizer.from_file(str(tf_dir / "tokenizer.json"))
