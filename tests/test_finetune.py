@@ -206,6 +206,18 @@ def test_qlora_gradients_match_the_dequantized_float_model(bits):
         assert_close(g, grads[1][n], atol=1e-5, rtol=1e-3, name=n)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_is_round_to_nearest_of_the_blocks(bits):
+    """quantize_base_ gives the codes compress.quantize_'s RTN gives the blocks' linears; the rest stays float."""
+    ours = ft.quantize_base_(tiny("decoder", **LLAMA), bits, group_size=32)
+    theirs = quantize_(tiny("decoder", **LLAMA), bits=bits, group_size=32)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ours.wte.dtype == torch.float32 and ours.wte.requires_grad
+    with pytest.raises(ValueError, match="8 or 4 bits"):
+        ft.quantize_base_(tiny("decoder"), 3)
+
+
 def test_qlora_trains_on_the_torch_backend_and_refuses_to_merge():
     model = ft.add_lora_(quantize_(tiny("decoder", **LLAMA), bits=4, group_size=32), rank=4)
     model.train()

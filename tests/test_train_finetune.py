@@ -92,9 +92,11 @@ def _losses(out):
     return [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
 
 
-def test_lora_sft_run_writes_a_peft_adapter_and_leaves_the_base_unchanged(pretrained, chats, tmp_path):
+@pytest.mark.parametrize("base_bits", [0, 4])
+def test_lora_sft_run_writes_a_peft_adapter_and_leaves_the_base_unchanged(pretrained, chats, tmp_path, base_bits):
     before = tinyformer.load(pretrained / "decoder").state_dict()
-    s = train(_cfg(pretrained / "decoder", chats, tmp_path / "lora", lora_rank=4, lora_alpha=8, learning_rate=1e-2))
+    s = train(_cfg(pretrained / "decoder", chats, tmp_path / "lora", lora_rank=4, lora_alpha=8, learning_rate=1e-2,
+                   base_bits=base_bits))
     out = tmp_path / "lora"
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()  # an adapter run saves the adapter, not a copy of the base
@@ -104,7 +106,7 @@ def test_lora_sft_run_writes_a_peft_adapter_and_leaves_the_base_unchanged(pretra
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     base = tinyformer.load(pretrained / "decoder")
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
-    tuned = tinyformer.load(pretrained / "decoder", adapter=out)
+    tuned = tinyformer.load(out)  # the adapter folder names its base
     ids = torch.randint(0, 300, (1, 12))
     assert not torch.allclose(tuned(ids), base(ids))
     assert s["val_loss"] is not None

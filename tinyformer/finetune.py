@@ -11,6 +11,7 @@ each adapter adds its own low-rank term (`ops.linears` sees `scheme = "lora"`): 
 Verbs (each changes the model in place and returns it, as tinyformer.compress's do):
 - `add_lora_(model, rank, alpha=None, dropout=0.0, targets=None, train=())`: wrap the targeted linears, freeze the
   rest except the `train` modules (PEFT's modules_to_save, e.g. a classification head).
+- `quantize_base_(model, bits, group_size=128)`: QLoRA's frozen int8 / int4 base (round to nearest), before add_lora_.
 - `merge_lora_(model, unload=False)`: fold alpha / r * B @ A into each float base weight, keeping the pre-merge weight
   so that `unmerge_lora_(model)` restores it bit-exactly. `unload=True` (or `unload_lora(model)`) then replaces each
   wrapper by its merged base: a plain model that `model.save` writes and `tinyformer.load` reads with no LoRA keys.
@@ -47,7 +48,7 @@ from tinyformer.model import Linear
 from tinyformer.names import BERT_BLOCK, LLAMA_BLOCK, bert_name, llama_name
 from tinyformer.qlinear import Int4Linear, Int8Linear
 
-__all__ = ["LoRALinear", "add_lora_", "merge_lora_", "unmerge_lora_", "unload_lora", "save_adapter", "load_adapter",
+__all__ = ["LoRALinear", "add_lora_", "quantize_base_", "merge_lora_", "unmerge_lora_", "unload_lora", "save_adapter", "load_adapter",
            "lora_modules", "trainable_state_dict", "DEFAULT_ALPHA", "DEFAULT_TARGETS"]
 
 DEFAULT_ALPHA = 8  # PEFT's LoraConfig default lora_alpha
@@ -197,6 +198,21 @@ def add_lora_(model, rank: int, alpha: float | None = None, dropout: float = 0.0
         for p in m.parameters():
             p.requires_grad_(True)
     model.lora_train = sorted(set(getattr(model, "lora_train", ())) | set(trained))  # saved with the adapter
+    return model
+
+
+def quantize_base_(model, bits: int, group_size: int = 128):
+    """QLoRA's frozen low-bit base: every float linear of the blocks becomes an Int8Linear (bits=8, per output
+    channel) or Int4Linear (bits=4, per group of `group_size` inputs), round-to-nearest, in place; call before
+    add_lora_, whose adapters then train through the quantized products. (`compress.quantize_` offers the
+    calibrated methods for a model that is not trained further.) Returns the model."""
+    if bits not in (8, 4):
+        raise ValueError(f"a quantized base has 8 or 4 bits, got {bits!r}")
+    for name, m in list(model.named_modules()):
+        if type(m) is Linear and ".blocks." in f".{name}":
+            q = Int8Linear.from_weight(m.weight, m.bias) if bits == 8 else \
+                Int4Linear.from_weight(m.weight, m.bias, group_size)
+            _set(model, name, q.to(m.weight.device))
     return model
 
 

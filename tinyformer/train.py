@@ -446,7 +446,7 @@ def from_pretrained(cfg: TrainConfig, device):
     base_bits the base's linears quantized (RTN) and frozen; with lora_rank LoRA adapters, the only parameters that
     train besides a classification head."""
     from tinyformer.convert import load
-    from tinyformer.finetune import add_lora_
+    from tinyformer.finetune import add_lora_, quantize_base_
     model = load(cfg.init_from, device=device)
     data = finetune_dataset(cfg.data, model, task=cfg.task, block_size=cfg.block_size, val_data=cfg.val_data or None,
                             val_fraction=cfg.val_fraction, truncate=cfg.truncate, packed=cfg.packed, seed=cfg.seed)
@@ -454,8 +454,7 @@ def from_pretrained(cfg: TrainConfig, device):
         raise ValueError(f"--block_size {cfg.block_size} exceeds {cfg.init_from}'s context of "
                          f"{model.config.max_seq_len} tokens")
     if cfg.base_bits:
-        from tinyformer.compress import quantize_
-        quantize_(model, bits=cfg.base_bits)
+        quantize_base_(model, cfg.base_bits)
     classify = isinstance(data, LabelledData)
     if classify and (model.classifier is None or model.config.label_names != data.classes):
         model.add_classifier(data.classes, cfg.pooling)
