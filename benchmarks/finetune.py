@@ -6,17 +6,17 @@ Stages (--stages):
   peft      SmolLM2-135M-Instruct (the packaged Q4_1 GGUF, read as fp32) trained on the same token windows of the sotu
             training speeches (--seq 512, --batch windows a step) by tinyformer and by transformers + PEFT, with the
             same AdamW (lr, betas, no weight decay), gradient clipping at 1.0 and bf16 autocast where the CPU has bf16:
-            (a) full fine-tuning, (b) LoRA rank 16, alpha 32, dropout 0 on q, k, v, o, gate, up, down, (c) LoRA over
-            an int4 base (tinyformer: quantize_ int4 group 128 RTN; PEFT: QLoRA over a bitsandbytes NF4 base where
-            bitsandbytes is installed ([dev]; its 4-bit layers run on a CPU), else its LoRA over the float base; the
-            rows' note says which). tinyformer trains through its loop's own step (tinyformer.train.train_step:
-            compute_loss, clipping, fused AdamW), transformers + PEFT through a plain loop around its forward. Each
-            configuration of each framework runs in a fresh process: training tokens/s over --steps steps after
-            --warmup untimed ones, the process's peak resident memory (ru_maxrss) and the peak while training alone
-            (the high-water mark reset after loading). Both LoRA sides start from the same A matrices (tinyformer's,
-            saved with save_adapter and read by PeftModel.from_pretrained) and see the same batches in the same order,
-            so the loss curves compare step by step: max relative difference, target 2%. Targets: tinyformer >= 1.5x
-            PEFT's tokens/s and <= 0.8x its peak memory.
+            (a) full fine-tuning, (b) LoRA rank 16, alpha 32, dropout 0 on q, k, v, o, gate, up, down, (c) LoRA over an
+            int4 base (tinyformer: int4 group 128 RTN, finetune.quantize_base_ = quantize_'s codes; PEFT: QLoRA over a
+            bitsandbytes NF4 base where bitsandbytes is installed ([dev]; its 4-bit layers run on a CPU), else its LoRA
+            over the float base; the rows' note says which). tinyformer trains through its loop's own step
+            (tinyformer.train.train_step: compute_loss, clipping, fused AdamW), transformers + PEFT through a plain loop
+            around its forward. Each configuration of each framework runs in a fresh process: training tokens/s over
+            --steps steps after --warmup untimed ones, the process's peak resident memory (ru_maxrss) and the peak while
+            training alone (the high-water mark reset after loading). Both LoRA sides start from the same A matrices
+            (tinyformer's, saved with save_adapter and read by PeftModel.from_pretrained) and see the same batches in
+            the same order, so the loss curves compare step by step: max relative difference, target 2%. Targets:
+            tinyformer >= 1.5x PEFT's tokens/s and <= 0.8x its peak memory.
   sotu      domain adaptation: `tinyformer train --init_from GGUF` on the sotu training speeches (a .txt), LoRA and
             full, --minutes each; the fixed held-out sotu perplexity (tinyformer.eval.sotu_perplexity) before and after.
   cmudict   instruction tuning: CMUdict pronunciation conversations (tinyformer.data.cmudict_conversations, split by
@@ -196,12 +196,11 @@ def tinyformer_trainer(spec: dict):
     from tinyformer.train import Run, TrainConfig, make_optimizer, train_step
     model = tinyformer.load(spec["tf_dir"])
     note = "tinyformer.train.train_step"
-    if spec["config"] == "qlora":
-        from tinyformer.compress import quantize_
-        quantize_(model, bits=4, group_size=128)
-        note += "; base int4 g128 RTN (quantize_)"
+    from tinyformer.finetune import add_lora_, load_adapter, quantize_base_, save_adapter
+    if spec["config"] == "qlora":  # the base `tinyformer train --base_bits 4` trains over (quantize_'s RTN codes)
+        quantize_base_(model, bits=4, group_size=128)
+        note += "; base int4 g128 RTN (finetune.quantize_base_)"
     if spec["config"] != "full":
-        from tinyformer.finetune import add_lora_, load_adapter, save_adapter
         add_lora_(model, spec["rank"], spec["alpha"], 0.0, targets=list(TARGETS))
         init = Path(spec["init_adapter"])
         if (init / "adapter_config.json").exists():  # the A matrices of this run's first LoRA process
