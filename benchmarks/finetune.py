@@ -456,8 +456,8 @@ def stage_cmudict(rows: Rows, work: Path, args):
         rows.add(stage="cmudict", framework="tinyformer", config=config, measure="word accuracy", value=100 * acc,
                  unit="%", reference=100 * before, steps=steps, tokens=len(answers),
                  note=f"{what}; SFT on {n_train} conversations, {steps} steps of 16 x 128, loss on answers only")
-    data = {packed: finetune_dataset(train_path, base, block_size=128, packed=packed, seed=args.seed)
-            for packed in (True, False)}
+    data = {packed: finetune_dataset(train_path, base, block_size=128, val_data=val_path, packed=packed, seed=args.seed)
+            for packed in (True, False)}  # the training runs' batches: the real tokens a batch holds, on average
     pad = pad_token_id(base)
     gen = torch.Generator().manual_seed(args.seed)
     per_batch = {packed: sum(real_tokens(d.get_batch("train", 16, 128, gen), pad) for _ in range(20)) / 20
