@@ -31,8 +31,10 @@ setup(
         # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, whose import name our top-level
         # kernels/ folder shadows wherever the checkout root is on sys.path (python -m pytest, benchmarks/), and
         # importing transformers' models then fails ("cannot import name 'CUDAProperties' from 'kernels'")
-        # peft: the LoRA reference (adapter layout and outputs, benchmarks/finetune.py)
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "nbmake", "transformers<5.25", "accelerate", "peft"],
+        # peft: the LoRA reference (adapter layout and outputs, benchmarks/finetune.py); bitsandbytes: its QLoRA base
+        # (NF4), whose 4-bit layers run on a CPU too (0.50.2), for benchmarks/finetune.py's QLoRA side by side
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "nbmake", "transformers<5.25", "accelerate", "peft",
+                "bitsandbytes"],
         # the real runtimes that export's round trips are checked in (tests/test_export.py, benchmarks/export.py):
         # llama-cpp-python compiles llama.cpp when installed (.ci/run builds it once and pip's wheel cache keeps it)
         "interop": ["llama-cpp-python==0.3.36", "transformers<5.25"],

