@@ -193,7 +193,7 @@ def tinyformer_trainer(spec: dict):
     """(step(x, y) -> loss, trainable parameters, note): tinyformer's own training step (tinyformer.train.train_step:
     compute_loss under autocast, clipping, fused AdamW) on the loaded model, fed the given batches."""
     import tinyformer
-    from tinyformer.train import Run, TrainConfig, make_optimizer, train_step
+    from tinyformer.train import Run, TrainConfig, keep_frozen_in, make_optimizer, train_step
     model = tinyformer.load(spec["tf_dir"])
     note = "tinyformer.train.train_step"
     from tinyformer.finetune import add_lora_, load_adapter, quantize_base_, save_adapter
@@ -221,6 +221,8 @@ def tinyformer_trainer(spec: dict):
     run = Run(cfg=cfg, data=feed, model=model, raw_model=model, model_config=model.config,
               optimizer=make_optimizer(model, cfg), ema=None, autocast=autocast(),
               scaler=torch.amp.GradScaler("cpu", enabled=False), gen=torch.Generator(), device=torch.device("cpu"))
+    if spec["config"] != "full" and isinstance(run.autocast, torch.autocast):  # as `tinyformer train` sets it up
+        keep_frozen_in(model, run.autocast.fast_dtype)
 
     def step(x, y):
         feed.batch = (x, y)

@@ -423,7 +423,7 @@ def setup(cfg: TrainConfig) -> Run:
     ema = WeightEMA(model, cfg.ema_decay, cfg.ema_power) if cfg.ema_decay > 0 or cfg.ema_power > 0 else None
     autocast, use_scaler = _autocast(cfg, device)
     if cfg.lora_rank and isinstance(autocast, torch.autocast):
-        _store_frozen_in(model, autocast.fast_dtype)
+        keep_frozen_in(model, autocast.fast_dtype)
     run = Run(cfg=cfg, data=data, model=model, raw_model=model, model_config=mcfg,
               optimizer=make_optimizer(model, cfg), ema=ema, autocast=autocast,
               scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
@@ -467,7 +467,7 @@ def from_pretrained(cfg: TrainConfig, device):
     return model.train(), data
 
 
-def _store_frozen_in(model, dtype) -> None:
+def keep_frozen_in(model, dtype) -> None:
     """A LoRA run under bf16 / fp16 autocast keeps the frozen float weights of the blocks' linears in that dtype:
     autocast would otherwise cast each of them at every forward (and hold both copies); they never change. The
     adapters, norms, embeddings and head stay float32."""
