@@ -295,11 +295,11 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
         q, s = quant.quantize_per_token_int8(x)
         mm = cpu.int8_matmul_cpu if backend == "torch" and x.device.type == "cpu" else reference.int8_matmul
         return mm(q, weight, s, scale, bias).to(x.dtype)
-    mm = cpu.int8_weight_only_unchecked if backend == "torch" and x.device.type == "cpu" else \
-        reference.int8_weight_only_matmul
+    on_cpu = backend == "torch" and x.device.type == "cpu"
+    mm = cpu.int8_weight_only_unchecked if on_cpu else reference.int8_weight_only_matmul
     if torch.is_grad_enabled() and x.requires_grad:  # the check first: decoding builds no closures
-        return with_input_grad(x, lambda x: mm(x, weight, scale, bias),
-                               lambda dy: reference.int8_weight_only_matmul_backward(dy, weight, scale), bias)
+        grad = cpu.int8_input_grad if on_cpu else reference.int8_weight_only_matmul_backward
+        return with_input_grad(x, lambda x: mm(x, weight, scale, bias), lambda dy: grad(dy, weight, scale), bias)
     return mm(x, weight, scale, bias)
 
 
@@ -318,8 +318,10 @@ def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
     backend = get_backend(x.device)
     if backend == "triton":
         return kernels.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
-    mm = cpu.int4_matmul_unchecked if backend == "torch" and x.device.type == "cpu" else reference.int4_matmul
+    on_cpu = backend == "torch" and x.device.type == "cpu"
+    mm = cpu.int4_matmul_unchecked if on_cpu else reference.int4_matmul
     if torch.is_grad_enabled() and x.requires_grad:
+        grad = cpu.int4_input_grad if on_cpu else reference.int4_matmul_backward
         return with_input_grad(x, lambda x: mm(x, w_packed, scales, zeros, group_size, bias),
-                               lambda dy: reference.int4_matmul_backward(dy, w_packed, scales, zeros, group_size), bias)
+                               lambda dy: grad(dy, w_packed, scales, zeros, group_size), bias)
     return mm(x, w_packed, scales, zeros, group_size, bias)

@@ -95,6 +95,33 @@ def test_cpu_int4_prepacked_matches_reference(dtype, G, M, N, groups):
                  name=f"cpu int4 {dtype}")
 
 
+@pytest.mark.parametrize("bf16_hw", [False, True])
+def test_cpu_int4_many_rows_dequantize_and_input_grads(monkeypatch, bf16_hw):
+    """From WO_DEQUANT_MIN_M rows the int4 product dequantizes and runs the float GEMM (bf16 only with bf16 hardware);
+    the frozen int4 / int8 weights' input gradients dy @ W agree with float64."""
+    monkeypatch.setattr(device, "onednn_bf16", lambda: bf16_hw)
+    g = gen(11)
+    M, N, G = cpu.WO_DEQUANT_MIN_M + 3, 48, 32
+    K = 3 * G
+    w_packed, scales, zeros = make_int4(N, K, G, g)
+    w = reference.dequantize_int4(w_packed, scales, zeros, G).double()  # (N, K)
+    assert torch.equal(cpu.dequantized_int4(w_packed, scales, zeros, G).double(), w)  # fp32: the reference exactly
+    x, bias, dy = torch.randn(M, K, generator=g), torch.randn(N, generator=g), torch.randn(M, N, generator=g)
+    tol = 1.6e-2 if bf16_hw else 1e-5
+    got = cpu.int4_matmul_unchecked(x, w_packed, scales, zeros, G, bias)
+    assert_close(got, x.double() @ w.T + bias.double(), atol=tol * magnitude(x, w), rtol=tol, name="many rows")
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
+        dx = cpu.int4_input_grad(dy.to(dtype), w_packed, scales, zeros, G)
+        assert dx.dtype == dtype
+        assert_close(dx, dy.double() @ w, atol=tol * magnitude(dy, w.T), rtol=tol, name=f"int4 dx {dtype}")
+        w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        s8 = torch.rand(N, generator=g) * 1e-2 + 1e-3
+        dx = cpu.int8_input_grad(dy.to(dtype), w8, s8)
+        w8d = w8.double() * s8.double()[:, None]
+        assert_close(dx, dy.double() @ w8d, atol=tol * magnitude(dy, w8d.T), rtol=tol, name=f"int8 dx {dtype}")
+
+
 def test_cpu_int4_fallback_and_cache():
     g = gen(5)
     w_packed, scales, zeros = make_int4(70, 64, 32, g)  # N = 70: not a multiple of 16, torch's kernel refuses it
