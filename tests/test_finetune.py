@@ -3,6 +3,7 @@ the int8 / int4 weight-only products it trains through: B = 0 changes nothing, m
 adapters (and `train` modules) get gradients, QLoRA's gradients equal a float model's on the dequantized weights, and
 the adapter files round-trip with Hugging Face PEFT both ways (peft reads ours onto transformers' model, tinyformer
 reads peft's) on tiny random Llama and BERT models. Tolerances by dtype next to the dtype."""
+import copy
 import json
 import os
 
@@ -114,20 +115,25 @@ def test_only_adapters_and_train_modules_get_gradients():
     assert set(ft.trainable_state_dict(model)) == want
 
 
-def test_stacked_base_products_with_adapters(monkeypatch):
-    """With adapters on q/k/v (or only some of them), training still runs one product over the stacked base weights,
-    and gives the per-layer result."""
+def test_adapted_layers_products(monkeypatch):
+    """With adapters on q/k/v (or only some of them): frozen bases run one product each (concatenating them again at
+    every step costs more than the wider product saves), trainable bases one product over their stacked weights; both
+    give the merged model's output, and the adapters get gradients."""
     model = _randomize_b(ft.add_lora_(tiny("decoder", **LLAMA), rank=2, targets=["wq", "wv", "w1", "w3"])).train()
     ids = _ids()
-    want = model(ids)
-    calls = []
+    want = ft.unload_lora(copy.deepcopy(model))(ids)  # the merged plain model: per-layer products, no adapters
     real = ops.linear
-    monkeypatch.setattr(ops, "linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
-    got = model(ids)
-    assert_close(got, want, atol=1e-6, rtol=1e-6, name="stacked")
-    assert (32 + 16 + 16, 32) in calls  # q | k | v stacked: (H + 2 Hkv) * Dh rows
-    grads = torch.autograd.grad(got.sum(), [m.lora_A for m in ft.lora_modules(model).values()])
-    assert all(g.abs().sum() > 0 for g in grads)
+    for trainable in (False, True):
+        for m in ft.lora_modules(model).values():
+            m.base.weight.requires_grad_(trainable)
+        calls = []
+        monkeypatch.setattr(ops, "linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
+        got = model(ids)
+        monkeypatch.setattr(ops, "linear", real)
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"trainable base {trainable}")
+        assert ((32 + 16 + 16, 32) in calls) == trainable  # q | k | v stacked: (H + 2 Hkv) * Dh rows
+        grads = torch.autograd.grad(got.sum(), [m.lora_A for m in ft.lora_modules(model).values()])
+        assert all(g.abs().sum() > 0 for g in grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
 
 def test_non_finite_loss_stops_without_poisoning_the_checkpoint(corpus, tmp_path, monkeypatch):
     import tinyformer.train as T
-    real = T.F.cross_entropy
+    real = T.compute_loss
     calls = {"n": 0}
 
     def poisoned(*a, **kw):  # finite for a while, then NaN
@@ -108,7 +108,7 @@ def test_non_finite_loss_stops_without_poisoning_the_checkpoint(corpus, tmp_path
         loss = real(*a, **kw)
         return loss * float("nan") if calls["n"] > 30 else loss
 
-    monkeypatch.setattr(T.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(T, "compute_loss", poisoned)
     cfg = TrainConfig(data=str(corpus / "prepared"), out_dir=str(tmp_path / "nan"), batch_size=4, block_size=16,
                       max_iters=40, eval_interval=4, eval_iters=1, progress=False, plot=False,
                       model=dict(n_layer=1, n_head=2, d_model=32))
