@@ -117,6 +117,32 @@ def _doc_tiles(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_tile_keys(DOC, b, Tq, Tk, start_m, offs_m, m_ok, doc_stride, causal_off,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
+    """The keys a tile of query rows [start_m, start_m + BLOCK_M) reads, as spans: [lo, n_lo) masked (packed
+    documents only: from the first row's document start), [n_lo, n_full) whole tiles every row sees (no mask),
+    [n_full, hi) masked; keys past the horizon of the tile's last row are skipped. Packed documents also give each
+    row's document's key range [doc_lo, doc_hi) (BLOCK_M,). Returns (lo, n_lo, n_full, hi, doc_lo, doc_hi)."""
+    hi = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
+    n_full = tl.minimum(Tk, tl.maximum(start_m + causal_off + 1, 0)) // BLOCK_N * BLOCK_N  # whole, seen by row 0
+    lo = 0
+    n_lo = 0
+    doc_lo = 0
+    doc_hi = Tk
+    if VARLEN:  # from the first row's document start to the last row's document end; then as above
+        doc_base = DOC + b * Tq
+        last = tl.minimum(start_m + BLOCK_M, Tq) - 1
+        doc_lo = tl.load(doc_base + offs_m, mask=m_ok, other=0)  # (BLOCK_M,)
+        doc_hi = tl.load(doc_base + doc_stride + offs_m, mask=m_ok, other=0)
+        lo = tl.load(doc_base + start_m)
+        hi = tl.minimum(hi, tl.load(doc_base + doc_stride + last))
+        n_lo, n_full = _doc_tiles(lo, tl.load(doc_base + last),
+                                  tl.minimum(tl.load(doc_base + doc_stride + start_m), start_m + causal_off + 1),
+                                  hi, BLOCK_N)
+    return lo, n_lo, n_full, hi, doc_lo, doc_hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KB, DOC,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -157,22 +183,9 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(Tk, start_m + BLOCK_M + causal_off)  # keys past the horizon of the tile's last row: skipped
-    # key tiles that are whole and visible to the tile's FIRST row run without masks
-    n_full = tl.minimum(Tk, tl.maximum(start_m + causal_off + 1, 0)) // BLOCK_N * BLOCK_N
-    n_lo = 0
-    doc_lo = 0
-    doc_hi = Tk
-    if VARLEN:  # keys from the first row's document start to the last row's document end; then as above
-        doc_base = DOC + b * Tq
-        last = tl.minimum(start_m + BLOCK_M, Tq) - 1
-        doc_lo = tl.load(doc_base + offs_m, mask=m_ok, other=0)  # (BLOCK_M,)
-        doc_hi = tl.load(doc_base + doc_stride + offs_m, mask=m_ok, other=0)
-        lo = tl.load(doc_base + start_m)
-        hi = tl.minimum(hi, tl.load(doc_base + doc_stride + last))
-        n_lo, n_full = _doc_tiles(lo, tl.load(doc_base + last),
-                                  tl.minimum(tl.load(doc_base + doc_stride + start_m), start_m + causal_off + 1),
-                                  hi, BLOCK_N)
+    lo, n_lo, n_full, hi, doc_lo, doc_hi = _query_tile_keys(DOC, b, Tq, Tk, start_m, offs_m, m_ok, doc_stride,
+                                                            causal_off, BLOCK_M, BLOCK_N, VARLEN)
+    if VARLEN:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kb_base,
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                                    offs_m, offs_d, lo, n_lo, Tk, causal_off, qk_scale, doc_lo, doc_hi,
@@ -509,21 +522,9 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     kb_base = KB + b * stride_mb
-    hi = tl.minimum(Tk, start_m + BLOCK_M + causal_off)
-    n_full = tl.minimum(Tk, tl.maximum(start_m + causal_off + 1, 0)) // BLOCK_N * BLOCK_N
-    n_lo = 0
-    doc_lo = 0
-    doc_hi = Tk
-    if VARLEN:  # the forward's key span
-        doc_base = DOC + b * Tq
-        last = tl.minimum(start_m + BLOCK_M, Tq) - 1
-        doc_lo = tl.load(doc_base + offs_m, mask=m_ok, other=0)  # (BLOCK_M,)
-        doc_hi = tl.load(doc_base + doc_stride + offs_m, mask=m_ok, other=0)
-        lo = tl.load(doc_base + start_m)
-        hi = tl.minimum(hi, tl.load(doc_base + doc_stride + last))
-        n_lo, n_full = _doc_tiles(lo, tl.load(doc_base + last),
-                                  tl.minimum(tl.load(doc_base + doc_stride + start_m), start_m + causal_off + 1),
-                                  hi, BLOCK_N)
+    lo, n_lo, n_full, hi, doc_lo, doc_hi = _query_tile_keys(DOC, b, Tq, Tk, start_m, offs_m, m_ok, doc_stride,
+                                                            causal_off, BLOCK_M, BLOCK_N, VARLEN)  # the forward's
+    if VARLEN:
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kb_base,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                            offs_m, offs_d, lo, n_lo, Tk, causal_off, qk_scale, doc_lo, doc_hi,
