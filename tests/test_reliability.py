@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import run_killing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,33 +49,14 @@ def final_val(out):
     return [r["val_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in r][-1]
 
 
-def _iters_logged(out):
-    try:
-        return max((r.get("iter", 0) for r in map(json.loads, open(out / "metrics.jsonl"))), default=-1)
-    except (OSError, ValueError):  # not written yet, or a line being written
-        return -1
-
-
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(corpus, tmp_path):
     iters = 120
     ref = subprocess.run(CMD + train_args(corpus, tmp_path / "ref", iters), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     rng = random.Random(1234)
-    out, kills = tmp_path / "killed", 0
-    for target in sorted(rng.sample(range(5, iters - 5), 3)) + [None]:  # kill at 3 random iterations, then finish
-        resume = ["--resume"] if (out / "ckpt.pt").exists() else []
-        p = subprocess.Popen(CMD + train_args(corpus, out, iters) + resume, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-        if target is not None:
-            while p.poll() is None and _iters_logged(out) < target:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0, 0.05))  # anywhere in the step: forward, backward, checkpoint writing
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                kills += 1
-        p.wait()
-        if target is None:
-            assert p.returncode == 0, p.stderr.read().decode()[-2000:]
+    out = tmp_path / "killed"
+    targets = sorted(rng.sample(range(5, iters - 5), 3)) + [None]  # kill at 3 random iterations, then finish
+    kills = run_killing(CMD + train_args(corpus, out, iters), out, targets, rng)
     assert kills >= 2, "the test should kill the run at least twice"
     assert final_val(out) == final_val(tmp_path / "ref")
     assert step_losses(out) == step_losses(tmp_path / "ref")

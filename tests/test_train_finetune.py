@@ -4,13 +4,12 @@ killed with SIGKILL and resumed ending exactly where the uninterrupted run ends.
 Llama-style decoder with a chat template, a BERT-style encoder) keep it fast."""
 import json
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from helpers import run_killing
 
 import tinyformer
 from tinyformer import ModelConfig, build
@@ -143,33 +142,13 @@ def test_lora_run_killed_and_resumed_matches_the_uninterrupted_run(pretrained, c
             "--learning_rate", "1e-2", "--dtype", "float32", "--progress", "false", "--plot", "false"]
     ref = subprocess.run(CMD + args + ["--out_dir", str(tmp_path / "ref")], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    out, kills, rng = tmp_path / "killed", 0, random.Random(7)
-    for target in (12, 27, None):
-        resume = ["--resume"] if (out / "ckpt.pt").exists() else []
-        p = subprocess.Popen(CMD + args + ["--out_dir", str(out)] + resume, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-        if target is not None:
-            while p.poll() is None and _iters_logged(out) < target:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0, 0.05))
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                kills += 1
-        p.wait()
-        if target is None:
-            assert p.returncode == 0, p.stderr.read().decode()[-2000:]
+    out = tmp_path / "killed"
+    kills = run_killing(CMD + args + ["--out_dir", str(out)], out, (12, 27, None), random.Random(7))
     assert kills >= 1
     assert _losses(out) == _losses(tmp_path / "ref")
     from safetensors.torch import load_file
     a, b = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _iters_logged(out):
-    try:
-        return max((r.get("iter", 0) for r in map(json.loads, open(out / "metrics.jsonl"))), default=-1)
-    except (OSError, ValueError):
-        return -1
 
 
 def test_fine_tuning_options_need_init_from_and_lora_for_a_quantized_base(pretrained, chats, tmp_path):
