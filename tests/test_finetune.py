@@ -95,6 +95,9 @@ def test_unloaded_model_saves_and_loads_as_a_plain_model(tmp_path):
     ids = _ids()
     with torch.no_grad():
         want = model(ids)
+    with pytest.raises(ValueError, match="the model has LoRA adapters"):  # wrapped layers no loader reads
+        model.save(tmp_path / "wrapped")
+    assert not (tmp_path / "wrapped").exists()
     ft.merge_lora_(model, unload=True)
     assert not ft.lora_modules(model) and not any("lora" in k or ".base." in k for k in model.state_dict())
     model.save(tmp_path / "merged")

@@ -78,6 +78,9 @@ def save_model(model, path, extra: dict | None = None) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"cannot save to {path}: it exists and is not a folder")
+    if any(type(m).__dict__.get("scheme") == "lora" for m in model.modules()):  # no loader reads wrapped layers
+        raise ValueError(f"cannot save to {path}: the model has LoRA adapters; save them with "
+                         "finetune.save_adapter, or merge them first with finetune.merge_lora_(model, unload=True)")
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
