@@ -88,7 +88,9 @@ def cmd_train(args):
 def _report(s):
     tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "n/a"
     val = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "n/a"
-    print(f"trained {s['params'] / 1e6:.2f}M parameters for {s['iters']} iterations in {s['seconds']:.1f} s: "
+    trainable = s.get("trainable", s["params"])
+    part = f"{trainable / 1e6:.2f}M of " if trainable < s["params"] else ""  # LoRA: its adapters, or a new head
+    print(f"trained {part}{s['params'] / 1e6:.2f}M parameters for {s['iters']} iterations in {s['seconds']:.1f} s: "
           f"val loss {val}, {tps} tokens/s; saved in {s['out_dir']}" + (f", loss plot {s['plot']}"
                                                                        if s.get("plot") else ""))
 

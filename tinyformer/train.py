@@ -812,6 +812,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     interrupted = not done  # the loop ended early only on a signal
     seconds = time.perf_counter() - run.started
     summary = {"out_dir": str(run.out), "params": run.raw_model.num_params(),
+               "trainable": sum(p.numel() for p in run.raw_model.parameters() if p.requires_grad),
                "vocab_size": run.model_config.vocab_size, "iters": run.it, "seconds": seconds,
                "tokens_per_s": (run.it - first_it) * tokens_per_iter / seconds if run.it > first_it else None,
                **{k: None if interrupted else record.get(k) for k in ("val_loss", "train_loss", "ema_val_loss")}}
