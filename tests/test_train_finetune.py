@@ -3,13 +3,14 @@ classification with a new head, the adapter files a LoRA run leaves, `tinyformer
 killed with SIGKILL and resumed ending exactly where the uninterrupted run ends. Tiny pretrained stand-ins (a
 Llama-style decoder with a chat template, a BERT-style encoder) keep it fast."""
 import json
+import os
 import random
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import run_killing
+from helpers import assert_close, run_killing
 
 import tinyformer
 from tinyformer import ModelConfig, build
@@ -149,6 +150,31 @@ def test_lora_run_killed_and_resumed_matches_the_uninterrupted_run(pretrained, c
     from safetensors.torch import load_file
     a, b = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_lora_sft_follows_one_process(pretrained, chats, tmp_path):
+    """DDP over a LoRA run (a frozen base, packed conversations, each rank its rows' cu_seqlens): two processes of
+    one thread give one process's losses and adapter."""
+    args = ["train", "--init_from", str(pretrained / "decoder"), "--data", str(chats), "--batch_size", "4",
+            "--block_size", "48", "--max_iters", "8", "--lr_decay_iters", "8", "--warmup_iters", "2",
+            "--eval_interval", "4", "--eval_iters", "2", "--log_interval", "1", "--lora_rank", "4",
+            "--learning_rate", "1e-2", "--dtype", "float32", "--progress", "false", "--plot", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(CMD + args + ["--out_dir", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", "-m", "tinyformer", *args, "--out_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 8
+    assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-4, name="losses")
+    # (not the weights: Adam turns a gradient of ~0, summed in another order, into a step of +-lr either way)
+    va, vb = (torch.tensor([r["val_loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))
+                            if "val_loss" in r]) for d in ("one", "two"))
+    assert len(va) == 3  # iterations 0, 4 and 8
+    assert_close(vb, va, atol=1e-5, rtol=1e-4, name="val losses")
+    assert (tmp_path / "two" / "adapter_model.safetensors").exists()
 
 
 def test_fine_tuning_options_need_init_from_and_lora_for_a_quantized_base(pretrained, chats, tmp_path):
