@@ -288,6 +288,37 @@ def test_packed_positions_restart_at_each_document():
     assert _positions(ids, None, None, cu).tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 3]]
 
 
+@pytest.mark.parametrize("arch,pos", [("decoder", "rope"), ("decoder", "learned"), ("encoder", "learned")])
+def test_packed_examples_get_the_loss_they_have_alone(arch, pos):
+    """Three examples packed into two rows (cu_seqlens; the second row's tail one padded example) give each example
+    the logits, loss and gradients of that example run alone: attention within it, positions from 0."""
+    model = tiny(arch, pos=pos, n_kv_head=2, seed=5).eval()
+    lens = [5, 7, 12]  # row 0: examples of 5 and 7; row 1: one of 12
+    ids = torch.randint(0, 50, (sum(lens),), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 5, 12, 24], dtype=torch.int32)
+    targets = ids.roll(-1)
+
+    def losses(packed: bool):
+        model.zero_grad()
+        if packed:
+            h = model(ids.view(2, 12), cu_seqlens=cu)  # (2, 12, ...)
+            out = (h if arch == "decoder" else model.logits(h)).flatten(0, 1)  # (24, V)
+        else:
+            outs = [model(ids[a:b][None]) for a, b in zip(cu[:-1], cu[1:])]  # each (1, n, ...)
+            out = torch.cat([(o if arch == "decoder" else model.logits(o))[0] for o in outs])  # (24, V)
+        per = [torch.nn.functional.cross_entropy(out[a:b], targets[a:b]) for a, b in zip(cu[:-1], cu[1:])]
+        sum(per).backward()
+        return torch.stack(per).detach(), out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}
+
+    (lp, op, gp), (la, oa, ga) = losses(True), losses(False)
+    torch.testing.assert_close(op, oa, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp, la, atol=1e-5, rtol=1e-5)
+    assert gp.keys() == ga.keys()
+    for n in gp:
+        torch.testing.assert_close(gp[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
 def test_activation_checkpointing_gives_the_same_gradients(arch):
     ids = torch.randint(0, 50, (2, 7))
