@@ -231,10 +231,9 @@ def int8_weight_only_unchecked(x, w, w_scale, bias=None):
     M, K = x.shape
     if not (_have("_weight_int8pack_mm") and K % INT8PACK_K_MULTIPLE == 0 and M > 0 and w.shape[0] > 0):
         return int8_weight_only_matmul_reference(x, w, w_scale, bias)
-    if M >= WO_DEQUANT_MIN_M and not device.onednn_bf16():  # aten's bf16 matmul is a GEMV per row there: fp32
-        return _finish((x.float() @ w.float().T) * w_scale.float(), bias, x.dtype)
     if M >= WO_DEQUANT_MIN_M:  # int8 -> bf16 is exact
-        return _finish((x.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float() * w_scale.float(), bias, x.dtype)
+        dtype = _gemm_dtype()
+        return _finish((x.to(dtype) @ w.to(dtype).T).float() * w_scale.float(), bias, x.dtype)
     return _finish(_int8_rows(x, [w], [w_scale]), bias, x.dtype)
 
 
@@ -352,9 +351,11 @@ def int4_matmul_unchecked(x, w_packed, scales, zeros, group_size, bias=None):
     return _finish(_int4_rows(x, [w_packed], [scales], [zeros], group_size), bias, x.dtype)
 
 
-def _gemm_dtype():
-    """bf16 where oneDNN multiplies bf16 (AMX / AVX512-BF16), else fp32 (aten's bf16 matmul is a GEMV a row)."""
-    return torch.bfloat16 if device.onednn_bf16() else torch.float32
+def _gemm_dtype(like=None):
+    """bf16 where oneDNN multiplies bf16 (AMX / AVX512-BF16) and `like` (when given) is bf16, else fp32 (aten's bf16
+    matmul is a GEMV a row without oneDNN)."""
+    bf16 = device.onednn_bf16() and (like is None or like.dtype == torch.bfloat16)
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def dequantized_int4(w_packed, scales, zeros, group_size: int, dtype=torch.float32):
@@ -370,13 +371,13 @@ def dequantized_int4(w_packed, scales, zeros, group_size: int, dtype=torch.float
 def int4_input_grad(dy, w_packed, scales, zeros, group_size: int):
     """dx = dy (M, N) @ dequant(w) (N, K) for a frozen int4 weight (QLoRA), the float GEMM in bf16 where oneDNN has
     it and dy is bf16, else fp32; in dy's dtype."""
-    dtype = torch.bfloat16 if dy.dtype == torch.bfloat16 and device.onednn_bf16() else torch.float32
+    dtype = _gemm_dtype(like=dy)
     return (dy.to(dtype) @ dequantized_int4(w_packed, scales, zeros, group_size, dtype)).to(dy.dtype)
 
 
 def int8_input_grad(dy, w, w_scale):
     """dx = dy (M, N) @ (w * scale) (N, K) for a frozen int8 weight, as `int4_input_grad`."""
-    dtype = torch.bfloat16 if dy.dtype == torch.bfloat16 and device.onednn_bf16() else torch.float32
+    dtype = _gemm_dtype(like=dy)
     return (dy.to(dtype) @ (w.to(dtype) * w_scale.to(dtype)[:, None])).to(dy.dtype)
 
 
