@@ -311,24 +311,23 @@ def stage_peft(rows: Rows, work: Path, args):
                                                ratio=r["train_peak_mb"] / got["peft"]["train_peak_mb"])
             rows.add(**base, measure="peak RSS (training)", value=r["train_peak_mb"], unit="MB", **ref,
                      note="peak over the training steps (high-water mark reset after loading)")
-        a, b = got["tinyformer"]["losses"], got["peft"]["losses"]
-        diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
-        rows.add(stage="peft", framework="both", config=config, measure="max relative loss difference",
-                 value=100 * diff, unit="%", target="<= 2%", met=diff <= 0.02, steps=n_steps,
-                 series=" ".join(f"{x:.4f}" for x in a) + " | " + " ".join(f"{y:.4f}" for y in b),
-                 note="per-step losses tinyformer | PEFT, same batches in the same order"
-                      + (", same initial LoRA A" if config != "full" else "")
-                      + ("; the bases differ: RTN int4 g128 against NF4" if config == "qlora" and common["bnb"] else ""))
+        def loss_difference(label, b, note):  # tinyformer's per-step losses against a reference run's
+            a = got["tinyformer"]["losses"]
+            diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+            rows.add(stage="peft", framework="both", config=label, measure="max relative loss difference",
+                     value=100 * diff, unit="%", target="<= 2%", met=diff <= 0.02, steps=n_steps,
+                     series=" ".join(f"{x:.4f}" for x in a) + " | " + " ".join(f"{y:.4f}" for y in b), note=note)
+
+        loss_difference(config, got["peft"]["losses"],
+                        "per-step losses tinyformer | PEFT, same batches in the same order"
+                        + (", same initial LoRA A" if config != "full" else "")
+                        + ("; the bases differ: RTN int4 g128 against NF4" if config == "qlora" and common["bnb"]
+                           else ""))
         if config == "qlora":  # the training math apart from the quantizer: PEFT over the same int4 grid in fp32
             grid = run_worker({**common, "job": "train", "framework": "peft", "config": config, "lr": lr, "grid": True})
-            b = grid["losses"]
-            diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
-            rows.add(stage="peft", framework="both", config="qlora, same int4 grid",
-                     measure="max relative loss difference", value=100 * diff, unit="%", target="<= 2%",
-                     met=diff <= 0.02, steps=n_steps,
-                     series=" ".join(f"{x:.4f}" for x in a) + " | " + " ".join(f"{y:.4f}" for y in b),
-                     note="per-step losses tinyformer QLoRA | PEFT LoRA over tinyformer's int4 base dequantized to "
-                          "fp32 (the same weights), same batches and initial LoRA A")
+            loss_difference("qlora, same int4 grid", grid["losses"],
+                            "per-step losses tinyformer QLoRA | PEFT LoRA over tinyformer's int4 base dequantized to "
+                            "fp32 (the same weights), same batches and initial LoRA A")
 
 
 # ======================================================================================================================
