@@ -22,7 +22,7 @@ def test_newton_schulz_cubic_converges_to_the_polar_factor(shape):
     P, _, Qh = torch.linalg.svd(torch.randn(shape, dtype=torch.float64), full_matrices=False)
     s = torch.linspace(1.0, 0.1, P.shape[-1], dtype=torch.float64)
     G = (P * s[..., None, :]) @ Qh
-    X = newton_schulz(G.float(), steps=40, coefficients=NS_CUBIC)
+    X = newton_schulz(G.float(), steps=40, coefficients=NS_CUBIC, dtype=torch.float32)
     assert X.shape == G.shape and X.dtype == torch.float32
     assert_close(X, polar(G), atol=2e-5, name="cubic Newton-Schulz")
 
@@ -31,7 +31,7 @@ def test_newton_schulz_cubic_converges_to_the_polar_factor(shape):
 def test_muons_quintic_keeps_the_singular_vectors_and_brings_singular_values_near_one(shape):
     torch.manual_seed(1)
     G = torch.randn(shape)  # a gradient-like matrix: singular values spread over a decade and more
-    X = newton_schulz(G)  # five quintic steps, fp32 on CPU
+    X = newton_schulz(G, dtype=torch.float32)  # five quintic steps
     P, s, Qh = torch.linalg.svd(G.double(), full_matrices=False)
     D = P.T @ X.double() @ Qh.T  # diagonal when X = P diag(d) Q^T
     d = torch.diagonal(D)
@@ -41,6 +41,22 @@ def test_muons_quintic_keeps_the_singular_vectors_and_brings_singular_values_nea
     lifted = d[s / s.norm() >= 2e-3]
     assert len(lifted) > 0.9 * len(d) and lifted.min() > 0.65 and lifted.max() < 1.25, (lifted.min(), lifted.max())
     assert (X.double() - polar(G)).norm() / polar(G).norm() < 0.3  # near the polar factor, not at it
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (4, 512, 128)])
+def test_newton_schulz_in_bf16_follows_fp32(shape):
+    """The bf16 iteration (the default where the hardware multiplies bf16) points where fp32's does and keeps its
+    singular values where fp32 puts them: five steps, each multiplying by up to a = 3.4445, grow bf16's rounding
+    (2^-8) to a few percent of the matrix, which Muon's fixed-size update tolerates."""
+    torch.manual_seed(3)
+    G = torch.randn(shape)
+    X = newton_schulz(G, dtype=torch.bfloat16)
+    assert X.dtype == torch.float32
+    ref = newton_schulz(G, dtype=torch.float32)
+    cos = (X * ref).sum((-2, -1)) / (X.norm(dim=(-2, -1)) * ref.norm(dim=(-2, -1)))  # one per matrix
+    assert cos.min() > 0.999, cos
+    gap = (torch.linalg.svdvals(X) - torch.linalg.svdvals(ref)).abs().max()  # the same band, value by value
+    assert gap < 0.05, gap
 
 
 def test_muon_step_follows_its_formula_and_adamw_groups_match_torch_adamw():
