@@ -7,13 +7,16 @@ the same machine in the same run.
 2. The target L* is the validation loss of nanoGPT's final model, estimated as the mean cross-entropy over
    `--eval_batches` random batches of 12 windows of 64 characters of the validation split (fp32, fixed windows).
 3. tinyformer trains `--preset speedrun-shakespeare-char --target_loss L*` for each seed; its evaluations (the same
-   estimator: 300 random batches of 12 x 64 from the validation split) stop it at the first one at or below L*. Its
-   time is the training loop's wall time as `tinyformer train` reports it, evaluations and checkpoints included. Its
-   final model is then scored on nanoGPT's fixed windows too (`val_same_windows`): a seed reaches L* when that
-   score is at most L*.
+   estimator: 300 random batches of 12 x 64 from the validation split) stop it at the first one at or below L*. One
+   costs as much as ~70 training steps, so the points come every 25 iterations and `--target_gate 0` skips those
+   where the mean training loss since the last one is still above L* (training loss runs below validation loss
+   here). Its time is the training loop's wall time as `tinyformer train` reports it, evaluations and checkpoints
+   included. Its final model is then scored on nanoGPT's fixed windows too (`val_same_windows`): a seed reaches L*
+   when that score is at most L*.
 4. Prints tinyformer's time over nanoGPT's time per seed; with --ablation, the preset with one lever put back to the
-   baby GPT's choice per row (bf16 autocast -> fp32, Muon -> AdamW, the 1000-iteration schedule with 20 warmup steps
-   -> nanoGPT's 2000 with 100, rotary/RMSNorm/no biases -> learned positions/LayerNorm/biases), each row's time to L*.
+   baby GPT's choice per row (bf16 autocast and Newton-Schulz -> fp32, Muon -> AdamW, the 1000-iteration schedule
+   with 20 warmup steps -> nanoGPT's 2000 with 100, rotary/RMSNorm/no biases -> learned positions/LayerNorm/biases,
+   gated evaluations every 25 -> every 100), each row's time to L*.
 
 Rows go to --csv (one per tinyformer run). References: karpathy/nanoGPT (the baby GPT); Jordan et al. 2024,
 modded-nanogpt (time to a target validation loss as the measure of a training recipe).
@@ -38,12 +41,14 @@ from common import append_rows, machine_name, now  # benchmarks/common.py
 from train_speed import NANOGPT_ITER, nanogpt_command, nanogpt_workdir
 
 PRESET = "speedrun-shakespeare-char"
+EVALUATIONS = ["--eval_interval", "25", "--target_gate", "0"]  # every run's: checked often, run when near L*
 ABLATIONS = {  # lever -> the options that put the baby GPT's choice back
     "all levers": [],
-    "fp32 (no bf16 autocast)": ["--dtype", "float32"],
+    "fp32 (no bf16 autocast or Newton-Schulz)": ["--dtype", "float32"],
     "AdamW (no Muon)": ["--optimizer", "adamw"],
     "baby schedule": ["--max_iters", "2000", "--lr_decay_iters", "2000", "--warmup_iters", "100"],
     "baby architecture": ["--pos", "learned", "--norm", "layernorm", "--bias", "true"],
+    "evaluations every 100, ungated": ["--eval_interval", "100", "--target_gate", "-1"],
 }
 
 
@@ -91,7 +96,7 @@ def run_tinyformer(data_dir, target, seed, options, val_ids, eval_batches):
     out = tempfile.mkdtemp(prefix="tf-speedrun-")
     cmd = [sys.executable, "-m", "tinyformer", "train", "--data", str(data_dir), "--preset", PRESET,
            "--target_loss", f"{target:.6f}", "--seed", str(seed), "--out_dir", out, "--progress", "false",
-           "--plot", "false", "--eval_iters", str(eval_batches), "--log_interval", "1", *options]
+           "--plot", "false", "--eval_iters", str(eval_batches), "--log_interval", "1", *EVALUATIONS, *options]
     started = time.perf_counter()
     log = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     process_s = time.perf_counter() - started
@@ -145,7 +150,7 @@ def main(argv=None):
                          ms_per_iter=f"{r['ms_per_iter']:.2f}", steps_s=f"{r['steps_s']:.2f}",
                          eval_s=f"{r['eval_s']:.2f}",
                          reached=r["reached"], time_vs_nanogpt=f"{ratio:.3f}",
-                         options=" ".join(ABLATIONS[lever] + args.extra)))
+                         options=" ".join(EVALUATIONS + ABLATIONS[lever] + args.extra)))
     main_rows = [r for r in rows if r["lever"] == "all levers"]
     ratios = [float(r["time_vs_nanogpt"]) for r in main_rows]
     print(f"tinyformer / nanoGPT time: {np.mean(ratios):.3f}x mean over {len(ratios)} seeds "

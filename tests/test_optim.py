@@ -64,7 +64,7 @@ def test_muon_step_follows_its_formula_and_adamw_groups_match_torch_adamw():
     W = torch.nn.Parameter(torch.randn(32, 16))
     b = torch.nn.Parameter(torch.randn(16))
     b_ref = torch.nn.Parameter(b.detach().clone())
-    opt = Muon([{"params": [W], "use_muon": True, "lr": 0.05, "momentum": 0.9},
+    opt = Muon([{"params": [W], "use_muon": True, "lr": 0.05, "momentum": 0.9, "ns_dtype": "float32"},
                 {"params": [b], "use_muon": False, "lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}])
     ref = torch.optim.AdamW([b_ref], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8)
     buf, w = torch.zeros(32, 16), W.detach().clone()
@@ -74,7 +74,7 @@ def test_muon_step_follows_its_formula_and_adamw_groups_match_torch_adamw():
         opt.step()
         ref.step()
         buf = 0.9 * buf + 0.1 * g  # momentum, then the Nesterov step and its orthogonal polar factor
-        w = w - 0.05 * math.sqrt(32 / 16) * newton_schulz(0.1 * g + 0.9 * buf)
+        w = w - 0.05 * math.sqrt(32 / 16) * newton_schulz(0.1 * g + 0.9 * buf, dtype=torch.float32)
         assert_close(W.detach(), w, atol=1e-5, name="Muon weight")
         assert_close(b.detach(), b_ref.detach(), atol=1e-6, rtol=1e-6, name="AdamW group")
 
@@ -82,5 +82,7 @@ def test_muon_step_follows_its_formula_and_adamw_groups_match_torch_adamw():
 def test_muon_rejects_groups_it_cannot_take():
     with pytest.raises(ValueError, match="use_muon"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(3, 3))]}])
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(3, 3))], "use_muon": True, "ns_dtype": torch.float16}])
     with pytest.raises(ValueError, match="2-D matrices only"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(3))], "use_muon": True}])

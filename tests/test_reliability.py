@@ -71,8 +71,9 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(corpus, tmp
 
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
     out = tmp_path / "int"
-    p = subprocess.Popen(CMD + train_args(corpus, out, iters=100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    gate = ["--target_loss", "0.01", "--target_gate", "0"]  # a target never reached: the gate skips evaluations
+    p = subprocess.Popen(CMD + train_args(corpus, out, iters=100000) + gate, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (out / "metrics.jsonl").exists() or os.path.getsize(out / "metrics.jsonl") < 200:
         assert time.time() < deadline and p.poll() is None
@@ -84,6 +85,8 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
     assert "Traceback" not in stderr
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert saved["iter"] > 0
+    assert len(saved["gate_losses"]) == saved["iter"] % 4  # the gate's window since the last evaluation point (every
+    #                                                        4): a resumed run decides the next one as this one would
 
 
 def test_non_finite_loss_stops_without_poisoning_the_checkpoint(corpus, tmp_path, monkeypatch):

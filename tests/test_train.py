@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tinyformer import data
-from tinyformer.train import TrainConfig, lr_at, train
+from tinyformer.train import TrainConfig, _gated, lr_at, train
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
@@ -123,6 +123,31 @@ def test_target_loss_stops_at_the_first_evaluation_reaching_it(corpus, tmp_path)
     s = train(_cfg(corpus, tmp_path / "target", target_loss=evals[20], eval_train=False))
     assert s["iters"] == 20 and s["val_loss"] == evals[20] and s["train_loss"] is None
     assert max(r["iter"] for r in _losses(tmp_path / "target")) == 20
+
+
+def test_target_gate_evaluates_only_near_the_target(corpus, tmp_path):
+    """An evaluation point runs only where the mean training loss since the previous one is at most target_loss +
+    target_gate (and at the end), and the run still stops at the first evaluation reaching the target."""
+    kw = dict(eval_train=False, eval_interval=5, max_iters=60, lr_decay_iters=60)
+    train(_cfg(corpus, tmp_path / "full", **kw))
+    target = {r["iter"]: r["val_loss"] for r in _losses(tmp_path / "full") if "val_loss" in r}[30]
+    gate = 0.05
+    s = train(_cfg(corpus, tmp_path / "gated", target_loss=target, target_gate=gate, **kw))
+    rows = _losses(tmp_path / "gated")
+    step_loss = {r["iter"]: r["loss"] for r in rows if "loss" in r}
+    evaluated = {r["iter"]: r["val_loss"] for r in rows if "val_loss" in r}
+    points = range(0, s["iters"] + 1, 5)
+    for it in points:
+        window = [step_loss[i] for i in range(it - 5, it) if i in step_loss]  # none before iteration 0
+        near = bool(window) and sum(window) / len(window) <= target + gate
+        assert (it in evaluated) == (near or it == kw["max_iters"]), (it, window, evaluated)
+    assert len(evaluated) < len(points)  # some were skipped, the first one at least
+    assert s["val_loss"] <= target and all(v > target for it, v in evaluated.items() if it < s["iters"])
+    # the rule itself: skip while the mean is above target + gate, or when there is no mean yet
+    cfg = _cfg(corpus, tmp_path / "rule", target_loss=2.0, target_gate=0.1)
+    assert [_gated(cfg, losses) for losses in ([1.5, 2.0], [2.05, 2.09], [2.1, 2.2], [])] == [False, False, True, True]
+    assert not _gated(_cfg(corpus, tmp_path / "rule", target_loss=2.0), [9.0])  # no gate: never skips
+    assert not _gated(_cfg(corpus, tmp_path / "rule", target_gate=0.0), [9.0])  # no target: never skips
 
 
 def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_path):

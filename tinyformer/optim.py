@@ -44,7 +44,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_QUINTIC, dtyp
 class Muon(torch.optim.Optimizer):
     """Muon for the parameter groups with `use_muon=True` (2-D matrices only), AdamW for the others, in one optimizer:
     one step, one state dict, one GradScaler. Muon groups take lr, momentum (0.95), nesterov (True), ns_steps (5),
-    weight_decay (0); AdamW groups take lr, betas, eps (1e-8), weight_decay. Matrices of one shape are orthogonalised
+    ns_dtype (None: newton_schulz's default; or "float32", "bfloat16"), weight_decay (0); AdamW groups take lr, betas, eps (1e-8), weight_decay. Matrices of one shape are orthogonalised
     together, as one batched iteration."""
 
     def __init__(self, param_groups):
@@ -54,7 +54,10 @@ class Muon(torch.optim.Optimizer):
             if "use_muon" not in group:
                 raise ValueError("Muon: every parameter group needs use_muon=True or False")
             if group["use_muon"]:
-                group = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "weight_decay": 0.0, **group}
+                group = {"lr": 0.02, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_dtype": None,
+                         "weight_decay": 0.0, **group}
+                if group["ns_dtype"] not in (None, "float32", "bfloat16"):
+                    raise ValueError(f"Muon: ns_dtype must be None, 'float32' or 'bfloat16', got {group['ns_dtype']!r}")
                 shapes = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
                 if shapes:
                     raise ValueError(f"Muon: use_muon groups take 2-D matrices only, got shapes {shapes}")
@@ -87,7 +90,9 @@ class Muon(torch.optim.Optimizer):
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
             by_shape.setdefault(tuple(p.shape), []).append((p, update))
         for (rows, cols), items in by_shape.items():
-            ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"])  # (k, rows, cols)
+            name = group.get("ns_dtype")  # a name, not a torch.dtype: checkpoints load it with weights_only
+            ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"],
+                                  dtype=getattr(torch, name) if name else None)  # (k, rows, cols)
             scale = math.sqrt(max(1.0, rows / cols))
             for (p, _), o in zip(items, ortho):
                 if wd:

@@ -87,6 +87,10 @@ class TrainConfig:
     eval_train: bool = True          # false: evaluations estimate the validation loss only (half their cost; the
     #                                  train batches they skip are not drawn, so later batches differ)
     target_loss: float = 0.0         # > 0: stop at the first evaluation whose validation loss is at most this
+    target_gate: float = -1.0        # >= 0 with target_loss: skip an evaluation (and its checkpoint) while the mean
+    #                                  training loss since the previous one is above target_loss + target_gate (< 0:
+    #                                  skip none). Training loss runs below the validation loss of held-out text, so 0
+    #                                  skips no evaluation that could reach the target while that holds; the last runs
     log_interval: int = 10           # write a metrics.jsonl line every this many steps
     always_save_checkpoint: bool = True  # false: save only when the validation loss improves
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -140,6 +144,8 @@ class TrainConfig:
             bad("muon_lr", f"needs muon_lr > 0 and muon_momentum in [0, 1), got {self.muon_lr} / {self.muon_momentum}")
         if self.target_loss < 0:
             bad("target_loss", f"must be >= 0 (0 disables), got {self.target_loss}")
+        if math.isnan(self.target_gate):
+            bad("target_gate", "must be a number (< 0: evaluate every eval_interval)")
         if self.on_nan not in ("stop", "skip"):
             bad("on_nan", f"expected stop or skip, got {self.on_nan!r}")
         if not 0 <= self.dropout < 1:
@@ -284,7 +290,8 @@ def lr_at(cfg: TrainConfig, it: int, elapsed_s: float = 0.0) -> float:
 def make_optimizer(model, cfg: TrainConfig):
     """AdamW, fused (one kernel over all parameters, CPU and CUDA); weight decay on matrices (dim >= 2: linears,
     embeddings), none on biases and norm weights. With cfg.optimizer "muon": Muon for the hidden matrices (the
-    weights of `Linear` layers), without weight decay, and AdamW as above for the rest. A group's `lr_ratio` is its
+    weights of `Linear` layers), without weight decay, its Newton-Schulz in bf16 where the hardware has it unless
+    dtype is float32, and AdamW as above for the rest. A group's `lr_ratio` is its
     peak learning rate over learning_rate: the loop sets each group's lr to the schedule's times it."""
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = {id(m.weight) for m in model.modules() if isinstance(m, Linear)} if cfg.optimizer == "muon" else set()
@@ -294,7 +301,8 @@ def make_optimizer(model, cfg: TrainConfig):
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
     adam = dict(use_muon=False, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), lr_ratio=1.0)
     muon = dict(params=[p for p in params if id(p) in hidden], use_muon=True, lr=cfg.muon_lr,
-                momentum=cfg.muon_momentum, lr_ratio=cfg.muon_lr / cfg.learning_rate)
+                momentum=cfg.muon_momentum, lr_ratio=cfg.muon_lr / cfg.learning_rate,
+                ns_dtype="float32" if cfg.dtype == "float32" else None)  # fp32 asked: no bf16 anywhere
     return Muon([muon] + [{**adam, **g} for g in groups])
 
 
@@ -381,6 +389,7 @@ class Run:
     best_val: float = math.inf
     evaluated_at: int = -1            # the iteration whose evaluation is done
     last_eval: dict = field(default_factory=dict)  # its losses, carried into the record of that iteration
+    gate_losses: list = field(default_factory=list)  # the training losses since the last evaluation point
     elapsed_before: float = 0.0       # wall time of the runs this one resumes
     started: float = 0.0              # time.perf_counter() when this process's loop began
 
@@ -539,6 +548,7 @@ def _restore(run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     run.it, run.best_val, run.evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
     run.last_eval, run.elapsed_before = state["last_eval"], state.get("elapsed_s", 0.0)
+    run.gate_losses = state.get("gate_losses", [])
     if run.ema is not None:
         if "ema" not in state:
             what = f"--ema_decay {run.cfg.ema_decay}" if run.cfg.ema_decay > 0 else f"--ema_power {run.cfg.ema_power}"
@@ -672,6 +682,15 @@ def evaluate(run: Run) -> dict:
     return losses
 
 
+def _gated(cfg: TrainConfig, losses: list) -> bool:
+    """Whether target_gate skips this evaluation: a target is set and the mean training loss since the last
+    evaluation point (none at the start) is above target_loss + target_gate. The mean is over all ranks' losses, so
+    every rank decides alike."""
+    if cfg.target_loss <= 0 or cfg.target_gate < 0:
+        return False
+    return not losses or sum(losses) / len(losses) > cfg.target_loss + cfg.target_gate
+
+
 def save_checkpoint(run: Run) -> None:
     """Rank 0 writes ckpt.pt (everything a resume needs), atomically: a kill at any moment leaves the previous one
     whole; then the model folder a user loads (config.json, model.safetensors, tokenizer.json), the weight average
@@ -681,6 +700,7 @@ def save_checkpoint(run: Run) -> None:
     cfg = dataclasses.asdict(run.cfg)
     ckpt = {"model": _resumed_state(run.raw_model, run.cfg), "optimizer": run.optimizer.state_dict(), "iter": run.it,
             "best_val_loss": run.best_val, "evaluated_at": run.evaluated_at, "last_eval": run.last_eval,
+            "gate_losses": run.gate_losses,
             "elapsed_s": run.elapsed_before + time.perf_counter() - run.started,
             "model_config": run.model_config.to_dict(), "train_config": cfg,
             "data_rng": run.gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -778,7 +798,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             for group in run.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_ratio", 1.0)
             record = dict(run.last_eval) if run.evaluated_at == run.it else {}  # a resumed run keeps its eval's losses
-            if (run.it % cfg.eval_interval == 0 or run.it == cfg.max_iters or time_up) and run.evaluated_at != run.it:
+            at_end = run.it == cfg.max_iters or time_up
+            due = (run.it % cfg.eval_interval == 0 or at_end) and run.evaluated_at != run.it
+            if due:  # an evaluation point: the gate may skip it; either way the window of training losses restarts
+                due, run.gate_losses = at_end or not _gated(cfg, run.gate_losses), []
+            if due:
                 losses = evaluate(run)
                 run.evaluated_at, run.last_eval = run.it, losses
                 record.update(losses)
@@ -800,6 +824,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     progress.record({"iter": run.it, "lr": lr, **record})
                 break
             loss = train_step(run, progress.note)
+            run.gate_losses.append(loss)
             t1 = time.perf_counter()
             dt, t0 = t1 - t0, t1
             record.update(iter=run.it, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tokens_per_iter / dt)
