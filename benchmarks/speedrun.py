@@ -9,8 +9,8 @@ the same machine in the same run.
 3. tinyformer trains `--preset speedrun-shakespeare-char --target_loss L*` for each seed; its evaluations (the same
    estimator: 300 random batches of 12 x 64 from the validation split) stop it at the first one at or below L*. One
    costs as much as ~70 training steps, so the points come every 25 iterations and `--target_gate 0` skips those
-   where the mean training loss since the last one is still above L* (training loss runs below validation loss
-   here). Its time is the training loop's wall time as `tinyformer train` reports it, evaluations and checkpoints
+   where the validation loss predicted from training (the mean training loss since the last point plus the gap
+   between the two at the last evaluation) is still above L*. Its time is the training loop's wall time as `tinyformer train` reports it, evaluations and checkpoints
    included. Its final model is then scored on nanoGPT's fixed windows too (`val_same_windows`): a seed reaches L*
    when that score is at most L*.
 4. Prints tinyformer's time over nanoGPT's time per seed; with --ablation, the preset with one lever put back to the

@@ -87,10 +87,10 @@ class TrainConfig:
     eval_train: bool = True          # false: evaluations estimate the validation loss only (half their cost; the
     #                                  train batches they skip are not drawn, so later batches differ)
     target_loss: float = 0.0         # > 0: stop at the first evaluation whose validation loss is at most this
-    target_gate: float = -1.0        # >= 0 with target_loss: skip an evaluation (and its checkpoint) while the mean
-    #                                  training loss since the previous one is above target_loss + target_gate (< 0:
-    #                                  skip none). Training loss runs below the validation loss of held-out text, so 0
-    #                                  skips no evaluation that could reach the target while that holds; the last runs
+    target_gate: float = -1.0        # >= 0 with target_loss: skip an evaluation point (and its checkpoint) while the
+    #                                  validation loss predicted from training (the mean training loss since the last
+    #                                  point plus the validation-minus-training gap of the last evaluation, 0 before
+    #                                  one) is above target_loss + target_gate; < 0: skip none. The last point runs
     log_interval: int = 10           # write a metrics.jsonl line every this many steps
     always_save_checkpoint: bool = True  # false: save only when the validation loss improves
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -390,6 +390,7 @@ class Run:
     evaluated_at: int = -1            # the iteration whose evaluation is done
     last_eval: dict = field(default_factory=dict)  # its losses, carried into the record of that iteration
     gate_losses: list = field(default_factory=list)  # the training losses since the last evaluation point
+    gate_gap: float = 0.0             # validation loss minus their mean, at the last evaluation
     elapsed_before: float = 0.0       # wall time of the runs this one resumes
     started: float = 0.0              # time.perf_counter() when this process's loop began
 
@@ -548,7 +549,7 @@ def _restore(run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     run.it, run.best_val, run.evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
     run.last_eval, run.elapsed_before = state["last_eval"], state.get("elapsed_s", 0.0)
-    run.gate_losses = state.get("gate_losses", [])
+    run.gate_losses, run.gate_gap = state.get("gate_losses", []), state.get("gate_gap", 0.0)
     if run.ema is not None:
         if "ema" not in state:
             what = f"--ema_decay {run.cfg.ema_decay}" if run.cfg.ema_decay > 0 else f"--ema_power {run.cfg.ema_power}"
@@ -682,13 +683,13 @@ def evaluate(run: Run) -> dict:
     return losses
 
 
-def _gated(cfg: TrainConfig, losses: list) -> bool:
-    """Whether target_gate skips this evaluation: a target is set and the mean training loss since the last
-    evaluation point (none at the start) is above target_loss + target_gate. The mean is over all ranks' losses, so
-    every rank decides alike."""
+def _gated(cfg: TrainConfig, losses: list, gap: float = 0.0) -> bool:
+    """Whether target_gate skips this evaluation point: a target is set and the validation loss predicted from
+    training, the mean of `losses` (those since the last point, over all ranks, so every rank decides alike) plus
+    `gap`, is above target_loss + target_gate; or no training loss exists yet."""
     if cfg.target_loss <= 0 or cfg.target_gate < 0:
         return False
-    return not losses or sum(losses) / len(losses) > cfg.target_loss + cfg.target_gate
+    return not losses or sum(losses) / len(losses) + gap > cfg.target_loss + cfg.target_gate
 
 
 def save_checkpoint(run: Run) -> None:
@@ -700,7 +701,7 @@ def save_checkpoint(run: Run) -> None:
     cfg = dataclasses.asdict(run.cfg)
     ckpt = {"model": _resumed_state(run.raw_model, run.cfg), "optimizer": run.optimizer.state_dict(), "iter": run.it,
             "best_val_loss": run.best_val, "evaluated_at": run.evaluated_at, "last_eval": run.last_eval,
-            "gate_losses": run.gate_losses,
+            "gate_losses": run.gate_losses, "gate_gap": run.gate_gap,
             "elapsed_s": run.elapsed_before + time.perf_counter() - run.started,
             "model_config": run.model_config.to_dict(), "train_config": cfg,
             "data_rng": run.gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -800,10 +801,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             record = dict(run.last_eval) if run.evaluated_at == run.it else {}  # a resumed run keeps its eval's losses
             at_end = run.it == cfg.max_iters or time_up
             due = (run.it % cfg.eval_interval == 0 or at_end) and run.evaluated_at != run.it
+            window = run.gate_losses
             if due:  # an evaluation point: the gate may skip it; either way the window of training losses restarts
-                due, run.gate_losses = at_end or not _gated(cfg, run.gate_losses), []
+                due, run.gate_losses = at_end or not _gated(cfg, window, run.gate_gap), []
             if due:
                 losses = evaluate(run)
+                if window:  # what the gate adds to training's loss to predict the next validation loss
+                    run.gate_gap = losses["val_loss"] - sum(window) / len(window)
                 run.evaluated_at, run.last_eval = run.it, losses
                 record.update(losses)
                 if losses["val_loss"] < run.best_val or cfg.always_save_checkpoint:
