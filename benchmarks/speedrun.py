@@ -53,18 +53,18 @@ ABLATIONS = {  # lever -> the options that put the baby GPT's choice back
 
 
 @torch.no_grad()
-def val_loss(logits_of, val_ids: np.ndarray, batches: int, seed: int = 0, batch: int = 12, block: int = 64) -> float:
-    """Mean cross-entropy of `batches` random batches of `batch` windows of `block` tokens of val_ids, in fp32; the
-    windows are fixed by `seed`, so two models are scored on the same ones."""
+def val_loss(logits_of, val_ids: np.ndarray, batches: int, seed: int = 0, batch: int = 12, block: int = 64):
+    """(mean, standard error) of the cross-entropy of `batches` random batches of `batch` windows of `block` tokens of
+    val_ids, in fp32; the windows are fixed by `seed`, so two models are scored on the same ones."""
     gen = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(np.asarray(val_ids, dtype=np.int64))
-    total = 0.0
+    losses = []
     for _ in range(batches):
         start = torch.randint(len(data) - block, (batch,), generator=gen)
         x = torch.stack([data[s:s + block] for s in start.tolist()])  # (batch, block)
         y = torch.stack([data[s + 1:s + 1 + block] for s in start.tolist()])
-        total += F.cross_entropy(logits_of(x).float().flatten(0, 1), y.flatten()).item()
-    return total / batches
+        losses.append(F.cross_entropy(logits_of(x).float().flatten(0, 1), y.flatten()).item())
+    return float(np.mean(losses)), float(np.std(losses, ddof=1) / np.sqrt(batches))
 
 
 def run_nanogpt(nanogpt_dir, data_dir, iters, val_ids, eval_batches):
@@ -82,7 +82,7 @@ def run_nanogpt(nanogpt_dir, data_dir, iters, val_ids, eval_batches):
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         model.eval()
-        target = val_loss(lambda x: model(x, x)[0], val_ids, eval_batches)  # targets given: logits at every position
+        target, _ = val_loss(lambda x: model(x, x)[0], val_ids, eval_batches)  # targets given: logits at every position
     finally:
         sys.path.remove(str(work)) if str(work) in sys.path else None
         shutil.rmtree(work)
@@ -102,15 +102,17 @@ def run_tinyformer(data_dir, target, seed, options, val_ids, eval_batches):
     process_s = time.perf_counter() - started
     m = re.search(r"for (\d+) iterations in ([\d.]+) s: val loss ([\d.]+)", log)
     model = tinyformer.load(out).eval()
-    same = val_loss(model, val_ids, eval_batches)
+    same, se = val_loss(model, val_ids, eval_batches)
     rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     shutil.rmtree(out)
-    # where the time goes: the steps that evaluated (evaluation, checkpoint and their own step) and the others
-    eval_ms = [r["dt_ms"] for r in rows if "dt_ms" in r and "val_loss" in r]
+    # where the time goes: the steps that did not evaluate, and the rest (evaluations with their checkpoints and steps,
+    # the last evaluation, the last checkpoint)
     step_ms = [r["dt_ms"] for r in rows if "dt_ms" in r and "val_loss" not in r]
-    return dict(iters=int(m.group(1)), seconds=float(m.group(2)), val_loss=float(m.group(3)), process_s=process_s,
-                val_same_windows=same, reached=same <= target, ms_per_iter=float(np.median(step_ms[5:])),
-                steps_s=sum(step_ms) / 1000, eval_s=sum(eval_ms) / 1000)
+    seconds = float(m.group(2))
+    return dict(iters=int(m.group(1)), seconds=seconds, val_loss=float(m.group(3)), process_s=process_s,
+                val_same_windows=same, val_same_windows_se=se, reached=same <= target,
+                ms_per_iter=float(np.median(step_ms[5:])), steps_s=sum(step_ms) / 1000,
+                eval_s=seconds - sum(step_ms) / 1000)
 
 
 def main(argv=None):
@@ -138,8 +140,9 @@ def main(argv=None):
         r = run_tinyformer(data_dir, target, 1337 + s, ABLATIONS[lever] + args.extra, val_ids, args.eval_batches)
         ratio = r["seconds"] / ng_s
         print(f"{lever:>26} seed {1337 + s}: {r['seconds']:6.1f} s, {r['iters']:4d} iterations, val {r['val_loss']:.4f}"
-              f" (on nanoGPT's windows {r['val_same_windows']:.4f}), {r['ms_per_iter']:.1f} ms/iter, steps "
-              f"{r['steps_s']:.1f} s + evaluations {r['eval_s']:.1f} s -> {ratio:.3f}x nanoGPT's time"
+              f" (on nanoGPT's windows {r['val_same_windows']:.4f} +- {r['val_same_windows_se']:.4f}), "
+              f"{r['ms_per_iter']:.1f} ms/iter, steps "
+              f"{r['steps_s']:.1f} s + evaluations and checkpoints {r['eval_s']:.1f} s -> {ratio:.3f}x nanoGPT's time"
               + ("" if r["reached"] else "  (did NOT reach L*)"))
         rows.append(dict(timestamp=now(), machine=machine_name(), torch=torch.__version__,
                          threads=torch.get_num_threads(), lever=lever, seed=1337 + s, nanogpt_iters=args.iters,
@@ -147,6 +150,7 @@ def main(argv=None):
                          eval_batches=args.eval_batches,
                          tinyformer_s=f"{r['seconds']:.2f}", process_s=f"{r['process_s']:.2f}", iters=r["iters"],
                          val_loss=f"{r['val_loss']:.4f}", val_same_windows=f"{r['val_same_windows']:.4f}",
+                         val_same_windows_se=f"{r['val_same_windows_se']:.4f}",
                          ms_per_iter=f"{r['ms_per_iter']:.2f}", steps_s=f"{r['steps_s']:.2f}",
                          eval_s=f"{r['eval_s']:.2f}",
                          reached=r["reached"], time_vs_nanogpt=f"{ratio:.3f}",

@@ -652,12 +652,13 @@ EVAL_ROWS = 96  # a decoder's evaluation runs this many windows (whole batches o
 # forward of the baby GPT spends most of its time in per-call overhead on a CPU
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(run: Run) -> dict:
     """val_loss and train_loss (unless eval_train is false): the mean loss of eval_iters batches of each split, over
     all ranks; with a weight average also ema_val_loss, the same validation batches through the averaged weights.
     A decoder's batches (all of one size, so the mean of their means is the mean over their windows) go through the
-    model several at a time."""
+    model several at a time. Under inference_mode, not no_grad: no autograd bookkeeping at all (the speedrun's 300
+    batches: 2.6 against 3.3 s)."""
     joins = run.model_config.arch == "decoder" and type(run.data) is TokenData  # windows of one length, no packing
     per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if joins else 1
 
