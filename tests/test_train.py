@@ -150,7 +150,7 @@ def test_target_gate_evaluates_only_near_the_target(corpus, tmp_path, monkeypatc
     # a gap measured at one evaluation holds the next ones back: here validation runs far above training
     import tinyformer.train as T
     calls = []
-    monkeypatch.setattr(T, "evaluate", lambda run: calls.append(run.it) or {"val_loss": 5.0})
+    monkeypatch.setattr(T, "evaluate", lambda run, screen=None: calls.append(run.it) or {"val_loss": 5.0})
     train(_cfg(corpus, tmp_path / "gap", target_loss=target, target_gate=gate, **kw))
     assert len(calls) == 2 and calls[0] > 0 and calls[1] == kw["max_iters"], calls
     # the rule itself: skip while the prediction is above target + gate, or when there is no prediction yet
@@ -159,6 +159,24 @@ def test_target_gate_evaluates_only_near_the_target(corpus, tmp_path, monkeypatc
     assert [_gated(cfg, [2.0], gap) for gap in (-0.2, 0.05, 0.15)] == [False, False, True]
     assert not _gated(_cfg(corpus, tmp_path / "rule", target_loss=2.0), [9.0])  # no gate: never skips
     assert not _gated(_cfg(corpus, tmp_path / "rule", target_gate=0.0), [9.0])  # no target: never skips
+
+
+def test_a_screened_evaluation_stops_early_only_far_above_its_target(corpus, tmp_path, monkeypatch):
+    import tinyformer.train as T
+    monkeypatch.setattr(T, "EVAL_ROWS", 8)  # one batch a pass: the first fifth of 20 batches is 4 passes
+    run = T.setup(_cfg(corpus, tmp_path / "run", eval_iters=20, eval_train=False))
+    start = run.gen.get_state()
+    full = T.evaluate(run)["val_loss"]
+    run.gen.set_state(start)
+    assert T.evaluate(run, screen=full / 2) is None  # far above: stopped after 4 of the 20 batches
+    drawn = run.gen.get_state()
+    run.gen.set_state(start)
+    for _ in range(4):
+        T.get_batch(run, "val")
+    assert torch.equal(run.gen.get_state(), drawn)
+    for target in (full + 1.0, full - 1e-3):  # below, or just above the target: the whole estimate, unchanged
+        run.gen.set_state(start)
+        assert T.evaluate(run, screen=target) == {"val_loss": full}
 
 
 def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_path):

@@ -90,7 +90,9 @@ class TrainConfig:
     target_gate: float = -1.0        # >= 0 with target_loss: skip an evaluation point (and its checkpoint) while the
     #                                  validation loss predicted from training (the mean training loss since the last
     #                                  point plus the validation-minus-training gap of the last evaluation, 0 before
-    #                                  one) is above target_loss + target_gate; < 0: skip none. The last point runs
+    #                                  one) is above target_loss + target_gate; < 0: skip none. One let through
+    #                                  stops after a fifth of its batches if they are far above the target (evaluate's
+    #                                  `screen`). The last point runs whole
     log_interval: int = 10           # write a metrics.jsonl line every this many steps
     always_save_checkpoint: bool = True  # false: save only when the validation loss improves
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -653,42 +655,79 @@ EVAL_ROWS = 96  # a decoder's evaluation runs this many windows (whole batches o
 
 
 @torch.inference_mode()
-def evaluate(run: Run) -> dict:
+def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
     """val_loss and train_loss (unless eval_train is false): the mean loss of eval_iters batches of each split, over
     all ranks; with a weight average also ema_val_loss, the same validation batches through the averaged weights.
     A decoder's batches (all of one size, so the mean of their means is the mean over their windows) go through the
     model several at a time. Under inference_mode, not no_grad: no autograd bookkeeping at all (the speedrun's 300
-    batches: 2.6 against 3.3 s)."""
+    batches: 2.6 against 3.3 s).
+
+    `screen` (a target loss): None instead, once the first fifth of the validation batches has a mean more than
+    SCREEN_SE standard errors (of the passes' means) above it: the rest could not bring the estimate down to it."""
     joins = run.model_config.arch == "decoder" and type(run.data) is TokenData  # windows of one length, no packing
     per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if joins else 1
 
-    def mean_loss(split):
-        total = torch.zeros((), device=run.device)
+    def mean_loss(split, screen=None):
+        total, passes = torch.zeros((), device=run.device), []
         for start in range(0, run.cfg.eval_iters, per_pass):
             batches = [get_batch(run, split) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
             joined = [torch.cat(parts) for parts in zip(*batches)]  # k batches of (B, T) -> (k * B, T)
-            total += compute_loss(run, joined) * len(batches)
+            loss = compute_loss(run, joined)
+            total += loss * len(batches)
+            passes.append(loss.float())
+            done = start + len(batches)
+            if screen is not None and done >= run.cfg.eval_iters / 5:
+                if len(passes) > 1 and done < run.cfg.eval_iters and _far_above(torch.stack(passes), screen,
+                                                                                   run.world):
+                    return None
+                screen = None  # checked once, where a fifth is done and more is left
         if run.world > 1:
             torch.distributed.all_reduce(total)
         return total.item() / (run.cfg.eval_iters * run.world)
 
     run.model.eval()
-    train = {"train_loss": mean_loss("train")} if run.cfg.eval_train else {}
-    before_val = run.gen.get_state()
-    losses = {"val_loss": mean_loss("val"), **train}
-    if run.ema is not None:
-        run.gen.set_state(before_val)
-        with run.ema.applied():
-            losses["ema_val_loss"] = mean_loss("val")
-    run.model.train()
+    try:
+        train = {"train_loss": mean_loss("train")} if run.cfg.eval_train else {}
+        before_val = run.gen.get_state()
+        val = mean_loss("val", screen)
+        if val is None:
+            return None
+        losses = {"val_loss": val, **train}
+        if run.ema is not None:
+            run.gen.set_state(before_val)
+            with run.ema.applied():
+                losses["ema_val_loss"] = mean_loss("val")
+    finally:
+        run.model.train()
     return losses
+
+
+SCREEN_SE = 4.0  # a screened evaluation stops this many standard errors above its target: with the error estimated
+# from 8 passes (the speedrun's), a true loss at the target gets that far above it once in ~400 evaluations (Student's
+# t, 7 degrees of freedom), and the next point evaluates again
+
+
+def _far_above(passes: torch.Tensor, target: float, world: int) -> bool:
+    """Whether the mean of the passes' losses (every rank's) is more than SCREEN_SE standard errors above target;
+    every rank decides alike."""
+    stats = torch.stack([passes.sum(), passes.square().sum(), torch.tensor(float(len(passes)), device=passes.device)])
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+    total, squares, n = stats.tolist()
+    mean = total / n
+    se = math.sqrt(max(squares - n * mean * mean, 0.0) / max(n - 1, 1) / n)
+    return mean - SCREEN_SE * se > target
+
+
+def _gating(cfg: TrainConfig) -> bool:
+    return cfg.target_loss > 0 and cfg.target_gate >= 0
 
 
 def _gated(cfg: TrainConfig, losses: list, gap: float = 0.0) -> bool:
     """Whether target_gate skips this evaluation point: a target is set and the validation loss predicted from
     training, the mean of `losses` (those since the last point, over all ranks, so every rank decides alike) plus
     `gap`, is above target_loss + target_gate; or no training loss exists yet."""
-    if cfg.target_loss <= 0 or cfg.target_gate < 0:
+    if not _gating(cfg):
         return False
     return not losses or sum(losses) / len(losses) + gap > cfg.target_loss + cfg.target_gate
 
@@ -805,8 +844,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
             window = run.gate_losses
             if due:  # an evaluation point: the gate may skip it; either way the window of training losses restarts
                 due, run.gate_losses = at_end or not _gated(cfg, window, run.gate_gap), []
+            if due:  # a point the gate let through is screened: its first fifth may show it cannot reach the target
+                losses = evaluate(run, None if at_end or not _gating(cfg) else cfg.target_loss)
+                due = losses is not None
             if due:
-                losses = evaluate(run)
                 if window:  # what the gate adds to training's loss to predict the next validation loss
                     run.gate_gap = losses["val_loss"] - sum(window) / len(window)
                 run.evaluated_at, run.last_eval = run.it, losses
