@@ -3,7 +3,8 @@ the same machine in the same run.
 
 1. nanoGPT's own train.py (a checkout passed as --nanogpt; never shipped with tinyformer) trains its baby GPT for
    `--iters` iterations on our token files (benchmarks/train_speed.py prepares them). Its time is the sum of the
-   per-iteration times it logs for iterations 0 .. iters-1, its evaluations included.
+   per-iteration times it logs for iterations 0 .. iters-1, its evaluations included. It runs before tinyformer's
+   seeds and again after them, and the mean of the two times is the anchor (the machine's speed drifts).
 2. The target L* is the validation loss of nanoGPT's final model, estimated as the mean cross-entropy over
    `--eval_batches` random batches of 12 windows of 64 characters of the validation split (fp32, fixed windows).
 3. tinyformer trains `--preset speedrun-shakespeare-char --target_loss L*` for each seed; its evaluations (the same
@@ -131,15 +132,25 @@ def main(argv=None):
     from tinyformer.data import TokenData, cached_prepare, default_cache_dir
     data_dir = cached_prepare("shakespeare", default_cache_dir(), "char")
     val_ids = np.asarray(TokenData(data_dir).splits["val"])
-    ng_s, ng_ms, target = run_nanogpt(args.nanogpt, data_dir, args.iters, val_ids, args.eval_batches)
-    print(f"nanoGPT: {args.iters} iterations in {ng_s:.1f} s ({ng_ms:.1f} ms/iter); L* = {target:.4f} "
+    ng_before, ng_ms, target = run_nanogpt(args.nanogpt, data_dir, args.iters, val_ids, args.eval_batches)
+    print(f"nanoGPT: {args.iters} iterations in {ng_before:.1f} s ({ng_ms:.1f} ms/iter); L* = {target:.4f} "
           f"(mean over {args.eval_batches} batches of 12 x 64)")
-    rows = []
-    plan = [("all levers", s) for s in range(args.seeds)]
+    results = []
+    for s in range(args.seeds):
+        results.append(("all levers", s, run_tinyformer(data_dir, target, 1337 + s, args.extra, val_ids,
+                                                        args.eval_batches)))
+    # the machine's speed drifts by 10-20% over minutes: nanoGPT again after the seeds, and the mean of its two
+    # times as the anchor
+    ng_after, _, _ = run_nanogpt(args.nanogpt, data_dir, args.iters, val_ids, args.eval_batches)
+    ng_s = (ng_before + ng_after) / 2
+    print(f"nanoGPT again: {ng_after:.1f} s; the anchor is their mean, {ng_s:.1f} s")
     if args.ablation:
-        plan += [(lever, s) for lever in ABLATIONS if lever != "all levers" for s in range(args.ablation_seeds)]
-    for lever, s in plan:
-        r = run_tinyformer(data_dir, target, 1337 + s, ABLATIONS[lever] + args.extra, val_ids, args.eval_batches)
+        for lever in (lever for lever in ABLATIONS if lever != "all levers"):
+            for s in range(args.ablation_seeds):
+                results.append((lever, s, run_tinyformer(data_dir, target, 1337 + s, ABLATIONS[lever] + args.extra,
+                                                          val_ids, args.eval_batches)))
+    rows = []
+    for lever, s, r in results:
         ratio = r["seconds"] / ng_s
         print(f"{lever:>26} seed {1337 + s}: {r['seconds']:6.1f} s, {r['iters']:4d} iterations, val {r['val_loss']:.4f}"
               f" (on nanoGPT's windows {r['val_same_windows']:.4f} +- {r['val_same_windows_se']:.4f}), "
@@ -156,7 +167,8 @@ def main(argv=None):
                          ms_per_iter=f"{r['ms_per_iter']:.2f}", steps_s=f"{r['steps_s']:.2f}",
                          eval_s=f"{r['eval_s']:.2f}",
                          reached=r["reached"], time_vs_nanogpt=f"{ratio:.3f}",
-                         options=" ".join(EVALUATIONS + ABLATIONS[lever] + args.extra)))
+                         options=" ".join(EVALUATIONS + ABLATIONS[lever] + args.extra),
+                         nanogpt_s_before=f"{ng_before:.2f}", nanogpt_s_after=f"{ng_after:.2f}"))
     main_rows = [r for r in rows if r["lever"] == "all levers"]
     ratios = [float(r["time_vs_nanogpt"]) for r in main_rows]
     print(f"tinyformer / nanoGPT time: {np.mean(ratios):.3f}x mean over {len(ratios)} seeds "
