@@ -92,8 +92,9 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device=None):
                   f"{tuple(cu_seqlens.shape)}")
     _need(device is None or cu_seqlens.device == device,
           lambda: f"cu_seqlens is on {cu_seqlens.device}, q on {device}")
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version  # inference tensors have none: no memo
     last = _checked_cu[0]
-    if last is not None and last[0]() is cu_seqlens and last[1:] == (cu_seqlens._version, B, T):
+    if version is not None and last is not None and last[0]() is cu_seqlens and last[1:] == (version, B, T):
         return
     c = cu_seqlens.detach().to("cpu", torch.int64)
     _need(c[0].item() == 0, lambda: f"cu_seqlens must start at 0, got {c[0].item()}")
@@ -103,7 +104,8 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device=None):
     missing = rows[~torch.isin(rows, c)]
     _need(missing.numel() == 0, lambda: f"cu_seqlens must hold every row boundary (multiples of T = {T}): a document "
                                         f"cannot cross rows; missing {missing.tolist()}")
-    _checked_cu[0] = (weakref.ref(cu_seqlens), cu_seqlens._version, B, T)
+    if version is not None:
+        _checked_cu[0] = (weakref.ref(cu_seqlens), version, B, T)
 
 
 def document_ids(cu_seqlens, B: int, T: int):

@@ -85,8 +85,9 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
     assert "Traceback" not in stderr
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert saved["iter"] > 0
-    assert len(saved["gate_losses"]) == saved["iter"] % 4  # the gate's window since the last evaluation point (every
-    #                                                        4): a resumed run decides the next one as this one would
+    # the gate's window: the losses since the last evaluation point decided (every 4; the signal stops the run before
+    # deciding the point it has reached), so a resumed run decides the next one as this one would have
+    assert len(saved["gate_losses"]) == (saved["iter"] - 1) % 4 + 1
 
 
 def test_non_finite_loss_stops_without_poisoning_the_checkpoint(corpus, tmp_path, monkeypatch):
