@@ -30,8 +30,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, rem
 
 # 1. correctness on the GPU: the kernels compiled for this device, against their references
 part tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels/test_int4_mm.py tests/kernels/test_fp8_mm.py \
-  tests/kernels/test_int8_mm.py tests/kernels/test_fused_rms_norm.py tests/kernels/test_fused_swiglu.py \
-  tests/kernels/test_fused_rope.py tests/kernels/test_fused_linear_cross_entropy.py \
+  tests/kernels/test_int8_mm.py tests/kernels/test_fused_rms_norm.py tests/kernels/test_fused_layer_norm.py \
+  tests/kernels/test_fused_swiglu.py tests/kernels/test_fused_rope.py tests/kernels/test_fused_linear_cross_entropy.py \
   tests/kernels/test_flash_attention.py -k "not property"
 
 # 2. attention: forward and forward + backward against SDPA's flash and cuDNN backends

@@ -2,9 +2,10 @@
 
 `python -m tinyformer.kernels.aot [--targets 80,90] [--filter TEXT] [--csv PATH] [--jobs N] [--write-configs]`
 compiles every kernel configuration that the launchers can pick (the candidates of configs.csv, as each op's
-launcher looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes) for sm_80 and sm_90
-with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR
--> PTX -> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints
+launcher looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes; for the fused norms,
+which have no table, their launchers' pick at a few model widths) for sm_80 and sm_90 with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR -> PTX
+-> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints
 registers per thread, spill stores/loads (the `ptxas -v` log of triton's own cubin step, or ptxas -v run again on
 the PTX when the cubin came from a warm cache), shared memory (`ck.metadata.shared`) and the compile time, and from
 the SASS (`cuobjdump -sass`): instructions per weight of the matmul kernels (the main loop's instructions per thread
@@ -46,12 +47,12 @@ from typing import List, Optional
 
 import torch
 
-from . import configs, flash_attention as fa, int4_mm
+from . import configs, flash_attention as fa, fused_layer_norm, fused_rms_norm, int4_mm
 from .device import tl
 from .fp8_mm import _fp8_matmul_kernel
 from .int8_mm import _int8_matmul_kernel
 from .int8_wo_mm import _int8_weight_only_kernel
-from .matmul import matmul_configs
+from .matmul import MatmulConfig, matmul_configs
 from .per_token_quant import _quantize_per_token_kernel
 
 DEFAULT_TARGETS = (80, 90)
@@ -257,9 +258,38 @@ def int4_specs() -> List[dict]:
     return specs
 
 
-# the report's groups: one per op file
+NORM_WIDTHS = (128, 768, 4096, 8192)  # model widths whose BLOCK_D buckets (128, 1024, 4096, 8192) the report compiles
+
+
+def norm_specs() -> List[dict]:
+    """The fused RMSNorm and LayerNorm (with and without a bias), forward and backward, fp16 and bf16, for the BLOCK_D
+    and warps their launchers pick at each of NORM_WIDTHS (the launchers' own heuristic, no configs.csv rows)."""
+    specs = []
+    kernels = [("rms_norm", "fwd", fused_rms_norm._rms_norm_fwd_kernel, {}),
+               ("rms_norm", "bwd", fused_rms_norm._rms_norm_bwd_kernel, {})]
+    for has_bias in (True, False):
+        kernels += [("layer_norm", "fwd", fused_layer_norm._layer_norm_fwd_kernel, dict(HAS_BIAS=has_bias)),
+                    ("layer_norm", "bwd", fused_layer_norm._layer_norm_bwd_kernel, dict(HAS_BIAS=has_bias))]
+    for arch in DEFAULT_TARGETS:
+        for D in NORM_WIDTHS:
+            bd = fused_rms_norm._block_d(D)
+            c = MatmulConfig(0, 0, 0, num_warps=fused_rms_norm._warps(bd), num_stages=1)
+            for op, way, fn, flags in kernels:
+                for ty in ("fp16", "bf16"):
+                    ptrs = {n: "*fp32" if n in ("mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr") else f"*{ty}"
+                            for n in fn.arg_names if n.endswith("_ptr")}
+                    ce = dict(flags, BLOCK_D=bd, **(dict(ROWS=fused_rms_norm.FWD_ROWS) if way == "fwd" else {}))
+                    bias = "" if op == "rms_norm" else "_bias" if flags["HAS_BIAS"] else "_nobias"
+                    specs.append(_spec(f"{op}.{way}_{ty}{bias}_d{bd}_w{c.num_warps}", fn, ptrs, ce, c, arch,
+                                       [*ptrs, "D"] + [n for n in fn.arg_names if n.startswith("stride_")],
+                                       shipped_forward=way == "fwd", floats=("eps",)))
+    return specs
+
+
+# the report's groups: one per op file (the two fused norms share one)
 SPEC_GROUPS = {"flash_attention": attention_specs, "int8_mm": int8_specs, "int8_wo_mm": int8_wo_specs,
-               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs}
+               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs,
+               "fused_norms": norm_specs}
 MODULES = tuple(SPEC_GROUPS)
 
 

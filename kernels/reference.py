@@ -380,6 +380,18 @@ def rms_norm(x, weight, eps: float = 1e-6):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def layer_norm(x, weight, bias=None, eps: float = 1e-5):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim, biased variance (Ba et al. 2016), computed in
+    float32 (float64 stays float64) and rounded once to x's dtype: torch's F.layer_norm rule."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as LayerNorm defines it
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(xf.dtype)
+    if bias is not None:
+        y = y + bias.to(xf.dtype)
+    return y.to(x.dtype)
+
+
 def swiglu(gate, up):
     """silu(gate) * up, each rounded to the inputs' dtype as torch's eager ops do (Shazeer 2020)."""
     return torch.nn.functional.silu(gate) * up

@@ -8,7 +8,7 @@ is decided which kernel runs it for the tensors' device, dtype and shape. Three 
   once for its kernel (`tinyformer.kernels.cpu`: oneDNN's blocked bf16, torch's int8/int4 packs).
 - "triton": tinyformer's Triton kernels (`tinyformer.kernels`): the default on CUDA when Triton is installed.
   Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears. In
-  training (autograd on) RMSNorm, SwiGLU, RoPE and the output head with its cross-entropy run fused kernels.
+  training (autograd on) RMSNorm, LayerNorm, SwiGLU, RoPE and the output head with its cross-entropy run fused kernels.
 
 Choose with `set_backend(name)`, the `use_backend(name)` context manager, or the TINYFORMER_BACKEND environment
 variable; "auto" (the default) picks per device. The kernels have no dropout, so attention with dropout_p > 0
@@ -225,13 +225,15 @@ def _make_stack_plan(modules):
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5):
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (Ba et al. 2016)."""
-    if get_backend(x.device) != "reference":
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim, computed in float32 (Ba et al. 2016). triton,
+    in training: the fused kernel (forward and backward, `kernels.layer_norm`), as rms_norm; otherwise torch's op."""
+    backend = get_backend(x.device)
+    if backend == "triton" and torch.is_grad_enabled() and weight.dtype == x.dtype and (
+            bias is None or bias.dtype == x.dtype):
+        return kernels.layer_norm(x, weight, bias, eps)
+    if backend != "reference":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    mean = x.mean(-1, keepdim=True)
-    var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as LayerNorm defines it
-    y = (x - mean) * torch.rsqrt(var + eps) * weight
-    return y + bias if bias is not None else y
+    return reference.layer_norm(x, weight, bias, eps)
 
 
 def rms_norm(x, weight, eps: float = 1e-6):

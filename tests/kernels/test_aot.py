@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tinyformer.kernels import aot, configs, device, flash_attention as fa, int4_mm, matmul
+from tinyformer.kernels import aot, configs, device, flash_attention as fa, fused_rms_norm, int4_mm, matmul
 
 needs_triton = pytest.mark.skipif(not device.HAS_TRITON, reason="needs triton")
 
@@ -55,6 +55,23 @@ def test_every_launcher_choice_is_compiled(specs):
                          ("wo", "int8_wo_mm.wo_fp16"), ("wo_decode", "int8_wo_mm.wo_decode_fp16")):
             for c in matmul.matmul_configs(kind, arch):
                 assert (f"{op}_{aot._tile(c)}", arch) in names, (kind, c)
+
+
+@needs_triton
+def test_every_norm_launch_is_compiled(specs):
+    """The fused RMSNorm and LayerNorm launchers pick BLOCK_D (D rounded up to a power of two) and the warps for it;
+    the report compiles that pick at each of its widths, forward and backward, LayerNorm with and without a bias,
+    fp16 and bf16, on sm_80 and sm_90 (a forward spill fails the report)."""
+    names = {(s["name"], s["targets"][0]) for s in specs}
+    for arch in (80, 90):
+        for D in aot.NORM_WIDTHS:
+            bd = fused_rms_norm._block_d(D)
+            tile = f"d{bd}_w{fused_rms_norm._warps(bd)}"
+            for ty in ("fp16", "bf16"):
+                for way in ("fwd", "bwd"):
+                    assert (f"rms_norm.{way}_{ty}_{tile}", arch) in names
+                    for bias in ("bias", "nobias"):
+                        assert (f"layer_norm.{way}_{ty}_{bias}_{tile}", arch) in names
 
 
 @needs_triton
