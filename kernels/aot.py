@@ -47,7 +47,7 @@ from typing import List, Optional
 
 import torch
 
-from . import configs, flash_attention as fa, fused_layer_norm, fused_rms_norm, int4_mm
+from . import configs, flash_attention as fa, fused_layer_norm, fused_rms_norm, int4_mm, w4a8_mm
 from .device import tl
 from .fp8_mm import _fp8_matmul_kernel
 from .int8_mm import _int8_matmul_kernel
@@ -258,6 +258,27 @@ def int4_specs() -> List[dict]:
     return specs
 
 
+W4A8_GROUP_SIZES = (32, 64, 128, 256)  # block_k capped at 32 and 64; spans of 128 and 256 columns (G >= 256: 256)
+
+
+def w4a8_specs() -> List[dict]:
+    """W4A8 prefill with its full epilogue (fp16 scales, zeros, bias and output), per candidate x group-size bucket.
+    Instructions per weight count the main loop over one span (SPAN // BLOCK_K unrolled K tiles)."""
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for G in W4A8_GROUP_SIZES:
+            span = min(G, w4a8_mm.MAX_SPAN)
+            for c in w4a8_mm.w4a8_configs(G, arch):
+                ptrs = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "scales_ptr": "*fp16",
+                        "zeros_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
+                ce = dict(stride_ak=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G, SPAN=span,
+                          HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+                specs.append(_spec(f"w4a8_mm.w4a8_g{G}_{_tile(c)}", w4a8_mm._w4a8_matmul_kernel, ptrs, ce, c, arch,
+                                   [*ptrs, "N", "K", "stride_am", "stride_wn", "stride_sn", "stride_zn", "stride_om"],
+                                   weights=span * c.block_n))
+    return specs
+
+
 NORM_WIDTHS = (128, 768, 4096, 8192)  # model widths whose BLOCK_D buckets (128, 1024, 4096, 8192) the report compiles
 
 
@@ -289,7 +310,7 @@ def norm_specs() -> List[dict]:
 # the report's groups: one per op file (the two fused norms share one)
 SPEC_GROUPS = {"flash_attention": attention_specs, "int8_mm": int8_specs, "int8_wo_mm": int8_wo_specs,
                "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs,
-               "fused_norms": norm_specs}
+               "w4a8_mm": w4a8_specs, "fused_norms": norm_specs}
 MODULES = tuple(SPEC_GROUPS)
 
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from tinyformer import kernels
-from tinyformer.kernels import cpu, quant, reference
-from tinyformer.kernels.matmul import with_input_grad
+from tinyformer.kernels import cpu, quant, reference, w4a8_mm
+from tinyformer.kernels.matmul import DECODE_MAX_M as W4A8_MIN_M, with_input_grad
 from tinyformer.kernels.device import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -313,11 +313,18 @@ def fp8_linear(x, weight, scale, bias=None):
     return mm(q, weight, s, scale, bias, out_dtype=x.dtype)
 
 
-def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
+def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None, activations: bool = False):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
     backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight; no per-call checks (as above).
-    Differentiable in x on every backend, as int8_linear."""
+    Differentiable in x on every backend, as int8_linear. activations=True: W4A8 for prefill (more than 16 rows,
+    power-of-two groups >= 32, no autograd), x quantized per token to int8 and multiplied on the integer tensor cores
+    (`kernels.w4a8_matmul`; its reference off triton); decode steps stay weight-only."""
     backend = get_backend(x.device)
+    if activations and x.shape[0] > W4A8_MIN_M and w4a8_mm.supports_group(group_size) and not (
+            torch.is_grad_enabled() and x.requires_grad):
+        q, s = kernels.quantize_per_token(x) if backend == "triton" else quant.quantize_per_token_int8(x)
+        mm = kernels.w4a8_matmul if backend == "triton" else reference.w4a8_matmul
+        return mm(q, w_packed, s, scales, zeros, group_size, bias, out_dtype=x.dtype)
     if backend == "triton":
         return kernels.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
     on_cpu = backend == "torch" and x.device.type == "cpu"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tinyformer.kernels import aot, configs, device, flash_attention as fa, fused_rms_norm, int4_mm, matmul
+from tinyformer.kernels import aot, configs, device, flash_attention as fa, fused_rms_norm, int4_mm, matmul, w4a8_mm
 
 needs_triton = pytest.mark.skipif(not device.HAS_TRITON, reason="needs triton")
 
@@ -51,6 +51,10 @@ def test_every_launcher_choice_is_compiled(specs):
                         f"_w{c.num_warps}s{c.num_stages}"
                     name = f"int4_mm.{int4_mm.int4_kind(M)}_fp16_g{min(G, 128)}_{tile}"
                     assert (name, arch) in names, f"{name} (G={G}, sm_{arch}) is not compiled"
+        for G in (32, 64, 128, 256, 1024):  # W4A8: spans of min(G, 256) columns
+            for c in w4a8_mm.w4a8_configs(G, arch):
+                name = f"w4a8_mm.w4a8_g{min(G, w4a8_mm.MAX_SPAN)}_{aot._tile(c)}"
+                assert (name, arch) in names, f"{name} (G={G}, sm_{arch}) is not compiled"
         for kind, op in (("w8a8", "int8_mm.w8a8"), ("w8a8_decode", "int8_mm.w8a8_decode"),
                          ("wo", "int8_wo_mm.wo_fp16"), ("wo_decode", "int8_wo_mm.wo_decode_fp16")):
             for c in matmul.matmul_configs(kind, arch):
