@@ -134,3 +134,21 @@ def test_w4a8_bad_input_raises_before_launch(monkeypatch, case):
     _, mutate, exc, match = case
     with pytest.raises(exc, match=match):
         w4a8_mm.w4a8_matmul(*mutate(_args()))
+
+
+def test_w4a8_linear_runs_w4a8_for_prefill_and_saves_its_scheme():
+    """W4A8Linear holds Int4Linear's codes: a decode step gives Int4Linear's output, a prefill the W4A8 product of
+    per-token int8 activations; its spec names the scheme, and an empty module built from the spec is a W4A8Linear."""
+    from tinyformer import ops
+    from tinyformer.qlinear import Int4Linear, W4A8Linear, empty_from_spec
+    g = gen(9)
+    w, b = torch.randn(24, 96, generator=g), torch.randn(24, generator=g)
+    m4, m48 = Int4Linear.from_weight(w, b, group_size=32), W4A8Linear.from_weight(w, b, group_size=32)
+    assert torch.equal(m4.weight_packed, m48.weight_packed) and m48.spec() == {"scheme": "w4a8", "group_size": 32}
+    assert isinstance(empty_from_spec(m48.spec(), 24, 96, True), W4A8Linear)
+    with torch.no_grad(), ops.use_backend("torch"):
+        x1, x20 = torch.randn(1, 96, generator=g), torch.randn(20, 96, generator=g)
+        assert torch.equal(m48(x1), m4(x1))
+        q, s = quant.quantize_per_token_int8(x20)
+        want = reference.w4a8_matmul(q, m4.weight_packed, s, m4.scales, m4.zeros, 32, m4.bias)
+        assert torch.equal(m48(x20), want)
