@@ -3,8 +3,8 @@ torch's float matmul of the same shape, measured in the same run.
 
 On a CUDA GPU: the Triton kernels (`int8_matmul` with fp16 output, `quantize_per_token` + `int8_matmul`,
 `int8_weight_only_matmul` and `int4_matmul` with fp16 activations; for prefill `quantize_per_token` + `w4a8_matmul`,
-the int4 weight on int8 tensor cores; on sm_90 `fp8_matmul`, e4m3 with row-wise scales)
-against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_90) torch._scaled_mm with row-wise
+the int4 weight on int8 tensor cores; on sm_89+ `fp8_matmul`, e4m3 with row-wise scales)
+against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_89+) torch._scaled_mm with row-wise
 scales, timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph: the GPU work alone;
 `--timer launch`: do_bench, the Python launch path included) (median, 20th and 80th percentiles); TFLOP/s (TOPS for
 int8) = 2 M N K / t and GB/s = bytes of weight + activations + output / t. Default shapes: decode M = 1, 4, 16 and
@@ -134,7 +134,7 @@ def gpu_paths(o, G) -> List[tuple]:
         paths.append((f"int4 w4a8 triton + per-token quant g{G}", "fp16", lambda: _w4a8_dynamic(xh, o, s4h, z4h, G)))
     if M > 16 and K % 8 == 0 and N % 8 == 0:  # torch._int_mm's CUDA constraints
         paths.insert(2, ("torch._int_mm", "int8", lambda: torch._int_mm(o["a8"], w8t)))
-    if torch.cuda.get_device_capability() >= (9, 0):  # e4m3 tensor cores: the fp8 kernel's Triton path, and its anchor
+    if torch.cuda.get_device_capability() >= (8, 9):  # e4m3 tensor cores: the fp8 kernel's Triton path, and its anchor
         from tinyformer.kernels import fp8_matmul
         sa, sb = o["af8_scale"][:, None], o["f8_scale"][None, :]  # (M, 1), (1, N): row-wise scales
         paths += [("fp8 triton", "e4m3", lambda: fp8_matmul(o["af8"], o["f8"], o["af8_scale"], o["f8_scale"])),

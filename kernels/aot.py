@@ -22,7 +22,7 @@ The interpreter cannot show register pressure or shared-memory overflow; this re
 Measured facts behind it: shared/TRITON_ON_CPU.md ("Ahead-of-time compile for real GPUs, without a GPU").
 
 A spec is a dict: name, fn (a JITFunction), signature {arg: "*fp16" | "i32" | "fp32" | "constexpr" ...},
-constexprs {arg: value}, num_warps, num_stages, targets [80 or 90], divisible_by_16 [arg names the JIT would mark
+constexprs {arg: value}, num_warps, num_stages, targets [80, 89 or 90], divisible_by_16 [arg names the JIT would mark
 16-aligned on contiguous tensors], shipped_forward (bool: a spill there is an error), row (its configs.csv row),
 weights (weight elements per main-loop iteration, matmuls only) and ipw_budget (instructions per weight allowed).
 Specs are typed the way the JIT specialises a call on contiguous tensors: unit strides become constexpr 1 (so loads
@@ -56,6 +56,9 @@ from .matmul import MatmulConfig, matmul_configs
 from .per_token_quant import _quantize_per_token_kernel
 
 DEFAULT_TARGETS = (80, 90)
+# a target compiles the specs of its configs.csv table: sm_80 also the sm80 table's rows that exist for sm_89 alone
+# (fp8: Ada's e4m3 mma.sync), compiled for sm_89
+FAMILY_TARGETS = {80: (80, 89)}
 _PKG = __package__ or "tinyformer.kernels"
 
 
@@ -192,16 +195,19 @@ def int8_wo_specs() -> List[dict]:
 
 
 def fp8_specs() -> List[dict]:
-    """The e4m3 GEMM with its epilogue (bf16 output, bias), sm_90 only (Hopper's fp8 wgmma: QGMMA in the SASS)."""
+    """The e4m3 GEMM with its epilogue (bf16 output, bias) for sm_89 (the sm80 table's fp8 rows with the launchers'
+    stage cap; Ada's e4m3 mma.sync: QMMA in the SASS) and sm_90 (Hopper's fp8 wgmma: QGMMA)."""
     fn = _fp8_matmul_kernel
     specs = []
-    for c in matmul_configs("fp8", 90):
-        ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                  BLOCK_K=c.block_k, GROUP_M=c.group_m)
-        ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
-                "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
-        specs.append(_spec(f"fp8_mm.fp8_{_tile(c)}", fn, ptrs, ce, c, 90,
-                           [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"], weights=c.block_k * c.block_n))
+    for arch in (89, 90):
+        for c in matmul_configs("fp8", arch):
+            ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                      BLOCK_K=c.block_k, GROUP_M=c.group_m)
+            ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
+                    "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
+            specs.append(_spec(f"fp8_mm.fp8_{_tile(c)}", fn, ptrs, ce, c, arch,
+                               [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"],
+                               weights=c.block_k * c.block_n))
     return specs
 
 
@@ -529,11 +535,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     jobs = []
     for arch in targets:
-        picked = [(m, i) for m, i, s in rows
-                  if args.filter in s["name"] and arch in s.get("targets", targets)]
+        family = FAMILY_TARGETS.get(arch, (arch,))
+        picked = [(m, i, t) for m, i, s in rows for t in s.get("targets", targets)
+                  if args.filter in s["name"] and t in family]
         if args.limit:
             picked = picked[:args.limit]
-        jobs += [(m, i, arch) for m, i in picked]
+        jobs += picked
     if not jobs:
         print(f"aot: no spec matches (filter {args.filter!r}, targets {targets})"
               + "".join(f"\nFAILED: {f}" for f in failures))
@@ -585,7 +592,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(fmt.format(*[r[c] for c in cols], status))
     for f in failures:
         print("FAILED:", f)
-    print(f"aot: {len(results)} compiles for {','.join('sm_%d' % a for a in targets)} in {wall:.1f} s wall "
+    compiled_for = ",".join("sm_%d" % a for a in sorted({j[2] for j in jobs}))
+    print(f"aot: {len(results)} compiles for {compiled_for} in {wall:.1f} s wall "
           f"({args.jobs} jobs); {errors + len(failures)} failed, {spill_errors} shipped forward configs spill, "
           f"{spill_warnings} other configs spill (warnings)")
     if args.csv:

@@ -307,7 +307,7 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
 
 def fp8_linear(x, weight, scale, bias=None):
     """x (M, K) float, quantized to e4m3 per row at run time, @ (e4m3 weight (N, K) * scale (N,)).T (+ bias) in x's
-    dtype, fp32 accumulation. triton: `kernels.fp8_matmul` (e4m3 tensor cores, sm_90+); otherwise its reference."""
+    dtype, fp32 accumulation. triton: `kernels.fp8_matmul` (e4m3 tensor cores, sm_89+); otherwise its reference."""
     q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
     mm = kernels.fp8_matmul if get_backend(x.device) == "triton" else reference.fp8_matmul
     return mm(q, weight, s, scale, bias, out_dtype=x.dtype)

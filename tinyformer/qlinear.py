@@ -169,7 +169,7 @@ class W4A8Linear(Int4Linear):
 
 class FP8Linear(PerChannelLinear):
     """FP8: e4m3 weights with a per-output-channel scale (absmax / 448), times activations quantized to e4m3 per
-    row at run time; fp32 accumulation (`ops.fp8_linear`: the e4m3 tensor cores on sm_90+ with the triton backend,
+    row at run time; fp32 accumulation (`ops.fp8_linear`: the e4m3 tensor cores on sm_89+ with the triton backend,
     the reference elsewhere)."""
 
     scheme = "fp8"
