@@ -1,5 +1,6 @@
-"""Fused training ops benchmark (GPU): tinyformer's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy against
-the eager torch ops they replace (their references in tinyformer.kernels.reference), forward + backward.
+"""Fused training ops benchmark (GPU): tinyformer's fused RMSNorm, LayerNorm, SwiGLU, RoPE and linear + cross-entropy
+against the eager torch ops they replace (their references in tinyformer.kernels.reference; for LayerNorm torch's own
+F.layer_norm, what ops.layer_norm runs outside training), forward + backward.
 
 Per op and shape: median ms of forward + backward (triton.testing.do_bench, 20th and 80th percentiles), the speedup
 over eager torch, and the peak CUDA memory the step allocated beyond its inputs (torch.cuda.max_memory_allocated);
@@ -42,6 +43,11 @@ def _cases(args, dtype):
         "torch": lambda: reference.rms_norm(x, w).backward(dy),
         "fused": lambda: kernels.rms_norm(x, w).backward(dy)}
 
+    b = (0.1 * rnd(args.d_model)).requires_grad_()
+    yield "layer_norm", f"{N}x{args.d_model}", {
+        "torch": lambda: torch.nn.functional.layer_norm(x, x.shape[-1:], w, b).backward(dy),  # eager torch's kernel
+        "fused": lambda: kernels.layer_norm(x, w, b).backward(dy)}
+
     gate, up, dh = rnd(N, args.d_ff).requires_grad_(), rnd(N, args.d_ff).requires_grad_(), rnd(N, args.d_ff)
     yield "swiglu", f"{N}x{args.d_ff}", {
         "torch": lambda: reference.swiglu(gate, up).backward(dh),
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--tokens", type=int, default=8192, help="rows: batch x sequence (default 8192)")
-    ap.add_argument("--d-model", type=int, default=4096, help="RMSNorm width and RoPE heads x 128 (default 4096)")
+    ap.add_argument("--d-model", type=int, default=4096,
+                    help="RMSNorm / LayerNorm width and RoPE heads x 128 (default 4096)")
     ap.add_argument("--d-ff", type=int, default=11008, help="SwiGLU width (default 11008)")
     ap.add_argument("--hidden", type=int, default=576, help="hidden size into the head (default 576, SmolLM2-135M)")
     ap.add_argument("--vocab", type=int, default=49152, help="vocabulary (default 49152, SmolLM2-135M)")

@@ -29,10 +29,10 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, rem
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 
 # 1. correctness on the GPU: the kernels compiled for this device, against their references
-part tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels/test_int4_mm.py tests/kernels/test_fp8_mm.py \
-  tests/kernels/test_int8_mm.py tests/kernels/test_fused_rms_norm.py tests/kernels/test_fused_swiglu.py \
-  tests/kernels/test_fused_rope.py tests/kernels/test_fused_linear_cross_entropy.py \
-  tests/kernels/test_flash_attention.py -k "not property"
+part tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels/test_int4_mm.py tests/kernels/test_w4a8_mm.py \
+  tests/kernels/test_fp8_mm.py tests/kernels/test_int8_mm.py tests/kernels/test_fused_rms_norm.py \
+  tests/kernels/test_fused_layer_norm.py tests/kernels/test_fused_swiglu.py tests/kernels/test_fused_rope.py \
+  tests/kernels/test_fused_linear_cross_entropy.py tests/kernels/test_flash_attention.py -k "not property"
 
 # 2. attention: forward and forward + backward against SDPA's flash and cuDNN backends
 part attention 90 "$PY" benchmarks/attention.py --seqlens 1024,4096,16384 --head-dims 64,128 --causal true \

@@ -2,8 +2,9 @@
 torch's float matmul of the same shape, measured in the same run.
 
 On a CUDA GPU: the Triton kernels (`int8_matmul` with fp16 output, `quantize_per_token` + `int8_matmul`,
-`int8_weight_only_matmul` and `int4_matmul` with fp16 activations; on sm_90 `fp8_matmul`, e4m3 with row-wise scales)
-against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_90) torch._scaled_mm with row-wise
+`int8_weight_only_matmul` and `int4_matmul` with fp16 activations; for prefill `quantize_per_token` + `w4a8_matmul`,
+the int4 weight on int8 tensor cores; on sm_89+ `fp8_matmul`, e4m3 with row-wise scales)
+against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_89+) torch._scaled_mm with row-wise
 scales, timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph: the GPU work alone;
 `--timer launch`: do_bench, the Python launch path included) (median, 20th and 80th percentiles); TFLOP/s (TOPS for
 int8) = 2 M N K / t and GB/s = bytes of weight + activations + output / t. Default shapes: decode M = 1, 4, 16 and
@@ -113,7 +114,7 @@ def _q(quant, x32, o):
 
 
 def gpu_paths(o, G) -> List[tuple]:
-    from tinyformer.kernels import int4_matmul, int8_matmul, int8_weight_only_matmul
+    from tinyformer.kernels import int4_matmul, int8_matmul, int8_weight_only_matmul, w4a8_mm
     xh, wh = o["x"].half(), o["w"].half()
     xb, wb = o["x"].bfloat16(), o["w"].bfloat16()
     s4h, z4h = o["s4"].half(), o["z4"].half()
@@ -129,9 +130,11 @@ def gpu_paths(o, G) -> List[tuple]:
         ("int8 weight-only triton", "fp16", lambda: int8_weight_only_matmul(xh, o["w8"], o["w8_scale"])),
         (f"int4 weight-only triton g{G}", "fp16", lambda: int4_matmul(xh, o["w4"], s4h, z4h, G)),
     ]
+    if M > 16 and w4a8_mm.supports_group(G):  # prefill: W4A8, int4 codes on int8 tensor cores, x quantized per token
+        paths.append((f"int4 w4a8 triton + per-token quant g{G}", "fp16", lambda: _w4a8_dynamic(xh, o, s4h, z4h, G)))
     if M > 16 and K % 8 == 0 and N % 8 == 0:  # torch._int_mm's CUDA constraints
         paths.insert(2, ("torch._int_mm", "int8", lambda: torch._int_mm(o["a8"], w8t)))
-    if torch.cuda.get_device_capability() >= (9, 0):  # e4m3 tensor cores: the fp8 kernel's Triton path, and its anchor
+    if torch.cuda.get_device_capability() >= (8, 9):  # e4m3 tensor cores: the fp8 kernel's Triton path, and its anchor
         from tinyformer.kernels import fp8_matmul
         sa, sb = o["af8_scale"][:, None], o["f8_scale"][None, :]  # (M, 1), (1, N): row-wise scales
         paths += [("fp8 triton", "e4m3", lambda: fp8_matmul(o["af8"], o["f8"], o["af8_scale"], o["f8_scale"])),
@@ -144,6 +147,12 @@ def _w8a8_dynamic(xh, o):
     from tinyformer.kernels import int8_matmul, quantize_per_token
     a, s = quantize_per_token(xh)  # (M, K) int8, (M,) fp32: the fused Triton quantizer
     return int8_matmul(a, o["w8"], s, o["w8_scale"], out_dtype=torch.float16)
+
+
+def _w4a8_dynamic(xh, o, s4h, z4h, G):
+    from tinyformer.kernels import quantize_per_token, w4a8_matmul
+    a, s = quantize_per_token(xh)  # (M, K) int8, (M,) fp32
+    return w4a8_matmul(a, o["w4"], s, s4h, z4h, G, out_dtype=torch.float16)
 
 
 def check(paths, o, G):
@@ -163,7 +172,7 @@ def check(paths, o, G):
         if name == "torch._int_mm":
             continue  # raw int32 accumulator
         ref = want[key]
-        tol = 0.1 if ("w8a8" in name or "fp8" in name) else 0.03  # these also quantize activations
+        tol = 0.1 if ("w8a8" in name or "w4a8" in name or "fp8" in name) else 0.03  # these also quantize activations
         err = ((out - ref).norm() / ref.norm()).item()
         if not err < tol:
             raise SystemExit(f"{name} ({dt}) is wrong: relative error {err:.3g} against its reference")

@@ -2,9 +2,10 @@
 
 `python -m tinyformer.kernels.aot [--targets 80,90] [--filter TEXT] [--csv PATH] [--jobs N] [--write-configs]`
 compiles every kernel configuration that the launchers can pick (the candidates of configs.csv, as each op's
-launcher looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes) for sm_80 and sm_90
-with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR
--> PTX -> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints
+launcher looks them up, for every head-dim bucket, dtype and variant the launcher distinguishes; for the fused norms,
+which have no table, their launchers' pick at a few model widths) for sm_80 and sm_90 with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`: the whole pipeline TTIR -> TTGIR -> LLIR -> PTX
+-> cubin runs here, with the ptxas bundled in the triton wheel. For each kernel and target it prints
 registers per thread, spill stores/loads (the `ptxas -v` log of triton's own cubin step, or ptxas -v run again on
 the PTX when the cubin came from a warm cache), shared memory (`ck.metadata.shared`) and the compile time, and from
 the SASS (`cuobjdump -sass`): instructions per weight of the matmul kernels (the main loop's instructions per thread
@@ -21,7 +22,7 @@ The interpreter cannot show register pressure or shared-memory overflow; this re
 Measured facts behind it: shared/TRITON_ON_CPU.md ("Ahead-of-time compile for real GPUs, without a GPU").
 
 A spec is a dict: name, fn (a JITFunction), signature {arg: "*fp16" | "i32" | "fp32" | "constexpr" ...},
-constexprs {arg: value}, num_warps, num_stages, targets [80 or 90], divisible_by_16 [arg names the JIT would mark
+constexprs {arg: value}, num_warps, num_stages, targets [80, 89 or 90], divisible_by_16 [arg names the JIT would mark
 16-aligned on contiguous tensors], shipped_forward (bool: a spill there is an error), row (its configs.csv row),
 weights (weight elements per main-loop iteration, matmuls only) and ipw_budget (instructions per weight allowed).
 Specs are typed the way the JIT specialises a call on contiguous tensors: unit strides become constexpr 1 (so loads
@@ -46,15 +47,18 @@ from typing import List, Optional
 
 import torch
 
-from . import configs, flash_attention as fa, int4_mm
+from . import configs, flash_attention as fa, fused_layer_norm, fused_rms_norm, int4_mm, w4a8_mm
 from .device import tl
 from .fp8_mm import _fp8_matmul_kernel
 from .int8_mm import _int8_matmul_kernel
 from .int8_wo_mm import _int8_weight_only_kernel
-from .matmul import matmul_configs
+from .matmul import MatmulConfig, matmul_configs
 from .per_token_quant import _quantize_per_token_kernel
 
 DEFAULT_TARGETS = (80, 90)
+# a target compiles the specs of its configs.csv table: sm_80 also the sm80 table's rows that exist for sm_89 alone
+# (fp8: Ada's e4m3 mma.sync), compiled for sm_89
+FAMILY_TARGETS = {80: (80, 89)}
 _PKG = __package__ or "tinyformer.kernels"
 
 
@@ -191,16 +195,19 @@ def int8_wo_specs() -> List[dict]:
 
 
 def fp8_specs() -> List[dict]:
-    """The e4m3 GEMM with its epilogue (bf16 output, bias), sm_90 only (Hopper's fp8 wgmma: QGMMA in the SASS)."""
+    """The e4m3 GEMM with its epilogue (bf16 output, bias) for sm_89 (the sm80 table's fp8 rows with the launchers'
+    stage cap; Ada's e4m3 mma.sync: QMMA in the SASS) and sm_90 (Hopper's fp8 wgmma: QGMMA)."""
     fn = _fp8_matmul_kernel
     specs = []
-    for c in matmul_configs("fp8", 90):
-        ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                  BLOCK_K=c.block_k, GROUP_M=c.group_m)
-        ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
-                "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
-        specs.append(_spec(f"fp8_mm.fp8_{_tile(c)}", fn, ptrs, ce, c, 90,
-                           [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"], weights=c.block_k * c.block_n))
+    for arch in (89, 90):
+        for c in matmul_configs("fp8", arch):
+            ce = dict(stride_ak=1, stride_bk=1, stride_cn=1, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                      BLOCK_K=c.block_k, GROUP_M=c.group_m)
+            ptrs = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
+                    "b_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
+            specs.append(_spec(f"fp8_mm.fp8_{_tile(c)}", fn, ptrs, ce, c, arch,
+                               [*ptrs, "N", "K", "stride_am", "stride_bn", "stride_cm"],
+                               weights=c.block_k * c.block_n))
     return specs
 
 
@@ -257,9 +264,59 @@ def int4_specs() -> List[dict]:
     return specs
 
 
-# the report's groups: one per op file
+W4A8_GROUP_SIZES = (32, 64, 128, 256)  # block_k capped at 32 and 64; spans of 128 and 256 columns (G >= 256: 256)
+
+
+def w4a8_specs() -> List[dict]:
+    """W4A8 prefill with its full epilogue (fp16 scales, zeros, bias and output), per candidate x group-size bucket.
+    Instructions per weight count the main loop over one span (SPAN // BLOCK_K unrolled K tiles)."""
+    specs = []
+    for arch in DEFAULT_TARGETS:
+        for G in W4A8_GROUP_SIZES:
+            span = min(G, w4a8_mm.MAX_SPAN)
+            for c in w4a8_mm.w4a8_configs(G, arch):
+                ptrs = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "scales_ptr": "*fp16",
+                        "zeros_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
+                ce = dict(stride_ak=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G, SPAN=span,
+                          HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+                specs.append(_spec(f"w4a8_mm.w4a8_g{G}_{_tile(c)}", w4a8_mm._w4a8_matmul_kernel, ptrs, ce, c, arch,
+                                   [*ptrs, "N", "K", "stride_am", "stride_wn", "stride_sn", "stride_zn", "stride_om"],
+                                   weights=span * c.block_n))
+    return specs
+
+
+NORM_WIDTHS = (128, 768, 4096, 8192)  # model widths whose BLOCK_D buckets (128, 1024, 4096, 8192) the report compiles
+
+
+def norm_specs() -> List[dict]:
+    """The fused RMSNorm and LayerNorm (with and without a bias), forward and backward, fp16 and bf16, for the BLOCK_D
+    and warps their launchers pick at each of NORM_WIDTHS (the launchers' own heuristic, no configs.csv rows)."""
+    specs = []
+    kernels = [("rms_norm", "fwd", fused_rms_norm._rms_norm_fwd_kernel, {}),
+               ("rms_norm", "bwd", fused_rms_norm._rms_norm_bwd_kernel, {})]
+    for has_bias in (True, False):
+        kernels += [("layer_norm", "fwd", fused_layer_norm._layer_norm_fwd_kernel, dict(HAS_BIAS=has_bias)),
+                    ("layer_norm", "bwd", fused_layer_norm._layer_norm_bwd_kernel, dict(HAS_BIAS=has_bias))]
+    for arch in DEFAULT_TARGETS:
+        for D in NORM_WIDTHS:
+            bd = fused_rms_norm._block_d(D)
+            c = MatmulConfig(0, 0, 0, num_warps=fused_rms_norm._warps(bd), num_stages=1)
+            for op, way, fn, flags in kernels:
+                for ty in ("fp16", "bf16"):
+                    ptrs = {n: "*fp32" if n in ("mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr") else f"*{ty}"
+                            for n in fn.arg_names if n.endswith("_ptr")}
+                    ce = dict(flags, BLOCK_D=bd, **(dict(ROWS=fused_rms_norm.FWD_ROWS) if way == "fwd" else {}))
+                    bias = "" if op == "rms_norm" else "_bias" if flags["HAS_BIAS"] else "_nobias"
+                    specs.append(_spec(f"{op}.{way}_{ty}{bias}_d{bd}_w{c.num_warps}", fn, ptrs, ce, c, arch,
+                                       [*ptrs, "D"] + [n for n in fn.arg_names if n.startswith("stride_")],
+                                       shipped_forward=way == "fwd", floats=("eps",)))
+    return specs
+
+
+# the report's groups: one per op file (the two fused norms share one)
 SPEC_GROUPS = {"flash_attention": attention_specs, "int8_mm": int8_specs, "int8_wo_mm": int8_wo_specs,
-               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs}
+               "per_token_quant": per_token_quant_specs, "int4_mm": int4_specs, "fp8_mm": fp8_specs,
+               "w4a8_mm": w4a8_specs, "fused_norms": norm_specs}
 MODULES = tuple(SPEC_GROUPS)
 
 
@@ -478,11 +535,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     jobs = []
     for arch in targets:
-        picked = [(m, i) for m, i, s in rows
-                  if args.filter in s["name"] and arch in s.get("targets", targets)]
+        family = FAMILY_TARGETS.get(arch, (arch,))
+        picked = [(m, i, t) for m, i, s in rows for t in s.get("targets", targets)
+                  if args.filter in s["name"] and t in family]
         if args.limit:
             picked = picked[:args.limit]
-        jobs += [(m, i, arch) for m, i in picked]
+        jobs += picked
     if not jobs:
         print(f"aot: no spec matches (filter {args.filter!r}, targets {targets})"
               + "".join(f"\nFAILED: {f}" for f in failures))
@@ -534,7 +592,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(fmt.format(*[r[c] for c in cols], status))
     for f in failures:
         print("FAILED:", f)
-    print(f"aot: {len(results)} compiles for {','.join('sm_%d' % a for a in targets)} in {wall:.1f} s wall "
+    compiled_for = ",".join("sm_%d" % a for a in sorted({j[2] for j in jobs}))
+    print(f"aot: {len(results)} compiles for {compiled_for} in {wall:.1f} s wall "
           f"({args.jobs} jobs); {errors + len(failures)} failed, {spill_errors} shipped forward configs spill, "
           f"{spill_warnings} other configs spill (warnings)")
     if args.csv:

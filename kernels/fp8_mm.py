@@ -5,9 +5,9 @@ scales applied in a fused epilogue.
 `tinyformer.kernels.reference.fp8_matmul`): (a @ b.T) * a_scale[:, None] * b_scale[None, :] (+ bias), a
 float8_e4m3fn (M, K) activations quantized per row (`reference.quantize_fp8`), b float8_e4m3fn (N, K) weight (the
 nn.Linear layout, K contiguous: the K-major B operand that Hopper's fp8 wgmma takes), float32 scales. On sm_90 the
-dot compiles to QGMMA (the AOT report shows it).
+dot compiles to QGMMA (wgmma), on sm_89 (Ada) to QMMA (mma.sync) (the AOT report shows both).
 
-Dispatch: CUDA tensors on sm_90+, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernel;
+Dispatch: CUDA tensors on sm_89+, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernel;
 everything else (older GPUs, plain CPU) -> the reference, which upcasts to fp32.
 
 References:
@@ -15,7 +15,8 @@ References:
 - The Triton matrix multiplication tutorial (grouped ordering, pointer-arithmetic tiles, masked K loop) and its fp8
   path; torch._scaled_mm (the same scaled product, the benchmark anchor on the GPU).
 
-Layout: @triton.jit kernel -> launcher (configs from `matmul.matmul_configs("fp8")`) -> public function and `plan`.
+Layout: @triton.jit kernel -> launcher (configs from `matmul.matmul_configs("fp8")`: on sm_89 the sm80 table's fp8
+rows, which exist for Ada alone, sm_80 and sm_86 having no fp8 tensor cores) -> public function and `plan`.
 Legend: M rows of activations (tokens), N output features, K input features.
 """
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
@@ -28,7 +29,7 @@ from .reference import _need, check_int8_matmul_args, check_out_dtype, fp8_matmu
 
 __all__ = ["fp8_matmul", "plan"]
 
-MIN_ARCH = 90  # the Triton path: Hopper's fp8 wgmma (sm_89's fp8 mma.sync has no rows in configs.csv yet)
+MIN_ARCH = 89  # the Triton path: e4m3 tensor cores, Ada's mma.sync (the sm80 table's fp8 rows) and Hopper's wgmma
 
 
 # ======================================================================================================================

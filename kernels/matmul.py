@@ -1,7 +1,7 @@
-"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm, fp8_mm): the tile
-config and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and the sum
-of the split partials, the dot dtype flags, the launch (one config, or triton.autotune over the candidates), and the
-autograd.Function that makes a frozen low-bit weight's product differentiable in its input (QLoRA).
+"""Shared machinery of the low-bit matmul kernels (int8_mm, int8_wo_mm, per_token_quant, int4_mm, fp8_mm, w4a8_mm):
+the tile config and its lookup in configs.csv (the one heuristic), grouped tile ordering, split-K for decode shapes and
+the sum of the split partials, the dot dtype flags, the launch (one config, or triton.autotune over the candidates),
+and the autograd.Function that makes a frozen low-bit weight's product differentiable in its input (QLoRA).
 
 References:
 - The Triton matrix multiplication tutorial (triton-lang/triton, python/tutorials/03-matrix-multiplication.py):
@@ -50,9 +50,10 @@ INTERPRET_CONFIGS = {
     "i4_decode": MatmulConfig(16, 64, 64, 4, 1),
     "i4": MatmulConfig(64, 64, 64, 4, 1),
     "fp8": MatmulConfig(64, 64, 64, 4, 1),
+    "w4a8": MatmulConfig(64, 64, 64, 4, 1),
 }
 KINDS = tuple(INTERPRET_CONFIGS)
-SM90_ONLY = ("fp8",)  # kinds with rows for the sm90 table only (e4m3 wgmma: fp8_mm runs Triton on sm_90+)
+SM90_ONLY = ()  # kinds with rows for the sm90 table only (none: fp8's sm80 rows are for sm_89, Ada's e4m3 mma.sync)
 
 
 M_BUCKET_MAX = 8192

@@ -319,17 +319,19 @@ def unpack_int4(packed):
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])  # (N, K//2, 2) -> (N, K)
 
 
-def check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias=None):
-    """Validate int4_matmul inputs; returns (M, N, K)."""
-    for name, t in (("x", x), ("w_packed", w_packed), ("scales", scales), ("zeros", zeros)):
+def check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias=None, x_name="x"):
+    """Validate int4_matmul inputs (and w4a8_matmul's, whose int8 activations `x_name` "a" has checked); returns
+    (M, N, K)."""
+    for name, t in ((x_name, x), ("w_packed", w_packed), ("scales", scales), ("zeros", zeros)):
         _need(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(x.dtype in FLOAT_DTYPES, lambda: f"x must be float32/float16/bfloat16, got {x.dtype}", TypeError)
-    _need(x.dim() == 2, lambda: f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    _need(x_name != "x" or x.dtype in FLOAT_DTYPES, lambda: f"x must be float32/float16/bfloat16, got {x.dtype}",
+          TypeError)
+    _need(x.dim() == 2, lambda: f"{x_name} must be 2-D (M, K), got shape {tuple(x.shape)}")
     _need(w_packed.dtype == torch.uint8, lambda: f"w_packed must be uint8, got {w_packed.dtype}", TypeError)
     _need(w_packed.dim() == 2, lambda: f"w_packed must be 2-D (N, K // 2), got shape {tuple(w_packed.shape)}")
     M, K = x.shape
     N, K2 = w_packed.shape
-    _need(K2 * 2 == K, lambda: f"w_packed is (N, K // 2) = {tuple(w_packed.shape)} but x has K={K}")
+    _need(K2 * 2 == K, lambda: f"w_packed is (N, K // 2) = {tuple(w_packed.shape)} but {x_name} has K={K}")
     _need(isinstance(group_size, int) and group_size > 0 and group_size % 2 == 0,
           lambda: f"group_size must be a positive even int, got {group_size!r}")
     _need(K % group_size == 0, lambda: f"K={K} must be a multiple of group_size={group_size}")
@@ -343,7 +345,7 @@ def check_int4_matmul_args(x, w_packed, scales, zeros, group_size, bias=None):
         _need(tuple(bias.shape) == (N,), lambda: f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     for name, t in (("w_packed", w_packed), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         if t is not None:
-            _need(t.device == x.device, lambda: f"{name} is on {t.device}, x on {x.device}")
+            _need(t.device == x.device, lambda: f"{name} is on {t.device}, {x_name} on {x.device}")
     return M, N, K
 
 
@@ -374,12 +376,66 @@ def int4_matmul_backward(dy, w_packed, scales, zeros, group_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# W4A8: int4 weights (the int4 layout above) times int8 activations quantized per token
+def check_w4a8_matmul_args(a, w_packed, a_scale, scales, zeros, group_size, bias=None):
+    """Validate w4a8_matmul inputs; returns (M, N, K)."""
+    _need(isinstance(a, torch.Tensor), lambda: f"a must be a torch.Tensor, got {type(a).__name__}", TypeError)
+    _need(a.dtype == torch.int8, lambda: f"a must be int8 (activations from quantize_per_token), got {a.dtype}",
+          TypeError)
+    M, N, K = check_int4_matmul_args(a, w_packed, scales, zeros, group_size, bias, x_name="a")
+    _need(isinstance(a_scale, torch.Tensor), "a_scale must be a torch.Tensor", TypeError)
+    _need(a_scale.dtype == torch.float32, lambda: f"a_scale must be float32, got {a_scale.dtype}", TypeError)
+    _need(tuple(a_scale.shape) == (M,), lambda: f"a_scale must have shape (M,) = ({M},), got {tuple(a_scale.shape)}")
+    _need(a_scale.device == a.device, lambda: f"a_scale is on {a_scale.device}, a on {a.device}")
+    return M, N, K
+
+
+def w4a8_matmul(a, w_packed, a_scale, scales, zeros, group_size, bias=None, out_dtype=torch.float32):
+    """The exact math of W4A8, with q the codes of w_packed (N, K) and g the groups of group_size columns:
+
+        out[m, n] = a_scale[m] * sum_g scales[n, g] * (sum_{k in g} a[m, k] q[n, k] - zeros[n, g] sum_{k in g} a[m, k])
+                    (+ bias[n])
+
+    which is (a * a_scale[:, None]) @ dequant(w).T, the integer group sums grouped so that a kernel computes them on
+    integer tensor cores (codes 0..15 are exact in int8) and applies each group's scale and zero point once to them.
+    Here every sum is exact (integers below 2^53 in fp64) and the rest is fp64, rounded once to out_dtype (float64
+    keeps it unrounded, for tests)."""
+    M, N, K = check_w4a8_matmul_args(a, w_packed, a_scale, scales, zeros, group_size, bias)
+    _need(out_dtype in FLOAT_DTYPES, lambda: f"out_dtype must be a float dtype, got {out_dtype}", TypeError)
+    n_g = K // group_size
+    q = unpack_int4(w_packed).to(torch.float64).view(N, n_g, group_size)  # (N, K/G, G)
+    a64 = a.to(torch.float64).view(M, n_g, group_size)  # (M, K/G, G)
+    s, z = scales.to(torch.float64), zeros.to(torch.float64)  # (N, K/G)
+    out = torch.zeros(M, N, dtype=torch.float64, device=a.device)
+    for g in range(n_g):  # one group at a time: (M, N) of memory, not (K/G, M, N)
+        dots = a64[:, g] @ q[:, g].T  # (M, G) @ (G, N) -> (M, N), exact integers
+        rows = a64[:, g].sum(-1, keepdim=True)  # (M, 1), exact
+        out += s[:, g] * (dots - z[:, g] * rows)
+    out *= a_scale.to(torch.float64)[:, None]  # (M, N)
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # training ops: RMSNorm, SwiGLU, rotary embedding, linear + cross-entropy
 def rms_norm(x, weight, eps: float = 1e-6):
     """x / sqrt(mean(x^2) + eps) over the last dim in float32, rounded to x's dtype, times weight (Zhang & Sennrich
     2019; the rounding of Llama's reference implementation)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def layer_norm(x, weight, bias=None, eps: float = 1e-5):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim, biased variance (Ba et al. 2016), computed in
+    float32 (float64 stays float64) and rounded once to x's dtype: torch's F.layer_norm rule."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as LayerNorm defines it
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(xf.dtype)
+    if bias is not None:
+        y = y + bias.to(xf.dtype)
+    return y.to(x.dtype)
 
 
 def swiglu(gate, up):

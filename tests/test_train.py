@@ -530,12 +530,20 @@ def test_calibration_windows_are_seeded_slices_of_the_train_text(tmp_path):
         calibration_windows(tok, str(tmp_path / "t.txt"), 1, 900)
 
 
+FUSED_BY_MODEL = [  # a Llama-style decoder (RMSNorm, SwiGLU, RoPE) and a GPT-2-style one (LayerNorm with bias, GELU)
+    ("llama-tiny", dict(n_kv_head=2), {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}),
+    ("gpt2", dict(max_seq_len=16), {"layer_norm", "linear_cross_entropy"}),
+]
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="the fused kernels need CUDA or the Triton interpreter")
-def test_training_uses_the_fused_kernels_only_where_they_run(monkeypatch):
-    """A Llama-style decoder's training loss (train.compute_loss) goes through ops, which picks the fused RMSNorm,
-    SwiGLU, RoPE and linear + cross-entropy kernels with the triton backend (CUDA's default; here the interpreter)
-    and none of them with the CPU's default torch backend; both give the same loss and gradients."""
+@pytest.mark.parametrize("preset, overrides, fused", FUSED_BY_MODEL, ids=[m[0] for m in FUSED_BY_MODEL])
+def test_training_uses_the_fused_kernels_only_where_they_run(monkeypatch, preset, overrides, fused):
+    """A decoder's training loss (train.compute_loss) goes through ops, which picks the fused norm (RMSNorm or
+    LayerNorm), SwiGLU, RoPE and linear + cross-entropy kernels the model has with the triton backend (CUDA's default;
+    here the interpreter) and none of them with the CPU's default torch backend; both give the same loss and
+    gradients."""
     from collections import Counter
     from types import SimpleNamespace
 
@@ -543,12 +551,12 @@ def test_training_uses_the_fused_kernels_only_where_they_run(monkeypatch):
     from tinyformer import kernels
     from tinyformer.train import compute_loss
     calls = Counter()
-    for name in ("rms_norm", "swiglu", "rope", "linear_cross_entropy"):
+    for name in ("rms_norm", "layer_norm", "swiglu", "rope", "linear_cross_entropy"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
                             lambda *a, _real=real, _name=name, **k: calls.update([_name]) or _real(*a, **k))
     torch.manual_seed(0)
-    model = tinyformer.build("llama-tiny", n_layer=1, d_model=64, n_head=4, n_kv_head=2, vocab_size=200)
+    model = tinyformer.build(preset, n_layer=1, d_model=64, n_head=4, vocab_size=200, **overrides)
     x, y = torch.randint(0, 200, (2, 9)), torch.randint(0, 200, (2, 9))
     run = SimpleNamespace(model=model, raw_model=model, model_config=model.config, autocast=nullcontext(), data=None,
                           cfg=SimpleNamespace(label_smoothing=0.0))
@@ -561,7 +569,7 @@ def test_training_uses_the_fused_kernels_only_where_they_run(monkeypatch):
             loss.backward()
         results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters()], dict(calls))
     assert results["torch"][2] == {}  # the CPU default: torch's ops, no Triton kernel
-    assert set(results["triton"][2]) == {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}, results["triton"][2]
+    assert set(results["triton"][2]) == fused, results["triton"][2]
     assert torch.allclose(results["torch"][0], results["triton"][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(results["torch"][1], results["triton"][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

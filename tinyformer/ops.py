@@ -8,7 +8,7 @@ is decided which kernel runs it for the tensors' device, dtype and shape. Three 
   once for its kernel (`tinyformer.kernels.cpu`: oneDNN's blocked bf16, torch's int8/int4 packs).
 - "triton": tinyformer's Triton kernels (`tinyformer.kernels`): the default on CUDA when Triton is installed.
   Float matmuls stay on cuBLAS (F.linear); the Triton matmuls are the low-bit ones, used by quantized linears. In
-  training (autograd on) RMSNorm, SwiGLU, RoPE and the output head with its cross-entropy run fused kernels.
+  training (autograd on) RMSNorm, LayerNorm, SwiGLU, RoPE and the output head with its cross-entropy run fused kernels.
 
 Choose with `set_backend(name)`, the `use_backend(name)` context manager, or the TINYFORMER_BACKEND environment
 variable; "auto" (the default) picks per device. The kernels have no dropout, so attention with dropout_p > 0
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from tinyformer import kernels
-from tinyformer.kernels import cpu, quant, reference
-from tinyformer.kernels.matmul import with_input_grad
+from tinyformer.kernels import cpu, quant, reference, w4a8_mm
+from tinyformer.kernels.matmul import DECODE_MAX_M as W4A8_MIN_M, with_input_grad
 from tinyformer.kernels.device import onednn_bf16
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -225,13 +225,15 @@ def _make_stack_plan(modules):
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5):
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (Ba et al. 2016)."""
-    if get_backend(x.device) != "reference":
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim, computed in float32 (Ba et al. 2016). triton,
+    in training: the fused kernel (forward and backward, `kernels.layer_norm`), as rms_norm; otherwise torch's op."""
+    backend = get_backend(x.device)
+    if backend == "triton" and torch.is_grad_enabled() and weight.dtype == x.dtype and (
+            bias is None or bias.dtype == x.dtype):
+        return kernels.layer_norm(x, weight, bias, eps)
+    if backend != "reference":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    mean = x.mean(-1, keepdim=True)
-    var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as LayerNorm defines it
-    y = (x - mean) * torch.rsqrt(var + eps) * weight
-    return y + bias if bias is not None else y
+    return reference.layer_norm(x, weight, bias, eps)
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
@@ -305,17 +307,24 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
 
 def fp8_linear(x, weight, scale, bias=None):
     """x (M, K) float, quantized to e4m3 per row at run time, @ (e4m3 weight (N, K) * scale (N,)).T (+ bias) in x's
-    dtype, fp32 accumulation. triton: `kernels.fp8_matmul` (e4m3 tensor cores, sm_90+); otherwise its reference."""
+    dtype, fp32 accumulation. triton: `kernels.fp8_matmul` (e4m3 tensor cores, sm_89+); otherwise its reference."""
     q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
     mm = kernels.fp8_matmul if get_backend(x.device) == "triton" else reference.fp8_matmul
     return mm(q, weight, s, scale, bias, out_dtype=x.dtype)
 
 
-def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None):
+def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None, activations: bool = False):
     """x (M, K) float @ dequant(int4 w).T (+ bias) in x's dtype (contract of tinyformer.kernels.int4_matmul). torch
     backend on CPU: torch's packed int4 kernel (bf16), repacked once per weight; no per-call checks (as above).
-    Differentiable in x on every backend, as int8_linear."""
+    Differentiable in x on every backend, as int8_linear. activations=True: W4A8 for prefill (more than 16 rows,
+    power-of-two groups >= 32, no autograd), x quantized per token to int8 and multiplied on the integer tensor cores
+    (`kernels.w4a8_matmul`; its reference off triton); decode steps stay weight-only."""
     backend = get_backend(x.device)
+    if activations and x.shape[0] > W4A8_MIN_M and w4a8_mm.supports_group(group_size) and not (
+            torch.is_grad_enabled() and x.requires_grad):
+        q, s = kernels.quantize_per_token(x) if backend == "triton" else quant.quantize_per_token_int8(x)
+        mm = kernels.w4a8_matmul if backend == "triton" else reference.w4a8_matmul
+        return mm(q, w_packed, s, scales, zeros, group_size, bias, out_dtype=x.dtype)
     if backend == "triton":
         return kernels.int4_matmul(x, w_packed, scales, zeros, group_size, bias)
     on_cpu = backend == "torch" and x.device.type == "cpu"

@@ -1,6 +1,7 @@
 """Quantized linear layers that a model's `Linear`s are swapped for: int8 weight-only (W8A16), W8A8 (int8 weights
-and dynamically quantized int8 activations), int4 weight-only (group-wise, two codes per byte), FP8 (e4m3 weights
-and dynamically quantized e4m3 activations).
+and dynamically quantized int8 activations), int4 weight-only (group-wise, two codes per byte), W4A8 (those int4
+weights and dynamically quantized int8 activations, for prefill), FP8 (e4m3 weights and dynamically quantized e4m3
+activations).
 
 Each holds integer codes and float scales (and zero points) as buffers, so `model.save` writes them to safetensors
 and config.json records which module got which scheme; `tinyformer.load` swaps the same modules in (on the meta
@@ -23,7 +24,7 @@ from tinyformer.kernels import pack_int4, reference
 from tinyformer.kernels.quant import choose_qparams, n_groups, quantize
 from tinyformer.model import Linear
 
-SCHEMES = ("int8", "w8a8", "int4", "fp8", "lowrank")
+SCHEMES = ("int8", "w8a8", "int4", "w4a8", "fp8", "lowrank")
 
 
 class QuantLinear(nn.Module):
@@ -113,6 +114,7 @@ class Int4Linear(QuantLinear):
     forward pads x with zeros to K_pad, as the int4 kernels take whole groups: the padding adds nothing."""
 
     scheme = "int4"
+    activations = False  # W4A8Linear: prefill on int8 tensor cores, activations quantized per token
 
     def __init__(self, n_out, n_in, bias, group_size: int = 128, dtype=torch.float32):
         super().__init__(n_out, n_in, bias, dtype)
@@ -149,15 +151,25 @@ class Int4Linear(QuantLinear):
     def matmul(self, x):
         if self.k_pad != self.n_in:
             x = F.pad(x, (0, self.k_pad - self.n_in))  # (M, K) -> (M, Kp)
-        return ops.int4_linear(x, self.weight_packed, self.scales, self.zeros, self.group_size, self.bias)
+        return ops.int4_linear(x, self.weight_packed, self.scales, self.zeros, self.group_size, self.bias,
+                               activations=self.activations)
 
     def spec(self):
         return {"scheme": self.scheme, "group_size": self.group_size}
 
 
+class W4A8Linear(Int4Linear):
+    """W4A8: the int4 weights of Int4Linear times activations quantized per token at run time, for prefill (more
+    than 16 rows, power-of-two groups >= 32: `ops.int4_linear(activations=True)`, the int4 codes on int8 tensor
+    cores); decode steps and training stay weight-only. Made by `W4A8Linear.from_weight` / `from_codes`."""
+
+    scheme = "w4a8"
+    activations = True
+
+
 class FP8Linear(PerChannelLinear):
     """FP8: e4m3 weights with a per-output-channel scale (absmax / 448), times activations quantized to e4m3 per
-    row at run time; fp32 accumulation (`ops.fp8_linear`: the e4m3 tensor cores on sm_90+ with the triton backend,
+    row at run time; fp32 accumulation (`ops.fp8_linear`: the e4m3 tensor cores on sm_89+ with the triton backend,
     the reference elsewhere)."""
 
     scheme = "fp8"
@@ -209,7 +221,8 @@ class LowRankLinear(nn.Module):
         return f"in={self.n_in}, out={self.n_out}, rank={self.rank}"
 
 
-MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "fp8": FP8Linear, "lowrank": LowRankLinear}
+MODULES = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear, "w4a8": W4A8Linear, "fp8": FP8Linear,
+           "lowrank": LowRankLinear}
 
 
 def _set(model, name, module):
@@ -223,7 +236,7 @@ def _set(model, name, module):
 def empty_from_spec(spec: dict, n_out: int, n_in: int, bias: bool):
     if spec.get("scheme") not in MODULES:
         raise ValueError(f"unknown quantization scheme {spec.get('scheme')!r}; expected one of {', '.join(SCHEMES)}")
-    kw = {"group_size": spec["group_size"]} if spec["scheme"] == "int4" else {}
+    kw = {"group_size": spec["group_size"]} if spec["scheme"] in ("int4", "w4a8") else {}
     if spec["scheme"] == "lowrank":
         kw = {"rank": spec["rank"]}
     if spec["scheme"] == "w8a8" and spec.get("smooth"):

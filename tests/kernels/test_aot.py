@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tinyformer.kernels import aot, configs, device, flash_attention as fa, int4_mm, matmul
+from tinyformer.kernels import aot, configs, device, flash_attention as fa, fused_rms_norm, int4_mm, matmul, w4a8_mm
 
 needs_triton = pytest.mark.skipif(not device.HAS_TRITON, reason="needs triton")
 
@@ -51,10 +51,31 @@ def test_every_launcher_choice_is_compiled(specs):
                         f"_w{c.num_warps}s{c.num_stages}"
                     name = f"int4_mm.{int4_mm.int4_kind(M)}_fp16_g{min(G, 128)}_{tile}"
                     assert (name, arch) in names, f"{name} (G={G}, sm_{arch}) is not compiled"
+        for G in (32, 64, 128, 256, 1024):  # W4A8: spans of min(G, 256) columns
+            for c in w4a8_mm.w4a8_configs(G, arch):
+                name = f"w4a8_mm.w4a8_g{min(G, w4a8_mm.MAX_SPAN)}_{aot._tile(c)}"
+                assert (name, arch) in names, f"{name} (G={G}, sm_{arch}) is not compiled"
         for kind, op in (("w8a8", "int8_mm.w8a8"), ("w8a8_decode", "int8_mm.w8a8_decode"),
                          ("wo", "int8_wo_mm.wo_fp16"), ("wo_decode", "int8_wo_mm.wo_decode_fp16")):
             for c in matmul.matmul_configs(kind, arch):
                 assert (f"{op}_{aot._tile(c)}", arch) in names, (kind, c)
+
+
+@needs_triton
+def test_every_norm_launch_is_compiled(specs):
+    """The fused RMSNorm and LayerNorm launchers pick BLOCK_D (D rounded up to a power of two) and the warps for it;
+    the report compiles that pick at each of its widths, forward and backward, LayerNorm with and without a bias,
+    fp16 and bf16, on sm_80 and sm_90 (a forward spill fails the report)."""
+    names = {(s["name"], s["targets"][0]) for s in specs}
+    for arch in (80, 90):
+        for D in aot.NORM_WIDTHS:
+            bd = fused_rms_norm._block_d(D)
+            tile = f"d{bd}_w{fused_rms_norm._warps(bd)}"
+            for ty in ("fp16", "bf16"):
+                for way in ("fwd", "bwd"):
+                    assert (f"rms_norm.{way}_{ty}_{tile}", arch) in names
+                    for bias in ("bias", "nobias"):
+                        assert (f"layer_norm.{way}_{ty}_{bias}_{tile}", arch) in names
 
 
 @needs_triton
@@ -66,7 +87,7 @@ def test_specs_are_typed_over_exactly_the_kernel_arguments(specs):
         assert all(s["signature"][k] == "constexpr" for k in s["constexprs"]), s["name"]
         assert all(s["signature"][k] != "constexpr" for k in set(arg_names) - set(s["constexprs"])), s["name"]
         assert set(s["divisible_by_16"]) <= set(arg_names) - set(s["constexprs"]), s["name"]
-        assert s["targets"][0] in aot.DEFAULT_TARGETS and s["num_warps"] in (1, 2, 4, 8, 16), s["name"]
+        assert s["targets"][0] in (*aot.DEFAULT_TARGETS, 89) and s["num_warps"] in (1, 2, 4, 8, 16), s["name"]
 
 
 @needs_triton

@@ -55,12 +55,14 @@ def test_quantize_fp8_error_bound_and_saturation():
 
 
 def test_older_gpus_take_the_reference(monkeypatch):
-    """The Triton path needs sm_90 (e4m3 wgmma, the only fp8 rows of configs.csv); an sm_80 device plans the
-    reference."""
+    """The Triton path needs e4m3 tensor cores: sm_89 (Ada's mma.sync, the sm80 table's fp8 rows, stages capped for
+    its shared memory) and sm_90 (wgmma); an sm_80 device plans the reference."""
     cuda_tensor = types.SimpleNamespace(device=torch.device("cuda"))  # no GPU here: a stand-in with a CUDA device
     monkeypatch.setattr(fp8_mm, "backend_of", lambda t, name: "triton")
     monkeypatch.setattr(fp8_mm, "arch_of", lambda device: 80)
     assert not fp8_mm._triton_runs(cuda_tensor)
+    monkeypatch.setattr(fp8_mm, "arch_of", lambda device: 89)  # Ada: e4m3 mma.sync, ~100 KB of shared memory
+    assert fp8_mm._triton_runs(cuda_tensor) and all(c.num_stages <= 2 for c in fp8_mm.matmul_configs("fp8", 89))
     monkeypatch.setattr(fp8_mm, "arch_of", lambda device: 90)
     assert fp8_mm._triton_runs(cuda_tensor) and fp8_mm.matmul_configs("fp8", 90)[0].block_k == 128
 
