@@ -19,7 +19,7 @@ from tinyformer.kernels import unpack_int4
 from tinyformer.kernels.quant import sqnr
 from tinyformer.kernels.reference import dequantize_int4
 from tinyformer.model import Linear
-from tinyformer.qlinear import Int4Linear, Int8Linear, W8A8Linear
+from tinyformer.qlinear import Int4Linear, Int8Linear, W4A8Linear, W8A8Linear
 
 TINY = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128, vocab_size=256, max_seq_len=64)
 
@@ -297,6 +297,8 @@ def test_qat_converts_to_the_grid_it_trained_on_and_beats_rtn_on_its_data():
                                 dict(bits=4, group_size=32, method="gptq", act_order=True),
                                 dict(bits=8, method="gptq"), dict(bits=4, group_size=32, method="awq"),
                                 dict(bits=8, activations=True, method="smoothquant"),
+                                dict(bits=4, group_size=32, activations=True),
+                                dict(bits=4, group_size=32, method="gptq", activations=True),
                                 dict(bits=8, method="qat", steps=2)])
 def test_every_method_round_trips(kw, tmp_path):
     float_model, model = tiny_llama(), tiny_llama()
@@ -305,6 +307,8 @@ def test_every_method_round_trips(kw, tmp_path):
         ref = float_model(ids)
     quantize_(model, calib=calib_ids() if kw.get("method", "rtn") != "rtn" else None, **kw)
     assert not any(type(m) is Linear for m in model.modules())
+    if kw["bits"] == 4 and kw.get("activations"):  # W4A8: 32 rows here, so the products take the W4A8 path
+        assert all(type(m) is W4A8Linear for m in model.modules() if isinstance(m, Int4Linear))
     with torch.no_grad():
         out = model(ids)
     assert sqnr(ref, out) > (12.0 if kw["bits"] == 4 else 25.0)
@@ -364,6 +368,7 @@ def test_quantize_rejects_bad_arguments():
                       (dict(method="spqr", calib=ids), "method must be one of"),
                       (dict(bits=4, method="smoothquant", calib=ids), "is for W8A8"),
                       (dict(bits=8, method="gptq", activations=True, calib=ids), "'rtn' or 'smoothquant'"),
+                      (dict(bits=4, group_size=48, activations=True), "power-of-two group_size"),
                       (dict(bits=8, float_zero=True), "asymmetric int4"),
                       (dict(bits=4, float_zero=True, symmetric=True), "asymmetric int4"),
                       (dict(method="gptq", calib=ids, percdamp=-1), "percdamp"),

@@ -68,9 +68,10 @@ import torch.nn.functional as F
 
 from tinyformer import ops
 from tinyformer.compress.calib import InputStats, blockwise, check_calib
+from tinyformer.kernels import w4a8_mm
 from tinyformer.kernels.quant import choose_qparams, dequantize, group_view, n_groups, qrange, quantize
 from tinyformer.model import Linear, Norm
-from tinyformer.qlinear import FP8Linear, Int4Linear, Int8Linear, W8A8Linear, _set
+from tinyformer.qlinear import FP8Linear, Int4Linear, Int8Linear, W4A8Linear, W8A8Linear, _set
 
 __all__ = ["quantize_", "qparams", "rtn", "gptq", "output_error", "awq_search", "awq_clip", "smoothquant_scale",
            "InputGroup", "input_groups", "fold_scale_", "fake_quantize", "FakeQuantLinear", "prepare_qat_",
@@ -410,11 +411,12 @@ def fold_scale_(block, group: InputGroup, s: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------------------------
 # quantized modules from codes
 def _module(codes, scale, zero, bits, group_size, bias, activations=False, smooth=None):
-    """Int8Linear / W8A8Linear (optionally with a smoothing divisor) / Int4Linear holding the given codes."""
+    """Int8Linear / W8A8Linear (optionally with a smoothing divisor) / Int4Linear / W4A8Linear holding the given
+    codes."""
     dtype = bias.dtype if bias is not None else torch.float32
     b = bias.detach() if bias is not None else None
     if bits == 4:
-        return Int4Linear.from_codes(codes, scale, zero, group_size, b)
+        return (W4A8Linear if activations else Int4Linear).from_codes(codes, scale, zero, group_size, b)
     cls = W8A8Linear if activations else Int8Linear
     kw = {"smooth": True} if smooth is not None else {}
     m = cls(codes.shape[0], codes.shape[1], bias is not None, dtype, **kw)
@@ -580,14 +582,15 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
     head (int8 per output row, whatever `bits`; a tied embedding keeps its float copy for the lookup).
 
     bits=8: int8 per output channel (symmetric); with activations=True, W8A8 (method "rtn" or "smoothquant").
-    bits=4: int4 per group of `group_size` inputs, asymmetric unless symmetric=True (float_zero: unrounded zero point).
+    bits=4: int4 per group of `group_size` inputs, asymmetric unless symmetric=True (float_zero: unrounded zero point);
+    with activations=True, W4A8 (methods "rtn", "gptq", "awq"; prefill on the int8 tensor cores, decode weight-only).
     method: "rtn" | "gptq" (act_order, percdamp, blocksize, clip, n_grid) | "awq" (n_grid, clip) |
     "smoothquant" (alpha) | "qat" (steps, lr, batch_size, seed); every method but "rtn" needs calib, token ids (N, T)
     (a pair (src, tgt) for encoder-decoders). batch_size is also the calibration batch of the block-by-block methods.
     clip (GPTQ and AWQ): each group's range from `awq_clip`'s search instead of its min..max; on SmolLM2-135M at
     group 128 it took GPTQ from +25.5% to +13.2% perplexity (RTN: +32.8%; benchmarks/compression.py).
     dtype="fp8": e4m3 weights (per output channel) and e4m3 activations (per token, at run time), method "rtn";
-    `bits` and `group_size` do not apply. On CUDA sm_90+ the product runs on the fp8 tensor cores."""
+    `bits` and `group_size` do not apply. On CUDA sm_89+ the product runs on the fp8 tensor cores."""
     if dtype is not None:
         if dtype != "fp8":
             raise ValueError(f"dtype must be None or 'fp8', got {dtype!r}")
@@ -604,9 +607,10 @@ def quantize_(model, bits: int = 8, group_size: int = 128, method: str = "rtn", 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_scheme(bits, group_size, symmetric, float_zero)
-    if activations and bits != 8:
-        raise ValueError("activations=True (W8A8) needs bits=8")
-    if activations and method not in ("rtn", "smoothquant"):
+    if activations and bits == 4 and (method not in ("rtn", "gptq", "awq") or not w4a8_mm.supports_group(group_size)):
+        raise ValueError("activations=True with bits=4 (W4A8) takes method 'rtn', 'gptq' or 'awq' and a power-of-two "
+                         f"group_size >= 32; got {method!r}, group_size={group_size!r}")
+    if activations and bits == 8 and method not in ("rtn", "smoothquant"):
         raise ValueError(f"activations=True (W8A8) works with method 'rtn' or 'smoothquant', not {method!r}")
     if method == "smoothquant" and not activations:
         raise ValueError("method='smoothquant' is for W8A8: pass bits=8, activations=True")
@@ -665,7 +669,7 @@ def _gptq_block(block, stats, scheme, opts):
                                   clip=opts["clip"], n_grid=opts["n_grid"])
         _swap(block, group.names,
               lambda rows, lin: _module(codes[rows], scale[rows], zero[rows], scheme["bits"], scheme["group_size"],
-                                        lin.bias))
+                                        lin.bias, opts["activations"]))
 
 
 def _awq_block(block, stats, scheme, opts):
@@ -688,7 +692,7 @@ def _awq_block(block, stats, scheme, opts):
         codes, scale, zero = rtn(W, **scheme, clip=ratio)
         _swap(block, group.names,
               lambda rows, lin: _module(codes[rows], scale[rows], zero[rows], scheme["bits"], scheme["group_size"],
-                                        lin.bias))
+                                        lin.bias, opts["activations"]))
 
 
 def _smoothquant_block(block, stats, scheme, opts):
