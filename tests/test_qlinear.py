@@ -70,7 +70,7 @@ def test_each_layer_equals_float_matmul_with_dequantized_weight():
 def test_quantize_rejects_bad_arguments():
     _, q = model_pair()
     for kw, match in [(dict(bits=3), "bits must be 8 or 4"), (dict(method="gptq"), "needs calibration data"),
-                      (dict(bits=4, activations=True), "needs bits=8"), (dict(bits=4, group_size=7), "positive even"),
+                      (dict(bits=4, activations=True, group_size=24), "power-of-two group_size"), (dict(bits=4, group_size=7), "positive even"),
                       (dict(dtype="int2"), "dtype must be None or 'fp8'"),
                       (dict(dtype="fp8", method="gptq"), "leave method and activations")]:
         with pytest.raises(ValueError, match=match):
