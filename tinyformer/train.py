@@ -732,6 +732,20 @@ def _gated(cfg: TrainConfig, losses: list, gap: float = 0.0) -> bool:
     return not losses or sum(losses) / len(losses) + gap > cfg.target_loss + cfg.target_gate
 
 
+def _evaluation_point(run: Run, at_end: bool) -> Optional[dict]:
+    """The losses of an evaluation point, or None where target_gate skips it or its screen stops it (the last point
+    runs whole). Either way the gate's window of training losses restarts; an evaluation sets the gap the next
+    prediction adds to training's loss."""
+    cfg, window = run.cfg, run.gate_losses
+    run.gate_losses = []
+    if not at_end and _gated(cfg, window, run.gate_gap):
+        return None
+    losses = evaluate(run, None if at_end or not _gating(cfg) else cfg.target_loss)
+    if losses is not None and window:
+        run.gate_gap = losses["val_loss"] - sum(window) / len(window)
+    return losses
+
+
 def save_checkpoint(run: Run) -> None:
     """Rank 0 writes ckpt.pt (everything a resume needs), atomically: a kill at any moment leaves the previous one
     whole; then the model folder a user loads (config.json, model.safetensors, tokenizer.json), the weight average
@@ -840,16 +854,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 group["lr"] = lr * group.get("lr_ratio", 1.0)
             record = dict(run.last_eval) if run.evaluated_at == run.it else {}  # a resumed run keeps its eval's losses
             at_end = run.it == cfg.max_iters or time_up
-            due = (run.it % cfg.eval_interval == 0 or at_end) and run.evaluated_at != run.it
-            window = run.gate_losses
-            if due:  # an evaluation point: the gate may skip it; either way the window of training losses restarts
-                due, run.gate_losses = at_end or not _gated(cfg, window, run.gate_gap), []
-            if due:  # a point the gate let through is screened: its first fifth may show it cannot reach the target
-                losses = evaluate(run, None if at_end or not _gating(cfg) else cfg.target_loss)
-                due = losses is not None
-            if due:
-                if window:  # what the gate adds to training's loss to predict the next validation loss
-                    run.gate_gap = losses["val_loss"] - sum(window) / len(window)
+            losses = None
+            if (run.it % cfg.eval_interval == 0 or at_end) and run.evaluated_at != run.it:
+                losses = _evaluation_point(run, at_end)
+            if losses is not None:
                 run.evaluated_at, run.last_eval = run.it, losses
                 record.update(losses)
                 if losses["val_loss"] < run.best_val or cfg.always_save_checkpoint:
