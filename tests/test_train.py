@@ -161,21 +161,30 @@ def test_target_gate_evaluates_only_near_the_target(corpus, tmp_path, monkeypatc
     assert not _gated(_cfg(corpus, tmp_path / "rule", target_gate=0.0), [9.0])  # no target: never skips
 
 
+def test_evaluations_leave_the_training_batches_alone(corpus, tmp_path):
+    # how often and how far a run evaluates (the gate, the screen, eval_iters) changes none of its training losses
+    a = train(_cfg(corpus, tmp_path / "a", max_iters=12, lr_decay_iters=12, eval_interval=3, eval_iters=3))
+    b = train(_cfg(corpus, tmp_path / "b", max_iters=12, lr_decay_iters=12, eval_interval=12, eval_iters=1))
+    loss = [[r["loss"] for r in _losses(tmp_path / out) if "loss" in r] for out in ("a", "b")]
+    assert len(loss[0]) == 12 and loss[0] == loss[1], loss
+    assert a["val_loss"] != b["val_loss"]  # the last evaluation itself differs: 3 batches against 1
+
+
 def test_a_screened_evaluation_stops_early_only_far_above_its_target(corpus, tmp_path, monkeypatch):
     import tinyformer.train as T
     monkeypatch.setattr(T, "EVAL_ROWS", 8)  # one batch a pass: the first fifth of 20 batches is 4 passes
     run = T.setup(_cfg(corpus, tmp_path / "run", eval_iters=20, eval_train=False))
-    start = run.gen.get_state()
+    start = run.eval_gen.get_state()
     full = T.evaluate(run)["val_loss"]
-    run.gen.set_state(start)
+    run.eval_gen.set_state(start)
     assert T.evaluate(run, screen=full / 2) is None  # far above: stopped after 4 of the 20 batches
-    drawn = run.gen.get_state()
-    run.gen.set_state(start)
+    drawn = run.eval_gen.get_state()
+    run.eval_gen.set_state(start)
     for _ in range(4):
-        T.get_batch(run, "val")
-    assert torch.equal(run.gen.get_state(), drawn)
+        T.get_batch(run, "val", run.eval_gen)
+    assert torch.equal(run.eval_gen.get_state(), drawn)
     for target in (full + 1.0, full - 1e-3):  # below, or just above the target: the whole estimate, unchanged
-        run.gen.set_state(start)
+        run.eval_gen.set_state(start)
         assert T.evaluate(run, screen=target) == {"val_loss": full}
 
 

@@ -383,7 +383,9 @@ class Run:
     ema: Optional[WeightEMA]          # the weight average, when cfg asks for one
     autocast: object                  # the context of every forward pass (nullcontext() in fp32)
     scaler: torch.amp.GradScaler      # fp16's loss scaling; disabled (a pass-through) otherwise
-    gen: torch.Generator              # every batch, train and eval, comes from this generator
+    gen: torch.Generator              # every training batch comes from this generator
+    eval_gen: torch.Generator         # every evaluation batch from this one: whether and how far an evaluation runs
+                                      # leaves the training batches as they are
     device: torch.device
     rank: int = 0
     world: int = 1                    # processes under torchrun: each takes its rows of the global batch
@@ -439,7 +441,9 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg=cfg, data=data, model=model, raw_model=model, model_config=mcfg,
               optimizer=make_optimizer(model, cfg), ema=ema, autocast=autocast,
               scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
-              gen=torch.Generator().manual_seed(cfg.seed), device=device, rank=rank, world=world)
+              gen=torch.Generator().manual_seed(cfg.seed),
+              eval_gen=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET), device=device, rank=rank,
+              world=world)
     if state:
         _restore(run, state)
     if run.master:
@@ -548,6 +552,8 @@ def _restore(run: Run, state: dict) -> None:
                          f"{saved}; resume with --optimizer {saved}")
     run.optimizer.load_state_dict(state["optimizer"])
     run.gen.set_state(state["data_rng"])
+    if "eval_rng" in state:
+        run.eval_gen.set_state(state["eval_rng"])
     torch.set_rng_state(state["torch_rng"])
     run.it, run.best_val, run.evaluated_at = state["iter"], state["best_val_loss"], state["evaluated_at"]
     run.last_eval, run.elapsed_before = state["last_eval"], state.get("elapsed_s", 0.0)
@@ -562,15 +568,17 @@ def _restore(run: Run, state: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # one step, evaluation, checkpoint
-def get_batch(run: Run, split: str) -> list[torch.Tensor]:
-    """This rank's rows of the next global batch of `split`, on the device: x, y for a decoder (y = x shifted by one,
+def get_batch(run: Run, split: str, gen: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """This rank's rows of the next global batch of `split` drawn from `gen` (the training generator unless given), on
+    the device: x, y for a decoder (y = x shifted by one,
     -100 where no loss), plus cu_seqlens for packed instruction data; masked inputs and labels (-100 where not
     picked) for an encoder; src, src_mask, tgt_in, tgt_out for paired data; ids, mask, labels for labelled text."""
     cfg = run.cfg
     bucket = {"bucket": True} if isinstance(run.data, PairData) and cfg.bucket_by_length else {}
-    tensors = run.data.get_batch(split, cfg.batch_size, cfg.block_size, run.gen, **bucket)
+    gen = run.gen if gen is None else gen
+    tensors = run.data.get_batch(split, cfg.batch_size, cfg.block_size, gen, **bucket)
     if run.model_config.arch == "encoder" and isinstance(run.data, TokenData):  # masked-LM: predict picked positions
-        tensors = mlm_inputs(tensors[0], run.data.vocab_size, run.data.vocab_size, cfg.mlm_probability, run.gen)
+        tensors = mlm_inputs(tensors[0], run.data.vocab_size, run.data.vocab_size, cfg.mlm_probability, gen)
     per_rank = cfg.batch_size // run.world
     lo, hi = run.rank * per_rank, (run.rank + 1) * per_rank
     if isinstance(run.data, SFTData) and len(tensors) == 3:  # packed: this rank's rows and the documents in them
@@ -670,7 +678,7 @@ def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
     def mean_loss(split, screen=None):
         total, passes = torch.zeros((), device=run.device), []
         for start in range(0, run.cfg.eval_iters, per_pass):
-            batches = [get_batch(run, split) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
+            batches = [get_batch(run, split, run.eval_gen) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
             joined = [torch.cat(parts) for parts in zip(*batches)]  # k batches of (B, T) -> (k * B, T)
             loss = compute_loss(run, joined)
             total += loss * len(batches)
@@ -688,19 +696,21 @@ def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
     run.model.eval()
     try:
         train = {"train_loss": mean_loss("train")} if run.cfg.eval_train else {}
-        before_val = run.gen.get_state()
+        before_val = run.eval_gen.get_state()
         val = mean_loss("val", screen)
         if val is None:
             return None
         losses = {"val_loss": val, **train}
         if run.ema is not None:
-            run.gen.set_state(before_val)
+            run.eval_gen.set_state(before_val)
             with run.ema.applied():
                 losses["ema_val_loss"] = mean_loss("val")
     finally:
         run.model.train()
     return losses
 
+
+EVAL_SEED_OFFSET = 2 ** 32  # the evaluation batches' seed: the run's seed plus this, a stream no training seed starts
 
 SCREEN_SE = 4.0  # a screened evaluation stops this many standard errors above its target: with the error estimated
 # from 8 passes (the speedrun's), a true loss at the target gets that far above it once in ~400 evaluations (Student's
@@ -758,7 +768,7 @@ def save_checkpoint(run: Run) -> None:
             "gate_losses": run.gate_losses, "gate_gap": run.gate_gap,
             "elapsed_s": run.elapsed_before + time.perf_counter() - run.started,
             "model_config": run.model_config.to_dict(), "train_config": cfg,
-            "data_rng": run.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "data_rng": run.gen.get_state(), "eval_rng": run.eval_gen.get_state(), "torch_rng": torch.get_rng_state(),
             **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
     atomic_write(run.out / "ckpt.pt", lambda f: torch.save(ckpt, f))
     with run.ema.applied() if run.ema is not None else nullcontext():
