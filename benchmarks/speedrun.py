@@ -16,9 +16,8 @@ the same machine in the same run.
    when that score is at most L*.
 4. Prints tinyformer's time over nanoGPT's time per seed; with --ablation, the preset with one lever put back to the
    baby GPT's choice per row (bf16 autocast and Newton-Schulz -> fp32, Muon -> AdamW, the 1000-iteration schedule
-   with 20 warmup steps -> nanoGPT's 2000 with 100, gated evaluations every 25 -> every 100), each row's time to L*;
-   and one row with modded-nanogpt's architecture (rotary positions, RMSNorm, no biases) in place of the baby GPT's,
-   which the preset keeps.
+   with 20 warmup steps -> nanoGPT's 2000 with 100, rotary/RMSNorm/no biases -> learned positions/LayerNorm/biases,
+   gated evaluations every 25 -> every 100), each row's time to L*.
 
 Rows go to --csv (one per tinyformer run). References: karpathy/nanoGPT (the baby GPT); Jordan et al. 2024,
 modded-nanogpt (time to a target validation loss as the measure of a training recipe).
@@ -46,12 +45,12 @@ PRESET = "speedrun-shakespeare-char"
 # every run's evaluations: a point every 25 iterations, run where the validation loss predicted from training is
 # within 0.025 of L* (twice the standard error of a 25-step mean of training loss: its steps' losses scatter by 0.063)
 EVALUATIONS = ["--eval_interval", "25", "--target_gate", "0.025"]
-ABLATIONS = {  # lever -> the options that put the baby GPT's choice back (the last two: other choices, for comparison)
+ABLATIONS = {  # lever -> the options that put the baby GPT's choice back
     "all levers": [],
     "fp32 (no bf16 autocast or Newton-Schulz)": ["--dtype", "float32"],
     "AdamW (no Muon)": ["--optimizer", "adamw"],
     "baby schedule": ["--max_iters", "2000", "--lr_decay_iters", "2000", "--warmup_iters", "100"],
-    "rotary, RMSNorm, no biases": ["--pos", "rope", "--norm", "rmsnorm", "--bias", "false"],
+    "baby architecture": ["--pos", "learned", "--norm", "layernorm", "--bias", "true"],
     "evaluations every 100, ungated": ["--eval_interval", "100", "--target_gate", "-1"],
 }
 
