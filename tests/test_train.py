@@ -186,6 +186,12 @@ def test_a_screened_evaluation_stops_early_only_far_above_its_target(corpus, tmp
     for target in (full + 1.0, full - 1e-3):  # below, or just above the target: the whole estimate, unchanged
         run.eval_gen.set_state(start)
         assert T.evaluate(run, screen=target) == {"val_loss": full}
+    # later looks, with smaller errors, stop nearer estimates: passes of 3, 7, 3, 7 then 5s against a target of 3 are
+    # 1.7 standard errors above it after 4 passes, 3.7 after 8 and 5.7 after 12, where the screen stops
+    losses = iter([3.0, 7.0, 3.0, 7.0] + [5.0] * 16)
+    calls = []
+    monkeypatch.setattr(T, "compute_loss", lambda run, batch: calls.append(1) or torch.tensor(next(losses)))
+    assert T.evaluate(run, screen=3.0) is None and len(calls) == 12
 
 
 def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_path):

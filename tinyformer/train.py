@@ -91,8 +91,8 @@ class TrainConfig:
     #                                  validation loss predicted from training (the mean training loss since the last
     #                                  point plus the validation-minus-training gap of the last evaluation, 0 before
     #                                  one) is above target_loss + target_gate; < 0: skip none. One let through
-    #                                  stops after a fifth of its batches if they are far above the target (evaluate's
-    #                                  `screen`). The last point runs whole
+    #                                  stops at the end of a fifth of its batches where those done are far above the
+    #                                  target (evaluate's `screen`). The last point runs whole
     log_interval: int = 10           # write a metrics.jsonl line every this many steps
     always_save_checkpoint: bool = True  # false: save only when the validation loss improves
     device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -670,13 +670,15 @@ def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
     model several at a time. Under inference_mode, not no_grad: no autograd bookkeeping at all (the speedrun's 300
     batches: 2.6 against 3.3 s).
 
-    `screen` (a target loss): None instead, once the first fifth of the validation batches has a mean more than
-    SCREEN_SE standard errors (of the passes' means) above it: the rest could not bring the estimate down to it."""
+    `screen` (a target loss): None instead, as soon as the validation batches done at the end of a fifth of them (the
+    first, second, ... fourth) have a mean more than SCREEN_SE standard errors (of the passes' means) above it: the
+    rest could not bring the estimate down to it. The first look rejects estimates far above the target, the later
+    ones, with smaller errors, those nearer it."""
     joins = run.model_config.arch == "decoder" and type(run.data) is TokenData  # windows of one length, no packing
     per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if joins else 1
 
     def mean_loss(split, screen=None):
-        total, passes = torch.zeros((), device=run.device), []
+        total, passes, look = torch.zeros((), device=run.device), [], 1  # the screen's next look: after this fifth
         for start in range(0, run.cfg.eval_iters, per_pass):
             batches = [get_batch(run, split, run.eval_gen) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
             joined = [torch.cat(parts) for parts in zip(*batches)]  # k batches of (B, T) -> (k * B, T)
@@ -684,11 +686,11 @@ def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
             total += loss * len(batches)
             passes.append(loss.float())
             done = start + len(batches)
-            if screen is not None and done >= run.cfg.eval_iters / 5:
-                if len(passes) > 1 and done < run.cfg.eval_iters and _far_above(torch.stack(passes), screen,
-                                                                                   run.world):
+            n = run.cfg.eval_iters
+            if screen is not None and len(passes) > 1 and look * n <= 5 * done < 5 * n:
+                if _far_above(torch.stack(passes), screen, run.world):
                     return None
-                screen = None  # checked once, where a fifth is done and more is left
+                look = 5 * done // n + 1
         if run.world > 1:
             torch.distributed.all_reduce(total)
         return total.item() / (run.cfg.eval_iters * run.world)
