@@ -210,7 +210,8 @@ def tinyformer_trainer(spec: dict):
     feed = Feed()
     run = Run(cfg=cfg, data=feed, model=model, raw_model=model, model_config=model.config,
               optimizer=make_optimizer(model, cfg), ema=None, autocast=autocast(),
-              scaler=torch.amp.GradScaler("cpu", enabled=False), gen=torch.Generator(), device=torch.device("cpu"))
+              scaler=torch.amp.GradScaler("cpu", enabled=False), gen=torch.Generator(), eval_gen=torch.Generator(),
+              device=torch.device("cpu"))
     if spec["config"] != "full" and isinstance(run.autocast, torch.autocast):  # as `tinyformer train` sets it up
         keep_frozen_in(model, run.autocast.fast_dtype)
 
