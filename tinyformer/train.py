@@ -84,8 +84,7 @@ class TrainConfig:
     mlm_probability: float = 0.15    # encoder masked-LM: share of positions predicted (BERT's 80/10/10 rule)
     eval_interval: int = 250         # evaluate (and checkpoint) every this many steps, and at the end
     eval_iters: int = 20             # batches averaged for each split's loss at an evaluation
-    eval_train: bool = True          # false: evaluations estimate the validation loss only (half their cost; the
-    #                                  train batches they skip are not drawn, so later batches differ)
+    eval_train: bool = True          # false: evaluations estimate the validation loss only (half their cost)
     target_loss: float = 0.0         # > 0: stop at the first evaluation whose validation loss is at most this
     target_gate: float = -1.0        # >= 0 with target_loss: skip an evaluation point (and its checkpoint) while the
     #                                  validation loss predicted from training (the mean training loss since the last
