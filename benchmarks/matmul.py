@@ -3,7 +3,8 @@ torch's float matmul of the same shape, measured in the same run.
 
 On a CUDA GPU: the Triton kernels (`int8_matmul` with fp16 output, `quantize_per_token` + `int8_matmul`,
 `int8_weight_only_matmul` and `int4_matmul` with fp16 activations; for prefill `quantize_per_token` + `w4a8_matmul`,
-the int4 weight on int8 tensor cores; on sm_89+ `fp8_matmul`, e4m3 with row-wise scales)
+the int4 weight on int8 tensor cores; on sm_89+ `fp8_matmul`, e4m3 with row-wise scales, and `w4a8_matmul` with e4m3
+activations)
 against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_89+) torch._scaled_mm with row-wise
 scales, timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph: the GPU work alone;
 `--timer launch`: do_bench, the Python launch path included) (median, 20th and 80th percentiles); TFLOP/s (TOPS for
@@ -140,6 +141,9 @@ def gpu_paths(o, G) -> List[tuple]:
         paths += [("fp8 triton", "e4m3", lambda: fp8_matmul(o["af8"], o["f8"], o["af8_scale"], o["f8_scale"])),
                   ("torch._scaled_mm fp8", "e4m3",
                    lambda: torch._scaled_mm(o["af8"], o["f8"].T, sa, sb, out_dtype=torch.bfloat16))]
+        if M > 16 and w4a8_mm.supports_group(G):  # W4A8 with e4m3 activations: int4 codes on the fp8 tensor cores
+            paths.append((f"int4 w4a8 e4m3 triton g{G}", "e4m3", lambda: w4a8_mm.w4a8_matmul(
+                o["af8"], o["w4"], o["af8_scale"], s4h, z4h, G, out_dtype=torch.float16)))
     return paths
 
 

@@ -51,6 +51,7 @@ INTERPRET_CONFIGS = {
     "i4": MatmulConfig(64, 64, 64, 4, 1),
     "fp8": MatmulConfig(64, 64, 64, 4, 1),
     "w4a8": MatmulConfig(64, 64, 64, 4, 1),
+    "w4a8_e4m3": MatmulConfig(64, 64, 64, 4, 1),
 }
 KINDS = tuple(INTERPRET_CONFIGS)
 SM90_ONLY = ()  # kinds with rows for the sm90 table only (none: fp8's sm80 rows are for sm_89, Ada's e4m3 mma.sync)

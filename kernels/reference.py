@@ -380,8 +380,8 @@ def int4_matmul_backward(dy, w_packed, scales, zeros, group_size):
 def check_w4a8_matmul_args(a, w_packed, a_scale, scales, zeros, group_size, bias=None):
     """Validate w4a8_matmul inputs; returns (M, N, K)."""
     _need(isinstance(a, torch.Tensor), lambda: f"a must be a torch.Tensor, got {type(a).__name__}", TypeError)
-    _need(a.dtype == torch.int8, lambda: f"a must be int8 (activations from quantize_per_token), got {a.dtype}",
-          TypeError)
+    _need(a.dtype in (torch.int8, torch.float8_e4m3fn), lambda: f"a must be int8 (activations from "
+          f"quantize_per_token) or float8_e4m3fn (quantize_fp8), got {a.dtype}", TypeError)
     M, N, K = check_int4_matmul_args(a, w_packed, scales, zeros, group_size, bias, x_name="a")
     _need(isinstance(a_scale, torch.Tensor), "a_scale must be a torch.Tensor", TypeError)
     _need(a_scale.dtype == torch.float32, lambda: f"a_scale must be float32, got {a_scale.dtype}", TypeError)
@@ -397,9 +397,10 @@ def w4a8_matmul(a, w_packed, a_scale, scales, zeros, group_size, bias=None, out_
                     (+ bias[n])
 
     which is (a * a_scale[:, None]) @ dequant(w).T, the integer group sums grouped so that a kernel computes them on
-    integer tensor cores (codes 0..15 are exact in int8) and applies each group's scale and zero point once to them.
-    Here every sum is exact (integers below 2^53 in fp64) and the rest is fp64, rounded once to out_dtype (float64
-    keeps it unrounded, for tests)."""
+    integer tensor cores (codes 0..15 are exact in int8, and in e4m3 for float8_e4m3fn activations) and applies each
+    group's scale and zero point once to them. Here every sum is exact (int8: integers below 2^53; e4m3: multiples of
+    2^-9 below 2^40, in fp64) and the rest is fp64, rounded once to out_dtype (float64 keeps it unrounded, for
+    tests)."""
     M, N, K = check_w4a8_matmul_args(a, w_packed, a_scale, scales, zeros, group_size, bias)
     _need(out_dtype in FLOAT_DTYPES, lambda: f"out_dtype must be a float dtype, got {out_dtype}", TypeError)
     n_g = K // group_size

@@ -94,13 +94,13 @@ def _attention_case(kind, bucket, variant, cfg, monkeypatch):
 
 MATMUL_MODULES = {"w8a8": int8_mm, "w8a8_decode": int8_mm, "wo": int8_wo_mm, "wo_decode": int8_wo_mm,
                   "quant": per_token_quant, "i4_gemv": int4_mm, "i4_decode": int4_mm, "i4": int4_mm, "fp8": fp8_mm,
-                  "w4a8": w4a8_mm}
+                  "w4a8": w4a8_mm, "w4a8_e4m3": w4a8_mm}
 
 
 def _matmul_case(kind, cfg, monkeypatch):
     used = _pin(monkeypatch, MATMUL_MODULES[kind], "matmul_configs", kind, cfg)
     M = {"w8a8": 37, "wo": 37, "i4": 37, "w8a8_decode": 3, "wo_decode": 3, "i4_decode": 3, "i4_gemv": 1,
-         "fp8": 37, "w4a8": 37}.get(kind)
+         "fp8": 37, "w4a8": 37, "w4a8_e4m3": 37}.get(kind)
     N, g = 70, gen(sum(map(ord, kind)))  # a seed per kind
     if kind.startswith("w8a8"):
         a, b = rand_int8(M, 200, gen=g).to(DEV), rand_int8(N, 200, gen=g).to(DEV)
@@ -122,11 +122,15 @@ def _matmul_case(kind, cfg, monkeypatch):
         got = fp8_mm.fp8_matmul(a, b, sa, sb, out_dtype=torch.float32)
         assert_close(got, reference.fp8_matmul(a, b, sa, sb, out_dtype=torch.float32), atol=1e-5, rtol=1e-5,
                      name=f"{kind} {cfg}")
-    elif kind == "w4a8":  # G = 128: two 64-wide K tiles per span where block_k is 64
+    elif kind.startswith("w4a8"):  # G = 128: two 64-wide K tiles per span where block_k is 64
         G, K = 128, 384
         w_packed, scales, zeros = (t.to(DEV) for t in make_int4(N, K, G, g, zero_float=True))
-        a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g).to(DEV)
-        sa, bias = (torch.rand(M, generator=g) * 0.01).to(DEV), torch.randn(N, generator=g).to(DEV)
+        if kind == "w4a8":
+            a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g).to(DEV)
+            sa = (torch.rand(M, generator=g) * 0.01).to(DEV)
+        else:  # e4m3 activations
+            a, sa = (t.to(DEV) for t in reference.quantize_fp8(torch.randn(M, K, generator=g)))
+        bias = torch.randn(N, generator=g).to(DEV)
         got = w4a8_mm.w4a8_matmul(a, w_packed, sa, scales, zeros, G, bias)
         want = reference.w4a8_matmul(a, w_packed, sa, scales, zeros, G, bias, out_dtype=torch.float64)
         w = reference.dequantize_int4(w_packed, scales, zeros, G)

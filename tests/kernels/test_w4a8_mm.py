@@ -1,6 +1,6 @@
 """Tests of the W4A8 matmul (kernels/w4a8_mm.py): int4 weights times per-token int8 activations against the exact
 reference (reference.w4a8_matmul: integer group sums, fp64 scaling) on ragged M, N and K for every output dtype, with
-and without bias; groups larger than the kernel's span (flushed several times a group); the reference against the
+and without bias; the same with e4m3 activations, which take the reference below sm_89; groups larger than the kernel's span (flushed several times a group); the reference against the
 float product it stands for; the quantize -> W4A8 pipeline against fp32 and W8A8; ops.int4_linear's W4A8 dispatch
 for prefill only; bad input rejected before any launch. Every shipped GPU config runs once on a ragged shape in
 test_configs.py. The interpreter runs the kernel without a GPU (tests/conftest.py)."""
@@ -54,6 +54,36 @@ def test_w4a8_groups_larger_than_a_span(G):
     same sum); G = 256: four 64-wide tiles per span. fp16 scales and zeros, as quantized checkpoints hold them."""
     assert w4a8_mm.MAX_SPAN < 512
     _check(20, 40, 2 * G, G, True, torch.float32, 1e-5, seed=G, scale_dtype=torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("out_dtype, rtol", OUT_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M, N, K, G", [(37, 70, 256, 32), (100, 130, 256, 128), (17, 7, 512, 512)])
+def test_w4a8_with_e4m3_activations_matches_the_reference(M, N, K, G, out_dtype, rtol):
+    """e4m3 activations (quantize_fp8 per token): the codes go through the fp8 MMA, the span sums are fp32 of exact
+    products, so the kernel is within fp32 rounding of the exact fp64 reference; ragged M and N, a group longer than
+    a span (G = 512)."""
+    g = gen(M + N + K + G)
+    a, a_scale = reference.quantize_fp8(torch.randn(M, K, generator=g) * 3)
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True)
+    bias = torch.randn(N, generator=g)
+    assert w4a8_mm.plan(M, N, K, G, device=DEV, a_dtype=torch.float8_e4m3fn)["backend"] == "triton"
+    got = w4a8_mm.w4a8_matmul(*(t.to(DEV) for t in (a, w_packed, a_scale, scales, zeros)), G, bias.to(DEV),
+                              out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.shape == (M, N)
+    want = reference.w4a8_matmul(a, w_packed, a_scale, scales, zeros, G, bias, out_dtype=torch.float64)
+    mag = magnitude(a.float() * a_scale[:, None], reference.dequantize_int4(w_packed, scales, zeros, G))
+    assert_close(got, want, atol=2e-6 * mag + 1e-6, rtol=rtol, name=f"w4a8 e4m3 {out_dtype} M={M} N={N} K={K} G={G}")
+
+
+def test_e4m3_activations_stay_on_the_reference_below_sm89(monkeypatch):
+    """sm_80 and sm_86 have no fp8 tensor cores: e4m3 activations take the reference there, int8 ones the kernel."""
+    monkeypatch.setattr(w4a8_mm, "backend_of", lambda t, name: "triton")
+    monkeypatch.setattr(w4a8_mm, "arch_of", lambda device: 80)
+    a = torch.empty(0, device="meta")
+    assert not w4a8_mm._triton_runs(a.to(torch.float8_e4m3fn)) and w4a8_mm._triton_runs(a.to(torch.int8))
+    monkeypatch.setattr(w4a8_mm, "arch_of", lambda device: 89)
+    assert w4a8_mm._triton_runs(a.to(torch.float8_e4m3fn))
 
 
 def test_reference_is_the_scaled_float_product():
@@ -116,7 +146,7 @@ def _args():
 
 
 W4A8_BAD = [
-    ("a float", lambda x: [x[0].float()] + x[1:], TypeError, "a must be int8"),
+    ("a float", lambda x: [x[0].float()] + x[1:], TypeError, "a must be int8 .* or float8_e4m3fn"),
     ("K differs", lambda x: [x[0][:, :32]] + x[1:], ValueError, "K // 2"),
     ("a_scale shape", lambda x: x[:2] + [x[2][:2]] + x[3:], ValueError, "a_scale must have shape"),
     ("a_scale dtype", lambda x: x[:2] + [x[2].double()] + x[3:], TypeError, "a_scale must be float32"),
