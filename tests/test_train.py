@@ -147,12 +147,15 @@ def test_target_gate_evaluates_only_near_the_target(corpus, tmp_path, monkeypatc
             gap = evaluated[it] - mean
     assert len(evaluated) < len(points)  # some were skipped, the first one at least
     assert s["val_loss"] <= target and all(v > target for it, v in evaluated.items() if it < s["iters"])
-    # a gap measured at one evaluation holds the next ones back: here validation runs far above training
+    # a gap measured at one evaluation, whole or stopped by its screen, holds the next ones back: here validation runs
+    # far above training
     import tinyformer.train as T
-    calls = []
-    monkeypatch.setattr(T, "evaluate", lambda run, screen=None: calls.append(run.it) or {"val_loss": 5.0})
-    train(_cfg(corpus, tmp_path / "gap", target_loss=target, target_gate=gate, **kw))
-    assert len(calls) == 2 and calls[0] > 0 and calls[1] == kw["max_iters"], calls
+    for screened in (False, True):
+        calls = []
+        monkeypatch.setattr(T, "evaluate", lambda run, screen=None: calls.append(run.it) or (
+            {"screened_val_loss": 5.0} if screened and screen is not None else {"val_loss": 5.0}))
+        train(_cfg(corpus, tmp_path / f"gap{screened}", target_loss=target, target_gate=gate, **kw))
+        assert len(calls) == 2 and calls[0] > 0 and calls[1] == kw["max_iters"], (screened, calls)
     # the rule itself: skip while the prediction is above target + gate, or when there is no prediction yet
     cfg = _cfg(corpus, tmp_path / "rule", target_loss=2.0, target_gate=0.1)
     assert [_gated(cfg, losses) for losses in ([1.5, 2.0], [2.05, 2.09], [2.1, 2.2], [])] == [False, False, True, True]
@@ -177,12 +180,14 @@ def test_a_screened_evaluation_stops_early_only_far_above_its_target(corpus, tmp
     start = run.eval_gen.get_state()
     full = T.evaluate(run)["val_loss"]
     run.eval_gen.set_state(start)
-    assert T.evaluate(run, screen=full / 2) is None  # far above: stopped after 4 of the 20 batches
+    screened = T.evaluate(run, screen=full / 2)  # far above: stopped after 4 of the 20 batches, with their mean
     drawn = run.eval_gen.get_state()
     run.eval_gen.set_state(start)
-    for _ in range(4):
-        T.get_batch(run, "val", run.eval_gen)
+    with torch.inference_mode():
+        first = [T.compute_loss(run, T.get_batch(run, "val", run.eval_gen)).item() for _ in range(4)]
     assert torch.equal(run.eval_gen.get_state(), drawn)
+    assert set(screened) == {"screened_val_loss"} and math.isclose(screened["screened_val_loss"], sum(first) / 4,
+                                                                    rel_tol=1e-6), (screened, first)
     for target in (full + 1.0, full - 1e-3):  # below, or just above the target: the whole estimate, unchanged
         run.eval_gen.set_state(start)
         assert T.evaluate(run, screen=target) == {"val_loss": full}
@@ -191,7 +196,7 @@ def test_a_screened_evaluation_stops_early_only_far_above_its_target(corpus, tmp
     losses = iter([3.0, 7.0, 3.0, 7.0] + [5.0] * 16)
     calls = []
     monkeypatch.setattr(T, "compute_loss", lambda run, batch: calls.append(1) or torch.tensor(next(losses)))
-    assert T.evaluate(run, screen=3.0) is None and len(calls) == 12
+    assert T.evaluate(run, screen=3.0) == {"screened_val_loss": 5.0} and len(calls) == 12
 
 
 def test_weight_average_follows_its_formula_and_is_what_gets_saved(corpus, tmp_path):

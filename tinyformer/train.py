@@ -662,21 +662,22 @@ EVAL_ROWS = 96  # a decoder's evaluation runs this many windows (whole batches o
 
 
 @torch.inference_mode()
-def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
+def evaluate(run: Run, screen: Optional[float] = None) -> dict:
     """val_loss and train_loss (unless eval_train is false): the mean loss of eval_iters batches of each split, over
     all ranks; with a weight average also ema_val_loss, the same validation batches through the averaged weights.
     A decoder's batches (all of one size, so the mean of their means is the mean over their windows) go through the
     model several at a time. Under inference_mode, not no_grad: no autograd bookkeeping at all (the speedrun's 300
     batches: 2.6 against 3.3 s).
 
-    `screen` (a target loss): None instead, as soon as the validation batches done at the end of a fifth of them (the
-    first, second, ... fourth) have a mean more than SCREEN_SE standard errors (of the passes' means) above it: the
-    rest could not bring the estimate down to it. The first look rejects estimates far above the target, the later
-    ones, with smaller errors, those nearer it."""
+    `screen` (a target loss): {"screened_val_loss": the mean of the validation batches done} instead, as soon as
+    those done at the end of a fifth of them (the first, second, ... fourth) have a mean more than SCREEN_SE standard
+    errors (of the passes' means) above it: the rest could not bring the estimate down to it. The first look rejects
+    estimates far above the target, the later ones, with smaller errors, those nearer it."""
     joins = run.model_config.arch == "decoder" and type(run.data) is TokenData  # windows of one length, no packing
     per_pass = max(1, EVAL_ROWS // run.cfg.batch_size) if joins else 1
 
     def mean_loss(split, screen=None):
+        """(the mean loss, whether every batch ran): a screen stops early with the mean of the passes done."""
         total, passes, look = torch.zeros((), device=run.device), [], 1  # the screen's next look: after this fifth
         for start in range(0, run.cfg.eval_iters, per_pass):
             batches = [get_batch(run, split, run.eval_gen) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
@@ -687,25 +688,26 @@ def evaluate(run: Run, screen: Optional[float] = None) -> Optional[dict]:
             done = start + len(batches)
             n = run.cfg.eval_iters
             if screen is not None and len(passes) > 1 and look * n <= 5 * done < 5 * n:
-                if _far_above(torch.stack(passes), screen, run.world):
-                    return None
+                mean, se = _pass_stats(torch.stack(passes), run.world)
+                if mean - SCREEN_SE * se > screen:
+                    return mean, False
                 look = 5 * done // n + 1
         if run.world > 1:
             torch.distributed.all_reduce(total)
-        return total.item() / (run.cfg.eval_iters * run.world)
+        return total.item() / (run.cfg.eval_iters * run.world), True
 
     run.model.eval()
     try:
-        train = {"train_loss": mean_loss("train")} if run.cfg.eval_train else {}
+        train = {"train_loss": mean_loss("train")[0]} if run.cfg.eval_train else {}
         before_val = run.eval_gen.get_state()
-        val = mean_loss("val", screen)
-        if val is None:
-            return None
+        val, whole = mean_loss("val", screen)
+        if not whole:
+            return {"screened_val_loss": val}
         losses = {"val_loss": val, **train}
         if run.ema is not None:
             run.eval_gen.set_state(before_val)
             with run.ema.applied():
-                losses["ema_val_loss"] = mean_loss("val")
+                losses["ema_val_loss"] = mean_loss("val")[0]
     finally:
         run.model.train()
     return losses
@@ -718,16 +720,14 @@ SCREEN_SE = 4.0  # a screened evaluation stops this many standard errors above i
 # t, 7 degrees of freedom), and the next point evaluates again
 
 
-def _far_above(passes: torch.Tensor, target: float, world: int) -> bool:
-    """Whether the mean of the passes' losses (every rank's) is more than SCREEN_SE standard errors above target;
-    every rank decides alike."""
+def _pass_stats(passes: torch.Tensor, world: int) -> tuple:
+    """(mean, standard error of the mean) of the passes' losses, every rank's: every rank gets the same two."""
     stats = torch.stack([passes.sum(), passes.square().sum(), torch.tensor(float(len(passes)), device=passes.device)])
     if world > 1:
         torch.distributed.all_reduce(stats)
     total, squares, n = stats.tolist()
     mean = total / n
-    se = math.sqrt(max(squares - n * mean * mean, 0.0) / max(n - 1, 1) / n)
-    return mean - SCREEN_SE * se > target
+    return mean, math.sqrt(max(squares - n * mean * mean, 0.0) / max(n - 1, 1) / n)
 
 
 def _gating(cfg: TrainConfig) -> bool:
@@ -745,16 +745,16 @@ def _gated(cfg: TrainConfig, losses: list, gap: float = 0.0) -> bool:
 
 def _evaluation_point(run: Run, at_end: bool) -> Optional[dict]:
     """The losses of an evaluation point, or None where target_gate skips it or its screen stops it (the last point
-    runs whole). Either way the gate's window of training losses restarts; an evaluation sets the gap the next
-    prediction adds to training's loss."""
+    runs whole). Either way the gate's window of training losses restarts; an evaluation, whole or stopped by its
+    screen (the mean of the batches it ran), sets the gap the next prediction adds to training's loss."""
     cfg, window = run.cfg, run.gate_losses
     run.gate_losses = []
     if not at_end and _gated(cfg, window, run.gate_gap):
         return None
     losses = evaluate(run, None if at_end or not _gating(cfg) else cfg.target_loss)
-    if losses is not None and window:
-        run.gate_gap = losses["val_loss"] - sum(window) / len(window)
-    return losses
+    if window:
+        run.gate_gap = losses.get("val_loss", losses.get("screened_val_loss")) - sum(window) / len(window)
+    return losses if "val_loss" in losses else None
 
 
 def save_checkpoint(run: Run) -> None:
