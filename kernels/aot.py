@@ -227,6 +227,9 @@ def per_token_quant_specs() -> List[dict]:
 
 GEMV_IPW_BUDGET = 5.0  # SASS instructions per weight of the one-row int4 kernel: above it, issue-bound, not DRAM-bound
 INT4_GROUP_SIZES = (32, 64, 128)  # block_k capped at 32 and 64, and the table's own (G >= 128 compiles like 128)
+# groups that are not powers of two >= 32 take the API-layout prefill kernel ("i4"): 96 straddles its 64-wide K tiles
+# (scales gathered per column pair), 192 holds three of them (the group-scaled branch)
+INT4_ODD_GROUP_SIZES = (96, 192)
 
 
 def int4_specs() -> List[dict]:
@@ -234,9 +237,9 @@ def int4_specs() -> List[dict]:
     one-row specs write split-K fp32 partials, prefill specs run the full epilogue with bias."""
     specs = []
     for arch in DEFAULT_TARGETS:
-        for M, kind in ((2, "i4_decode"), (512, "i4")):
+        for M, kind, groups in ((2, "i4_decode", INT4_GROUP_SIZES), (512, "i4", INT4_ODD_GROUP_SIZES)):
             split = kind == "i4_decode"
-            for G in INT4_GROUP_SIZES:
+            for G in groups:
                 for c in int4_mm.int4_configs(M, G, arch):
                     for ty in ("fp16", "bf16"):
                         ptrs = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
@@ -250,6 +253,22 @@ def int4_specs() -> List[dict]:
                                            ptrs, ce, c, arch,
                                            [*ptrs, "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
                                             "stride_os", "stride_om", "K_SPLIT"], weights=c.block_k * c.block_n))
+        for G in INT4_GROUP_SIZES:  # the prefill kernel on the K-plane layout: out^T tiles, weight operand in registers
+            # G = 32 with an odd number of 32-column planes in K: the last tile's high plane is masked ("_tail")
+            for even_k in ((True, False) if G == int4_mm.PLANE else (True,)):
+                for c in int4_mm.int4_configs(512, G, arch):
+                    for ty in ("fp16", "bf16"):
+                        ptrs = {"x_ptr": f"*{ty}", "xs_ptr": "*fp32", "w_ptr": "*u8", "scales_ptr": f"*{ty}",
+                                "zeros_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}"}
+                        ce = dict(stride_xk=1, stride_xsm=1, stride_wk=1, stride_sn=1, stride_zn=1, stride_on=1,
+                                  GROUP_SIZE=G,
+                                  PLANE=int4_mm.PLANE, HAS_BIAS=True, EVEN_K=even_k, DOT_DTYPE=_dot_dtype(ty),
+                                  DOT_PREC="ieee", BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                                  GROUP_M=c.group_m)
+                        specs.append(_spec(f"int4_mm.i4_prefill_{ty}_g{G}{'' if even_k else '_tail'}_{_tile(c)}",
+                                           int4_mm._int4_prefill_kernel, ptrs, ce, c, arch,
+                                           [*ptrs, "N", "K", "stride_xm", "stride_xsg", "stride_wn", "stride_sg",
+                                            "stride_zg", "stride_om"], weights=c.block_k * c.block_n))
         for G in INT4_GROUP_SIZES:  # the one-row kernel on the GEMV layout: split-K reduced in the kernel
             for c in int4_mm.int4_configs(1, G, arch):
                 for ty in ("fp16", "bf16"):
