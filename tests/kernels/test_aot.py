@@ -150,3 +150,5 @@ def test_sass_summary_reads_the_loop_the_loads_and_the_mma():
         /*0070*/                   BRA 0x70;
 """
     assert aot.sass_summary(sass) == dict(loop_instrs=5, widest_load="128", mma="HGMMA")
+    rs = sass.replace("HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ", "HGMMA.64x64x16.F32 R24, R88, gdesc[UR4], R24")
+    assert aot.sass_summary(rs)["mma"] == "HGMMA:RS"  # the left operand in registers
