@@ -24,8 +24,10 @@ Four paths, three layouts:
   32 + j in its high nibble). It computes out^T tiles, acc (BLOCK_N, BLOCK_M) = codes @ x^T, so the weight is the
   MMA's left operand, made in registers from the loaded bytes (one mask or one shift a plane: no join, permute or
   reshape), and x^T the right operand from shared memory (sm_90's wgmma takes only its left operand from
-  registers); the token tile is the MMA's N side, so it can be 128 or 256 rows wide. The dequantized weight never
-  round-trips through shared memory.
+  registers, "HGMMA:RS" in the AOT report); the token tile is the MMA's N side, so it can be 128 or 256 rows wide.
+  The dequantized weight never round-trips through shared memory (the packed bytes do, in the cp.async pipeline).
+  Codes become fp16/bf16 by OR-ing them into a float's mantissa; z * sum_k x reads sums of x over each 32 columns,
+  made once per call (`plane_sums`). With G = 32 the two planes of a tile are two groups, each scaled on its own.
 - prefill with other group sizes: 64/128-row tensor-core tiles on the API layout, the whole epilogue in the kernel.
 The API-layout tensor-core kernel reads the packed bytes of a K tile as (BLOCK_K / 2, BLOCK_N): low nibbles are the
 even columns, high nibbles the odd ones, interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute + reshape)
@@ -132,10 +134,10 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
 
 @triton.jit
 def _exact_codes(q, DOT_DTYPE: tl.constexpr):
-    """uint8 codes 0..15 -> DOT_DTYPE, exactly, with no int -> float conversion (I2F.F16.U16, one a code, runs at a
-    quarter of the integer rate: on sm_90 they took as long as the MMA): q OR-ed into the mantissa of 1024.0 (fp16)
-    or 128.0 (bf16), whose ulp is 1, is that float plus q, and subtracting the float leaves q (one LOP3 a pair of
-    codes, one HADD2 a pair). fp32 (fp32 activations, and bf16 ones under the interpreter) converts."""
+    """uint8 codes 0..15 -> DOT_DTYPE, exactly, with no int -> float conversion (a plain .to() gave one I2F.F16.U16
+    a code, a quarter-rate instruction): q OR-ed into the mantissa of 1024.0 (fp16) or 128.0 (bf16), whose ulp is 1,
+    is that float plus q, and subtracting the float leaves q: one LOP3 and one HADD2 a pair of codes on sm_90. fp32
+    (fp32 activations, and bf16 ones under the interpreter) converts."""
     if DOT_DTYPE == tl.float16:
         return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     elif DOT_DTYPE == tl.bfloat16:
