@@ -212,8 +212,11 @@ def test_gpu_tiles_never_straddle_a_group(arch, G):
     (with G = 32 the two planes of a 64-wide tile are two groups)."""
     for M in (1, 3):
         assert all(G % c.block_k == 0 for c in int4_mm.int4_configs(M, G, arch))
-    for c in int4_mm.int4_configs(100, G, arch):
+    prefill = int4_mm.int4_configs(100, G, arch)
+    assert prefill  # groups of one plane keep the tiles that do not spill, and there are some
+    for c in prefill:
         assert c.block_k % (2 * int4_mm.PLANE) == 0 and (G % c.block_k == 0 or c.block_k == 2 * G)
+        assert G > int4_mm.PLANE or c.block_m * c.block_n <= int4_mm.PLANE_GROUP_TILE
 
 
 # ----------------------------------------------------------------------------------------------------------------------
