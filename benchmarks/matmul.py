@@ -2,7 +2,8 @@
 torch's float matmul of the same shape, measured in the same run.
 
 On a CUDA GPU: the Triton kernels (`int8_matmul` with fp16 output, `quantize_per_token` + `int8_matmul`,
-`int8_weight_only_matmul` and `int4_matmul` with fp16 activations; for prefill `quantize_per_token` + `w4a8_matmul`,
+`int8_weight_only_matmul` and `int4_matmul` with fp16 activations, which for prefill (M > 16, groups 32/64/128) runs
+the K-plane kernel with the weight as the MMA's register operand; for prefill `quantize_per_token` + `w4a8_matmul`,
 the int4 weight on int8 tensor cores; on sm_89+ `fp8_matmul`, e4m3 with row-wise scales, and `w4a8_matmul` with e4m3
 activations)
 against torch.matmul fp16 (cuBLAS, the anchor) and bf16, torch._int_mm and (sm_89+) torch._scaled_mm with row-wise

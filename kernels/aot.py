@@ -13,7 +13,9 @@ over the weights a thread handles in one iteration), the widest global load in b
 (HGMMA / IGMMA / QGMMA: wgmma; HMMA / IMMA / QMMA: mma.sync). Exit status: 1 if any compile fails, if a shipped
 forward configuration spills (other spills are reported as warnings), if a kernel multiplies a row index by a stride
 in 32 bits (the PTX check `narrow_stride_products`: such an offset wraps past 2^31), if a one-row int4 config
-exceeds its instruction budget (GEMV_IPW_BUDGET) or if nothing matched, else 0. By default a fresh temporary triton
+exceeds its instruction budget (GEMV_IPW_BUDGET), if the int4 prefill kernel's wgmma on sm_90 takes its left operand
+(the dequantized weight) from shared memory instead of registers ("HGMMA:RS" in the mma column), or if nothing
+matched, else 0. By default a fresh temporary triton
 cache is used, so the compile times are real (--cache reuses ~/.triton/cache). `--write-configs` writes the
 measurements back into configs.csv (the worst per row over its compiles), keeping its rows; without it, a full run
 says how many rows of configs.csv its measurements contradict.
@@ -24,7 +26,8 @@ Measured facts behind it: shared/TRITON_ON_CPU.md ("Ahead-of-time compile for re
 A spec is a dict: name, fn (a JITFunction), signature {arg: "*fp16" | "i32" | "fp32" | "constexpr" ...},
 constexprs {arg: value}, num_warps, num_stages, targets [80, 89 or 90], divisible_by_16 [arg names the JIT would mark
 16-aligned on contiguous tensors], shipped_forward (bool: a spill there is an error), row (its configs.csv row),
-weights (weight elements per main-loop iteration, matmuls only) and ipw_budget (instructions per weight allowed).
+weights (weight elements per main-loop iteration, matmuls only), ipw_budget (instructions per weight allowed) and
+register_a (bool: on sm_90 its wgmma must take the left operand from registers, "HGMMA:RS").
 Specs are typed the way the JIT specialises a call on contiguous tensors: unit strides become constexpr 1 (so loads
 vectorise), pointers and the other strides are marked 16-divisible.
 
@@ -72,10 +75,11 @@ def _signature(fn, ptrs: dict, constexprs: dict, floats=()) -> dict:
 
 
 def _spec(name, fn, ptrs, constexprs, c, arch, divisible_by_16, shipped_forward=True, floats=(), weights=0,
-          ipw_budget=None) -> dict:
+          ipw_budget=None, register_a=False) -> dict:
     return dict(name=name, fn=fn, signature=_signature(fn, ptrs, constexprs, floats), constexprs=constexprs,
                 num_warps=c.num_warps, num_stages=c.num_stages, targets=[arch], divisible_by_16=divisible_by_16,
-                shipped_forward=shipped_forward, row=c.row, weights=weights, ipw_budget=ipw_budget)
+                shipped_forward=shipped_forward, row=c.row, weights=weights, ipw_budget=ipw_budget,
+                register_a=register_a)
 
 
 ATTN_HEAD_DIMS = (16, 32, 64, 80, 128, 256)  # one per BLOCK_D bucket, plus 80: a padded member of the 128 bucket
@@ -227,6 +231,9 @@ def per_token_quant_specs() -> List[dict]:
 
 GEMV_IPW_BUDGET = 5.0  # SASS instructions per weight of the one-row int4 kernel: above it, issue-bound, not DRAM-bound
 INT4_GROUP_SIZES = (32, 64, 128)  # block_k capped at 32 and 64, and the table's own (G >= 128 compiles like 128)
+# groups that are not powers of two >= 32 take the API-layout prefill kernel ("i4"): 96 straddles its 64-wide K tiles
+# (scales gathered per column pair), 192 holds three of them (the group-scaled branch)
+INT4_ODD_GROUP_SIZES = (96, 192)
 
 
 def int4_specs() -> List[dict]:
@@ -234,9 +241,9 @@ def int4_specs() -> List[dict]:
     one-row specs write split-K fp32 partials, prefill specs run the full epilogue with bias."""
     specs = []
     for arch in DEFAULT_TARGETS:
-        for M, kind in ((2, "i4_decode"), (512, "i4")):
+        for M, kind, groups in ((2, "i4_decode", INT4_GROUP_SIZES), (512, "i4", INT4_ODD_GROUP_SIZES)):
             split = kind == "i4_decode"
-            for G in INT4_GROUP_SIZES:
+            for G in groups:
                 for c in int4_mm.int4_configs(M, G, arch):
                     for ty in ("fp16", "bf16"):
                         ptrs = {"x_ptr": f"*{ty}", "w_ptr": "*u8", "scales_ptr": f"*{ty}", "zeros_ptr": f"*{ty}",
@@ -250,6 +257,23 @@ def int4_specs() -> List[dict]:
                                            ptrs, ce, c, arch,
                                            [*ptrs, "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
                                             "stride_os", "stride_om", "K_SPLIT"], weights=c.block_k * c.block_n))
+        for G in INT4_GROUP_SIZES:  # the prefill kernel on the K-plane layout: out^T tiles, weight operand in registers
+            # G = 32 with an odd number of 32-column planes in K: the last tile's high plane is masked ("_tail")
+            for even_k in ((True, False) if G == int4_mm.PLANE else (True,)):
+                for c in int4_mm.int4_configs(512, G, arch):
+                    for ty in ("fp16", "bf16"):
+                        ptrs = {"x_ptr": f"*{ty}", "xs_ptr": "*fp32", "w_ptr": "*u8", "scales_ptr": f"*{ty}",
+                                "zeros_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "out_ptr": f"*{ty}"}
+                        ce = dict(stride_xk=1, stride_xsm=1, stride_wk=1, stride_sn=1, stride_zn=1, stride_on=1,
+                                  GROUP_SIZE=G,
+                                  PLANE=int4_mm.PLANE, HAS_BIAS=True, EVEN_K=even_k, DOT_DTYPE=_dot_dtype(ty),
+                                  DOT_PREC="ieee", BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                                  GROUP_M=c.group_m)
+                        specs.append(_spec(f"int4_mm.i4_prefill_{ty}_g{G}{'' if even_k else '_tail'}_{_tile(c)}",
+                                           int4_mm._int4_prefill_kernel, ptrs, ce, c, arch,
+                                           [*ptrs, "N", "K", "stride_xm", "stride_xsg", "stride_wn", "stride_sg",
+                                            "stride_zg", "stride_om"], weights=c.block_k * c.block_n,
+                                           register_a=True))
         for G in INT4_GROUP_SIZES:  # the one-row kernel on the GEMV layout: split-K reduced in the kernel
             for c in int4_mm.int4_configs(1, G, arch):
                 for ty in ("fp16", "bf16"):
@@ -422,10 +446,15 @@ _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(
 _LOAD_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 
 
+_RS_OPERANDS = re.compile(r"\sR\d+,\s*R\d+,\s*gdesc")  # wgmma's accumulator, A in registers, B's descriptor
+
+
 def sass_summary(sass: str) -> dict:
     """From `cuobjdump -sass`: the instructions of the largest loop (the span of the longest backward branch), the
     widest global load in bits (LDG, or LDGSTS: the cp.async of pipelined tiles; "tma" for tensor-memory loads) and
-    the tensor-core instruction family (HGMMA/IGMMA/QGMMA = wgmma, HMMA/IMMA/QMMA = mma.sync, "" = none)."""
+    the tensor-core instruction family (HGMMA/IGMMA/QGMMA = wgmma, HMMA/IMMA/QMMA = mma.sync, "" = none); a wgmma
+    whose left operand is registers (`HGMMA.64x128x16.F32 R24, R88, gdesc[UR12], R24`, CUTLASS's "RS") rather than a
+    shared-memory descriptor (`R24, gdesc[UR4], RZ`: "SS") is reported with ":RS"."""
     ins = [(int(a, 16), op, rest) for a, op, rest in _SASS.findall(sass)]
     loop = 0
     for addr, op, rest in ins:
@@ -437,8 +466,8 @@ def sass_summary(sass: str) -> dict:
         if op.startswith(("LDG.", "LDGSTS.")) or op in ("LDG", "LDGSTS"):
             widest = max(widest, max([_LOAD_BITS[p] for p in op.split(".")[1:] if p in _LOAD_BITS] or [32]))
     tma = any(op.startswith("UTMALDG") for _, op, _ in ins)
-    mma = sorted({op.split(".")[0] for _, op, _ in ins if op.split(".")[0] in
-                  ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "QMMA")})
+    mma = sorted({op.split(".")[0] + (":RS" if _RS_OPERANDS.search(rest) else "") for _, op, rest in ins
+                  if op.split(".")[0] in ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "QMMA")})
     return dict(loop_instrs=loop, widest_load=("tma" if tma else "") + (str(widest) if widest else ""),
                 mma="/".join(mma))
 
@@ -465,7 +494,8 @@ def compile_spec(spec: dict, arch: int, module: str = "") -> dict:
     row = dict(module=module, name=spec["name"], target=f"sm_{arch}", num_warps=spec["num_warps"],
                num_stages=spec["num_stages"], registers="", spill_stores="", spill_loads="", shared="",
                compile_s="", shipped_forward=bool(spec.get("shipped_forward", False)), row=spec.get("row"), error="",
-               narrow="", ipw="", widest_load="", mma="", ipw_budget=spec.get("ipw_budget"))
+               narrow="", ipw="", widest_load="", mma="", ipw_budget=spec.get("ipw_budget"),
+               register_a=bool(spec.get("register_a", False)))
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -587,6 +617,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             status, errors = "FAILED: 32-bit index x stride: " + r["narrow"], errors + 1
         elif r["ipw_budget"] is not None and (r["ipw"] == "" or r["ipw"] > r["ipw_budget"]):
             status, errors = f"FAILED: {r['ipw']} instructions per weight, budget {r['ipw_budget']}", errors + 1
+        elif r["register_a"] and r["target"] == "sm_90" and not r["mma"].startswith("HGMMA:RS"):
+            status, errors = f"FAILED: wgmma's left operand is not in registers ({r['mma']})", errors + 1
         elif (r["spill_stores"] or 0) > 0 or (r["spill_loads"] or 0) > 0:
             if r["shipped_forward"]:
                 status, spill_errors = "SPILLS (shipped forward config: error)", spill_errors + 1

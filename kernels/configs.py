@@ -5,8 +5,9 @@ Each row is one candidate a launcher may pick, and what the ahead-of-time compil
 
     kernel        attn_fwd, attn_decode, attn_decode_combine, attn_bwd_preprocess, attn_bwd_dkdv, attn_bwd_dq
                   (flash_attention.py); w8a8, w8a8_decode (int8_mm.py); wo, wo_decode (int8_wo_mm.py); quant
-                  (per_token_quant.py); i4_gemv, i4_decode, i4 (int4_mm.py); fp8 (fp8_mm.py; its sm80 rows are
-                  for sm_89); w4a8, w4a8_e4m3 (w4a8_mm.py: int8 or e4m3 activations; e4m3's sm80 rows are for sm_89)
+                  (per_token_quant.py); i4_gemv, i4_decode, i4_prefill (power-of-two groups), i4 (other groups)
+                  (int4_mm.py); fp8 (fp8_mm.py; its sm80 rows are for sm_89); w4a8, w4a8_e4m3 (w4a8_mm.py: int8 or
+                  e4m3 activations; e4m3's sm80 rows are for sm_89)
     arch          sm80 (Ampere and Ada, with a stage cap for sm_86/sm_89 applied by the launchers) or sm90 (Hopper)
     bucket        attention: BLOCK_D, the head dim rounded up to a power of two >= 16; matmuls: empty
     variant       attn_fwd: "", "kpm" (with a key padding mask) or "varlen" (packed documents); attn_decode:

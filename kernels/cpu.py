@@ -88,26 +88,28 @@ def frozen_layouts():
         _frozen = outer
 
 
-def prepared(sources: tuple, make):
+def prepared(sources: tuple, make, tag: str = ""):
     """The layout `make()` builds from the tensors `sources`, built on first use and kept while they live unchanged.
-    Keyed by their storages (a Parameter keeps its identity across `.to()` and `.data =`; its storage does not, and a
-    freed storage's address is soon reused), checked by their in-place version, shape and strides; an entry goes
-    when the first source's storage does, and holds no reference to the sources. Compiled with frozen weights
-    (`folding`), `make` becomes part of the graph, which Inductor computes once, at compile time."""
+    `tag` names the layout, so one weight can have several (int4: the one-row kernel's and the prefill kernel's).
+    Keyed by the tag and the sources' storages (a Parameter keeps its identity across `.to()` and `.data =`; its
+    storage does not, and a freed storage's address is soon reused), checked by their in-place version, shape and
+    strides; an entry goes when the first source's storage does, and holds no reference to the sources. Compiled
+    with frozen weights (`folding`), `make` becomes part of the graph, which Inductor computes once, at compile
+    time."""
     if folding():
         return make()
     if _frozen is not None:
-        ids = tuple(map(id, sources))
+        ids = (tag, *map(id, sources))
         hit = _frozen.get(ids)
         if hit is None:
-            hit = _frozen[ids] = (sources, _prepared(sources, make))  # holding the sources keeps their ids theirs
+            hit = _frozen[ids] = (sources, _prepared(sources, make, tag))  # holding the sources keeps their ids theirs
         return hit[1]
-    return _prepared(sources, make)
+    return _prepared(sources, make, tag)
 
 
-def _prepared(sources: tuple, make):
+def _prepared(sources: tuple, make, tag: str):
     storages = [t.untyped_storage() for t in sources]
-    key = tuple(id(st) for st in storages)
+    key = (tag, *(id(st) for st in storages))
     stamp = tuple(_stamp(t) for t in sources)
     hit = _layouts.get(key)
     if hit is not None and hit[1] == stamp and all(r() is st for r, st in zip(hit[0], storages)):
@@ -324,7 +326,7 @@ def _int4_layout(packed: list, scales: list, zeros: list):
     once (`prepared`)."""
     def make():
         return _int4pack(*(t[0] if len(t) == 1 else torch.cat(t) for t in (packed, scales, zeros)))  # (sum N, ...)
-    return prepared(tuple(packed) + tuple(scales) + tuple(zeros), make)
+    return prepared(tuple(packed) + tuple(scales) + tuple(zeros), make, tag="int4_cpu")
 
 
 def _int4pack_applies(w_packed, group_size) -> bool:

@@ -11,7 +11,7 @@ sum, acc += s * (sum_k q x - z * sum_k x) (GemLite); the dequantized weight is n
 dequantize each weight, (q - zero) * scale in fp32 (the reference's formula), round it once to the dot dtype and feed
 one tl.dot, at every M.
 
-Three paths, two layouts:
+Four paths, three layouts:
 - one row (M = 1, a decode step), power-of-two groups >= 32: `_int4_gemv_kernel` on the CUDA cores over the weight
   repacked once into GemLite's GEMV layout (`Int4Gemv`: int32 (K / 8, N), N contiguous, so one 16-byte load brings
   4 columns x 8 codes; scales and zeros group-major (K / G, N)); codes become floats by OR-ing them into a float's
@@ -19,10 +19,19 @@ Three paths, two layouts:
   is reduced inside the same launch (the last split of a column tile to finish sums the partials).
 - decode (up to 16 rows, and one row with other group sizes): 16-row tensor-core tiles on the API layout (uint8
   (N, K / 2)), split-K over whole groups, fp32 partials summed afterwards.
-- prefill (M > 16): 64/128-row tensor-core tiles, the whole epilogue in the kernel.
-The tensor-core kernel reads the packed bytes of a K tile as (BLOCK_K / 2, BLOCK_N): low nibbles are the even
-columns, high nibbles the odd ones, interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute + reshape) so
-the activation loads stay contiguous. When K is a whole number of K tiles (EVEN_K: always for power-of-two groups
+- prefill (M > 16), power-of-two groups >= 32: `_int4_prefill_kernel` over the weight repacked once into the K-plane
+  layout (`Int4Prefill`: in each chunk of 64 columns, byte j of a row holds column j in its low nibble and column
+  32 + j in its high nibble). It computes out^T tiles, acc (BLOCK_N, BLOCK_M) = codes @ x^T, so the weight is the
+  MMA's left operand, made in registers from the loaded bytes (one mask or one shift a plane: no join, permute or
+  reshape), and x^T the right operand from shared memory (sm_90's wgmma takes only its left operand from
+  registers, "HGMMA:RS" in the AOT report); the token tile is the MMA's N side, so it can be 128 or 256 rows wide.
+  The dequantized weight never round-trips through shared memory (the packed bytes do, in the cp.async pipeline).
+  Codes become fp16/bf16 by OR-ing them into a float's mantissa; z * sum_k x reads sums of x over each 32 columns,
+  made once per call (`plane_sums`). With G = 32 the two planes of a tile are two groups, each scaled on its own.
+- prefill with other group sizes: 64/128-row tensor-core tiles on the API layout, the whole epilogue in the kernel.
+The API-layout tensor-core kernel reads the packed bytes of a K tile as (BLOCK_K / 2, BLOCK_N): low nibbles are the
+even columns, high nibbles the odd ones, interleaved back into one (BLOCK_K, BLOCK_N) tile (join + permute + reshape)
+so the activation loads stay contiguous. When K is a whole number of K tiles (EVEN_K: always for power-of-two groups
 >= 32) the loads carry no mask: a mask along k makes ptxas emit one-byte loads of the weight.
 
 Dispatch: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 set before import -> the Triton kernels; other CPU
@@ -34,12 +43,13 @@ References:
   and integer zero points, dequantized on the fly in weight-only kernels.
 - The Triton matrix multiplication tutorial (grouped ordering, pointer-arithmetic tiles, masked K loop).
 - Frantar et al. 2024, "MARLIN" (the batch-1 target: ~4x over fp16 is the bandwidth limit of 4-bit weights; codes
-  turned into floats by OR-ing them into a float's mantissa).
+  turned into floats by OR-ing them into a float's mantissa; the weight repacked offline so that a thread's loaded
+  bytes unpack straight into the registers of the MMA's weight operand).
 - GemLite (mobiusml/gemlite): the GEMV layout (codes packed along K into int32 words, N contiguous) and the group
   scaling of integer-code partial sums.
 
 Layout: @triton.jit kernels -> launcher (configs from `matmul.matmul_configs`, block_k capped at the group size) ->
-public function and `plan`.
+public function and `plan`. Each repacked layout is made once per weight (`cpu.prepared`) and kept beside it.
 Legend: M rows of activations, N output features, K input features, G group size, S number of K splits.
 """
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
@@ -120,6 +130,93 @@ def _int4_matmul_kernel(x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
             acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
     store_tile(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, rn, M, N, stride_os, stride_om, stride_on, HAS_BIAS,
                SPLIT_K)
+
+
+@triton.jit
+def _exact_codes(q, DOT_DTYPE: tl.constexpr):
+    """uint8 codes 0..15 -> DOT_DTYPE, exactly, with no int -> float conversion (a plain .to() gave one I2F.F16.U16
+    a code, a quarter-rate instruction): q OR-ed into the mantissa of 1024.0 (fp16) or 128.0 (bf16), whose ulp is 1,
+    is that float plus q, and subtracting the float leaves q: one LOP3 and one HADD2 a pair of codes on sm_90. fp32
+    (fp32 activations, and bf16 ones under the interpreter) converts."""
+    if DOT_DTYPE == tl.float16:
+        return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif DOT_DTYPE == tl.bfloat16:
+        return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return q.to(DOT_DTYPE)
+
+
+@triton.jit
+def _add_group(acc, part, x_sum, s_ptrs, z_ptrs, g, stride_sg, stride_zg):
+    """acc + s * (part - z * x_sum) on an out^T tile: part (BLOCK_N, BLOCK_M) = sum_k q x and x_sum (BLOCK_M,) =
+    sum_k x over columns of group g, s and z (BLOCK_N,) its scales and zeros."""
+    s = tl.load(s_ptrs + g * stride_sg).to(tl.float32)
+    z = tl.load(z_ptrs + g * stride_zg).to(tl.float32)
+    return acc + s[:, None] * (part - z[:, None] * x_sum[None, :])
+
+
+@triton.jit
+def _int4_prefill_kernel(x_ptr, xs_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+                         M, N, K,
+                         stride_xm, stride_xk, stride_xsg, stride_xsm, stride_wn, stride_wk, stride_sg, stride_sn,
+                         stride_zg, stride_zn, stride_om, stride_on,
+                         M_KEY,  # power-of-two bucket of M: unused here, it keys the autotuner
+                         GROUP_SIZE: tl.constexpr, PLANE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out tile (BLOCK_M, BLOCK_N) = x (M, K) @ dequant(w)^T (+ bias), computed transposed: acc (BLOCK_N, BLOCK_M) =
+    codes (BLOCK_N, K) @ x^T (K, BLOCK_M), the weight the left operand of the MMA, made in registers from the loaded
+    bytes. w uint8 (N, Kp / 2) in the K-plane layout (`Int4Prefill`): byte c * PLANE + j of a row holds the code of
+    column 2c * PLANE + j in its low nibble and of 2c * PLANE + PLANE + j in its high nibble, so a K tile unpacks into
+    two (BLOCK_N, BLOCK_K / 2) planes by one mask and one shift, each the left operand of a dot with the x^T rows of
+    its columns. xs fp32 (Kp / PLANE, M): the sums of x over each plane's columns, made once per call (`plane_sums`);
+    scales and zeros group-major (Kp / G, N); past K all three are zeros. Power-of-two groups >= PLANE; BLOCK_K a
+    multiple of 2 * PLANE dividing the group (G >= 2 * PLANE) or equal to 2 * PLANE (G == PLANE: each plane is one
+    group)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows/columns past M/N wrap around (in-bounds loads, dropped by the store mask); 64-bit row offsets: M*K and
+    # N*K/2 can pass 2^31
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of a row's K tile
+    col = (offs_j // PLANE) * (2 * PLANE) + offs_j % PLANE  # (BLOCK_K / 2,) low nibble's column; high: col + PLANE
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_j[None, :] * stride_wk  # (BLOCK_N, BLOCK_K / 2)
+    x_ptrs = x_ptr + col[:, None] * stride_xk + rm[None, :] * stride_xm  # (BLOCK_K / 2, BLOCK_M): x^T, low plane
+    xs_ptrs = xs_ptr + rm * stride_xsm  # (BLOCK_M,) the sums of plane 0
+    s_ptrs = scales_ptr + rn * stride_sn  # (BLOCK_N,) the scales of group 0
+    z_ptrs = zeros_ptr + rn * stride_zn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T tile
+    for k in range(0, K, BLOCK_K):
+        packed = tl.load(w_ptrs)  # (BLOCK_N, BLOCK_K / 2) uint8; no mask: the layout pads K to whole chunks
+        lo = _exact_codes(packed & 0xF, DOT_DTYPE)  # codes 0..15 of columns k + col: exact
+        hi = _exact_codes(packed >> 4, DOT_DTYPE)  # codes of columns k + col + PLANE
+        if EVEN_K:  # every tile is whole: no mask, so the loads vectorize
+            x_lo = tl.load(x_ptrs).to(DOT_DTYPE)  # (BLOCK_K / 2, BLOCK_M)
+            x_hi = tl.load(x_ptrs + PLANE * stride_xk).to(DOT_DTYPE)
+        else:  # G == PLANE and K an odd number of planes: the last tile's high plane lies past K
+            x_lo = tl.load(x_ptrs, mask=(k + col < K)[:, None], other=0.0).to(DOT_DTYPE)
+            x_hi = tl.load(x_ptrs + PLANE * stride_xk, mask=(k + PLANE + col < K)[:, None], other=0.0).to(DOT_DTYPE)
+        p = tl.cast(k // PLANE, tl.int64)  # the tile's first plane; 64-bit: times a row stride of xs (M)
+        if GROUP_SIZE == PLANE:  # each plane is one group: its partial takes its own scale and zero
+            # (a high plane past K has x = 0, x_sum = 0 and s = z = 0: the padding of xs, scales and zeros)
+            acc = _add_group(acc, tl.dot(lo, x_lo, input_precision=DOT_PREC), tl.load(xs_ptrs + p * stride_xsg),
+                             s_ptrs, z_ptrs, p, stride_sg, stride_zg)
+            acc = _add_group(acc, tl.dot(hi, x_hi, input_precision=DOT_PREC), tl.load(xs_ptrs + (p + 1) * stride_xsg),
+                             s_ptrs, z_ptrs, p + 1, stride_sg, stride_zg)
+        else:  # the tile lies in group k // G: both planes' exact-code sums, then the group's scale and zero once
+            part = tl.dot(lo, x_lo, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M) fp32
+            part = tl.dot(hi, x_hi, part, input_precision=DOT_PREC)
+            planes = p + tl.arange(0, BLOCK_K // PLANE)  # (BLOCK_K / PLANE,)
+            x_sum = tl.sum(tl.load(xs_ptrs[None, :] + planes[:, None] * stride_xsg), axis=0)  # (BLOCK_M,)
+            acc = _add_group(acc, part, x_sum, s_ptrs, z_ptrs, tl.cast(k // GROUP_SIZE, tl.int64), stride_sg,
+                             stride_zg)
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+    # out = acc^T: one split (pid 0 of axis 1), bias added, stored in out's dtype
+    store_tile(tl.trans(acc), out_ptr, bias_ptr, tl.program_id(1), offs_m, offs_n, rn, M, N, 0, stride_om, stride_on,
+               HAS_BIAS, 1)
 
 
 @triton.jit
@@ -206,24 +303,40 @@ def _int4_gemv_kernel(x_ptr, wq_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, p
 # ======================================================================================================================
 # Launcher
 # ======================================================================================================================
+# The prefill layout's plane width, fixed whatever the autotuner picks: a plane of 32 columns lies in one group for
+# every power-of-two G >= 32, and every BLOCK_K that is a multiple of 64 reads whole chunks of two planes, so one
+# repack serves every config and group size (a plane as wide as BLOCK_K / 2 would tie the layout to the config).
+# 32 columns are two k16 steps of the MMA, and a chunk is 32 bytes of a row: two 16-byte loads.
+PLANE = 32
+PLANE_GROUP_TILE = 128 * 64  # the largest prefill tile (rows x columns) that does not spill with groups of one plane
+
+
 def _pow2_group(group_size: int) -> bool:
     return group_size >= 32 and group_size & (group_size - 1) == 0
 
 
 def int4_kind(M: int, group_size: int = 128) -> str:
-    """i4_gemv (one row, power-of-two groups >= 32: the CUDA-core kernel on the GEMV layout), i4_decode (up to 16
-    rows: 16-row tiles, split-K) or i4 (prefill)."""
-    if M == 1 and _pow2_group(group_size):
-        return "i4_gemv"
+    """For power-of-two groups >= 32: i4_gemv (one row: the CUDA-core kernel on the GEMV layout), i4_decode (up to
+    16 rows: 16-row tiles, split-K) or i4_prefill (more rows: the swapped-operand kernel on the K-plane layout).
+    Other groups: i4_decode up to 16 rows, i4 beyond (the API layout's tiles, each weight dequantized)."""
+    if _pow2_group(group_size):
+        return "i4_gemv" if M == 1 else "i4_decode" if M <= DECODE_MAX_M else "i4_prefill"
     return "i4_decode" if M <= DECODE_MAX_M else "i4"
 
 
 def int4_configs(M: int, group_size: int, arch) -> List[MatmulConfig]:
     """Candidates for this call: the table's entries for int4_kind(M, G) with block_k capped at the group size when
-    the group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column)."""
-    cands = matmul_configs(int4_kind(M, group_size), arch)
+    the group is a power of two >= 32 (a tile then never straddles two groups: one scale/zero load per column); the
+    prefill kernel's tiles are whole chunks of two planes, so there the cap is max(G, 2 * PLANE), and with groups of
+    one plane its tiles are at most PLANE_GROUP_TILE."""
+    kind = int4_kind(M, group_size)
+    cands = matmul_configs(kind, arch)
     if _pow2_group(group_size):
-        cands = [dataclasses.replace(c, block_k=min(c.block_k, group_size)) for c in cands]
+        cap = max(group_size, 2 * PLANE) if kind == "i4_prefill" else group_size
+        cands = [dataclasses.replace(c, block_k=min(c.block_k, cap)) for c in cands]
+    if kind == "i4_prefill" and group_size == PLANE:
+        # a tile's two planes are two groups: two scaled partials live at once, and 128 x 128 tiles spill 36-120 B
+        cands = [c for c in cands if c.block_m * c.block_n <= PLANE_GROUP_TILE]
     return list(dict.fromkeys(cands))
 
 
@@ -259,7 +372,35 @@ def repack_int4_gemv(w_packed, scales, zeros) -> Int4Gemv:
 def gemv_layout(w_packed, scales, zeros) -> Int4Gemv:
     """The weight's Int4Gemv, repacked on first use and kept while the weight lives unchanged (`cpu.prepared`):
     quantized weights are repacked once, at their first decode step, not per call."""
-    return prepared((w_packed, scales, zeros), lambda: repack_int4_gemv(w_packed, scales, zeros))
+    return prepared((w_packed, scales, zeros), lambda: repack_int4_gemv(w_packed, scales, zeros), tag="int4_gemv")
+
+
+class Int4Prefill(NamedTuple):
+    """An int4 weight in the prefill kernel's K-plane layout: w uint8 (N, Kp / 2), Kp = K rounded up to a whole chunk
+    of 2 * PLANE columns (codes 0 past K); in chunk c, byte c * PLANE + j holds the code of column 2c * PLANE + j in
+    its low nibble and of 2c * PLANE + PLANE + j in its high nibble. scales and zeros (Kp / G, N), group-major, zero
+    past K (G = 32 with K an odd number of planes: the last tile's high plane adds nothing, and no load needs a
+    mask)."""
+    w: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def repack_int4_prefill(w_packed, scales, zeros) -> Int4Prefill:
+    """The API layout (w_packed uint8 (N, K / 2), scales and zeros (N, K / G)) -> Int4Prefill."""
+    N, K = w_packed.shape[0], 2 * w_packed.shape[1]
+    q = torch.nn.functional.pad(unpack_int4(w_packed), (0, -K % (2 * PLANE)))  # (N, Kp) codes
+    q = q.view(N, -1, 2, PLANE)  # (N, Kp / 64, 2, PLANE): [:, c, 0] the low plane of chunk c, [:, c, 1] the high
+    w = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, -1)  # (N, Kp / 64, PLANE) -> (N, Kp / 2)
+    pad = (0, 0, 0, -K % (2 * PLANE) // (K // scales.shape[1]))  # zero groups up to Kp (one, or none)
+    return Int4Prefill(w, *(torch.nn.functional.pad(t.T, pad).contiguous() for t in (scales, zeros)))
+
+
+def prefill_layout(w_packed, scales, zeros) -> Int4Prefill:
+    """The weight's Int4Prefill, repacked on first use and kept while the weight lives unchanged (`cpu.prepared`),
+    beside its Int4Gemv when it also runs one-row steps."""
+    return prepared((w_packed, scales, zeros), lambda: repack_int4_prefill(w_packed, scales, zeros),
+                    tag="int4_prefill")
 
 
 _TICKETS: dict = {}  # device -> int32 counters of the one-row kernel's split-K reduction, zero between launches
@@ -289,14 +430,45 @@ def _launch_gemv(x, g: Int4Gemv, group_size, bias, cands):
     return out.to(x.dtype)
 
 
+def plane_sums(x):
+    """(Kp / PLANE, M) fp32: the sums of x (M, K) over each plane's PLANE columns, which the prefill kernel's zero
+    points multiply (z * sum_k x), made once per call and read as a few rows a tile: summing the activation tile in
+    every program took ~90 SASS instructions a tile per thread on sm_90 and made the 256-row tiles spill."""
+    M, K = x.shape
+    sums = x.T.reshape(K // PLANE, PLANE, M).sum(1, dtype=torch.float32)  # (K, M) -> (K / PLANE, PLANE, M) -> sums
+    if K % (2 * PLANE):  # an odd number of planes: a zero row for the last tile's high plane
+        sums = torch.nn.functional.pad(sums, (0, 0, 0, 1))  # (Kp / PLANE, M)
+    return sums
+
+
+def _launch_prefill(x, p: Int4Prefill, group_size, bias, cands):
+    """x (M, K) @ w.T (+ bias) -> (M, N) in x's dtype: the plane sums of x, then one launch of the prefill kernel."""
+    M, K = x.shape
+    N = p.w.shape[0]
+    xs = plane_sums(x)  # (K / PLANE, M)
+    out = torch.empty((M, N), device=x.device, dtype=out_buffer_dtype(x.dtype, x.device, 1))
+    dot_dtype, dot_prec = dot_flags(x.dtype, x.device)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+    launch(_int4_prefill_kernel, grid, cands, ("N", "K", "GROUP_SIZE", "HAS_BIAS", "M_KEY"),
+           x, xs, p.w, p.scales, p.zeros, bias if bias is not None else p.scales, out,
+           M, N, K, x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), p.w.stride(0), p.w.stride(1),
+           p.scales.stride(0), p.scales.stride(1), p.zeros.stride(0), p.zeros.stride(1), out.stride(0), out.stride(1),
+           m_bucket(M), GROUP_SIZE=group_size, PLANE=PLANE, HAS_BIAS=bias is not None,
+           EVEN_K=all(K % c.block_k == 0 for c in cands), DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
+    return out.to(x.dtype)
+
+
 def _launch_int4(x, w_packed, scales, zeros, group_size, bias):
     M, K = x.shape
     N = w_packed.shape[0]
     if M == 0 or N == 0 or K == 0:
         return int4_matmul_reference(x, w_packed, scales, zeros, group_size, bias)
     cands = int4_configs(M, group_size, arch_of(x.device))
-    if int4_kind(M, group_size) == "i4_gemv":
+    kind = int4_kind(M, group_size)
+    if kind == "i4_gemv":
         return _launch_gemv(x, gemv_layout(w_packed, scales, zeros), group_size, bias, cands)
+    if kind == "i4_prefill":
+        return _launch_prefill(x, prefill_layout(w_packed, scales, zeros), group_size, bias, cands)
     splits, k_split = int4_splits(M, N, K, group_size, cands, x.device)
     buf = torch.empty((splits, M, N), device=x.device,
                       dtype=out_buffer_dtype(x.dtype, x.device, splits))  # (S, M, N): partials when S > 1
@@ -338,7 +510,8 @@ def int4_matmul(x, w_packed, scales, zeros, group_size, bias=None):
 
 
 def plan(M: int, N: int, K: int, group_size: int, device="cpu") -> dict:
-    """Which path an int4_matmul call takes: backend, kind (i4 / i4_decode / cpu), config, splits."""
+    """Which path an int4_matmul call takes: backend, kind (i4_gemv / i4_decode / i4_prefill / i4 / cpu), config,
+    splits."""
     device = torch.device(device)
     if backend_of(torch.empty(0, device=device), "tinyformer.kernels.int4_matmul") != "triton":
         return dict(backend="torch", kind="cpu", config=None, splits=1)

@@ -49,6 +49,7 @@ INTERPRET_CONFIGS = {
     "i4_gemv": MatmulConfig(1, 32, 64, 4, 1),
     "i4_decode": MatmulConfig(16, 64, 64, 4, 1),
     "i4": MatmulConfig(64, 64, 64, 4, 1),
+    "i4_prefill": MatmulConfig(64, 64, 64, 4, 1),
     "fp8": MatmulConfig(64, 64, 64, 4, 1),
     "w4a8": MatmulConfig(64, 64, 64, 4, 1),
     "w4a8_e4m3": MatmulConfig(64, 64, 64, 4, 1),

@@ -44,12 +44,14 @@ def test_every_launcher_choice_is_compiled(specs):
                                 name = aot.attention_spec(kind, rep, dtype, arch, c, has_kpm=has_kpm,
                                                           varlen=varlen)["name"]
                                 assert (name, arch) in names, f"{name} (D={D}, sm_{arch}) is not compiled"
-        for G in (32, 64, 128, 256):
-            for M in (1, 3, 100):
+        for G, rows in ((32, (1, 3, 100)), (64, (1, 3, 100)), (128, (1, 3, 100)), (256, (1, 3, 100)), (96, (100,)),
+                        (192, (100,))):  # groups that are not powers of two: their prefill ("i4")
+            for M in rows:
                 for c in int4_mm.int4_configs(M, G, arch):
                     tile = (f"{c.block_n}x{c.block_k}" if M == 1 else f"{c.block_m}x{c.block_n}x{c.block_k}") + \
                         f"_w{c.num_warps}s{c.num_stages}"
-                    name = f"int4_mm.{int4_mm.int4_kind(M)}_fp16_g{min(G, 128)}_{tile}"
+                    bucket = min(G, 128) if G & (G - 1) == 0 else G  # powers of two >= 128 compile like 128
+                    name = f"int4_mm.{int4_mm.int4_kind(M, G)}_fp16_g{bucket}_{tile}"
                     assert (name, arch) in names, f"{name} (G={G}, sm_{arch}) is not compiled"
         for G in (32, 64, 128, 256, 1024):  # W4A8: spans of min(G, 256) columns
             for c in w4a8_mm.w4a8_configs(G, arch):
@@ -148,3 +150,5 @@ def test_sass_summary_reads_the_loop_the_loads_and_the_mma():
         /*0070*/                   BRA 0x70;
 """
     assert aot.sass_summary(sass) == dict(loop_instrs=5, widest_load="128", mma="HGMMA")
+    rs = sass.replace("HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ", "HGMMA.64x64x16.F32 R24, R88, gdesc[UR4], R24")
+    assert aot.sass_summary(rs)["mma"] == "HGMMA:RS"  # the left operand in registers

@@ -93,14 +93,14 @@ def _attention_case(kind, bucket, variant, cfg, monkeypatch):
 
 
 MATMUL_MODULES = {"w8a8": int8_mm, "w8a8_decode": int8_mm, "wo": int8_wo_mm, "wo_decode": int8_wo_mm,
-                  "quant": per_token_quant, "i4_gemv": int4_mm, "i4_decode": int4_mm, "i4": int4_mm, "fp8": fp8_mm,
-                  "w4a8": w4a8_mm, "w4a8_e4m3": w4a8_mm}
+                  "quant": per_token_quant, "i4_gemv": int4_mm, "i4_decode": int4_mm, "i4": int4_mm,
+                  "i4_prefill": int4_mm, "fp8": fp8_mm, "w4a8": w4a8_mm, "w4a8_e4m3": w4a8_mm}
 
 
 def _matmul_case(kind, cfg, monkeypatch):
     used = _pin(monkeypatch, MATMUL_MODULES[kind], "matmul_configs", kind, cfg)
-    M = {"w8a8": 37, "wo": 37, "i4": 37, "w8a8_decode": 3, "wo_decode": 3, "i4_decode": 3, "i4_gemv": 1,
-         "fp8": 37, "w4a8": 37, "w4a8_e4m3": 37}.get(kind)
+    M = {"w8a8": 37, "wo": 37, "i4": 37, "i4_prefill": 37, "w8a8_decode": 3, "wo_decode": 3, "i4_decode": 3,
+         "i4_gemv": 1, "fp8": 37, "w4a8": 37, "w4a8_e4m3": 37}.get(kind)
     N, g = 70, gen(sum(map(ord, kind)))  # a seed per kind
     if kind.startswith("w8a8"):
         a, b = rand_int8(M, 200, gen=g).to(DEV), rand_int8(N, 200, gen=g).to(DEV)
@@ -141,8 +141,8 @@ def _matmul_case(kind, cfg, monkeypatch):
         q, s = per_token_quant.quantize_per_token(x)
         q_ref, s_ref = reference.quantize_per_token(x.cpu())
         assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
-    else:
-        G, K = 128, 384
+    else:  # "i4" is the prefill of groups that are not powers of two: 96 straddles the 64-wide K tiles
+        G, K = (96, 384) if kind == "i4" else (128, 384)
         w_packed, scales, zeros = (t.to(DEV) for t in make_int4(N, K, G, g, zero_float=True))
         x, bias = torch.randn(M, K, generator=g).to(DEV), torch.randn(N, generator=g).to(DEV)
         got = int4_mm.int4_matmul(x, w_packed, scales, zeros, G, bias)

@@ -145,7 +145,7 @@ def test_cpu_int4_fallback_and_cache():
 def test_cpu_int4_cache_does_not_keep_weights_alive():
     w_packed, scales, zeros = make_int4(32, 64, 32, gen(6))
     cpu.int4_matmul_cpu(torch.randn(2, 64), w_packed, scales, zeros, 32)
-    key = tuple(id(t.untyped_storage()) for t in (w_packed, scales, zeros))
+    key = ("int4_cpu", *(id(t.untyped_storage()) for t in (w_packed, scales, zeros)))
     assert key in cpu._layouts
     n, ref = len(cpu._layouts), weakref.ref(w_packed)
     del w_packed

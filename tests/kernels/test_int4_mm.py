@@ -1,7 +1,8 @@
-"""Tests of the int4 weight-only matmul (kernels/int4_mm.py): the three paths (one row, decode split-K, prefill)
-against the fp32 reference on ragged shapes for every activation dtype and group size, groups that do not divide the
-K tile (the gathered scale path and masked loads), split ranges that fit every autotune candidate, and bad input
-rejected before any launch. The interpreter runs the kernels without a GPU (tests/conftest.py)."""
+"""Tests of the int4 weight-only matmul (kernels/int4_mm.py): the four paths (one row, decode split-K, prefill on the
+K-plane layout, prefill for other groups) against the fp32 reference on ragged shapes for every activation dtype and
+group size, groups that do not divide the K tile (the gathered scale path and masked loads), the repacked layouts
+holding the API layout's codes, the same rounding at every M, split ranges that fit every autotune candidate, and bad
+input rejected before any launch. The interpreter runs the kernels without a GPU (tests/conftest.py)."""
 import pytest
 import torch
 from helpers import assert_close
@@ -62,7 +63,8 @@ def test_int4_decode_path_splits_k_and_matches():
     M, N, K, G = 3, 70, 256, 32
     p = int4_mm.plan(M, N, K, G, device=DEV)
     assert p["kind"] == "i4_decode" and p["splits"] > 1 and p["config"].block_m == 16
-    assert int4_mm.plan(100, N, K, G, device=DEV)["kind"] == "i4"
+    assert int4_mm.plan(100, N, K, G, device=DEV)["kind"] == "i4_prefill"
+    assert int4_mm.plan(100, N, 240, 48, device=DEV)["kind"] == "i4"  # other groups: the API layout's tiles
     g = gen(3)
     w_packed, scales, zeros = make_int4(N, K, G, g)
     x = torch.randn(M, K, generator=g)
@@ -98,6 +100,50 @@ def test_gemv_layout_holds_the_codes():
     codes = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1).reshape(K, N)  # (K, N), k = 8j + i
     assert torch.equal(codes.T.to(torch.uint8), reference.unpack_int4(w_packed))
     assert torch.equal(lay.scales, scales.T) and torch.equal(lay.zeros, zeros.T)
+
+
+def test_prefill_layout_holds_the_codes():
+    """Int4Prefill: in chunk c of a row, byte c * 32 + j holds the code of column 64c + j (low nibble) and 64c + 32 + j
+    (high), read back here by masks and shifts in torch; K = 96 is padded to two whole chunks with code 0, and the
+    scales and zeros (the API's, group-major) with a zero group."""
+    N, K, G = 13, 96, 32
+    w_packed, scales, zeros = make_int4(N, K, G, gen(2))
+    lay = int4_mm.repack_int4_prefill(w_packed, scales, zeros)
+    assert lay.w.dtype == torch.uint8 and lay.w.shape == (N, 64) and lay.w.is_contiguous()
+    chunks = lay.w.view(N, 2, int4_mm.PLANE)  # (N, Kp / 64, PLANE)
+    codes = torch.stack((chunks & 0xF, chunks >> 4), dim=2).reshape(N, 128)  # (N, Kp / 64, 2, PLANE) -> (N, Kp)
+    assert torch.equal(codes[:, :K], reference.unpack_int4(w_packed)) and not codes[:, K:].any()
+    for t, api in ((lay.scales, scales), (lay.zeros, zeros)):  # group-major, a zero group up to Kp = 128
+        assert t.shape == (4, N) and torch.equal(t[:3], api.T) and not t[3:].any()
+    # one weight keeps both of its repacked layouts, each under its own tag
+    assert isinstance(int4_mm.gemv_layout(w_packed, scales, zeros), int4_mm.Int4Gemv)
+    assert isinstance(int4_mm.prefill_layout(w_packed, scales, zeros), int4_mm.Int4Prefill)
+    assert isinstance(int4_mm.gemv_layout(w_packed, scales, zeros), int4_mm.Int4Gemv)
+
+
+# (M, N, K, G): M just above 16 and beyond one 64-row tile, N and K not multiples of the tiles; K = 96 with G = 32 is
+# an odd number of planes (the last tile's high plane lies past K: masked x, s = z = 0)
+PREFILL_SHAPES = [(17, 70, 96, 32), (33, 130, 192, 64), (100, 33, 256, 128)]
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ACT_DTYPES, ids=lambda a: str(a[0]).split(".")[-1])
+@pytest.mark.parametrize("M,N,K,G", PREFILL_SHAPES)
+def test_prefill_kernel_on_ragged_shapes(M, N, K, G, act):
+    """More than 16 rows with power-of-two groups take the K-plane kernel (out^T tiles, the weight the left operand),
+    with and without bias, in x's dtype."""
+    dtype, rtol, atol = act
+    assert int4_mm.plan(M, N, K, G, device=DEV)["kind"] == "i4_prefill"
+    g = gen(M + N + K)
+    w_packed, scales, zeros = make_int4(N, K, G, g, zero_float=True, dtype=dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype) if K != 192 else None
+    got = _run(x, w_packed, scales, zeros, G, bias)
+    assert got.dtype == dtype and got.shape == (M, N)
+    want = reference.int4_matmul(x.float(), w_packed, scales.float(), zeros.float(), G,
+                                 bias.float() if bias is not None else None)
+    w = reference.dequantize_int4(w_packed, scales, zeros, G)
+    assert_close(got, want, atol=atol * magnitude(x, w) + 1e-6, rtol=rtol, name=f"prefill {dtype} {M}x{N}x{K} G={G}")
 
 
 def _gemv_configs():
@@ -141,8 +187,9 @@ def test_same_rounding_at_every_m(G):
     w = reference.dequantize_int4(w_packed, scales, zeros, G)  # (N, K) fp32
     sign = torch.sign(w[0].half().float() - w[0])
     sign[sign == 0] = 1.0
-    for M in (1, 3, 20):  # the one-row kernel, decode tiles, prefill tiles
-        x = (sign * torch.tensor([1.0, -1.0, 0.5, -0.25] * 5)[:M, None]).half()  # (M, K) exact in fp16
+    for M, kind in ((1, "i4_gemv"), (3, "i4_decode"), (17, "i4_prefill"), (70, "i4_prefill")):  # 70: two row tiles
+        assert int4_mm.plan(M, N, K, G, device=DEV)["kind"] == kind
+        x = (sign * torch.tensor([1.0, -1.0, 0.5, -0.25] * 18)[:M, None]).half()  # (M, K) exact in fp16
         got = _run(x, w_packed, scales, zeros, G)[:, 0].float()
         want = (x.float() @ w[0])  # exact products, fp32 sums
         ulp = want.abs() * 2.0 ** -10 + 1e-6 * magnitude(x, w)[:, 0]
@@ -161,8 +208,15 @@ def test_int4_split_ranges_fit_every_autotune_candidate():
 @pytest.mark.parametrize("arch", [80, 86, 90])
 @pytest.mark.parametrize("G", GROUPS)
 def test_gpu_tiles_never_straddle_a_group(arch, G):
-    for M in (1, 3, 100):
+    """A K tile lies in one group; the prefill kernel's tiles are whole chunks of two planes, each plane in one group
+    (with G = 32 the two planes of a 64-wide tile are two groups)."""
+    for M in (1, 3):
         assert all(G % c.block_k == 0 for c in int4_mm.int4_configs(M, G, arch))
+    prefill = int4_mm.int4_configs(100, G, arch)
+    assert prefill  # groups of one plane keep the tiles that do not spill, and there are some
+    for c in prefill:
+        assert c.block_k % (2 * int4_mm.PLANE) == 0 and (G % c.block_k == 0 or c.block_k == 2 * G)
+        assert G > int4_mm.PLANE or c.block_m * c.block_n <= int4_mm.PLANE_GROUP_TILE
 
 
 # ----------------------------------------------------------------------------------------------------------------------

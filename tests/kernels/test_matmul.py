@@ -57,7 +57,7 @@ def test_autotuned_launch_path(monkeypatch):
 
     table = {"w8a8": [MatmulConfig(64, 64, 64, 4, 1), MatmulConfig(32, 64, 32, 4, 1)],
              "wo": [MatmulConfig(64, 64, 64, 4, 1), MatmulConfig(32, 32, 64, 4, 1)],
-             "i4": [MatmulConfig(64, 64, 64, 4, 1), MatmulConfig(32, 32, 64, 4, 1)],
+             "i4_prefill": [MatmulConfig(64, 64, 64, 4, 1), MatmulConfig(32, 32, 64, 4, 1)],
              "i4_decode": [MatmulConfig(16, 64, 64, 4, 1), MatmulConfig(16, 32, 64, 4, 1)]}
     lookup = lambda kind, arch: table.get(kind, [matmul.INTERPRET_CONFIGS[kind]])  # noqa: E731
     for module in (int8_mm, int8_wo_mm, int4_mm):
