@@ -569,9 +569,9 @@ def _restore(run: Run, state: dict) -> None:
 # one step, evaluation, checkpoint
 def get_batch(run: Run, split: str, gen: Optional[torch.Generator] = None) -> list[torch.Tensor]:
     """This rank's rows of the next global batch of `split` drawn from `gen` (the training generator unless given), on
-    the device: x, y for a decoder (y = x shifted by one,
-    -100 where no loss), plus cu_seqlens for packed instruction data; masked inputs and labels (-100 where not
-    picked) for an encoder; src, src_mask, tgt_in, tgt_out for paired data; ids, mask, labels for labelled text."""
+    the device: x, y for a decoder (y = x shifted by one, -100 where no loss), plus cu_seqlens for packed instruction
+    data; masked inputs and labels (-100 where not picked) for an encoder; src, src_mask, tgt_in, tgt_out for paired
+    data; ids, mask, labels for labelled text."""
     cfg = run.cfg
     bucket = {"bucket": True} if isinstance(run.data, PairData) and cfg.bucket_by_length else {}
     gen = run.gen if gen is None else gen
