@@ -296,18 +296,17 @@ def w4a8_specs() -> List[dict]:
     int8 activations for sm_80 and sm_90, e4m3 ones for sm_89 and sm_90 (the fp8 tensor cores). Instructions per
     weight count the main loop over one span (SPAN // BLOCK_K unrolled K tiles)."""
     specs = []
-    for a_type, archs in (("i8", DEFAULT_TARGETS), ("fp8e4nv", (89, 90))):
+    for kind, a_type, archs in (("w4a8", "i8", DEFAULT_TARGETS), ("w4a8_e4m3", "fp8e4nv", (89, 90))):
         for arch in archs:
             for G in W4A8_GROUP_SIZES:
                 span = min(G, w4a8_mm.MAX_SPAN)
-                for c in w4a8_mm.w4a8_configs(G, arch, "w4a8" if a_type == "i8" else "w4a8_e4m3"):
+                for c in w4a8_mm.w4a8_configs(G, arch, kind):
                     ptrs = {"a_ptr": f"*{a_type}", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "scales_ptr": "*fp16",
                             "zeros_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
                     ce = dict(stride_ak=1, stride_wk=1, stride_sg=1, stride_zg=1, stride_on=1, GROUP_SIZE=G,
                               SPAN=span, HAS_BIAS=True, A_FP8=a_type != "i8", BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                               BLOCK_K=c.block_k, GROUP_M=c.group_m)
-                    name = "w4a8" if a_type == "i8" else "w4a8_e4m3"
-                    specs.append(_spec(f"w4a8_mm.{name}_g{G}_{_tile(c)}", w4a8_mm._w4a8_matmul_kernel, ptrs, ce, c,
+                    specs.append(_spec(f"w4a8_mm.{kind}_g{G}_{_tile(c)}", w4a8_mm._w4a8_matmul_kernel, ptrs, ce, c,
                                        arch, [*ptrs, "N", "K", "stride_am", "stride_wn", "stride_sn", "stride_zn",
                                               "stride_om"], weights=span * c.block_n))
     return specs

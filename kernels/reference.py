@@ -409,7 +409,7 @@ def w4a8_matmul(a, w_packed, a_scale, scales, zeros, group_size, bias=None, out_
     s, z = scales.to(torch.float64), zeros.to(torch.float64)  # (N, K/G)
     out = torch.zeros(M, N, dtype=torch.float64, device=a.device)
     for g in range(n_g):  # one group at a time: (M, N) of memory, not (K/G, M, N)
-        dots = a64[:, g] @ q[:, g].T  # (M, G) @ (G, N) -> (M, N), exact integers
+        dots = a64[:, g] @ q[:, g].T  # (M, G) @ (G, N) -> (M, N), exact (integers for int8 activations)
         rows = a64[:, g].sum(-1, keepdim=True)  # (M, 1), exact
         out += s[:, g] * (dots - z[:, g] * rows)
     out *= a_scale.to(torch.float64)[:, None]  # (M, N)

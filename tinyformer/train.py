@@ -678,15 +678,15 @@ def evaluate(run: Run, screen: Optional[float] = None) -> dict:
 
     def mean_loss(split, screen=None):
         """(the mean loss, whether every batch ran): a screen stops early with the mean of the passes done."""
+        n = run.cfg.eval_iters
         total, passes, look = torch.zeros((), device=run.device), [], 1  # the screen's next look: after this fifth
-        for start in range(0, run.cfg.eval_iters, per_pass):
-            batches = [get_batch(run, split, run.eval_gen) for _ in range(min(per_pass, run.cfg.eval_iters - start))]
+        for start in range(0, n, per_pass):
+            batches = [get_batch(run, split, run.eval_gen) for _ in range(min(per_pass, n - start))]
             joined = [torch.cat(parts) for parts in zip(*batches)]  # k batches of (B, T) -> (k * B, T)
             loss = compute_loss(run, joined)
             total += loss * len(batches)
             passes.append(loss.float())
             done = start + len(batches)
-            n = run.cfg.eval_iters
             if screen is not None and len(passes) > 1 and look * n <= 5 * done < 5 * n:
                 mean, se = _pass_stats(torch.stack(passes), run.world)
                 if mean - SCREEN_SE * se > screen:
@@ -694,7 +694,7 @@ def evaluate(run: Run, screen: Optional[float] = None) -> dict:
                 look = 5 * done // n + 1
         if run.world > 1:
             torch.distributed.all_reduce(total)
-        return total.item() / (run.cfg.eval_iters * run.world), True
+        return total.item() / (n * run.world), True
 
     run.model.eval()
     try:
