@@ -238,20 +238,33 @@ def layer_norm(x, weight, bias=None, eps: float = 1e-5):
 
 def rms_norm(x, weight, eps: float = 1e-6):
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in float32 (Zhang & Sennrich 2019). triton, in
-    training: the fused kernel (forward and backward, `kernels.rms_norm`); decoding keeps torch's op, which
-    torch.compile fuses."""
+    training: the fused kernel (forward and backward, `kernels.rms_norm`); torch, in training:
+    `kernels.cpu.rms_norm_train` (the same math, keeping x and 1 / rms for the backward); decoding keeps torch's op,
+    which torch.compile fuses."""
     backend = get_backend(x.device)
     if backend == "triton" and torch.is_grad_enabled() and weight.dtype == x.dtype:
         return kernels.rms_norm(x, weight, eps)
+    if backend != "reference" and _trains(x, weight):
+        return cpu.rms_norm_train(x, weight, eps)  # the same math, keeping less for the backward
     if backend != "reference":
         return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
     return reference.rms_norm(x, weight, eps)
 
 
+def _trains(*tensors) -> bool:
+    """Eager autograd through these tensors: where the ops keep activations for a backward (under torch.compile
+    Inductor chooses what to keep itself)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling()
+
+
 def swiglu(gate, up):
-    """silu(gate) * up (Shazeer 2020). triton, in training: the fused kernel (`kernels.swiglu`)."""
-    if get_backend(gate.device) == "triton" and torch.is_grad_enabled():
+    """silu(gate) * up (Shazeer 2020). triton, in training: the fused kernel (`kernels.swiglu`); torch, in training:
+    `kernels.cpu.swiglu_train` (the same math, silu(gate) recomputed in the backward)."""
+    backend = get_backend(gate.device)
+    if backend == "triton" and torch.is_grad_enabled():
         return kernels.swiglu(gate, up)
+    if backend == "torch" and _trains(gate, up):
+        return cpu.swiglu_train(gate, up)  # the same math, keeping less for the backward
     return reference.swiglu(gate, up)
 
 

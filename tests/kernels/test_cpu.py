@@ -1,7 +1,8 @@
 """Tests of torch's own fast paths (kernels/cpu.py), called directly: torch._int_mm for W8A8 (exact, bit-equal to the
 reference), the packed int8 and int4 weight-only kernels (bf16 accuracy: x, scales and output rounded to bf16, 2**-8
 relative each, so rtol 1.6e-2 scaled by |x| @ |w|^T), the reference fallbacks where torch's kernels refuse or crash,
-the per-weight caches; and, in subprocesses, the public ops dispatching to these paths without the interpreter and
+the per-weight caches; RMSNorm and SwiGLU for training (the same forward bit for bit, gradients against fp64, and
+only x and 1 / rms, or gate and up, kept for the backward through ops); and, in subprocesses, the public ops dispatching to these paths without the interpreter and
 without triton."""
 import gc
 import os
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_inputs import gen, magnitude, make_int4, rand_int8
 
+from tinyformer import ops
 from tinyformer.kernels import cpu, device, reference
 
 QUICK = settings(max_examples=60, deadline=None, derandomize=True)  # pure torch
@@ -140,6 +142,55 @@ def test_cpu_int4_fallback_and_cache():
     assert not torch.equal(y0, y1)
     w = reference.dequantize_int4(w_packed, scales, zeros, 32)
     assert_close(y1, want, atol=1.6e-2 * magnitude(x, w), rtol=1.6e-2, name="after the in-place update")
+
+
+# dtypes with (atol, rtol) of RMSNorm's gradients against fp64: plain torch's rounding at that precision, doubled
+TRAIN_DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 3e-2)]
+
+
+def _saved_bytes(fn, *args):
+    """fn(*args) and the bytes of the distinct storages autograd keeps for its backward."""
+    storages = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+            lambda t: t):
+        out = fn(*args)
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TRAIN_DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(5, 123), (2, 7, 96), (1, 1, 300)])
+def test_rms_norm_for_training(shape, dtype, atol, rtol):
+    g = gen(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 2).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    with ops.use_backend("torch"):
+        y, kept = _saved_bytes(ops.rms_norm, x, w, 1e-6)
+        with torch.no_grad():  # decoding's path: the same values, bit for bit
+            assert torch.equal(y, ops.rms_norm(x, w, 1e-6))
+    rows = x.numel() // shape[-1]
+    assert kept <= x.numel() * x.element_size() + 4 * rows + w.numel() * w.element_size()  # x, rstd, w
+    y.backward(dy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    reference.rms_norm(xr, wr, 1e-6).backward(dy.double())
+    assert_close(x.grad, xr.grad, atol=atol, rtol=rtol, name="dx")
+    assert_close(w.grad, wr.grad, atol=atol * rows ** 0.5 * 4, rtol=rtol, name="dw")  # a sum over the rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_for_training_matches_autograd_bit_for_bit(dtype):
+    g = gen(7)
+    gate, up = (torch.randn(3, 5, 77, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    dy = torch.randn(3, 5, 77, generator=g).to(dtype)
+    with ops.use_backend("torch"):
+        y, kept = _saved_bytes(ops.swiglu, gate, up)
+    assert kept <= 2 * gate.numel() * gate.element_size()  # gate and up; eager autograd keeps silu(gate) too
+    want = reference.swiglu(gate, up)
+    assert torch.equal(y, want)
+    got = torch.autograd.grad(y, (gate, up), dy)
+    for a, b in zip(got, torch.autograd.grad(want, (gate, up), dy)):
+        assert torch.equal(a, b)
 
 
 def test_cpu_int4_cache_does_not_keep_weights_alive():
