@@ -414,11 +414,15 @@ def _gemm_dtype(like=None):
 
 def dequantized_int4(w_packed, scales, zeros, group_size: int, dtype=torch.float32):
     """The int4 weight (N, K) in `dtype`, (code - zero) * scale per group computed in `dtype` (the codes are exact in
-    bf16; its scale rounds as in torch's int4 kernel): five times as fast as the fp32 reference's dequantization,
-    for products that dequantize at every call rather than keep a float copy (QLoRA's base)."""
+    bf16; its scale rounds as in torch's int4 kernel), for products that dequantize at every call rather than keep a
+    float copy (QLoRA's base). The codes are written straight into the output and scaled in place: three passes over
+    the weight rather than six, since at QLoRA's shapes the dequantization costs as much as the GEMM after it."""
     N = w_packed.shape[0]
-    q = torch.stack((w_packed & 0xF, w_packed >> 4), dim=-1).view(N, -1, group_size)  # (N, K/2, 2) -> (N, K/G, G)
-    w = (q.to(dtype) - zeros.to(dtype)[..., None]) * scales.to(dtype)[..., None]  # (N, K/G, G)
+    w = torch.empty((N, w_packed.shape[1], 2), dtype=dtype, device=w_packed.device)  # (N, K/2, 2): codes 2j, 2j + 1
+    w[..., 0] = w_packed & 0xF
+    w[..., 1] = w_packed >> 4
+    g = w.view(N, -1, group_size)  # (N, K/G, G)
+    g.sub_(zeros.to(dtype)[..., None]).mul_(scales.to(dtype)[..., None])
     return w.view(N, -1)  # (N, K)
 
 
