@@ -26,6 +26,8 @@ Legend: N rows (tokens), C hidden size, V vocabulary, R rows per chunk.
 """
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
 
+import functools
+
 import torch
 
 from .device import backend_of, cdiv, tl, triton
@@ -86,17 +88,24 @@ def _kernel_rows(logits, target, loss, ignore_index: int, inv_n: float):
                                    BLOCK_V=block_v, num_warps=8)
 
 
-def _torch_rows(logits, target, loss, ignore_index: int, inv_n: float):
+def _torch_rows(logits, target, loss, ignore_index: int, inv_n: float, scratch=None):
     """`_kernel_rows`' work in torch ops, in fp32: loss = logsumexp(z) - z[target], then the logits overwritten by
-    (softmax(z) - onehot(target)) * inv_n; 0 for an ignored target."""
-    z = logits.float()  # (R, V)
-    lse = torch.logsumexp(z, dim=-1)  # (R,)
+    (softmax(z) - onehot(target)) * inv_n; 0 for an ignored target. Lower-precision logits are widened into `scratch`
+    (fp32, at least the chunk's rows), one buffer for every chunk of a call: a fresh 50 MB tensor a chunk costs its
+    page faults each time, and the passes below work in place."""
+    z = logits if logits.dtype == torch.float32 else (
+        torch.empty(logits.shape, device=logits.device) if scratch is None else scratch[:logits.shape[0]]).copy_(logits)
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)[:, None]  # (R, 1)
-    loss.copy_(torch.where(valid, lse - z.gather(1, safe)[:, 0], 0.0))
-    grad = z.sub_(lse[:, None]).exp_()  # softmax, in place of z
-    grad.scatter_add_(1, safe, -valid[:, None].to(grad.dtype))
-    logits.copy_(grad.mul_(torch.where(valid, inv_n, 0.0)[:, None]))
+    z_target = z.gather(1, safe)[:, 0]  # (R,)
+    m = z.amax(-1, keepdim=True)  # (R, 1)
+    p = z.sub_(m).exp_()  # exp(z - max), in place of z
+    total = p.sum(-1, keepdim=True)  # (R, 1)
+    loss.copy_(torch.where(valid, m[:, 0] + total[:, 0].log() - z_target, 0.0))
+    scale = torch.where(valid, inv_n, 0.0)[:, None]  # (R, 1)
+    p.mul_(scale / total).scatter_add_(1, safe, -scale)  # (softmax - onehot) * inv_n
+    if p.data_ptr() != logits.data_ptr():
+        logits.copy_(p)
 
 
 def _loss_and_grads(h, weight, target, ignore_index: int, rows: int, need_grad: bool, rows_fn=_kernel_rows):
@@ -154,7 +163,11 @@ def linear_cross_entropy_rows(h, weight, target, ignore_index: int = -100, chunk
     _check(h, weight, target)
     if h.shape[0] == 0:
         return linear_cross_entropy_reference(h, weight, target, ignore_index)
-    return _chunked(h, weight, target, ignore_index, chunk, _torch_rows)
+    rows_fn = _torch_rows
+    if h.dtype != torch.float32:  # one fp32 chunk for the whole call
+        rows_fn = functools.partial(_torch_rows, scratch=torch.empty((min(chunk, h.shape[0]), weight.shape[0]),
+                                                                      device=h.device))
+    return _chunked(h, weight, target, ignore_index, chunk, rows_fn)
 
 
 def _chunked(h, weight, target, ignore_index, rows, rows_fn):
