@@ -67,8 +67,9 @@ def sdpa_attention(q, k, v, causal: bool = False, scale: Optional[float] = None,
 # training: the norm and the gated activation, keeping less for the backward
 # ======================================================================================================================
 # Autograd through the eager ops keeps, per RMSNorm, x and the normalized x in fp32 (the latter for the weight's
-# gradient), and per SwiGLU gate, up and silu(gate): SmolLM2-135M full fine-tuning at 2 x 512 held ~410 MB of them.
-# These keep x and rstd (M,), gate and up, and recompute the rest in the backward (a few elementwise passes).
+# gradient), and per SwiGLU gate, up and silu(gate): activations as wide as the model's, one per norm and per feed-
+# forward, that full fine-tuning holds at its peak. These keep x and rstd (M,), gate and up, and recompute the rest in
+# the backward (a few elementwise passes).
 class _RMSNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):

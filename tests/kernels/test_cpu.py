@@ -2,8 +2,8 @@
 reference), the packed int8 and int4 weight-only kernels (bf16 accuracy: x, scales and output rounded to bf16, 2**-8
 relative each, so rtol 1.6e-2 scaled by |x| @ |w|^T), the reference fallbacks where torch's kernels refuse or crash,
 the per-weight caches; RMSNorm and SwiGLU for training (the same forward bit for bit, gradients against fp64, and
-only x and 1 / rms, or gate and up, kept for the backward through ops); and, in subprocesses, the public ops dispatching to these paths without the interpreter and
-without triton."""
+only x and 1 / rms, or gate and up, kept for the backward through ops); and, in subprocesses, the public ops
+dispatching to these paths without the interpreter and without triton."""
 import gc
 import os
 import subprocess
