@@ -67,6 +67,27 @@ def test_each_layer_equals_float_matmul_with_dequantized_weight():
     assert (int4(x) - ref4).abs().max() <= 2 ** -7 * ref4.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_under_autocast_a_quantized_layer_returns_autocast_dtype_like_a_float_one(kind):
+    """As F.linear under autocast: a float32 input is taken in autocast's dtype and the output comes back in it (QLoRA's
+    activations stay bf16), while the gradient reaches the float32 input as float32."""
+    torch.manual_seed(2)
+    w, b = torch.randn(64, 128), torch.randn(64)
+    layer = {"int8": lambda: Int8Linear.from_weight(w, b), "int4": lambda: Int4Linear.from_weight(w, b, group_size=32),
+             "fp8": lambda: FP8Linear.from_weight(w, b)}[kind]()
+    x = torch.randn(300, 128, requires_grad=True)  # many rows: the dequantize-then-GEMM path on CPU
+    want = layer(x.detach())  # outside autocast: float32 in, float32 out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert torch.nn.Linear(128, 64)(x).dtype == y.dtype == torch.bfloat16
+    # bf16 inputs (8 bits); e4m3 codes of them (4 bits) may round a step apart from those of the float32 input
+    tol = 2 ** -3 if kind == "fp8" else 2 ** -6
+    assert (y.float() - want).abs().max() <= tol * want.abs().max()
+    if kind != "fp8":  # the weight-only products are differentiable in x
+        y.float().sum().backward()
+        assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape
+
+
 def test_quantize_rejects_bad_arguments():
     _, q = model_pair()
     for kw, match in [(dict(bits=3), "bits must be 8 or 4"), (dict(method="gptq"), "needs calibration data"),

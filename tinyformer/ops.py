@@ -294,12 +294,23 @@ def linear_cross_entropy(h, weight, target, ignore_index: int = -100):
     return F.cross_entropy(linear(h, weight).float(), target, ignore_index=ignore_index)
 
 
+def _autocast_input(x):
+    """x in autocast's dtype where autocast is on for its device and x is float32, as autocast casts F.linear's
+    inputs: a low-bit product then runs and returns in that dtype like a float layer's (QLoRA's activations stay bf16,
+    not widened to fp32 after every frozen base product)."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def int8_linear(x, weight, scale, bias=None, activations: bool = False):
-    """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype: weight-only (W8A16), or W8A8 with
+    """x (M, K) float @ (int8 weight (N, K) * scale (N,)).T (+ bias) in x's dtype (autocast's for a float32 x under
+    autocast, as for every low-bit product here: `_autocast_input`): weight-only (W8A16), or W8A8 with
     x quantized per token to int8 (exact int32 accumulation). torch backend on CPU: torch's packed int8 kernel
     (bf16 activations) / torch._int_mm. The weights are a quantized linear's own, valid by construction: the CPU
     paths skip the per-call checks (at a decode step they cost more than the product). Weight-only: differentiable in
     x on every backend (QLoRA; `kernels.matmul.with_input_grad`, only when autograd needs it)."""
+    x = _autocast_input(x)
     backend = get_backend(x.device)
     if backend == "triton":
         if activations:
@@ -321,6 +332,7 @@ def int8_linear(x, weight, scale, bias=None, activations: bool = False):
 def fp8_linear(x, weight, scale, bias=None):
     """x (M, K) float, quantized to e4m3 per row at run time, @ (e4m3 weight (N, K) * scale (N,)).T (+ bias) in x's
     dtype, fp32 accumulation. triton: `kernels.fp8_matmul` (e4m3 tensor cores, sm_89+); otherwise its reference."""
+    x = _autocast_input(x)
     q, s = reference.quantize_fp8(x)  # (M, K) e4m3, (M,) per-row scales
     mm = kernels.fp8_matmul if get_backend(x.device) == "triton" else reference.fp8_matmul
     return mm(q, weight, s, scale, bias, out_dtype=x.dtype)
@@ -332,6 +344,7 @@ def int4_linear(x, w_packed, scales, zeros, group_size: int, bias=None, activati
     Differentiable in x on every backend, as int8_linear. activations=True: W4A8 for prefill (more than 16 rows,
     power-of-two groups >= 32, no autograd), x quantized per token to int8 and multiplied on the integer tensor cores
     (`kernels.w4a8_matmul`; its reference off triton); decode steps stay weight-only."""
+    x = _autocast_input(x)
     backend = get_backend(x.device)
     if activations and x.shape[0] > W4A8_MIN_M and w4a8_mm.supports_group(group_size) and not (
             torch.is_grad_enabled() and x.requires_grad):
