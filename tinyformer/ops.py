@@ -65,6 +65,10 @@ def use_backend(name: str):
         _backend = previous
 
 
+CPU_BF16_ATTENTION_MIN_T = 512  # query positions from which CPU training attention stays in bf16: torch's bf16
+# flash kernel overtakes the fp32 detour between 256 and 512 positions (timings in docs/finetune.md)
+
+
 def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: float = 0.0, scale=None,
               cu_seqlens=None):
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, D). Contract of tinyformer.kernels.attention; cu_seqlens
@@ -74,9 +78,10 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, dropout_p: f
     if backend == "triton" and not lo <= q.shape[-1] <= hi:
         backend = "torch"  # the kernel's head-dim range; SDPA takes any
     if dropout_p > 0.0 or backend == "torch":
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad:
-            # training under CPU bf16 autocast: torch's CPU flash-attention backward is ~4x slower in bf16 than in
-            # fp32 (baby GPT: 12.4 vs 2.8 ms a step), so attention runs in fp32 and the output goes back to bf16
+        if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad
+                and q.shape[-2] < CPU_BF16_ATTENTION_MIN_T):
+            # training under CPU bf16 autocast on short sequences: torch's CPU flash attention's forward + backward
+            # is 2-4x slower in bf16 than in fp32 there, so it runs in fp32 and the output goes back to bf16
             with torch.autocast("cpu", enabled=False):
                 out = cpu.sdpa_attention(q.float(), k.float(), v.float(), causal, scale, key_padding_mask,
                                          dropout_p=dropout_p, cu_seqlens=cu_seqlens)
