@@ -117,14 +117,19 @@ def _loss_and_grads(h, weight, target, ignore_index: int, rows: int, need_grad: 
     loss = torch.zeros((N,), device=h.device, dtype=torch.float32)
     dh = torch.empty_like(h) if need_grad else None
     dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight.requires_grad else None
+    # each chunk's dW product lands in one buffer of the weight's dtype, then is summed into fp32: a fresh (V, C)
+    # tensor a chunk (and its fp32 copy) pays page faults every time
+    part = torch.empty_like(weight) if dw is not None and weight.dtype != torch.float32 else None
     for r0 in range(0, N, rows):
         hc = h[r0:r0 + rows]  # (R, C)
         logits = hc @ weight.T  # (R, V) in h's dtype
         rows_fn(logits, target[r0:r0 + rows], loss[r0:r0 + rows], ignore_index, inv_n)
         if need_grad:  # logits now holds d loss / d logits
             torch.matmul(logits, weight, out=dh[r0:r0 + rows])  # (R, C)
-            if dw is not None:
-                dw += (logits.T @ hc).float()  # (V, C)
+            if part is not None:
+                dw += torch.matmul(logits.T, hc, out=part)  # (V, C), widened to fp32 by the in-place add
+            elif dw is not None:
+                dw.addmm_(logits.T, hc)  # (V, C)
     return loss.sum() * inv_n, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
