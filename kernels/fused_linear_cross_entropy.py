@@ -93,8 +93,7 @@ def _torch_rows(logits, target, loss, ignore_index: int, inv_n: float, scratch=N
     (softmax(z) - onehot(target)) * inv_n; 0 for an ignored target. Lower-precision logits are widened into `scratch`
     (fp32, at least the chunk's rows), one buffer for every chunk of a call: a fresh 50 MB tensor a chunk costs its
     page faults each time, and the passes below work in place."""
-    z = logits if logits.dtype == torch.float32 else (
-        torch.empty(logits.shape, device=logits.device) if scratch is None else scratch[:logits.shape[0]]).copy_(logits)
+    z = logits if logits.dtype == torch.float32 else scratch[:logits.shape[0]].copy_(logits)  # (R, V) fp32
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)[:, None]  # (R, 1)
     z_target = z.gather(1, safe)[:, 0]  # (R,)
@@ -104,8 +103,8 @@ def _torch_rows(logits, target, loss, ignore_index: int, inv_n: float, scratch=N
     loss.copy_(torch.where(valid, m[:, 0] + total[:, 0].log() - z_target, 0.0))
     scale = torch.where(valid, inv_n, 0.0)[:, None]  # (R, 1)
     p.mul_(scale / total).scatter_add_(1, safe, -scale)  # (softmax - onehot) * inv_n
-    if p.data_ptr() != logits.data_ptr():
-        logits.copy_(p)
+    if z is not logits:
+        logits.copy_(z)
 
 
 def _loss_and_grads(h, weight, target, ignore_index: int, rows: int, need_grad: bool, rows_fn=_kernel_rows):
