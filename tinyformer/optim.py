@@ -38,8 +38,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_QUINTIC, dtyp
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: singular values <= 1
     for _ in range(steps):
         A = X @ X.mT  # (batch, k, k)
-        # b A + c A A, then a X + (..) X, each one fused product-and-sum: 1.7x faster than separate products, scalings
-        # and sums in bf16 on a CPU (the speedrun's matrices), and half the error against fp64, rounded once
+        # b A + c A A, then a X + (..) X, each one fused product-and-sum: no separate scalings and sums, and in bf16
+        # each result rounded once (timings and errors in docs/speedrun.md)
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
     X = X.reshape(G.shape[:-2] + X.shape[-2:])  # (batch, k, l) -> (..., k, l)
     return (X.mT if tall else X).to(G.dtype)
